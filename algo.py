@@ -1,0 +1,195 @@
+"""Lightning modules: glue between data, objective, optimiser, EMA and logging.
+
+The math lives in ``flow/`` (time table, corruption, losses, samplers) and the
+network in ``models/``; this file wires them per algorithm.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from flow.losses import denoiser_cross_entropy, masked_token_mean, weighted_loss
+from flow.path import noisy_input, stratified_times, uniform_times
+from flow.sampling import initial_state, sample_euler
+from flow.schedule import AlphaGammaTable
+from models.dit import build_backbone
+from models.ema import EMA
+from models.loss_weight import LossWeighting
+
+log = logging.getLogger(__name__)
+
+STATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_SEED_STRIDE = 1_000_003  # mixes (seed, step, slot) into one generator seed
+
+
+def draw_seed(seed: int, step: int, slot: int, stream: int) -> int:
+    """A deterministic generator seed per (run seed, optimizer step, batch slot, stream).
+
+    Noise and time draws are keyed by where a micro-batch sits in the global
+    batch, not by which process drew it: the same global batch gets the same
+    draws on 1 GPU with accumulation as on N GPUs, and after a resume.
+    """
+    return ((((seed * _SEED_STRIDE) + step) * _SEED_STRIDE + slot) * 4 + stream) % (2**63 - 1)
+
+
+def compile_requested(config: DictConfig) -> bool:
+    env = os.environ.get("DIT_USE_COMPILE", "").upper()
+    return bool(config.training.compile) or env == "TRUE"
+
+
+class FlowLM(pl.LightningModule):
+    """Shared machinery: backbone, EMA, time table, optimiser, validation, sampling."""
+
+    network_calls_per_step = 1
+
+    def __init__(self, config: DictConfig, vocab_size: int, tokenizer=None) -> None:
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.save_hyperparameters({"config": OmegaConf.to_container(config, resolve=True),
+                                   "vocab_size": vocab_size})
+        self.backbone = build_backbone(config.model, vocab_size, config.algo.double_temb)
+        self.table = AlphaGammaTable(vocab_size)
+        self.loss_weighting = (LossWeighting(config.training.loss_weight_width,
+                                             num_times=self.loss_weight_times)
+                               if config.algo.learnable_loss_weighting else None)
+        self.ema = EMA(self.backbone, config.training.ema)
+        if compile_requested(config):
+            self.backbone.compile()
+        self._noise_generator: torch.Generator | None = None
+
+    loss_weight_times = 1
+
+    # ---- randomness keyed by position in the global batch ---------------------
+    def _slot(self, batch_idx: int) -> tuple[int, int]:
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer else 1
+        world = self.trainer.world_size if self._trainer else 1
+        rank = self.trainer.global_rank if self._trainer else 0
+        return (batch_idx % accumulate) * world + rank, accumulate * world
+
+    def noise_generator(self, step: int, slot: int, stream: int = 0) -> torch.Generator:
+        if self._noise_generator is None or self._noise_generator.device != self.device:
+            self._noise_generator = torch.Generator(device=self.device)
+        self._noise_generator.manual_seed(draw_seed(self.config.seed, step, slot, stream))
+        return self._noise_generator
+
+    def draw_times(self, n: int, step: int, batch_idx: int) -> torch.Tensor:
+        tc = self.config.training
+        slot, num_slots = self._slot(batch_idx)
+        if tc.antithetic_sampling:
+            offset_gen = torch.Generator().manual_seed(draw_seed(self.config.seed, step, 0, 1))
+            offset = torch.rand(1, generator=offset_gen, dtype=torch.float64).to(self.device)
+            return stratified_times(n, slot, num_slots, offset, tc.t_min, tc.t_max)
+        return uniform_times(n, tc.t_min, tc.t_max, self.noise_generator(step, slot, 2),
+                             self.device)
+
+    # ---- training / validation ------------------------------------------------
+    def compute_loss(self, batch: dict, step: int, batch_idx: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(batch, self.global_step, batch_idx)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=False)
+        return loss
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.ema.update(self.backbone)  # once per optimizer step, after it
+
+    def on_fit_start(self) -> None:
+        self.ema.to(self.device)
+
+    def on_validation_start(self) -> None:
+        self.ema.to(self.device)
+        self._ema_ctx = None
+        if not self.config.eval.disable_ema:
+            self._ema_ctx = self.ema.swapped_in(self.backbone)
+            self._ema_ctx.__enter__()
+
+    def on_validation_end(self) -> None:
+        if self._ema_ctx is not None:
+            self._ema_ctx.__exit__(None, None, None)
+            self._ema_ctx = None
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        # A fixed stream keyed by batch index: validation loss is comparable across runs.
+        loss = self.compute_loss(batch, step=-1 - batch_idx, batch_idx=0)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True,
+                 batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    # ---- optimiser --------------------------------------------------------------
+    def configure_optimizers(self):
+        oc = self.config.optim
+        params = [p for p in self.parameters() if p.requires_grad]
+        fused = oc.fused
+        if fused == "auto":
+            fused = self.device.type == "cuda" or torch.cuda.is_available()
+        optimizer = torch.optim.AdamW(params, lr=oc.lr, betas=(oc.beta1, oc.beta2), eps=oc.eps,
+                                      weight_decay=oc.weight_decay, fused=bool(fused))
+        sc = self.config.lr_scheduler
+        if sc.name != "constant_warmup":
+            raise ValueError(f"lr_scheduler.name={sc.name!r} is not supported "
+                             "(configs/lr_scheduler/ has constant_warmup)")
+        warmup = max(int(sc.num_warmup_steps), 0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ---- checkpoints ------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "ema" not in checkpoint:
+            raise KeyError("checkpoint has no 'ema' entry: not written by this project's FLM code")
+        self.ema.load_state_dict(checkpoint["ema"])
+
+    # ---- sampling -----------------------------------------------------------------
+    def generate(self, num_samples: int, steps: int, generator: torch.Generator | None = None,
+                 state_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Tokens (num_samples, L) with the current backbone weights."""
+        raise NotImplementedError
+
+    def sampling_network(self):
+        return self.backbone
+
+
+class FLM(FlowLM):
+    """algo=flm: cross-entropy denoiser on the one-hot flow (flm-math §3-4)."""
+
+    def compute_loss(self, batch: dict, step: int, batch_idx: int) -> torch.Tensor:
+        tokens, mask = batch["input_ids"], batch["attention_mask"]
+        t = self.draw_times(tokens.shape[0], step, batch_idx)
+        gamma = self.table.gamma_of_alpha(t)
+        slot, _ = self._slot(batch_idx)
+        h = noisy_input(self.backbone, tokens, gamma, self.config.training.input_path,
+                        self.noise_generator(step, slot))
+        per_token = denoiser_cross_entropy(self.backbone(h, t), tokens)
+        log_weight = self.loss_weighting(t) if self.loss_weighting is not None else None
+        return masked_token_mean(weighted_loss(per_token, log_weight), mask)
+
+    @torch.no_grad()
+    def generate(self, num_samples: int, steps: int, generator: torch.Generator | None = None,
+                 state_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        sc = self.config.sampling
+        noise = initial_state(self.backbone, num_samples, self.config.model.length, generator,
+                              dtype=state_dtype)
+        return sample_euler(self.backbone, self.table, noise, steps, sc.denominator_eps,
+                            position_chunk=sc.position_chunk)
+
+
+ALGORITHMS: dict[str, type[FlowLM]] = {"flm": FLM}
+
+
+def algorithm_class(name: str) -> type[FlowLM]:
+    if name not in ALGORITHMS:
+        raise ValueError(f"algo={name!r} is not supported; choose one of {sorted(ALGORITHMS)}")
+    return ALGORITHMS[name]

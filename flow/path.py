@@ -1,0 +1,72 @@
+"""The FLM corruption path and time draws (flm-math §1-3).
+
+``x_gamma = (1 - gamma)·eps + gamma·e(x)`` lives in R^{L x V}; the backbone
+only ever sees ``x_gamma @ E``. Two ways to build that input:
+
+* ``reference``: materialise the one-hot target and the (B, L, V) noise, then
+  project densely (what the paper's code does);
+* ``dspace``: ``eps @ E ~ N(0, EᵀE)`` per position, so draw ``eta ~ N(0, I_D)``
+  and use ``eta · chol(EᵀE)ᵀ``; nothing of size V is created.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+INPUT_PATHS = ("dspace", "reference")
+
+
+def gaussian_projection(embedding: torch.Tensor, batch_shape: tuple[int, ...],
+                        generator: torch.Generator | None = None,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A draw of ``eps @ E`` with ``eps ~ N(0, I_V)``, without forming eps.
+
+    embedding: (V, D) -> returns (*batch_shape, D) with covariance ``EᵀE``.
+    Differentiable in ``embedding`` (through the Cholesky factor), which gives
+    an unbiased estimate of the reference path's expected gradient. A
+    rank-deficient embedding gives NaNs (no host sync here to check ``info``);
+    the trainer's non-finite-loss guard reports them.
+    """
+    with torch.autocast(device_type=embedding.device.type, enabled=False):
+        e = embedding.to(dtype)
+        factor, _ = torch.linalg.cholesky_ex(e.T @ e)
+        eta = torch.randn(*batch_shape, e.shape[1], generator=generator, device=e.device,
+                          dtype=dtype)
+        return eta @ factor.T
+
+
+def noisy_input(backbone, tokens: torch.Tensor, gamma: torch.Tensor, input_path: str,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """``x_gamma @ E`` for clean tokens (B, L) at per-sequence gamma (B,) -> (B, L, D)."""
+    g = gamma.float()[:, None, None]
+    if input_path == "dspace":
+        noise = gaussian_projection(backbone.input_embedding, tuple(tokens.shape), generator)
+        return (1 - g) * noise + g * backbone.embed_tokens(tokens).float()
+    if input_path == "reference":
+        vocab = backbone.vocab_size
+        eps = torch.randn(*tokens.shape, vocab, generator=generator, device=tokens.device)
+        z = (1 - g) * eps + g * F.one_hot(tokens, vocab).float()
+        with torch.autocast(device_type=tokens.device.type, enabled=False):
+            return backbone.embed_state(z)
+    raise ValueError(f"training.input_path={input_path!r}; expected one of {INPUT_PATHS}")
+
+
+def stratified_times(n_local: int, slot: int, num_slots: int, offset: torch.Tensor,
+                     t_min: float = 0.0, t_max: float = 1.0) -> torch.Tensor:
+    """Antithetic (stratified) times over a batch split into ``num_slots`` parts.
+
+    The global batch of ``n_local * num_slots`` draws is ``(offset + k / n) mod 1``
+    for k = 0..n-1 with one shared ``offset ~ U[0, 1)``; this returns the part
+    owned by ``slot`` (slot = micro-batch index * world size + rank).
+    """
+    total = n_local * num_slots
+    k = torch.arange(slot * n_local, (slot + 1) * n_local, device=offset.device,
+                     dtype=torch.float64)
+    u = torch.remainder(offset.double() + k / total, 1.0)
+    return (t_min + (t_max - t_min) * u).float()
+
+
+def uniform_times(n: int, t_min: float, t_max: float, generator: torch.Generator | None,
+                  device: torch.device) -> torch.Tensor:
+    return t_min + (t_max - t_min) * torch.rand(n, generator=generator, device=device)

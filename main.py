@@ -1,0 +1,187 @@
+"""Entry point: ``python -m main mode=train|ppl_eval|sample_eval [overrides]``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, WandbLogger
+
+import algo
+import dataloader
+import utils
+from checkpointing import AtomicCheckpointIO, load_checkpoint_file
+
+log = logging.getLogger("main")
+
+
+def build_strategy(config: DictConfig):
+    world = config.trainer.devices * config.trainer.num_nodes
+    name = config.strategy.name
+    if name == "ddp":
+        if world == 1:
+            return "auto"
+        from pytorch_lightning.strategies import DDPStrategy
+        return DDPStrategy(find_unused_parameters=config.strategy.find_unused_parameters)
+    if name == "fsdp":
+        from pytorch_lightning.strategies import FSDPStrategy
+        return FSDPStrategy(sharding_strategy=config.strategy.sharding_strategy)
+    raise utils.ConfigError(f"strategy={name!r} is not supported; use strategy=ddp or fsdp")
+
+
+def build_callbacks(config: DictConfig) -> list[pl.Callback]:
+    ckpt_dir = Path(config.checkpointing.save_dir) / "checkpoints"
+    cb = config.callbacks
+    callbacks: list[pl.Callback] = []
+    if "checkpoint_every_n_steps" in cb:
+        callbacks.append(ModelCheckpoint(
+            dirpath=ckpt_dir, filename="step{step:08d}", auto_insert_metric_name=False,
+            every_n_train_steps=cb.checkpoint_every_n_steps.every_n_train_steps,
+            save_top_k=cb.checkpoint_every_n_steps.save_top_k, save_last=False))
+    if "checkpoint_last" in cb:
+        last = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=cb.checkpoint_last
+                               .every_n_train_steps, save_top_k=0, save_last=True)
+        callbacks.append(last)
+    if "learning_rate_monitor" in cb:
+        callbacks.append(LearningRateMonitor(logging_interval=cb.learning_rate_monitor
+                                             .logging_interval))
+    return callbacks
+
+
+def build_loggers(config: DictConfig) -> list:
+    save_dir = config.checkpointing.save_dir
+    loggers: list = [CSVLogger(save_dir, name="csv")]
+    mode = config.wandb.mode
+    if mode not in ("online", "offline", "disabled"):
+        raise utils.ConfigError(f"wandb.mode={mode!r}; expected online, offline or disabled")
+    if mode != "disabled":
+        loggers.append(WandbLogger(project=config.wandb.project, name=config.wandb.name,
+                                   group=config.wandb.group, tags=list(config.wandb.tags),
+                                   id=config.wandb.id, save_dir=save_dir, offline=mode == "offline",
+                                   config=OmegaConf.to_container(config, resolve=True)))
+    return loggers
+
+
+def build_trainer(config: DictConfig, **overrides) -> pl.Trainer:
+    tc = config.trainer
+    val_interval = tc.val_check_interval
+    kwargs = dict(
+        accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes,
+        precision=tc.precision, max_steps=tc.max_steps, gradient_clip_val=tc.gradient_clip_val,
+        accumulate_grad_batches=tc.accumulate_grad_batches, val_check_interval=val_interval,
+        # an integer interval counts optimizer steps across epochs
+        check_val_every_n_epoch=None if isinstance(val_interval, int) else 1,
+        limit_val_batches=tc.limit_val_batches, log_every_n_steps=tc.log_every_n_steps,
+        num_sanity_val_steps=tc.num_sanity_val_steps,
+        enable_progress_bar=tc.enable_progress_bar, strategy=build_strategy(config),
+        plugins=[AtomicCheckpointIO()], use_distributed_sampler=False,
+        default_root_dir=config.checkpointing.save_dir)
+    kwargs.update(overrides)
+    return pl.Trainer(**kwargs)
+
+
+def build_module(config: DictConfig, tokenizer) -> algo.FlowLM:
+    cls = algo.algorithm_class(config.algo.name)
+    return cls(config, vocab_size=len(tokenizer), tokenizer=tokenizer)
+
+
+def log_samples(module: algo.FlowLM, config: DictConfig) -> list[str]:
+    """Generate with the EMA weights and write a handful of samples to the log."""
+    sc = config.sampling
+    generator = torch.Generator(device=module.device).manual_seed(config.seed)
+    dtype = algo.STATE_DTYPES[sc.state_dtype]
+    with module.ema.swapped_in(module.backbone):
+        module.eval()
+        tokens = module.generate(sc.print_samples, int(sc.steps[0]), generator, dtype)
+    texts = module.tokenizer.batch_decode(tokens.cpu(), skip_special_tokens=False)
+    for i, text in enumerate(texts):
+        log.info("sample %d (%d steps): %s", i, int(sc.steps[0]), text)
+    return texts
+
+
+def train(config: DictConfig) -> None:
+    tokenizer = dataloader.get_tokenizer(config)
+    datamodule = dataloader.FLMDataModule(config, tokenizer)
+    module = build_module(config, tokenizer)
+    trainer = build_trainer(config, callbacks=build_callbacks(config),
+                            logger=build_loggers(config))
+    ckpt_path = None
+    resume = Path(config.checkpointing.resume_ckpt_path)
+    if config.checkpointing.resume_from_ckpt and resume.is_file():
+        load_checkpoint_file(resume, "resume checkpoint")  # clear error if corrupt
+        ckpt_path = str(resume)
+        log.info("resuming from %s", resume)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    last = Path(config.checkpointing.save_dir) / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(last)
+    if trainer.is_global_zero and config.sampling.print_samples > 0:
+        log_samples(module, config)
+
+
+def load_for_eval(config: DictConfig) -> tuple[algo.FlowLM, object]:
+    """Module from ``eval.checkpoint_path`` with the EMA weights in the backbone.
+
+    Model and algorithm come from the checkpoint; data, sampling and eval
+    settings from the current config.
+    """
+    if not config.eval.checkpoint_path:
+        raise utils.ConfigError("set eval.checkpoint_path=<checkpoint> (or CKPT_PATH in scripts)")
+    ckpt = load_checkpoint_file(config.eval.checkpoint_path, "eval.checkpoint_path")
+    saved = OmegaConf.create(ckpt["hyper_parameters"]["config"])
+    merged = OmegaConf.merge(config, {"model": saved.model, "algo": saved.algo})
+    tokenizer = dataloader.get_tokenizer(merged)
+    if len(tokenizer) != ckpt["hyper_parameters"]["vocab_size"]:
+        raise utils.ConfigError(
+            f"the data tokenizer has {len(tokenizer)} tokens but the checkpoint's model has "
+            f"{ckpt['hyper_parameters']['vocab_size']}: pass the data=... it was trained on")
+    module = build_module(merged, tokenizer)
+    module.load_state_dict(ckpt["state_dict"], strict=False)
+    module.on_load_checkpoint(ckpt)
+    if not config.eval.disable_ema:
+        module.ema.copy_to(module.backbone)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return module.to(device).eval(), tokenizer
+
+
+def ppl_eval(config: DictConfig) -> None:
+    module, tokenizer = load_for_eval(config)
+    with_ema_disabled = OmegaConf.merge(module.config, {"eval": {"disable_ema": True}})
+    module.config = with_ema_disabled  # EMA weights are already in the backbone
+    datamodule = dataloader.FLMDataModule(config, tokenizer)
+    trainer = build_trainer(config, logger=False, limit_val_batches=config.trainer
+                            .limit_val_batches)
+    results = trainer.validate(module, datamodule=datamodule)
+    log.info("ppl_eval: %s", results)
+
+
+def sample_eval(config: DictConfig) -> None:
+    from evaluation.sample_eval import run_from_config
+    module, tokenizer = load_for_eval(config)
+    run_from_config(config, module, tokenizer)
+
+
+@hydra.main(version_base=None, config_path="configs", config_name="config")
+def main(config: DictConfig) -> None:
+    config = utils.resolve_config(config)
+    torch.set_float32_matmul_precision("high")
+    pl.seed_everything(config.seed, workers=True)
+    if config.mode == "train":
+        path = utils.save_config(config, config.checkpointing.save_dir)
+        log.info("resolved config written to %s", path)
+    log.info("mode=%s algo=%s model=%s data=%s devices=%s nodes=%s global_batch=%s "
+             "batch=%s accumulate=%s", config.mode, config.algo.name, config.model.name,
+             config.data.name, config.trainer.devices, config.trainer.num_nodes,
+             config.loader.global_batch_size, config.loader.batch_size,
+             config.trainer.accumulate_grad_batches)
+    {"train": train, "ppl_eval": ppl_eval, "sample_eval": sample_eval}[config.mode](config)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -1,0 +1,91 @@
+"""D-space input path vs the materialised reference path (flm-math §3)."""
+
+import torch
+
+from flow.losses import denoiser_cross_entropy, masked_token_mean
+from flow.path import gaussian_projection, noisy_input, stratified_times
+from models.dit import DiT
+
+
+def tiny_dit(vocab=16, hidden=8, length=4):
+    torch.manual_seed(0)
+    model = DiT(vocab, length, hidden, n_blocks=1, n_heads=2, cond_dim=8, dropout=0.0)
+    with torch.no_grad():
+        model.input_embedding.normal_(0, 0.3)
+        for p in model.output_layer.parameters():
+            p.normal_(0, 0.2)  # non-trivial logits
+    return model.double()
+
+
+def test_gaussian_projection_covariance_matches_closed_form():
+    gen = torch.Generator().manual_seed(1)
+    e = torch.randn(16, 6, generator=gen, dtype=torch.float64)
+    n = 60_000
+    draws = gaussian_projection(e, (n,), gen, dtype=torch.float64)
+    ref = torch.randn(n, 16, generator=gen, dtype=torch.float64) @ e  # eps @ E
+    cov_true = e.T @ e
+    scale = cov_true.diagonal().max()
+    for sample in (draws, ref):
+        assert sample.mean(0).abs().max() < 5 * (scale / n).sqrt()
+        # each entry of an empirical covariance has sd <= sqrt(2/n) * max variance
+        assert (torch.cov(sample.T) - cov_true).abs().max() < 6 * (2 / n) ** 0.5 * scale
+
+
+def test_paths_same_mean_and_covariance_and_identical_without_noise():
+    model = tiny_dit()
+    tokens = torch.tensor([[3, 7, 0, 15]])
+    n = 20_000
+    batch = tokens.expand(n, -1)
+    gamma = torch.full((n,), 0.4, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(2)
+    outs = {}
+    for path in ("dspace", "reference"):
+        with torch.no_grad():
+            outs[path] = noisy_input(model, batch, gamma, path, gen).double()
+    e = model.input_embedding.detach()
+    mean_true = 0.4 * e[tokens[0]]
+    cov_true = 0.6 ** 2 * e.T @ e
+    scale = cov_true.diagonal().max()
+    for path, h in outs.items():
+        assert (h.mean(0) - mean_true).abs().max() < 5 * (scale / n).sqrt(), path
+        for pos in range(4):
+            cov = torch.cov(h[:, pos].T)
+            assert (cov - cov_true).abs().max() < 6 * (2 / n) ** 0.5 * scale, (path, pos)
+    one = torch.ones(1, dtype=torch.float64)
+    with torch.no_grad():
+        clean = [noisy_input(model, tokens, one, p, gen).double() for p in ("dspace", "reference")]
+    torch.testing.assert_close(clean[0], clean[1])
+    torch.testing.assert_close(clean[0][0], e[tokens[0]])
+
+
+def test_losses_agree_in_expectation_on_a_fixed_model():
+    model = tiny_dit()
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 16, (256, 4), generator=gen)
+    mask = torch.ones_like(tokens)
+    t = torch.rand(256, generator=gen, dtype=torch.float64)
+    gamma = 0.2 + 0.6 * t
+    per_path = {}
+    for path in ("dspace", "reference"):
+        vals = []
+        for _ in range(40):
+            with torch.no_grad():
+                h = noisy_input(model, tokens, gamma, path, gen).double()
+                vals.append(float(masked_token_mean(
+                    denoiser_cross_entropy(model(h, t), tokens), mask)))
+        per_path[path] = torch.tensor(vals)
+    a, b = per_path["dspace"], per_path["reference"]
+    se = ((a.var() + b.var()) / len(a)).sqrt()
+    assert (a.mean() - b.mean()).abs() < 4 * se + 1e-4, (a.mean(), b.mean(), se)
+    assert a.std() > 0  # the draws really are random
+
+
+def test_stratified_times_cover_the_global_batch():
+    offset = torch.tensor([0.37], dtype=torch.float64)
+    parts = [stratified_times(8, slot, 4, offset) for slot in range(4)]
+    everything = torch.sort(torch.cat(parts)).values.double()
+    # one draw in each of the 32 strata of width 1/32
+    strata = torch.floor(everything * 32)
+    assert torch.equal(strata, torch.arange(32, dtype=torch.float64))
+    single = stratified_times(32, 0, 1, offset)
+    torch.testing.assert_close(torch.cat(parts), single)

@@ -1,0 +1,96 @@
+"""Config resolution, logging set-up and small helpers shared by the entry points."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+
+MODES = ("train", "ppl_eval", "sample_eval")
+PRECISIONS = {"32": "32-true", "32-true": "32-true", "bf16": "bf16-mixed",
+              "bf16-mixed": "bf16-mixed", "16": "16-mixed", "16-mixed": "16-mixed",
+              "64": "64-true", "64-true": "64-true"}
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key."""
+
+
+def device_count(config: DictConfig) -> int:
+    devices = config.trainer.devices
+    if devices == "auto":
+        if config.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+            return torch.cuda.device_count()
+        return 1
+    if isinstance(devices, int) and devices >= 1:
+        return devices
+    raise ConfigError(f"trainer.devices={devices!r}: use a positive integer or 'auto'")
+
+
+def resolve_config(config: DictConfig) -> DictConfig:
+    """Check the config and derive per-device batch sizes and gradient accumulation.
+
+    Global batch = devices * nodes * batch_size * accumulate_grad_batches.
+    """
+    if config.mode not in MODES:
+        raise ConfigError(f"mode={config.mode!r}; expected one of {MODES}")
+    devices = device_count(config)
+    nodes = int(config.trainer.num_nodes)
+    world = devices * nodes
+    loader = config.loader
+    with open_dict(config):
+        config.trainer.devices = devices
+        config.trainer.precision = _precision(config.trainer.precision)
+        if loader.global_batch_size % world:
+            raise ConfigError(f"loader.global_batch_size={loader.global_batch_size} is not "
+                              f"divisible by devices*nodes={devices}*{nodes}")
+        if loader.batch_size is None:
+            loader.batch_size = loader.global_batch_size // world
+        if loader.global_batch_size % (world * loader.batch_size):
+            raise ConfigError(
+                f"loader.global_batch_size={loader.global_batch_size} is not divisible by "
+                f"devices*nodes*loader.batch_size={devices}*{nodes}*{loader.batch_size}")
+        config.trainer.accumulate_grad_batches = (loader.global_batch_size
+                                                  // (world * loader.batch_size))
+        if loader.eval_batch_size is None:
+            if loader.eval_global_batch_size % world:
+                raise ConfigError(f"loader.eval_global_batch_size="
+                                  f"{loader.eval_global_batch_size} is not divisible by "
+                                  f"devices*nodes={world}")
+            loader.eval_batch_size = loader.eval_global_batch_size // world
+    model = config.model
+    if model.hidden_size % model.n_heads or (model.hidden_size // model.n_heads) % 2:
+        raise ConfigError(f"model.hidden_size={model.hidden_size} must be divisible by "
+                          f"model.n_heads={model.n_heads} into an even head size (rotary)")
+    if config.training.input_path not in ("dspace", "reference"):
+        raise ConfigError(f"training.input_path={config.training.input_path!r}; "
+                          "expected dspace or reference")
+    if not 0.0 <= config.training.t_min < config.training.t_max <= 1.0:
+        raise ConfigError("need 0 <= training.t_min < training.t_max <= 1, got "
+                          f"{config.training.t_min}, {config.training.t_max}")
+    if config.sampling.state_dtype not in ("float32", "float64"):
+        raise ConfigError(f"sampling.state_dtype={config.sampling.state_dtype!r}; "
+                          "expected float32 or float64")
+    steps = config.sampling.steps
+    if not OmegaConf.is_list(steps) or not steps or any(int(s) < 1 for s in steps):
+        raise ConfigError(f"sampling.steps={steps}: give a non-empty list of positive "
+                          "integers, e.g. sampling.steps=[1,2,4]")
+    return config
+
+
+def _precision(value) -> str:
+    key = str(value)
+    if key not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={value!r}; expected one of {sorted(PRECISIONS)}")
+    return PRECISIONS[key]
+
+
+def save_config(config: DictConfig, directory: str | Path) -> Path:
+    path = Path(directory) / "config_resolved.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(config, resolve=True))
+    return path
