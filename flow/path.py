@@ -30,6 +30,13 @@ def gaussian_projection(embedding: torch.Tensor, batch_shape: tuple[int, ...],
     """
     with torch.autocast(device_type=embedding.device.type, enabled=False):
         e = embedding.to(dtype)
+        vocab, dim = e.shape
+        if vocab <= dim:
+            # EᵀE is singular when V <= D, and drawing eps directly is the cheaper
+            # of the two there; both are exact draws of the same N(0, EᵀE).
+            eps = torch.randn(*batch_shape, vocab, generator=generator, device=e.device,
+                              dtype=dtype)
+            return eps @ e
         factor, _ = torch.linalg.cholesky_ex(e.T @ e)
         eta = torch.randn(*batch_shape, e.shape[1], generator=generator, device=e.device,
                           dtype=dtype)

@@ -29,9 +29,13 @@ def step_grid(table: AlphaGammaTable, steps: int, device: torch.device,
 
 def initial_state(network, batch_size: int, length: int, generator: torch.Generator | None,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """z ~ N(0, I_V) seen through E: (B, L, D) draw of ``z @ E``."""
+    """z ~ N(0, I_V) seen through E: (B, L, D) draw of ``z @ E``.
+
+    Drawn in float64 whatever the state's precision, so that float32 and
+    float64 runs with one seed start from the same point.
+    """
     return gaussian_projection(network.input_embedding.detach(), (batch_size, length),
-                               generator, dtype=dtype)
+                               generator, dtype=torch.float64).to(dtype)
 
 
 @torch.no_grad()

@@ -14,9 +14,13 @@ from flow.schedule import AlphaGammaTable
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 
-def compose_config(overrides: list[str] | None = None) -> DictConfig:
+def compose_config(overrides: list[str] | None = None, run_dir: str = "/tmp/flm-test-run",
+                   ) -> DictConfig:
+    """The project's config as Hydra composes it, with the run directory pinned
+    (outside a Hydra run, ``${hydra:runtime.output_dir}`` does not resolve)."""
+    pinned = [f"checkpointing.save_dir={run_dir}", f"eval.output_dir={run_dir}/eval"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        return compose(config_name="config", overrides=overrides or [], return_hydra_config=False)
+        return compose(config_name="config", overrides=pinned + (overrides or []))
 
 
 class ExactDenoiser(torch.nn.Module):
