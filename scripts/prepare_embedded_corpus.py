@@ -63,7 +63,7 @@ def strip_boilerplate(text: str, title: str) -> str:
         text = text[: end.start()]
     lines = [line.rstrip() for line in text.split("\n")]
     text = "\n".join(lines)
-    text = re.sub(r"\n{%d,}" % (MAX_BLANK_LINES + 2), "\n" * (MAX_BLANK_LINES + 1), text)
+    text = re.sub(rf"\n{{{MAX_BLANK_LINES + 2},}}", "\n" * (MAX_BLANK_LINES + 1), text)
     text = text.strip() + "\n"
     leftover = BOILERPLATE_WORDS.search(text)
     if leftover:
