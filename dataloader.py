@@ -443,7 +443,7 @@ class FLMDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         # runs on one process per node before setup(): builds the Hub caches without races
-        if self.config.data.name not in ("embedded", "synthetic"):
+        if self.train_dataset is None and self.config.data.name not in ("embedded", "synthetic"):
             get_datasets(self.config, self.tokenizer)
 
     def setup(self, stage: str | None = None) -> None:
