@@ -182,3 +182,29 @@ def test_hub_path_builds_then_reuses_cache(tmp_path, embedded):
     (raw_dir / "data.jsonl").unlink()
     again, _ = D.get_datasets(config, tokenizer)
     assert torch.equal(again[: len(again)]["input_ids"], train[: len(train)]["input_ids"])
+
+
+def test_hub_tokenizer_offline_error_names_key(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # nothing cached there
+    config = make_config(tmp_path, tokenizer_name_or_path="no-such-org/no-such-tokenizer")
+    with pytest.raises(OSError, match="data.tokenizer_name_or_path"):
+        D.get_tokenizer(config)
+
+
+def test_synthetic_branch_dispatches_lazily(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("synthetic")
+    fake.make_tokenizer = lambda data: calls.append(("tok", data.name)) or "TOKENIZER"
+    fake.make_datasets = lambda data, length: calls.append(("ds", length)) or ("TRAIN", "VALID")
+    monkeypatch.setitem(sys.modules, "synthetic", fake)
+    config = make_config(tmp_path, name="synthetic")
+    assert D.get_tokenizer(config) == "TOKENIZER"
+    assert D.get_datasets(config, "TOKENIZER") == ("TRAIN", "VALID")
+    assert calls == [("tok", "synthetic"), ("ds", LENGTH)]
