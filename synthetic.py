@@ -124,8 +124,7 @@ def stationary_distribution(transition: np.ndarray) -> np.ndarray:
     if pi.min() < -STATIONARY_RESIDUAL_TOL or residual > STATIONARY_RESIDUAL_TOL:
         raise ValueError(
             f"stationary distribution is ill-conditioned (min {pi.min():.3g}, residual "
-            f"{residual:.3g}); raise data.dirichlet_alpha or use "
-            "data.initial_distribution=random|uniform"
+            f"{residual:.3g}); raise data.dirichlet_alpha or change data.source_seed"
         )
     pi = np.clip(pi, 0.0, None)
     return pi / pi.sum()
@@ -446,7 +445,9 @@ def _mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
     return float(values.mean()), float(values.std() / math.sqrt(values.numel()))
 
 
-def all_sequences(vocab_size: int, length: int, start: int = 0, count: int | None = None) -> torch.Tensor:
+def all_sequences(
+    vocab_size: int, length: int, start: int = 0, count: int | None = None
+) -> torch.Tensor:
     """Sequences number start..start+count-1 of {0..V-1}^L in lexicographic order: -> (n, L)."""
     stop = vocab_size**length if count is None else min(vocab_size**length, start + count)
     codes = torch.arange(start, stop, dtype=torch.long)
