@@ -13,7 +13,6 @@ import functools
 
 import numpy as np
 import torch
-from scipy.special import log_ndtr
 
 GRID_POINTS = 10_001  # uniform gamma grid, endpoints included
 QUADRATURE_NODES = 100  # Gauss-Hermite nodes for the expectation over z ~ N(0, 1)
@@ -33,7 +32,8 @@ def argmax_recovery_probability(gamma: np.ndarray, vocab_size: int,
     z = np.sqrt(2.0) * x  # so that sum(w f(z)) / sqrt(pi) = E_{z~N(0,1)} f(z)
     with np.errstate(divide="ignore"):
         shift = np.where(gamma < 1.0, gamma / np.maximum(1.0 - gamma, 0.0), np.inf)
-    log_terms = (vocab_size - 1) * log_ndtr(z[None, :] + shift[:, None])
+    log_cdf = torch.special.log_ndtr(torch.from_numpy(z[None, :] + shift[:, None])).numpy()
+    log_terms = (vocab_size - 1) * log_cdf
     q = (np.exp(log_terms) * w[None, :]).sum(axis=1) / np.sqrt(np.pi)
     q = np.where(gamma >= 1.0, 1.0, q)
     return q
