@@ -8,7 +8,11 @@ Variants on the same backbone (each: forward, backward, grad clip, AdamW):
              discrete-diffusion step, the floor an FLM step can approach;
   reference  materialised one-hot + Gaussian noise (B, L, V) in float32 and a
              dense projection (training.input_path=reference);
-  dspace     the D-space path of flm-math §3 (training.input_path=dspace).
+  dspace     the D-space path of flm-math §3 (training.input_path=dspace);
+  paper      the paper's code path as ../shared/perf/anchor-train-step.md
+             describes it: float32 one-hot and noise, a float32 einsum, full
+             log_softmax then -(one_hot * logp).sum(-1), gamma(t) looked up
+             on the host every step. Kept here only as the measured baseline.
 Median step time of --steps steps after --warmup; peak memory per variant.
 """
 
@@ -37,7 +41,18 @@ TINY = dict(hidden_size=64, n_blocks=2, n_heads=4, cond_dim=32)
 def make_step(model, table, variant: str, vocab: int, device: torch.device, amp: bool):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device.type == "cuda")
 
+    def paper_loss(tokens, t):
+        gamma = table.gamma_of_alpha(t.cpu()).to(device)[:, None, None]  # host round trip
+        onehot = torch.nn.functional.one_hot(tokens, vocab).float()
+        with torch.autocast(device.type, enabled=False):
+            x_t = (1 - gamma) * torch.randn_like(onehot) + gamma * onehot
+            h = torch.einsum("blv,vd->bld", x_t, model.input_embedding.float())
+        logp = torch.log_softmax(model(h, t).float(), dim=-1)
+        return -(onehot * logp).sum(-1).mean()
+
     def loss_fn(tokens, t):
+        if variant == "paper":
+            return paper_loss(tokens, t)
         if variant == "tokens":
             h = model.embed_tokens(tokens)
         else:
@@ -62,7 +77,9 @@ def measure(args, variant: str, batch: int, compiled: bool, device: torch.device
     model = DiT(args.vocab, args.length, dropout=0.1, **sizes).to(device)
     if compiled:
         model.compile()
-    table = AlphaGammaTable(args.vocab).to(device)
+    table = AlphaGammaTable(args.vocab)
+    if variant != "paper":
+        table = table.to(device)
     step = make_step(model, table, variant, args.vocab, device, amp=device.type == "cuda")
     tokens = torch.randint(0, args.vocab, (batch, args.length), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -99,7 +116,7 @@ def main() -> None:
     p.add_argument("--batches", default=None, help="comma-separated per-GPU batch sizes")
     p.add_argument("--modes", default="eager,compiled", help="eager and/or compiled")
     p.add_argument("--compiled-batches", default="32", help="batch sizes also run compiled")
-    p.add_argument("--variants", default="tokens,reference,dspace")
+    p.add_argument("--variants", default="tokens,paper,reference,dspace")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     args = p.parse_args()
@@ -138,13 +155,14 @@ def main() -> None:
             mem = f"{r['peak_gib'] / f['peak_gib']:.3f}"
         print(f"| {r['batch']} | {mode} | {r['variant']} | {r['ms']:.1f} | "
               f"{r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} | {ratio} | {mem} |")
-    ref = {(r["batch"], r["compiled"]): r for r in rows if r["variant"] == "reference"}
-    for r in rows:
-        key = (r["batch"], r["compiled"])
-        if r["variant"] == "dspace" and not r["oom"] and key in ref and not ref[key]["oom"]:
-            print(f"\ndspace / reference speed-up (B={key[0]}, "
-                  f"{'compiled' if key[1] else 'eager'}): "
-                  f"{r['tokens_per_s'] / ref[key]['tokens_per_s']:.2f}x")
+    for baseline in ("paper", "reference"):
+        ref = {(r["batch"], r["compiled"]): r for r in rows if r["variant"] == baseline}
+        for r in rows:
+            key = (r["batch"], r["compiled"])
+            if r["variant"] == "dspace" and not r["oom"] and key in ref and not ref[key]["oom"]:
+                print(f"dspace / {baseline} speed-up (B={key[0]}, "
+                      f"{'compiled' if key[1] else 'eager'}): "
+                      f"{r['tokens_per_s'] / ref[key]['tokens_per_s']:.2f}x")
 
 
 if __name__ == "__main__":
