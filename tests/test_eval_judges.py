@@ -33,7 +33,7 @@ def word_tokenizer():
     vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]",
                                    pad_token="[PAD]", unk_token="[UNK]")
 
@@ -198,7 +198,7 @@ def trained_judge(tmp_path_factory):
     text_file.write_text("\n\n".join(docs))
     train_judge.main(["--out", str(out / "judge"), "--text-file", str(text_file),
                       "--tokenizer-file", str(tok_file), "--n-layer", "2", "--n-embd", "48",
-                      "--context", "32", "--steps", "100", "--batch-size", "16",
+                      "--context", "32", "--steps", "80", "--batch-size", "16",
                       "--lr", "3e-3"])
     assert "STAND-IN" in (out / "judge" / "README.txt").read_text()
     return load_judge(str(out / "judge"), batch_size=32)
