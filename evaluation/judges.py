@@ -272,5 +272,5 @@ def make_judge(
     if kind == "oracle":
         from evaluation import oracle  # lazy: only the synthetic source needs it
 
-        return oracle.make_oracle_judge(eval_cfg, data_cfg)
+        return oracle.build_oracle_judge(data_cfg)
     raise ValueError(f"eval.judge={kind!r}; use 'hf' (a causal LM) or 'oracle' (synthetic source)")

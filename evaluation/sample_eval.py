@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from evaluation import metrics
+from evaluation.judges import make_judge
 from evaluation.mauve_score import MauveSettings, judge_features, mauve_from_features
 from evaluation.plots import plot_summaries
 
@@ -26,7 +27,6 @@ logger = logging.getLogger(__name__)
 
 SampleFn = Callable[[int, int, int], torch.Tensor]  # (steps, num_samples, seed) -> (N, L) ids
 DecodeFn = Callable[[torch.Tensor], list[str]]  # (N, L) ids -> N texts
-STATE_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 TABLE_COLUMNS = (("steps", "steps", "{}"), ("gen_ppl", "gen PPL", "{:.2f}"),
                  ("entropy_mean", "entropy", "{:.3f}"), ("distinct_1", "dist-1", "{:.3f}"),
                  ("distinct_2", "dist-2", "{:.3f}"), ("mauve", "MAUVE", "{:.3f}"),
@@ -81,6 +81,8 @@ def score_set(judge: Any, ids: torch.Tensor, texts: list[str],
     }
     for n in metrics.DISTINCT_NS:
         row[f"distinct_{n}"] = float(np.mean([m[f"distinct_{n}"] for m in per_sample]))
+    if hasattr(judge, "report"):  # judge-specific extras, e.g. the oracle's entropy gap
+        row.update(judge.report(ids))
     records = [{"text": t, "token_ids": i, "judge_nll_sum": float(nll), "judge_n_tokens": int(c),
                 **m}
                for t, i, nll, c, m in zip(texts, ids.tolist(), nll_sum, n_tokens, per_sample)]
@@ -178,42 +180,56 @@ def run_sample_eval(
     return summary
 
 
-def run_sample_eval_from_config(module: Any, cfg: Any, reference_ids: torch.Tensor,
-                                device: str | torch.device) -> dict[str, Any]:
-    """Entry point for ``main.py mode=sample_eval``.
+def held_out_reference_ids(config: Any, tokenizer: Any, num_samples: int,
+                           seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(N, L) validation sequences for the reference row and, when the split has 2N, a
+    disjoint (N, L) set for MAUVE; drawn by a permutation seeded with ``seed``."""
+    import dataloader
 
-    ``module``: the loaded model (``generate``, ``network_calls_per_step``, ``tokenizer``);
-    ``reference_ids``: (M, L) held-out validation sequences of the sample length; if
-    M >= 2 * eval.num_samples the second N are the MAUVE reference (see run_sample_eval).
+    _, valid = dataloader.get_datasets(config, tokenizer)
+    if len(valid) < num_samples:
+        raise ValueError(f"the validation split of data={config.data.name} has {len(valid)} "
+                         f"sequences; sample_eval needs eval.num_samples={num_samples} of them "
+                         "for the reference row: lower eval.num_samples")
+    order = torch.randperm(len(valid), generator=torch.Generator().manual_seed(seed))
+    take = order[:2 * num_samples] if len(valid) >= 2 * num_samples else order[:num_samples]
+    ids = torch.stack([torch.as_tensor(valid[int(i)]["input_ids"]) for i in take])
+    if len(take) < 2 * num_samples:
+        logger.warning("validation split has fewer than 2 x eval.num_samples sequences: MAUVE "
+                       "is taken against the reference set and the reference row has none")
+        return ids, None
+    return ids[:num_samples], ids[num_samples:]
+
+
+def run_from_config(config: Any, module: Any, tokenizer: Any) -> dict[str, Any]:
+    """Entry point of ``main.py mode=sample_eval``.
+
+    ``module``: the loaded model (``generate``, ``network_calls_per_step``), weights chosen by
+    the caller (EMA unless eval.disable_ema); ``tokenizer``: the data tokenizer. Samples
+    ``sampling.batch_size`` at a time in ``sampling.state_dtype``; the reference row and
+    MAUVE reference are held-out validation sequences (``held_out_reference_ids``).
     """
-    from evaluation.judges import make_judge
+    from algo import STATE_DTYPES  # one home for the sampler-state dtypes
 
-    ev = cfg.eval
-    n = int(ev.num_samples)
-    if reference_ids.shape[0] < n:
-        raise ValueError(f"sample_eval needs at least eval.num_samples={n} validation "
-                         f"sequences for the reference row, got {reference_ids.shape[0]}")
-    tokenizer = module.tokenizer
+    ev = config.eval
+    n, seed = int(ev.num_samples), int(ev.seed)
+    device = next(module.parameters()).device
     decode_fn = make_decode_fn(tokenizer)
-    judge = make_judge(ev, cfg.get("data"), data_tokenizer=tokenizer, device=device)
-    ref_ids = reference_ids[:n]
-    mauve_ids = reference_ids[n:2 * n] if reference_ids.shape[0] >= 2 * n else None
-    dtype_name = ev.get("state_dtype", "float32")
-    if dtype_name not in STATE_DTYPES:
-        raise ValueError(f"eval.state_dtype={dtype_name!r}; use one of {sorted(STATE_DTYPES)}")
-    state_dtype = STATE_DTYPES[dtype_name]
-    sample_fn = sample_fn_from_module(module, state_dtype, int(ev.sample_batch_size), device)
-    steps_list = cfg.sampling.steps
+    judge = make_judge(ev, config.data, data_tokenizer=tokenizer, device=device)
+    reference_ids, mauve_ids = held_out_reference_ids(config, tokenizer, n, seed)
+    sample_fn = sample_fn_from_module(module, STATE_DTYPES[config.sampling.state_dtype],
+                                      int(config.sampling.batch_size), device)
+    steps_list = config.sampling.steps
     steps_list = [steps_list] if isinstance(steps_list, int) else list(steps_list)
     return run_sample_eval(
         sample_fn, decode_fn, judge,
-        reference_texts=decode_fn(ref_ids), reference_ids=ref_ids,
-        steps_list=steps_list, num_samples=n, seed=int(ev.seed), out_dir=ev.output_dir,
-        model_name=ev.get("model_name") or cfg.get("algo", {}).get("name", "model"),
+        reference_texts=decode_fn(reference_ids), reference_ids=reference_ids,
+        steps_list=steps_list, num_samples=n, seed=seed, out_dir=ev.output_dir,
+        model_name=f"{config.data.name}-{config.algo.name}",
         network_calls_per_step=int(module.network_calls_per_step),
         special_ids=special_token_ids(tokenizer),
         compute_mauve=bool(ev.compute_mauve),
-        mauve_settings=MauveSettings.from_config(ev, seed=int(ev.seed)),
+        mauve_settings=MauveSettings.from_config(ev, seed=seed),
         mauve_reference_texts=decode_fn(mauve_ids) if mauve_ids is not None else None,
         mauve_reference_ids=mauve_ids,
     )

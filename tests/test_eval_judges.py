@@ -163,7 +163,7 @@ def test_load_judge_from_local_dir_and_make_judge_dispatch(tmp_path, monkeypatch
     assert torch.equal(got[1], expected[1])
 
     fake_oracle = types.ModuleType("evaluation.oracle")
-    fake_oracle.make_oracle_judge = lambda eval_cfg, data_cfg: ("oracle", data_cfg)
+    fake_oracle.build_oracle_judge = lambda data_cfg: ("oracle", data_cfg)
     monkeypatch.setitem(sys.modules, "evaluation.oracle", fake_oracle)
     assert make_judge(OmegaConf.create({"judge": "oracle"}), "dcfg") == ("oracle", "dcfg")
     with pytest.raises(ValueError, match="eval.judge"):
