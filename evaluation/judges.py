@@ -171,12 +171,11 @@ class HFCausalLMJudge:
                 ids[j, :len(w_ids)] = torch.tensor(w_ids)
                 attn[j, :len(w_ids)] = 1
                 tmask[j, :len(w_ids)] = torch.tensor(w_mask)
-            tmask[:, 0] = False  # the first token of a window is context only
             logits = self.model(input_ids=ids.to(self.device),
                                 attention_mask=attn.to(self.device)).logits
             logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
             nll = -logp.gather(-1, ids[:, 1:, None].to(self.device))[..., 0].cpu().double()
-            target = tmask[:, 1:] & attn[:, 1:].bool()
+            target = tmask[:, 1:] & attn[:, 1:].bool()  # a window's first token is context
             for j, (i, _, _) in enumerate(batch):
                 nll_sum[i] += nll[j][target[j]].sum()
                 n_tokens[i] += int(target[j].sum())
@@ -248,8 +247,7 @@ def load_judge(
     logger.info("Loaded judge %s (%s, %s, context %s)", name_or_path, dtype, device,
                 getattr(model.config, "n_positions", None))
     return HFCausalLMJudge(model, tokenizer, batch_size=batch_size, retokenize=retokenize,
-                           data_tokenizer=data_tokenizer, name=os.path.basename(
-                               os.path.normpath(name_or_path)))
+                           data_tokenizer=data_tokenizer, name=name_or_path)
 
 
 def make_judge(
