@@ -11,7 +11,6 @@ import matplotlib.image
 import numpy as np
 import pytest
 import torch
-from test_eval_judges import WORDS, tiny_gpt2, word_tokenizer
 
 from evaluation.judges import HFCausalLMJudge
 from evaluation.mauve_score import MauveSettings
@@ -21,6 +20,7 @@ from evaluation.sample_eval import (
     sample_fn_from_module,
     special_token_ids,
 )
+from tests.test_eval_judges import WORDS, tiny_gpt2, word_tokenizer
 
 LENGTH = 12
 NUM_SAMPLES = 20
