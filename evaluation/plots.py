@@ -1,0 +1,50 @@
+"""Step-sweep plots from ``summary.json`` files (one line per model, reference dashed)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - after choosing the Agg backend
+
+PLOT_METRICS = (("gen_ppl", "gen. perplexity"), ("entropy_mean", "mean unigram entropy (nats)"),
+                ("mauve", "MAUVE"))
+PLOT_AXES = (("steps", "sampling steps"), ("seconds_per_sample", "wall-clock s / sample"))
+
+
+def _finite(value: Any) -> bool:
+    return value is not None and math.isfinite(float(value))
+
+
+def plot_summaries(summaries: Sequence[dict[str, Any]], out_path: str) -> None:
+    """Rows: metric vs steps, metric vs wall-clock; columns: gen PPL, entropy, MAUVE."""
+    fig, axes = plt.subplots(len(PLOT_AXES), len(PLOT_METRICS),
+                             figsize=(5 * len(PLOT_METRICS), 4 * len(PLOT_AXES)), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, summary in enumerate(summaries):
+        color = colors[k % len(colors)]
+        label = summary.get("model_name", f"run {k}")
+        for r, (x_key, x_label) in enumerate(PLOT_AXES):
+            for c, (y_key, y_label) in enumerate(PLOT_METRICS):
+                ax = axes[r][c]
+                points = [(row[x_key], row[y_key]) for row in summary["rows"]
+                          if _finite(row.get(x_key)) and _finite(row.get(y_key))]
+                if points:
+                    xs, ys = zip(*sorted(points))
+                    ax.plot(xs, ys, marker="o", color=color, label=label)
+                reference = summary.get("reference", {}).get(y_key)
+                if _finite(reference):
+                    ax.axhline(float(reference), color=color, linestyle="--",
+                               label=f"{label}: reference")
+                ax.set_xscale("log")
+                ax.set_xlabel(x_label)
+                ax.set_ylabel(y_label)
+                ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,235 @@
+"""mode=sample_eval: sweep sampling steps, score samples, write a table and a plot.
+
+Generation and scoring are apart (EDM2's generate / calculate_metrics split):
+``samples.json`` holds every sample with its judge NLL, so metrics can be recomputed.
+
+Outputs in ``out_dir``: ``samples.json``, ``summary.json``, ``eval_plot.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from evaluation import metrics
+from evaluation.judges import make_judge
+from evaluation.mauve_score import MauveSettings, judge_features, mauve_from_features
+from evaluation.plots import plot_summaries
+
+logger = logging.getLogger(__name__)
+
+SampleFn = Callable[[int, int, int], torch.Tensor]  # (steps, num_samples, seed) -> (N, L) ids
+DecodeFn = Callable[[torch.Tensor], list[str]]  # (N, L) ids -> N texts
+TABLE_COLUMNS = (("steps", "steps", "{}"), ("gen_ppl", "gen PPL", "{:.2f}"),
+                 ("entropy_mean", "entropy", "{:.3f}"), ("distinct_1", "dist-1", "{:.3f}"),
+                 ("distinct_2", "dist-2", "{:.3f}"), ("mauve", "MAUVE", "{:.3f}"),
+                 ("seconds_per_sample", "s/sample", "{:.4f}"),
+                 ("network_calls_per_sample", "NFE/sample", "{}"))
+
+
+def make_decode_fn(tokenizer: Any) -> DecodeFn:
+    """Decode every sample whole, dropping special tokens (BOS/EOS/PAD); the judge then
+    adds its own BOS/EOS (``HFCausalLMJudge``)."""
+    def decode(ids: torch.Tensor) -> list[str]:
+        return tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
+    return decode
+
+
+def special_token_ids(tokenizer: Any) -> list[int]:
+    """BOS/EOS/PAD ids of a tokenizer (left out of entropy and distinct-n)."""
+    ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return sorted({i for i in ids if i is not None})
+
+
+def sample_fn_from_module(module: Any, state_dtype: torch.dtype, batch_size: int,
+                          device: str | torch.device) -> SampleFn:
+    """Wrap ``module.generate`` into a ``SampleFn``: batches of ``batch_size`` drawn in turn
+    from one generator seeded with ``seed``, so a fixed (seed, batch_size) is deterministic."""
+    def sample_fn(steps: int, num_samples: int, seed: int) -> torch.Tensor:
+        generator = torch.Generator(device=device).manual_seed(seed)
+        chunks = []
+        for start in range(0, num_samples, batch_size):
+            n = min(batch_size, num_samples - start)
+            chunks.append(module.generate(num_samples=n, steps=steps, generator=generator,
+                                          state_dtype=state_dtype).cpu())
+        return torch.cat(chunks)
+    return sample_fn
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def score_set(judge: Any, ids: torch.Tensor, texts: list[str],
+              specials: Sequence[int]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Judge + model-free metrics of one sample set -> (row, per-sample records)."""
+    nll_sum, n_tokens = judge.score(ids, texts)
+    per_sample = metrics.sample_metrics(metrics.strip_special(ids, specials))
+    row = {
+        "gen_ppl": metrics.generative_perplexity(nll_sum, n_tokens),
+        "judge_tokens": int(n_tokens.sum()),
+        "entropy_mean": float(np.mean([m["entropy"] for m in per_sample])),
+        "distinct_tokens_mean": float(np.mean([m["distinct_tokens"] for m in per_sample])),
+    }
+    for n in metrics.DISTINCT_NS:
+        row[f"distinct_{n}"] = float(np.mean([m[f"distinct_{n}"] for m in per_sample]))
+    if hasattr(judge, "report"):  # judge-specific extras, e.g. the oracle's entropy gap
+        row.update(judge.report(ids))
+    records = [{"text": t, "token_ids": i, "judge_nll_sum": float(nll), "judge_n_tokens": int(c),
+                **m}
+               for t, i, nll, c, m in zip(texts, ids.tolist(), nll_sum, n_tokens, per_sample)]
+    return row, records
+
+
+def format_table(rows: Sequence[dict[str, Any]], reference: dict[str, Any]) -> str:
+    """Fixed-width table: one line per step count and a final reference line."""
+    def cell(row: dict[str, Any], key: str, fmt: str) -> str:
+        value = row.get(key)
+        return "-" if value is None else fmt.format(value)
+    header = " | ".join(f"{title:>10}" for _, title, _ in TABLE_COLUMNS)
+    lines = [header, "-" * len(header)]
+    for row in [*rows, {**reference, "steps": "reference"}]:
+        lines.append(" | ".join(f"{cell(row, key, fmt):>10}" for key, _, fmt in TABLE_COLUMNS))
+    return "\n".join(lines)
+
+
+def run_sample_eval(
+    sample_fn: SampleFn,
+    decode_fn: DecodeFn,
+    judge: Any,
+    reference_texts: list[str],
+    reference_ids: torch.Tensor,
+    steps_list: Sequence[int],
+    num_samples: int,
+    seed: int,
+    out_dir: str,
+    model_name: str,
+    network_calls_per_step: int,
+    special_ids: Sequence[int] = (),
+    compute_mauve: bool = True,
+    mauve_settings: MauveSettings | None = None,
+    mauve_reference_texts: list[str] | None = None,
+    mauve_reference_ids: torch.Tensor | None = None,
+    warmup: bool = True,
+) -> dict[str, Any]:
+    """Sweep ``steps_list``; each entry draws ``num_samples`` samples with the same ``seed``.
+
+    ``reference_ids`` (N, L) / ``reference_texts``: held-out sequences of the sample length,
+    scored the same way (the reference row). MAUVE of every row is taken against
+    ``mauve_reference_*`` when given (a second disjoint held-out set; then the reference
+    row's MAUVE is the real-vs-real ceiling), else against the reference set (then the
+    reference row has no MAUVE). Returns the summary dict also written to summary.json.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    mauve_settings = mauve_settings or MauveSettings(seed=seed)
+    if mauve_reference_texts is None:
+        mauve_reference_texts, mauve_reference_ids = reference_texts, reference_ids
+    reference_row, reference_records = score_set(judge, reference_ids, reference_texts,
+                                                 special_ids)
+    reference_row.update(steps=None, seconds_per_sample=None, network_calls_per_sample=None,
+                         mauve=None, num_samples=len(reference_texts))
+    q_features = None
+    if compute_mauve:
+        q_features = judge_features(judge, mauve_reference_ids, mauve_reference_texts)
+        if mauve_reference_texts is not reference_texts:
+            reference_row["mauve"] = mauve_from_features(
+                judge_features(judge, reference_ids, reference_texts), q_features,
+                mauve_settings)
+    if warmup and steps_list:  # CUDA context, kernels, allocator: kept out of the timings
+        sample_fn(int(steps_list[0]), 1, seed)
+    rows, all_records = [], {}
+    for steps in steps_list:
+        steps = int(steps)
+        _synchronize()
+        start = time.perf_counter()
+        ids = sample_fn(steps, num_samples, seed)
+        _synchronize()
+        elapsed = time.perf_counter() - start
+        texts = decode_fn(ids)
+        row, records = score_set(judge, ids, texts, special_ids)
+        row.update(steps=steps, seconds_per_sample=elapsed / num_samples,
+                   network_calls_per_sample=steps * network_calls_per_step,
+                   num_samples=num_samples, mauve=None)
+        if compute_mauve:
+            row["mauve"] = mauve_from_features(judge_features(judge, ids, texts), q_features,
+                                               mauve_settings)
+        rows.append(row)
+        all_records[str(steps)] = records
+        logger.info("steps=%d gen_ppl=%.3f entropy=%.3f mauve=%s s/sample=%.4g", steps,
+                    row["gen_ppl"], row["entropy_mean"], row["mauve"], row["seconds_per_sample"])
+    table = format_table(rows, reference_row)
+    logger.info("sample_eval %s (judge %s, seed %d, N=%d)\n%s", model_name, judge.name, seed,
+                num_samples, table)
+    summary = {"model_name": model_name, "judge": judge.name, "seed": seed,
+               "num_samples": num_samples, "network_calls_per_step": network_calls_per_step,
+               "rows": rows, "reference": reference_row, "table": table}
+    with open(os.path.join(out_dir, "samples.json"), "w") as f:
+        json.dump({"model_name": model_name, "seed": seed, "judge": judge.name,
+                   "steps": all_records, "reference": reference_records}, f)
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    plot_summaries([summary], os.path.join(out_dir, "eval_plot.png"))
+    return summary
+
+
+def held_out_reference_ids(config: Any, tokenizer: Any, num_samples: int,
+                           seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(N, L) validation sequences for the reference row and, when the split has 2N, a
+    disjoint (N, L) set for MAUVE; drawn by a permutation seeded with ``seed``."""
+    import dataloader
+
+    _, valid = dataloader.get_datasets(config, tokenizer)
+    if len(valid) < num_samples:
+        raise ValueError(f"the validation split of data={config.data.name} has {len(valid)} "
+                         f"sequences; sample_eval needs eval.num_samples={num_samples} of them "
+                         "for the reference row: lower eval.num_samples")
+    order = torch.randperm(len(valid), generator=torch.Generator().manual_seed(seed))
+    take = order[:2 * num_samples] if len(valid) >= 2 * num_samples else order[:num_samples]
+    ids = torch.stack([torch.as_tensor(valid[int(i)]["input_ids"]) for i in take])
+    if len(take) < 2 * num_samples:
+        logger.warning("validation split has fewer than 2 x eval.num_samples sequences: MAUVE "
+                       "is taken against the reference set and the reference row has none")
+        return ids, None
+    return ids[:num_samples], ids[num_samples:]
+
+
+def run_from_config(config: Any, module: Any, tokenizer: Any) -> dict[str, Any]:
+    """Entry point of ``main.py mode=sample_eval``.
+
+    ``module``: the loaded model (``generate``, ``network_calls_per_step``), weights chosen by
+    the caller (EMA unless eval.disable_ema); ``tokenizer``: the data tokenizer. Samples
+    ``sampling.batch_size`` at a time in ``sampling.state_dtype``; the reference row and
+    MAUVE reference are held-out validation sequences (``held_out_reference_ids``).
+    """
+    from algo import STATE_DTYPES  # one home for the sampler-state dtypes
+
+    ev = config.eval
+    n, seed = int(ev.num_samples), int(ev.seed)
+    device = next(module.parameters()).device
+    decode_fn = make_decode_fn(tokenizer)
+    judge = make_judge(ev, config.data, data_tokenizer=tokenizer, device=device)
+    reference_ids, mauve_ids = held_out_reference_ids(config, tokenizer, n, seed)
+    sample_fn = sample_fn_from_module(module, STATE_DTYPES[config.sampling.state_dtype],
+                                      int(config.sampling.batch_size), device)
+    steps_list = config.sampling.steps
+    steps_list = [steps_list] if isinstance(steps_list, int) else list(steps_list)
+    return run_sample_eval(
+        sample_fn, decode_fn, judge,
+        reference_texts=decode_fn(reference_ids), reference_ids=reference_ids,
+        steps_list=steps_list, num_samples=n, seed=seed, out_dir=ev.output_dir,
+        model_name=f"{config.data.name}-{config.algo.name}",
+        network_calls_per_step=int(module.network_calls_per_step),
+        special_ids=special_token_ids(tokenizer),
+        compute_mauve=bool(ev.compute_mauve),
+        mauve_settings=MauveSettings.from_config(ev, seed=seed),
+        mauve_reference_texts=decode_fn(mauve_ids) if mauve_ids is not None else None,
+        mauve_reference_ids=mauve_ids,
+    )
