@@ -23,4 +23,5 @@ python -u -m main \
   model.length=128 \
   "sampling.steps=[1,2,4,8]" \
   eval.gen_ppl_eval_model_name_or_path=gpt2-large \
+  eval.num_samples="${NUM_SAMPLES:-1000}" \
   "$@"

@@ -23,4 +23,5 @@ python -u -m main \
   model.length=1024 \
   "sampling.steps=[1,2,4,8,16,32,64,128,256,512,1024]" \
   eval.gen_ppl_eval_model_name_or_path=gpt2-large \
+  eval.num_samples="${NUM_SAMPLES:-1000}" \
   "$@"
