@@ -99,7 +99,7 @@ def log_samples(module: algo.FlowLM, config: DictConfig) -> list[str]:
     with module.ema.swapped_in(module.backbone):
         module.eval()
         tokens = module.generate(sc.print_samples, int(sc.steps[0]), generator, dtype)
-    texts = module.tokenizer.batch_decode(tokens.cpu(), skip_special_tokens=False)
+    texts = module.tokenizer.batch_decode(tokens.cpu(), skip_special_tokens=True)
     for i, text in enumerate(texts):
         log.info("sample %d (%d steps): %s", i, int(sc.steps[0]), text)
     return texts
