@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from flow.schedule import AlphaGammaTable
 
 MIN_INTERVAL = 1e-6  # d = t - s is clamped below at this (flm-math §5)
-PINV_RCOND = 1e-10  # relative eigenvalue cut-off of the Gram pseudo-inverse (float64)
+PINV_RCOND = 1e-10  # Gram eigenvalues below this fraction of the largest count as zero (float64)
 
 
 # ---- times ----------------------------------------------------------------------
@@ -145,8 +145,9 @@ class _JointGaussianProjection(torch.autograd.Function):
         a = embedding.double()
         gram = a.T @ a
         evals, evecs = torch.linalg.eigh(gram)
-        factor = evals.clamp_min(0).sqrt()[:, None] * evecs.T  # (K, K), factorᵀ·factor = gram
+        # eigenvalues below PINV_RCOND·max are round-off of exact zeros (e.g. E_S = E_T)
         keep = evals > PINV_RCOND * evals.max().clamp_min(torch.finfo(a.dtype).tiny)
+        factor = torch.where(keep, evals, 0.0).sqrt()[:, None] * evecs.T  # factorᵀ·factor = gram
         inverse = torch.where(keep, 1.0 / torch.where(keep, evals, 1.0), 0.0)
         pinv = (evecs * inverse) @ evecs.T
         y = (eta.double() @ factor).to(eta.dtype)
