@@ -212,6 +212,9 @@ class FlowMapDistillation(FlowLM):
         if not config.algo.double_temb:
             raise utils.ConfigError(f"algo={config.algo.name} needs algo.double_temb=true "
                                     "(the student takes two times)")
+        if config.algo.add_boundary and not config.algo.boundary_prob >= 1:
+            raise utils.ConfigError(f"algo.boundary_prob={config.algo.boundary_prob} must be "
+                                    ">= 1 (the interval (0, 1) has probability 1/boundary_prob)")
         super().__init__(config, vocab_size, tokenizer)
         self._teachers: dict[str, torch.nn.Module] = {}
 
