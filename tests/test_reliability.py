@@ -3,8 +3,11 @@ RNG states round-trip; bad configurations fail before any training with clear me
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import random
+import shlex
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,3 +157,58 @@ def test_requeue_without_slurm_only_logs(monkeypatch, caplog):
 def test_bad_configs_fail_before_training(overrides, message):
     with pytest.raises(ConfigError, match=message):
         resolve_config(compose_config(overrides))
+
+
+# --------------------------------------------------------------------------- SLURM dry runs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _render_module():
+    spec = importlib.util.spec_from_file_location("slurm_render", REPO / "scripts/slurm/render.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _main_overrides(command: list[str]) -> list[str]:
+    return command[command.index("main") + 1:]
+
+
+def test_sbatch_template_renders_a_valid_command(capsys):
+    _render_module().main(["--nodes", "2", "--data-dir", "/data", "--save-root", "/runs",
+                           "trainer.log_every_n_steps=50"])
+    out = capsys.readouterr().out
+    options = [line for line in out.splitlines() if line.startswith("#SBATCH")]
+    assert "#SBATCH --nodes=2" in options and "#SBATCH --requeue" in options
+    signal_option = next(o for o in options if o.startswith("#SBATCH --signal="))
+    warning = "SIG" + signal_option.split("=")[1].split("@")[0]
+    config = compose_config([])
+    assert warning in config.reliability.requeue_signals  # the warning signal requeues
+    srun = shlex.split(out.strip().splitlines()[-1])
+    assert srun[:5] == ["srun", "--kill-on-bad-exit=1", "python", "-u", "-m"]
+    overrides = _main_overrides(srun)
+    assert "checkpointing.save_dir=/runs/flm-owt-0" in overrides
+    assert overrides[-1] == "trainer.log_every_n_steps=50"
+    # the command composes and resolves: 2 nodes x 8 GPUs x 32 = 512, no accumulation
+    hydra_free = [o for o in overrides if not o.startswith("hydra.")]
+    resolved = resolve_config(compose_config(hydra_free))
+    assert (resolved.trainer.devices, resolved.trainer.num_nodes) == (8, 2)
+    assert resolved.trainer.accumulate_grad_batches == 1 and resolved.loader.batch_size == 32
+    assert resolved.checkpointing.resume_from_ckpt
+    paper_script = REPO / "scripts" / "train_owt_flm.sh"
+    if paper_script.is_file():  # the lead's script: the template runs the same training command
+        lines = paper_script.read_text().split("python -u -m main", 1)[1].split('"$@"')[0]
+        paper = [shlex.split(line.strip().rstrip("\\"))[0] for line in lines.splitlines()
+                 if line.strip().rstrip("\\").strip()]
+        paper = [p for p in paper if not p.startswith(("data.cache_dir=", "wandb.mode="))]
+        assert [o for o in overrides if o in paper] == paper
+
+
+def test_submitit_launcher_renders_requeueing_job():
+    text = _render_module().render_submitit(["trainer.devices=8", "trainer.num_nodes=2"])
+    assert "#SBATCH --nodes=2" in text and "#SBATCH --ntasks-per-node=8" in text
+    assert "#SBATCH --gpus-per-node=8" in text and "#SBATCH --requeue" in text
+    signal_line = next(line for line in text.splitlines() if "--signal=" in line)
+    warning = "SIG" + signal_line.split("=")[1].split("@")[0]
+    assert warning in compose_config([]).reliability.requeue_signals
