@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import signal
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 import algo
 from dataloader import ResumableDistributedSampler
 from tests.helpers import compose_config
-from tests.test_resume import load, run_main
+from tests.test_resume import load, run_main, run_until_signal
 from utils import resolve_config
 
 
@@ -82,3 +83,16 @@ def test_two_process_ddp_equals_one_process_with_accumulation(tmp_path):
         torch.testing.assert_close(ddp["state_dict"][key], value, rtol=1e-5, atol=1e-6)
         moved = max(moved, float((value - earlier[key]).abs().max()))
     assert moved > 1e-4  # the last step did move the weights by far more than the tolerance
+
+
+@pytest.mark.slow
+def test_signal_on_one_rank_stops_all_ranks_at_the_same_step(tmp_path):
+    """SIGTERM reaches rank 0 only (Lightning's launcher started rank 1): the flag is reduced
+    over ranks, so both save one consistent last.ckpt and exit instead of hanging."""
+    result, output = run_until_signal(tmp_path, signal.SIGTERM, "step00000002.ckpt", None,
+                                      "model.dropout=0", "trainer.devices=2", "strategy=ddp")
+    assert result.returncode == 0, output[-4000:]
+    assert "stopped by SIGTERM" in output
+    ckpt = load(tmp_path / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] >= 2
+    assert len(ckpt["rng_states"]) == 2  # both ranks' RNG states gathered into the checkpoint

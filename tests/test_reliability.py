@@ -151,7 +151,7 @@ def test_requeue_without_slurm_only_logs(monkeypatch, caplog):
     (["loader.global_batch_size=10", "loader.batch_size=4"], "not divisible by"),
     (["reliability.max_consecutive_nonfinite=0"], "max_consecutive_nonfinite=0"),
     (["reliability.checkpoint_signals=[SIGFOO]"], "unknown signal names \\['SIGFOO'\\]"),
-    (["reliability.checkpoint_signals=[SIGTERM]"], "requeue_signals \\['SIGUSR1'\\] must also"),
+    (["reliability.checkpoint_signals=[SIGTERM]"], "requeue_signals \\['SIGUSR1', 'SIGUSR2'\\] must also"),
     (["callbacks.checkpoint_last.every_n_train_steps=500"], "make them differ"),
 ])
 def test_bad_configs_fail_before_training(overrides, message):

@@ -44,10 +44,12 @@ def run_main(save_dir: Path, *overrides: str, env: dict | None = None,
 
 
 def run_until_signal(save_dir: Path, sig: signal.Signals, after_file: str,
-                     env: dict | None = None) -> tuple[subprocess.CompletedProcess, str]:
-    """Start a long run, send ``sig`` once ``after_file`` (relative to the checkpoint dir)
-    exists, and wait for a clean exit."""
-    proc = subprocess.Popen(main_command(save_dir, "trainer.max_steps=100000"), cwd=REPO,
+                     env: dict | None = None, *overrides: str,
+                     ) -> tuple[subprocess.CompletedProcess, str]:
+    """Start a long run, send ``sig`` (to rank 0) once ``after_file`` (relative to the checkpoint
+    dir) exists, and wait for a clean exit."""
+    proc = subprocess.Popen(main_command(save_dir, "trainer.max_steps=100000", *overrides),
+                            cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     target = save_dir / "checkpoints" / after_file
     deadline = time.monotonic() + RUN_TIMEOUT_S
