@@ -275,7 +275,7 @@ class PreemptionHandler(pl.Callback):
             return
         for sig in self.signals:
             current = signal.getsignal(sig)
-            if current is not self._on_signal:
+            if current != self._on_signal:
                 self._previous.setdefault(sig, current)
                 signal.signal(sig, self._on_signal)
 
@@ -286,12 +286,10 @@ class PreemptionHandler(pl.Callback):
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self._previous = {}
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._install()
-
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._install()  # again: Lightning registers its SIGTERM handler after setup()
+        # after Lightning registered its own handlers (it restores the pre-fit ones at teardown);
+        # before this, nothing has been trained since the last checkpoint
+        self._install()
         self._seen_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -311,5 +309,9 @@ class PreemptionHandler(pl.Callback):
         self.stopped_by = name
         trainer.should_stop = True
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._uninstall()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
         self._uninstall()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from types import SimpleNamespace
 
@@ -86,13 +87,33 @@ def test_two_process_ddp_equals_one_process_with_accumulation(tmp_path):
 
 
 @pytest.mark.slow
-def test_signal_on_one_rank_stops_all_ranks_at_the_same_step(tmp_path):
-    """SIGTERM reaches rank 0 only (Lightning's launcher started rank 1): the flag is reduced
-    over ranks, so both save one consistent last.ckpt and exit instead of hanging."""
-    result, output = run_until_signal(tmp_path, signal.SIGTERM, "step00000002.ckpt", None,
+def test_sigusr1_on_one_rank_checkpoints_requeues_once_and_stops_all_ranks(tmp_path):
+    """SIGUSR1 reaches rank 0 only (Lightning's launcher started rank 1): the flag is reduced over
+    ranks, so both save one consistent last.ckpt and exit instead of hanging; rank 0 alone runs
+    `scontrol requeue` (a stand-in on PATH records the call)."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    calls = tmp_path / "scontrol_calls.txt"
+    scontrol = fake_bin / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    scontrol.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
+    env.pop("SLURM_NTASKS", None)
+    run_dir = tmp_path / "run"
+    result, output = run_until_signal(run_dir, signal.SIGUSR1, "step00000002.ckpt", env,
                                       "model.dropout=0", "trainer.devices=2", "strategy=ddp")
     assert result.returncode == 0, output[-4000:]
-    assert "stopped by SIGTERM" in output
-    ckpt = load(tmp_path / "checkpoints" / "last.ckpt")
+    assert "stopped by SIGUSR1" in output
+    assert calls.read_text().splitlines() == ["requeue 4242"]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    ckpt = load(last)
     assert ckpt["global_step"] >= 2
     assert len(ckpt["rng_states"]) == 2  # both ranks' RNG states gathered into the checkpoint
+    # a truncated last.ckpt: one clear error naming the file, before any training
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])
+    failed = run_main(run_dir, "trainer.max_steps=100", check=False)
+    assert failed.returncode != 0
+    assert f"resume checkpoint {last} is corrupt or truncated" in failed.stderr
+    assert "fallback_to_previous" in failed.stderr
+    assert load(run_dir / "checkpoints" / "step00000002.ckpt")["global_step"] == 2  # intact
