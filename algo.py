@@ -109,9 +109,12 @@ class FlowLM(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, sync_dist=False)
         return loss
 
+    step_skipped = False  # set per optimizer step by reliability.NonFiniteGuard
+
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        self.ema.update(self.backbone)  # once per optimizer step, after it
+        if not self.step_skipped:  # a skipped (non-finite) step leaves the EMA as it was
+            self.ema.update(self.backbone)  # once per optimizer step, after it
 
     def on_fit_start(self) -> None:
         self.ema.to(self.device)

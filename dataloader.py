@@ -342,51 +342,68 @@ def get_datasets(config: DictConfig, tokenizer: Any) -> tuple[Any, Any]:
 
 
 class ResumableDistributedSampler(torch.utils.data.Sampler[int]):
-    """Epoch-wise permutation, strided over ranks, that resumes mid-epoch exactly.
+    """Epoch-wise permutation laid out by global batch, that resumes mid-epoch exactly.
 
     Epoch ``e``'s global order is a permutation drawn from ``(seed, e)`` (or the identity if
-    ``shuffle=False``). Rank ``r`` takes ``order[r::num_replicas]`` of the first
-    ``num_samples * num_replicas`` entries (``drop_last``) or of the order padded by wrapping
-    around. Iteration starts after the ``consumed`` samples of this rank; ``consumed`` advances
-    only through :meth:`advance`, called by whoever hands batches to the training loop (see
-    :class:`FLMDataModule`), so DataLoader prefetching does not count as consumption.
-    ``len()`` is the full per-rank epoch, also after a resume (Lightning counts batches
-    of the epoch with it)."""
+    ``shuffle=False``), cut into global batches of ``G = batch_size * accumulate * num_replicas``
+    samples. Micro-batch slot ``s = a * num_replicas + rank`` (``a`` = accumulation index) of
+    global batch ``b`` holds ``order[b*G + s*batch_size : b*G + (s+1)*batch_size]``, so a global
+    batch holds the same samples, slot by slot, whatever split of ``G`` into ranks and
+    accumulation steps: the data side of "N GPUs equal 1 GPU with accumulation" (the noise and
+    time draws are keyed by the same slot, see ``algo.FlowLM._slot``). With ``batch_size =
+    accumulate = 1`` this is the usual strided split ``order[rank::num_replicas]``.
+
+    The epoch has ``len // G`` global batches (``drop_last``) or the order padded by wrapping
+    around to a multiple of ``G``. Iteration starts after the ``consumed`` samples of this rank;
+    ``consumed`` advances only through :meth:`advance`, called by whoever hands batches to the
+    training loop (see :class:`FLMDataModule`), so DataLoader prefetching does not count as
+    consumption. ``len()`` is the full per-rank epoch, also after a resume (Lightning counts
+    batches of the epoch with it)."""
 
     def __init__(self, dataset_len: int, num_replicas: int = 1, rank: int = 0,
-                 shuffle: bool = True, seed: int = 0, drop_last: bool = True):
+                 shuffle: bool = True, seed: int = 0, drop_last: bool = True,
+                 batch_size: int = 1, accumulate: int = 1):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} outside [0, {num_replicas})")
+        if batch_size < 1 or accumulate < 1:
+            raise ValueError(f"batch_size={batch_size} and accumulate={accumulate} must be >= 1")
         self.dataset_len = dataset_len
         self.num_replicas = num_replicas
         self.rank = rank
         self.shuffle = shuffle
         self.seed = seed
         self.drop_last = drop_last
+        self.batch_size = batch_size
+        self.accumulate = accumulate
+        self.global_batch = batch_size * accumulate * num_replicas
         if drop_last:
-            self.num_samples = dataset_len // num_replicas
+            self.num_global_batches = dataset_len // self.global_batch
         else:
-            self.num_samples = math.ceil(dataset_len / num_replicas)
-        if self.num_samples == 0:
-            raise ValueError(f"dataset of {dataset_len} samples is smaller than the "
-                             f"{num_replicas} ranks")
+            self.num_global_batches = math.ceil(dataset_len / self.global_batch)
+        if self.num_global_batches == 0:
+            raise ValueError(f"dataset of {dataset_len} samples is smaller than one global batch "
+                             f"of {self.global_batch} (loader.global_batch_size)")
+        self.num_samples = self.num_global_batches * batch_size * accumulate  # per rank
         self.epoch = 0
         self.consumed = 0
 
     def global_order(self, epoch: int) -> np.ndarray:
-        """All ranks' indices of ``epoch`` in order, truncated or padded to a multiple of ranks."""
+        """All ranks' indices of ``epoch``, truncated or padded to whole global batches."""
         if self.shuffle:
             rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, epoch])))
             order = rng.permutation(self.dataset_len)
         else:
             order = np.arange(self.dataset_len)
-        total = self.num_samples * self.num_replicas
+        total = self.num_global_batches * self.global_batch
         if total > self.dataset_len:
             order = np.resize(order, total)  # wrap around: repeats the first entries
         return order[:total]
 
     def rank_indices(self, epoch: int) -> np.ndarray:
-        return self.global_order(epoch)[self.rank::self.num_replicas]
+        """This rank's indices in the order it sees them: (global batch, accumulation, sample)."""
+        blocks = self.global_order(epoch).reshape(
+            self.num_global_batches, self.accumulate, self.num_replicas, self.batch_size)
+        return blocks[:, :, self.rank, :].reshape(-1)
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.rank_indices(self.epoch)[self.consumed:].tolist())
@@ -406,13 +423,24 @@ class ResumableDistributedSampler(torch.utils.data.Sampler[int]):
         self.consumed += num_samples
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "consumed": self.consumed, "num_replicas": self.num_replicas}
+        return {"epoch": self.epoch, "consumed": self.consumed, "num_replicas": self.num_replicas,
+                "batch_size": self.batch_size, "accumulate": self.accumulate,
+                "dataset_len": self.dataset_len}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         replicas = state.get("num_replicas", self.num_replicas)
         if replicas != self.num_replicas:
             raise ValueError(f"sampler state was saved with {replicas} ranks, resuming with "
-                             f"{self.num_replicas}: exact resume needs the same world size")
+                             f"{self.num_replicas}: exact resume needs the same world size "
+                             "(trainer.devices * trainer.num_nodes)")
+        for key, now in (("batch_size", self.batch_size), ("accumulate", self.accumulate),
+                         ("dataset_len", self.dataset_len)):
+            saved = state.get(key, now)
+            if saved != now:
+                raise ValueError(
+                    f"sampler state was saved with {key}={saved}, resuming with {now}: exact "
+                    "resume needs the same loader.global_batch_size, loader.batch_size and "
+                    "training data")
         if not 0 <= state["consumed"] <= self.num_samples:
             raise ValueError(f"consumed={state['consumed']} outside [0, {self.num_samples}]: the "
                              "checkpoint belongs to a different dataset or batch setup")
@@ -455,21 +483,36 @@ class FLMDataModule(pl.LightningDataModule):
             return self.trainer.global_rank, self.trainer.world_size
         return 0, 1
 
+    def _accumulate(self) -> int:
+        """Micro-batches per optimizer step: the trainer's, else the resolved config's, else 1."""
+        accumulate = getattr(self.trainer, "accumulate_grad_batches", None)
+        if accumulate is None:
+            accumulate = self.config.get("trainer", {}).get("accumulate_grad_batches", 1)
+        return int(accumulate)
+
+    def _loader_generator(self) -> torch.Generator:
+        # the DataLoader draws its workers' base seed from this, not from the global torch RNG,
+        # so building an iterator (e.g. after a resume) does not shift dropout's random stream
+        return torch.Generator().manual_seed(int(self.config.seed))
+
     def _loader(self, dataset: Any, sampler: ResumableDistributedSampler,
                 batch_size: int) -> torch.utils.data.DataLoader:
         loader = self.config.loader
         return torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, sampler=sampler, num_workers=loader.num_workers,
             pin_memory=loader.pin_memory, drop_last=True,
-            persistent_workers=False)
+            persistent_workers=False, generator=self._loader_generator())
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         self.setup()
         if self.train_sampler is None:
             rank, world = self._rank_world()
+            # laid out by global batch: slot (accumulation index * world + rank) of every
+            # global batch holds the same samples whatever the devices/accumulation split
             self.train_sampler = ResumableDistributedSampler(
                 len(self.train_dataset), num_replicas=world, rank=rank, shuffle=True,
-                seed=self.config.seed, drop_last=True)
+                seed=self.config.seed, drop_last=True,
+                batch_size=int(self.config.loader.batch_size), accumulate=self._accumulate())
         if self._pending_sampler_state is not None:
             self.train_sampler.load_state_dict(self._pending_sampler_state)
             self._pending_sampler_state = None
@@ -484,7 +527,8 @@ class FLMDataModule(pl.LightningDataModule):
         loader = self.config.loader
         return torch.utils.data.DataLoader(
             self.valid_dataset, batch_size=loader.eval_batch_size, sampler=sampler,
-            num_workers=loader.num_workers, pin_memory=loader.pin_memory, drop_last=False)
+            num_workers=loader.num_workers, pin_memory=loader.pin_memory, drop_last=False,
+            generator=self._loader_generator())
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.trainer is not None and self.trainer.training and self.train_sampler is not None:

@@ -12,11 +12,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
+from pytorch_lightning.plugins.environments import SLURMEnvironment
 
 import algo
 import dataloader
+import reliability
 import utils
-from checkpointing import AtomicCheckpointIO, load_checkpoint_file
+from checkpointing import (
+    LAST_NAME,
+    PERIODIC_PREFIX,
+    AtomicCheckpointIO,
+    check_compatible,
+    find_resume_checkpoint,
+    load_checkpoint_file,
+)
 
 log = logging.getLogger("main")
 
@@ -37,17 +46,25 @@ def build_strategy(config: DictConfig):
 
 def build_callbacks(config: DictConfig) -> list[pl.Callback]:
     ckpt_dir = Path(config.checkpointing.save_dir) / "checkpoints"
+    last = ckpt_dir / LAST_NAME
     cb = config.callbacks
-    callbacks: list[pl.Callback] = []
+    rc = config.reliability
+    # every file goes through the trainer's AtomicCheckpointIO (build_trainer)
+    callbacks: list[pl.Callback] = [
+        reliability.NonFiniteGuard(rc.max_consecutive_nonfinite, last),
+        reliability.PreemptionHandler(last, tuple(rc.checkpoint_signals),
+                                      tuple(rc.requeue_signals)),
+        reliability.RNGStates()]
     if "checkpoint_every_n_steps" in cb:
         callbacks.append(ModelCheckpoint(
-            dirpath=ckpt_dir, filename="step{step:08d}", auto_insert_metric_name=False,
+            dirpath=ckpt_dir, filename=PERIODIC_PREFIX + "{step:08d}",
+            auto_insert_metric_name=False,
             every_n_train_steps=cb.checkpoint_every_n_steps.every_n_train_steps,
             save_top_k=cb.checkpoint_every_n_steps.save_top_k, save_last=False))
     if "checkpoint_last" in cb:
-        last = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=cb.checkpoint_last
-                               .every_n_train_steps, save_top_k=0, save_last=True)
-        callbacks.append(last)
+        callbacks.append(ModelCheckpoint(
+            dirpath=ckpt_dir, every_n_train_steps=cb.checkpoint_last.every_n_train_steps,
+            save_top_k=0, save_last=True))
     if "learning_rate_monitor" in cb:
         callbacks.append(LearningRateMonitor(logging_interval=cb.learning_rate_monitor
                                              .logging_interval))
@@ -71,6 +88,11 @@ def build_loggers(config: DictConfig) -> list:
 def build_trainer(config: DictConfig, **overrides) -> pl.Trainer:
     tc = config.trainer
     val_interval = tc.val_check_interval
+    plugins: list = [AtomicCheckpointIO()]  # periodic, last and preemption checkpoints alike
+    if SLURMEnvironment.detect():
+        # reliability.PreemptionHandler saves and requeues; Lightning's own SLURM handler would
+        # write a second (hpc_ckpt_*) checkpoint that resume does not read
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     kwargs = dict(
         accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes,
         precision=tc.precision, max_steps=tc.max_steps, gradient_clip_val=tc.gradient_clip_val,
@@ -80,7 +102,7 @@ def build_trainer(config: DictConfig, **overrides) -> pl.Trainer:
         limit_val_batches=tc.limit_val_batches, log_every_n_steps=tc.log_every_n_steps,
         num_sanity_val_steps=tc.num_sanity_val_steps,
         enable_progress_bar=tc.enable_progress_bar, strategy=build_strategy(config),
-        plugins=[AtomicCheckpointIO()], use_distributed_sampler=False,
+        plugins=plugins, use_distributed_sampler=False,
         default_root_dir=config.checkpointing.save_dir)
     kwargs.update(overrides)
     return pl.Trainer(**kwargs)
@@ -107,18 +129,26 @@ def log_samples(module: algo.FlowLM, config: DictConfig) -> list[str]:
 
 def train(config: DictConfig) -> None:
     tokenizer = dataloader.get_tokenizer(config)
+    ckpt_path = None
+    if config.checkpointing.resume_from_ckpt:
+        found, ckpt = find_resume_checkpoint(config.checkpointing.resume_ckpt_path,
+                                             config.checkpointing.fallback_to_previous)
+        if found is not None:
+            check_compatible(ckpt, config, len(tokenizer), found)
+            del ckpt
+            ckpt_path = str(found)
+            log.info("resuming from %s", found)
     datamodule = dataloader.FLMDataModule(config, tokenizer)
     module = build_module(config, tokenizer)
-    trainer = build_trainer(config, callbacks=build_callbacks(config),
-                            logger=build_loggers(config))
-    ckpt_path = None
-    resume = Path(config.checkpointing.resume_ckpt_path)
-    if config.checkpointing.resume_from_ckpt and resume.is_file():
-        load_checkpoint_file(resume, "resume checkpoint")  # clear error if corrupt
-        ckpt_path = str(resume)
-        log.info("resuming from %s", resume)
+    callbacks = build_callbacks(config)
+    trainer = build_trainer(config, callbacks=callbacks, logger=build_loggers(config))
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    last = Path(config.checkpointing.save_dir) / "checkpoints" / "last.ckpt"
+    preemption = next(c for c in callbacks if isinstance(c, reliability.PreemptionHandler))
+    if preemption.stopped_by is not None:
+        log.info("stopped by %s at step %d; %s holds the resume point", preemption.stopped_by,
+                 trainer.global_step, preemption.checkpoint_path)
+        return
+    last = Path(config.checkpointing.save_dir) / "checkpoints" / LAST_NAME
     trainer.save_checkpoint(last)
     if trainer.is_global_zero and config.sampling.print_samples > 0:
         log_samples(module, config)

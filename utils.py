@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 
 import torch
@@ -79,7 +80,51 @@ def resolve_config(config: DictConfig) -> DictConfig:
     if not OmegaConf.is_list(steps) or not steps or any(int(s) < 1 for s in steps):
         raise ConfigError(f"sampling.steps={steps}: give a non-empty list of positive "
                           "integers, e.g. sampling.steps=[1,2,4]")
+    _check_distributed_and_reliability(config)
     return config
+
+
+STRATEGIES = ("ddp",)  # fsdp: configs/strategy/fsdp.yaml exists but models/ema.py is not shard-aware
+TEACHER_KEYS = ("teacher_path", "teacher_f_path", "teacher_g_path")
+
+
+def _check_distributed_and_reliability(config: DictConfig) -> None:
+    """Checks that would otherwise fail only after the GPUs are set up (or hours later)."""
+    name = config.strategy.name
+    if name == "fsdp":
+        raise ConfigError("strategy=fsdp is not supported yet: the EMA (models/ema.py) keeps "
+                          "full copies keyed by unwrapped parameter names; use strategy=ddp "
+                          "(DiT small/medium and their AdamW state fit on one GPU)")
+    if name not in STRATEGIES:
+        raise ConfigError(f"strategy={name!r} is unknown; use strategy=ddp")
+    for key in TEACHER_KEYS:
+        path = config.algo.get(key)
+        if path is not None and not Path(path).expanduser().is_file():
+            raise ConfigError(f"algo.{key}={path}: no such file; point it to a trained "
+                              "checkpoint (<save_dir>/checkpoints/last.ckpt of the teacher run)")
+    cb = config.get("callbacks", {})
+    if ("checkpoint_every_n_steps" in cb and "checkpoint_last" in cb
+            and cb.checkpoint_every_n_steps.every_n_train_steps
+            == cb.checkpoint_last.every_n_train_steps):
+        raise ConfigError(
+            "callbacks.checkpoint_every_n_steps.every_n_train_steps and callbacks.checkpoint_last."
+            "every_n_train_steps are equal; Lightning tells the two ModelCheckpoint states apart "
+            "by their settings: make them differ")
+    rc = config.get("reliability")
+    if rc is None:
+        return
+    if int(rc.max_consecutive_nonfinite) < 1:
+        raise ConfigError(f"reliability.max_consecutive_nonfinite={rc.max_consecutive_nonfinite}"
+                          "; must be >= 1")
+    for key in ("checkpoint_signals", "requeue_signals"):
+        unknown = [s for s in rc[key] if s not in signal.Signals.__members__]
+        if unknown:
+            raise ConfigError(f"reliability.{key} has unknown signal names {unknown}; use "
+                              "names such as SIGUSR1, SIGTERM")
+    extra = set(rc.requeue_signals) - set(rc.checkpoint_signals)
+    if extra:
+        raise ConfigError(f"reliability.requeue_signals {sorted(extra)} must also be in "
+                          "reliability.checkpoint_signals (a requeue needs a checkpoint)")
 
 
 def _precision(value) -> str:

@@ -1,0 +1,317 @@
+"""Lightning callbacks that keep long runs alive and reproducible.
+
+* :class:`NonFiniteGuard`: a step whose loss or gradients are not finite is skipped (no
+  parameter, optimizer-state or EMA update) and counted; too many in a row stop the run with
+  the last good state in ``last.ckpt``.
+* :class:`PreemptionHandler`: SIGUSR1/SIGTERM (SLURM's warning before the time limit, or a
+  preemption) write ``last.ckpt`` at the next optimizer-step boundary, requeue the SLURM job and
+  stop cleanly.
+* :class:`RNGStates`: the global random states (python, numpy, torch CPU and CUDA) of every rank
+  travel in checkpoints, so dropout continues the same streams after a resume.
+
+All ranks take the same decision: flags are reduced over the process group before acting.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+log = logging.getLogger(__name__)
+
+RNG_STATES_KEY = "rng_states"  # checkpoint entry: list of per-rank RNG states, index = global rank
+REQUEUE_COMMAND = "scontrol"
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many consecutive optimizer steps had a non-finite loss or gradient."""
+
+
+def _any_rank(trainer: pl.Trainer, flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on at least one rank."""
+    return bool(trainer.strategy.reduce_boolean_decision(bool(flag), all=False))
+
+
+# --------------------------------------------------------------------------- non-finite steps
+
+
+class NonFiniteGuard(pl.Callback):
+    """Skip optimizer steps whose loss or gradients are not finite; stop after too many in a row.
+
+    The loss of every micro-batch is checked in ``on_before_backward`` (kept on the device, no
+    sync); the gradients once per optimizer step in ``on_before_optimizer_step`` (after the
+    last backward, before clipping and ``optimizer.step``). The flag is reduced over ranks (with
+    FSDP each rank sees only its gradient shard). A skipped step sets every gradient to ``None``,
+    so the optimizer leaves parameters and its state untouched, and sets ``step_skipped`` on the
+    module, which skips the EMA update (``algo.FlowLM.optimizer_step``). The step counter and
+    the learning-rate schedule still advance, so the next step draws fresh noise and times.
+
+    After ``max_consecutive`` skipped steps in a row the state (unchanged since the last good
+    step) is saved to ``checkpoint_path`` and :class:`NonFiniteTrainingError` is raised.
+    """
+
+    def __init__(self, max_consecutive: int, checkpoint_path: str | os.PathLike) -> None:
+        if max_consecutive < 1:
+            raise ValueError(f"reliability.max_consecutive_nonfinite={max_consecutive}; "
+                             "must be >= 1")
+        self.max_consecutive = max_consecutive
+        self.checkpoint_path = Path(checkpoint_path)
+        self.skipped_total = 0
+        self.consecutive = 0
+        self._loss_nonfinite: torch.Tensor | bool = False
+        self._first_bad_step: int | None = None
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           loss: torch.Tensor) -> None:
+        # a device tensor, OR-ed over the micro-batches of the step: no host sync here
+        self._loss_nonfinite = ~torch.isfinite(loss.detach()).all() | self._loss_nonfinite
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        bad = bool(self._loss_nonfinite)
+        if grads and not bad:
+            norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
+            bad = not bool(torch.isfinite(norms).all())
+        self._loss_nonfinite = False
+        bad = _any_rank(trainer, bad)
+        pl_module.step_skipped = bad
+        if not bad:
+            self.consecutive = 0
+            self._first_bad_step = None
+            return
+        for p in params:
+            p.grad = None  # the optimizer skips parameters without a gradient
+        self.skipped_total += 1
+        self.consecutive += 1
+        if self._first_bad_step is None:
+            self._first_bad_step = trainer.global_step
+        log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row, %d in "
+                    "total)", trainer.global_step, self.consecutive, self.skipped_total)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        pl_module.log("train/nonfinite_steps", float(self.skipped_total), sync_dist=False)
+        if self.consecutive < self.max_consecutive:
+            return
+        # at a step boundary: the saved state is that of the last good step
+        trainer.save_checkpoint(self.checkpoint_path)
+        raise NonFiniteTrainingError(
+            f"{self.consecutive} consecutive optimizer steps (from step {self._first_bad_step} "
+            f"to {trainer.global_step - 1}) had a non-finite loss or gradient "
+            f"(reliability.max_consecutive_nonfinite={self.max_consecutive}). The state of the "
+            f"last good step is in {self.checkpoint_path}. Lower optim.lr, raise "
+            "lr_scheduler.num_warmup_steps or check the data, then rerun with the same "
+            "checkpointing.save_dir to resume from it.")
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped_total": self.skipped_total}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.skipped_total = int(state_dict.get("skipped_total", 0))
+
+
+# --------------------------------------------------------------------------- RNG states
+
+
+def collect_rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """The global random states of this process (CUDA: the current device, if ``device`` is
+    a CUDA device)."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    # plain types and tensors only: checkpoints stay loadable with torch.load(weights_only=True)
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                   float(cached_gaussian))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _gather_objects(obj: Any, world_size: int) -> list[Any]:
+    if world_size == 1 or not torch.distributed.is_initialized():
+        return [obj]
+    gathered: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
+class RNGStates(pl.Callback):
+    """Save every rank's RNG states in checkpoints and restore them when training resumes.
+
+    Restoring happens in ``on_train_start``, after Lightning has rebuilt everything, right
+    before the first batch. Validation runs between save points in the uninterrupted run but
+    not in the resumed one, so it is made RNG-neutral: its states are put back after it.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[dict[str, Any]] | None = None
+        self._before_validation: dict[str, Any] | None = None
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # every rank runs this hook (the file is then written by rank 0): gather all states
+        local = collect_rng_state(pl_module.device)
+        checkpoint[RNG_STATES_KEY] = _gather_objects(local, trainer.world_size)
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        self._pending = checkpoint.get(RNG_STATES_KEY)
+        if self._pending is None:
+            log.warning("the checkpoint has no %r entry (written by an older version): random "
+                        "streams such as dropout restart from the seed", RNG_STATES_KEY)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending is None:
+            return
+        states, self._pending = self._pending, None
+        if len(states) != trainer.world_size:
+            log.warning("the checkpoint holds RNG states of %d ranks but this run has %d: "
+                        "random streams such as dropout are not continued exactly",
+                        len(states), trainer.world_size)
+            return
+        restore_rng_state(states[trainer.global_rank], pl_module.device)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit":
+            self._before_validation = collect_rng_state(pl_module.device)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._before_validation is not None:
+            restore_rng_state(self._before_validation, pl_module.device)
+            self._before_validation = None
+
+
+# --------------------------------------------------------------------------- preemption
+
+
+def slurm_job_id() -> str | None:
+    """The id that ``scontrol requeue`` takes (``<array job>_<task>`` for array jobs)."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array_job is not None and "SLURM_ARRAY_TASK_ID" in os.environ:
+        return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def requeue_slurm_job() -> bool:
+    """Run ``scontrol requeue <job>`` when under SLURM; otherwise log the command. True if the
+    job was requeued."""
+    job = slurm_job_id()
+    if job is None:
+        log.info("not running under SLURM (SLURM_JOB_ID unset): no requeue. Under SLURM this "
+                 "runs `%s requeue $SLURM_JOB_ID`; to resume here, rerun the same command with "
+                 "the same checkpointing.save_dir", REQUEUE_COMMAND)
+        return False
+    command = [REQUEUE_COMMAND, "requeue", job]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        log.error("`%s` not found on PATH: job %s was not requeued; resubmit it by hand",
+                  " ".join(command), job)
+        return False
+    if result.returncode != 0:
+        log.error("`%s` failed (exit %d): %s", " ".join(command), result.returncode,
+                  result.stderr.strip())
+        return False
+    log.info("requeued SLURM job %s", job)
+    return True
+
+
+def _signal_number(name: str) -> signal.Signals:
+    try:
+        return signal.Signals[name]
+    except KeyError:
+        raise ValueError(f"unknown signal {name!r} in reliability.*_signals; use names such as "
+                         "SIGUSR1, SIGTERM") from None
+
+
+class PreemptionHandler(pl.Callback):
+    """On one of ``signals``: save ``checkpoint_path`` at the next optimizer-step boundary, stop
+    training, and requeue the SLURM job if the signal is one of ``requeue_signals``.
+
+    The handler only records the signal; the work happens in ``on_train_batch_end`` once the
+    optimizer step has completed, so the checkpoint is an exact resume point. Lightning's own
+    SIGTERM handling (which would exit without a checkpoint) is replaced while training runs.
+    After ``trainer.fit`` returns, ``stopped_by`` names the signal (None if not preempted).
+    """
+
+    def __init__(self, checkpoint_path: str | os.PathLike,
+                 signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM"),
+                 requeue_signals: tuple[str, ...] = ("SIGUSR1",)) -> None:
+        self.checkpoint_path = Path(checkpoint_path)
+        self.signals = tuple(_signal_number(s) for s in signals)
+        self.requeue_signals = tuple(_signal_number(s) for s in requeue_signals)
+        self.received: signal.Signals | None = None
+        self.stopped_by: str | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+        self._seen_step = -1
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # async-signal context: record only (no logging, no I/O)
+        if self.received is None:
+            self.received = signal.Signals(signum)
+
+    def _install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self.signals:
+            current = signal.getsignal(sig)
+            if current != self._on_signal:
+                self._previous.setdefault(sig, current)
+                signal.signal(sig, self._on_signal)
+
+    def _uninstall(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after Lightning registered its own handlers (it restores the pre-fit ones at teardown);
+        # before this, nothing has been trained since the last checkpoint
+        self._install()
+        self._seen_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self._seen_step:
+            return  # inside a gradient-accumulation cycle: not a resume point
+        self._seen_step = trainer.global_step
+        if not _any_rank(trainer, self.received is not None):
+            return
+        requeue = _any_rank(trainer, self.received in self.requeue_signals)
+        name = self.received.name if self.received is not None else "a signal on another rank"
+        log.warning("received %s: saving %s at step %d and stopping", name,
+                    self.checkpoint_path, trainer.global_step)
+        trainer.save_checkpoint(self.checkpoint_path)
+        if requeue and trainer.is_global_zero:
+            requeue_slurm_job()
+        self.stopped_by = name
+        trainer.should_stop = True
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._uninstall()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        self._uninstall()

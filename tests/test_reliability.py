@@ -1,0 +1,214 @@
+"""Non-finite steps are skipped and counted, too many stop the run with the last good state;
+RNG states round-trip; bad configurations fail before any training with clear messages."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import random
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import algo
+import reliability
+from checkpointing import load_checkpoint_file
+from tests.helpers import compose_config
+from utils import ConfigError, resolve_config
+
+VOCAB, LENGTH = 16, 8
+
+
+class RandomTokens(Dataset):
+    def __init__(self, n: int) -> None:
+        self.data = torch.randint(0, VOCAB, (n, LENGTH), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.data[i], "attention_mask": torch.ones(LENGTH, dtype=torch.long)}
+
+
+class NaNGradient(torch.autograd.Function):
+    """Identity forward; NaN gradient backward: a finite loss with non-finite gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+class FaultyFLM(algo.FLM):
+    """FLM whose loss is NaN (``nan_loss_steps``) or whose gradients are NaN (``nan_grad_steps``)."""
+
+    nan_loss_steps: set[int] = set()
+    nan_grad_steps: set[int] = set()
+
+    def compute_loss(self, batch, step, batch_idx):
+        loss = super().compute_loss(batch, step, batch_idx)
+        if step in self.nan_loss_steps:
+            return loss * float("nan")
+        if step in self.nan_grad_steps:
+            return NaNGradient.apply(loss)
+        return loss
+
+
+class Snapshots(pl.Callback):
+    """Backbone and EMA after every optimizer step, keyed by the step that produced them."""
+
+    def __init__(self):
+        self.params, self.ema = {}, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step - 1
+        self.params[step] = {k: v.detach().clone() for k, v in pl_module.backbone.state_dict().items()}
+        self.ema[step] = {k: v.clone() for k, v in pl_module.ema.shadow.items()}
+
+
+def fit(tmp_path, nan_loss=(), nan_grad=(), max_steps=8, max_consecutive=3, accumulate=2):
+    config = resolve_config(compose_config(
+        ["model.length=8", "model.hidden_size=16", "model.n_heads=2", "model.n_blocks=1",
+         "model.cond_dim=16", "loader.global_batch_size=8", "training.ema=0.5",
+         "lr_scheduler.num_warmup_steps=0", "optim.lr=1e-2"], run_dir=str(tmp_path)))
+    pl.seed_everything(0)
+    module = FaultyFLM(config, vocab_size=VOCAB)
+    module.nan_loss_steps, module.nan_grad_steps = set(nan_loss), set(nan_grad)
+    guard = reliability.NonFiniteGuard(max_consecutive, tmp_path / "last.ckpt")
+    snaps = Snapshots()
+    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, gradient_clip_val=1.0,
+                         accumulate_grad_batches=accumulate, callbacks=[guard, snaps])
+    loader = DataLoader(RandomTokens(256), batch_size=4)
+    try:
+        trainer.fit(module, loader)
+    finally:
+        guard_state = (guard.skipped_total, trainer.callback_metrics.get("train/nonfinite_steps"))
+    return module, snaps, guard_state
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nonfinite_loss_and_gradient_steps_are_skipped(tmp_path):
+    _, snaps, (skipped, logged) = fit(tmp_path, nan_loss={3}, nan_grad={5})
+    for step in range(1, 8):
+        unchanged = _equal(snaps.params[step], snaps.params[step - 1])
+        assert unchanged == (step in (3, 5)), step  # parameters and optimizer untouched
+        assert _equal(snaps.ema[step], snaps.ema[step - 1]) == (step in (3, 5)), step
+        assert all(torch.isfinite(v).all() for v in snaps.params[step].values())
+    assert skipped == 2 and float(logged) == 2.0
+
+
+def test_too_many_nonfinite_steps_stop_with_last_good_state(tmp_path):
+    with pytest.raises(reliability.NonFiniteTrainingError,
+                       match=r"3 consecutive optimizer steps \(from step 2 to 4\).*max_consecutive"
+                             r"_nonfinite=3.*last.ckpt"):
+        fit(tmp_path, nan_loss={2, 3, 4, 5, 6, 7}, max_consecutive=3)
+    saved = load_checkpoint_file(tmp_path / "last.ckpt")
+    assert saved["global_step"] == 5
+    # the last good state is that after step 1; rebuild it with the same seed to compare
+    _, snaps, _ = fit(tmp_path / "again", max_steps=2)
+    for key, value in snaps.params[1].items():
+        assert torch.equal(saved["state_dict"][f"backbone.{key}"], value), key
+
+
+def test_rng_state_round_trip():
+    torch.manual_seed(1)
+    state = reliability.collect_rng_state(torch.device("cpu"))
+    first = (random.random(), np.random.rand(), torch.rand(3))
+    reliability.restore_rng_state(state, torch.device("cpu"))
+    second = (random.random(), np.random.rand(), torch.rand(3))
+    assert first[:2] == second[:2] and torch.equal(first[2], second[2])
+
+
+def test_requeue_without_slurm_only_logs(monkeypatch, caplog):
+    for var in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(var, raising=False)
+    with caplog.at_level(logging.INFO):
+        assert reliability.requeue_slurm_job() is False
+    assert "scontrol requeue $SLURM_JOB_ID" in caplog.text
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "70")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert reliability.slurm_job_id() == "70_3"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["strategy.name=deepspeed"], "strategy='deepspeed' is unknown"),
+    (["strategy=fsdp"], "strategy=fsdp is not supported yet"),
+    (["+algo.teacher_path=/nonexistent/teacher.ckpt"], "algo.teacher_path=/nonexistent"),
+    (["loader.global_batch_size=10", "loader.batch_size=4"], "not divisible by"),
+    (["reliability.max_consecutive_nonfinite=0"], "max_consecutive_nonfinite=0"),
+    (["reliability.checkpoint_signals=[SIGFOO]"], "unknown signal names \\['SIGFOO'\\]"),
+    (["reliability.checkpoint_signals=[SIGTERM]"], "requeue_signals \\['SIGUSR1', 'SIGUSR2'\\] must also"),
+    (["callbacks.checkpoint_last.every_n_train_steps=500"], "make them differ"),
+])
+def test_bad_configs_fail_before_training(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_config(compose_config(overrides))
+
+
+# --------------------------------------------------------------------------- SLURM dry runs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _render_module():
+    spec = importlib.util.spec_from_file_location("slurm_render", REPO / "scripts/slurm/render.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _main_overrides(command: list[str]) -> list[str]:
+    return command[command.index("main") + 1:]
+
+
+def test_sbatch_template_renders_a_valid_command(capsys):
+    _render_module().main(["--nodes", "2", "--data-dir", "/data", "--save-root", "/runs",
+                           "trainer.log_every_n_steps=50"])
+    out = capsys.readouterr().out
+    options = [line for line in out.splitlines() if line.startswith("#SBATCH")]
+    assert "#SBATCH --nodes=2" in options and "#SBATCH --requeue" in options
+    signal_option = next(o for o in options if o.startswith("#SBATCH --signal="))
+    warning = "SIG" + signal_option.split("=")[1].split("@")[0]
+    config = compose_config([])
+    assert warning in config.reliability.requeue_signals  # the warning signal requeues
+    srun = shlex.split(out.strip().splitlines()[-1])
+    assert srun[:5] == ["srun", "--kill-on-bad-exit=1", "python", "-u", "-m"]
+    overrides = _main_overrides(srun)
+    assert "checkpointing.save_dir=/runs/flm-owt-0" in overrides
+    assert overrides[-1] == "trainer.log_every_n_steps=50"
+    # the command composes and resolves: 2 nodes x 8 GPUs x 32 = 512, no accumulation
+    hydra_free = [o for o in overrides if not o.startswith("hydra.")]
+    resolved = resolve_config(compose_config(hydra_free))
+    assert (resolved.trainer.devices, resolved.trainer.num_nodes) == (8, 2)
+    assert resolved.trainer.accumulate_grad_batches == 1 and resolved.loader.batch_size == 32
+    assert resolved.checkpointing.resume_from_ckpt
+    paper_script = REPO / "scripts" / "train_owt_flm.sh"
+    if paper_script.is_file():  # the lead's script: the template runs the same training command
+        lines = paper_script.read_text().split("python -u -m main", 1)[1].split('"$@"')[0]
+        paper = [shlex.split(line.strip().rstrip("\\"))[0] for line in lines.splitlines()
+                 if line.strip().rstrip("\\").strip()]
+        paper = [p for p in paper if not p.startswith(("data.cache_dir=", "wandb.mode="))]
+        assert [o for o in overrides if o in paper] == paper
+
+
+def test_submitit_launcher_renders_requeueing_job():
+    text = _render_module().render_submitit(["trainer.devices=8", "trainer.num_nodes=2"])
+    assert "#SBATCH --nodes=2" in text and "#SBATCH --ntasks-per-node=8" in text
+    assert "#SBATCH --gpus-per-node=8" in text and "#SBATCH --requeue" in text
+    signal_line = next(line for line in text.splitlines() if "--signal=" in line)
+    warning = "SIG" + signal_line.split("=")[1].split("@")[0]
+    assert warning in compose_config([]).reliability.requeue_signals
