@@ -38,10 +38,7 @@ def build_strategy(config: DictConfig):
             return "auto"
         from pytorch_lightning.strategies import DDPStrategy
         return DDPStrategy(find_unused_parameters=config.strategy.find_unused_parameters)
-    if name == "fsdp":
-        from pytorch_lightning.strategies import FSDPStrategy
-        return FSDPStrategy(sharding_strategy=config.strategy.sharding_strategy)
-    raise utils.ConfigError(f"strategy={name!r} is not supported; use strategy=ddp or fsdp")
+    raise utils.ConfigError(f"strategy={name!r} is not supported; use strategy=ddp")
 
 
 def build_callbacks(config: DictConfig) -> list[pl.Callback]:
@@ -165,13 +162,20 @@ def load_for_eval(config: DictConfig) -> tuple[algo.FlowLM, object]:
     ckpt = load_checkpoint_file(config.eval.checkpoint_path, "eval.checkpoint_path")
     saved = OmegaConf.create(ckpt["hyper_parameters"]["config"])
     merged = OmegaConf.merge(config, {"model": saved.model, "algo": saved.algo})
+    # Teachers may have moved since training: paths given now win over the saved ones.
+    for key in utils.TEACHER_KEYS:
+        if config.algo.get(key) and key in merged.algo:
+            merged.algo[key] = config.algo[key]
+    if config.model.length != saved.model.length:
+        log.info("model.length=%s comes from the checkpoint (the config had %s)",
+                 saved.model.length, config.model.length)
     tokenizer = dataloader.get_tokenizer(merged)
     if len(tokenizer) != ckpt["hyper_parameters"]["vocab_size"]:
         raise utils.ConfigError(
             f"the data tokenizer has {len(tokenizer)} tokens but the checkpoint's model has "
             f"{ckpt['hyper_parameters']['vocab_size']}: pass the data=... it was trained on")
     module = build_module(merged, tokenizer)
-    module.load_state_dict(ckpt["state_dict"], strict=False)
+    module.load_state_dict(ckpt["state_dict"])
     module.on_load_checkpoint(ckpt)
     if not config.eval.disable_ema:
         module.ema.copy_to(module.backbone)
@@ -181,9 +185,9 @@ def load_for_eval(config: DictConfig) -> tuple[algo.FlowLM, object]:
 
 def ppl_eval(config: DictConfig) -> None:
     module, tokenizer = load_for_eval(config)
-    with_ema_disabled = OmegaConf.merge(module.config, {"eval": {"disable_ema": True}})
-    module.config = with_ema_disabled  # EMA weights are already in the backbone
-    datamodule = dataloader.FLMDataModule(config, tokenizer)
+    # EMA weights are already in the backbone: validation must not swap them again.
+    module.config = OmegaConf.merge(module.config, {"eval": {"disable_ema": True}})
+    datamodule = dataloader.FLMDataModule(module.config, tokenizer)
     trainer = build_trainer(config, logger=False, limit_val_batches=config.trainer
                             .limit_val_batches)
     results = trainer.validate(module, datamodule=datamodule)
@@ -193,7 +197,7 @@ def ppl_eval(config: DictConfig) -> None:
 def sample_eval(config: DictConfig) -> None:
     from evaluation.sample_eval import run_from_config
     module, tokenizer = load_for_eval(config)
-    run_from_config(config, module, tokenizer)
+    run_from_config(module.config, module, tokenizer)  # model settings from the checkpoint
 
 
 @hydra.main(version_base=None, config_path="configs", config_name="config")

@@ -10,7 +10,7 @@ case "${TEACHER_PATH}" in
 esac
 
 # Paths are single-quoted for Hydra: Lightning names contain '=' (epoch=3-step=100.ckpt).
-python -u -m main \
+exec python -u -m main \
   mode=train \
   algo=flm_distill \
   "algo.teacher_path='${TEACHER_PATH}'" \

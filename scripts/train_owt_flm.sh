@@ -3,7 +3,7 @@
 # Usage: DATA_DIR=/path/to/cache bash scripts/train_owt_flm.sh [extra hydra overrides]
 set -euo pipefail
 : "${DATA_DIR:?set DATA_DIR to the directory holding (or receiving) the tokenised OpenWebText cache}"
-python -u -m main \
+exec python -u -m main \
   loader.global_batch_size=512 \
   loader.batch_size=32 \
   data=openwebtext-split \

@@ -14,7 +14,7 @@ for path in "${TEACHER_F_PATH}" "${TEACHER_G_PATH}"; do
 done
 
 # Paths are single-quoted for Hydra: Lightning names contain '=' (epoch=3-step=100.ckpt).
-python -u -m main \
+exec python -u -m main \
   mode=train \
   algo=flm_distill_second \
   "algo.teacher_f_path='${TEACHER_F_PATH}'" \

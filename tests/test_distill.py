@@ -5,6 +5,7 @@ import logging
 import pytest
 import pytorch_lightning as pl
 import torch
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 import algo
@@ -44,18 +45,18 @@ def tiny_config(algo_name: str, **extra):
     return resolve_config(compose_config(overrides))
 
 
-def stage_configs(paths) -> dict:
-    return {
-        "flm": tiny_config("flm"),
-        "flm_distill": tiny_config("flm_distill", **{"algo.teacher_path": paths["flm"],
-                                                      "algo.boundary_prob": 4,
-                                                      "trainer.max_steps": 150}),
-        "flm_distill_second": tiny_config("flm_distill_second",
-                                          **{"algo.teacher_f_path": paths["flm"],
-                                             "algo.teacher_g_path": paths["flm_distill"],
-                                             "algo.boundary_prob": 4,
-                                             "trainer.max_steps": 150}),
-    }
+def stage_config(name: str, paths) -> DictConfig:
+    """The config of one stage; built once the previous stages' checkpoints exist
+    (resolve_config checks that teacher files are there)."""
+    if name == "flm":
+        return tiny_config("flm")
+    if name == "flm_distill":
+        return tiny_config("flm_distill", **{"algo.teacher_path": paths["flm"],
+                                             "algo.boundary_prob": 4, "trainer.max_steps": 150})
+    return tiny_config("flm_distill_second", **{"algo.teacher_f_path": paths["flm"],
+                                                "algo.teacher_g_path": paths["flm_distill"],
+                                                "algo.boundary_prob": 4,
+                                                "trainer.max_steps": 150})
 
 
 def trainer(max_steps: int) -> pl.Trainer:
@@ -74,9 +75,9 @@ def pipeline(tmp_path_factory):
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     root = tmp_path_factory.mktemp("distill")
     paths = {name: str(root / f"{name}.ckpt") for name in algo.ALGORITHMS}
-    configs = stage_configs(paths)
-    modules = {}
+    configs, modules = {}, {}
     for name in ("flm", "flm_distill", "flm_distill_second"):
+        configs[name] = stage_config(name, paths)
         pl.seed_everything(0)
         module = algo.algorithm_class(name)(configs[name], vocab_size=VOCAB)
         if name == "flm_distill":
