@@ -13,13 +13,24 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+import utils
+from flow.flow_map import (
+    Interval,
+    flow_map_matching_loss,
+    flow_map_matching_loss_reference,
+    interval_endpoints,
+    joint_gaussian_projection,
+    semigroup_loss,
+    semigroup_loss_reference,
+)
 from flow.losses import denoiser_cross_entropy, masked_token_mean, weighted_loss
 from flow.path import noisy_input, stratified_times, uniform_times
-from flow.sampling import initial_state, sample_euler
+from flow.sampling import initial_joint_state, initial_state, sample_euler, sample_flow_map
 from flow.schedule import AlphaGammaTable
 from models.dit import build_backbone
 from models.ema import EMA
 from models.loss_weight import LossWeighting
+from models.teacher import initialise_student, load_teacher
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +197,133 @@ class FLM(FlowLM):
                             position_chunk=sc.position_chunk)
 
 
-ALGORITHMS: dict[str, type[FlowLM]] = {"flm": FLM}
+class FlowMapDistillation(FlowLM):
+    """Shared glue of both distillation stages: frozen teachers and interval draws.
+
+    Teachers live in a plain dict, not as registered children: they are not in
+    ``parameters()`` (the optimiser), ``state_dict()`` (checkpoints) or the EMA,
+    and ``train()`` does not switch them out of eval mode. They follow the
+    module's device on use.
+    """
+
+    loss_weight_times = 2  # w_phi(s, t)
+
+    def __init__(self, config: DictConfig, vocab_size: int, tokenizer=None) -> None:
+        if not config.algo.double_temb:
+            raise utils.ConfigError(f"algo={config.algo.name} needs algo.double_temb=true "
+                                    "(the student takes two times)")
+        super().__init__(config, vocab_size, tokenizer)
+        self._teachers: dict[str, torch.nn.Module] = {}
+
+    def _add_teacher(self, name: str, path_key: str, expected_algo: str) -> torch.nn.Module:
+        teacher = load_teacher(OmegaConf.select(self.config, path_key), path_key,
+                               self.config.model, self.vocab_size, expected_algo)
+        if compile_requested(self.config):
+            teacher.compile()
+        self._teachers[name] = teacher
+        return teacher
+
+    def teacher(self, name: str) -> torch.nn.Module:
+        net = self._teachers[name]
+        if net.input_embedding.device != self.device:
+            net.to(self.device)
+        return net
+
+    def _restart_ema(self) -> None:
+        """EMA from the student's initial (teacher-derived) weights."""
+        self.ema = EMA(self.backbone, self.config.training.ema)
+
+    def draw_interval(self, n: int, step: int, batch_idx: int) -> Interval:
+        """(s, u, t) per sequence (flm-math §5): d like FLM's times, s and the boundary seeded."""
+        ac = self.config.algo
+        length = self.draw_times(n, step, batch_idx)
+        slot, _ = self._slot(batch_idx)
+        position, boundary = torch.rand(2, n, generator=self.noise_generator(step, slot, 3),
+                                        device=self.device, dtype=torch.float64)
+        s, t = interval_endpoints(length, position, boundary, ac.boundary_prob, ac.add_boundary)
+        return Interval.from_endpoints(self.table, s, t)
+
+    def reduce(self, per_token: torch.Tensor, interval: Interval, mask: torch.Tensor,
+               ) -> torch.Tensor:
+        log_weight = (self.loss_weighting(interval.s.float(), interval.t.float())
+                      if self.loss_weighting is not None else None)
+        return masked_token_mean(weighted_loss(per_token, log_weight), mask)
+
+    def _noise(self, networks, tokens: torch.Tensor, step: int, batch_idx: int) -> torch.Tensor:
+        """eps @ [E_1 | ...] (dspace) or eps itself (B, L, V) (reference)."""
+        slot, _ = self._slot(batch_idx)
+        generator = self.noise_generator(step, slot)
+        if self.config.training.input_path == "reference":
+            return torch.randn(*tokens.shape, self.vocab_size, generator=generator,
+                               device=tokens.device)
+        return joint_gaussian_projection([n.input_embedding for n in networks],
+                                         tuple(tokens.shape), generator)
+
+
+class FLMDistill(FlowMapDistillation):
+    """algo=flm_distill: stage-1 flow map X = x + Δ·v_T + ½Δ²·g_θ (flm-math §5)."""
+
+    network_calls_per_step = 2  # teacher and student at every sampling step
+
+    def __init__(self, config: DictConfig, vocab_size: int, tokenizer=None) -> None:
+        super().__init__(config, vocab_size, tokenizer)
+        teacher = self._add_teacher("flm", "algo.teacher_path", "flm")
+        # overwritten by Lightning's restore when resuming from this stage's checkpoint
+        initialise_student(self.backbone, teacher, zero_output_layer=True)
+        self._restart_ema()
+
+    def compute_loss(self, batch: dict, step: int, batch_idx: int) -> torch.Tensor:
+        tokens, mask = batch["input_ids"], batch["attention_mask"]
+        interval = self.draw_interval(tokens.shape[0], step, batch_idx)
+        teacher = self.teacher("flm")
+        noise = self._noise([teacher, self.backbone], tokens, step, batch_idx)
+        loss_fn = (semigroup_loss_reference if self.config.training.input_path == "reference"
+                   else semigroup_loss)
+        return self.reduce(loss_fn(teacher, self.backbone, tokens, interval, noise), interval, mask)
+
+    @torch.no_grad()
+    def generate(self, num_samples: int, steps: int, generator: torch.Generator | None = None,
+                 state_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        sc = self.config.sampling
+        teacher = self.teacher("flm")
+        noise = initial_joint_state([teacher, self.backbone], num_samples,
+                                    self.config.model.length, generator, dtype=state_dtype)
+        return sample_flow_map(teacher, self.backbone, self.table, noise, steps,
+                               sc.denominator_eps, position_chunk=sc.position_chunk)
+
+
+class FLMDistillSecond(FlowMapDistillation):
+    """algo=flm_distill_second (FMLM): one network regressed on the stage-1 map (flm-math §6)."""
+
+    def __init__(self, config: DictConfig, vocab_size: int, tokenizer=None) -> None:
+        super().__init__(config, vocab_size, tokenizer)
+        teacher = self._add_teacher("flm", "algo.teacher_f_path", "flm")
+        self._add_teacher("map", "algo.teacher_g_path", "flm_distill")
+        # overwritten by Lightning's restore when resuming from this stage's checkpoint
+        initialise_student(self.backbone, teacher, zero_output_layer=False)
+        self._restart_ema()
+
+    def compute_loss(self, batch: dict, step: int, batch_idx: int) -> torch.Tensor:
+        tokens, mask = batch["input_ids"], batch["attention_mask"]
+        interval = self.draw_interval(tokens.shape[0], step, batch_idx)
+        networks = [self.teacher("flm"), self.teacher("map"), self.backbone]
+        noise = self._noise(networks, tokens, step, batch_idx)
+        loss_fn = (flow_map_matching_loss_reference
+                   if self.config.training.input_path == "reference" else flow_map_matching_loss)
+        return self.reduce(loss_fn(*networks, tokens, interval, noise), interval, mask)
+
+    @torch.no_grad()
+    def generate(self, num_samples: int, steps: int, generator: torch.Generator | None = None,
+                 state_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        sc = self.config.sampling
+        noise = initial_state(self.backbone, num_samples, self.config.model.length, generator,
+                              dtype=state_dtype)
+        return sample_euler(self.backbone, self.table, noise, steps, sc.denominator_eps,
+                            two_times=True, position_chunk=sc.position_chunk)
+
+
+ALGORITHMS: dict[str, type[FlowLM]] = {"flm": FLM, "flm_distill": FLMDistill,
+                                       "flm_distill_second": FLMDistillSecond}
 
 
 def algorithm_class(name: str) -> type[FlowLM]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from flow.flow_map import flow_map, joint_gaussian_projection
 from flow.path import gaussian_projection
 from flow.schedule import AlphaGammaTable
 
@@ -97,4 +98,54 @@ def sample_euler_reference(logits_fn, table: AlphaGammaTable, noise: torch.Tenso
         if i == steps - 1:
             return p.argmax(dim=-1)
         z = z + (gamma[i + 1] - gamma[i]) * (p - z) / (1 - gamma[i] + denominator_eps)
+    raise AssertionError("unreachable")
+
+
+def initial_joint_state(networks, batch_size: int, length: int,
+                        generator: torch.Generator | None,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """z ~ N(0, I_V) seen through every network's embedding: (B, L, ΣD_i) = z @ [E_1 | ...]."""
+    embeddings = [n.input_embedding.detach() for n in networks]
+    return joint_gaussian_projection(embeddings, (batch_size, length), generator,
+                                     dtype=torch.float64).to(dtype)
+
+
+@torch.no_grad()
+def sample_flow_map(teacher, student, table: AlphaGammaTable, noise: torch.Tensor, steps: int,
+                    denominator_eps: float,
+                    position_chunk: int = DEFAULT_POSITION_CHUNK) -> torch.Tensor:
+    """Stage-1 flow-map sampler (flm-math §5); returns tokens (B, L).
+
+    ``z <- z + Δ_i·v_{t_i}(z) + ½Δ_i²·g(z, t_i, t_{i+1})`` with the FLM ``teacher``
+    giving v and the stage-1 ``student`` giving g: 2 network calls per step. The
+    state is ``z @ [E_T | E_S]`` (B, L, D_T + D_S) (``initial_joint_state``), its
+    dtype the state's precision. At the last step γ = 1 and the z terms cancel:
+    ``z_N = p + ½Δ²·g``.
+    """
+    h = noise
+    batch, dim_teacher = h.shape[0], teacher.input_embedding.shape[1]
+    joint = torch.cat([teacher.input_embedding, student.input_embedding], dim=1).float()
+    t, gamma = step_grid(table, steps, h.device, dtype=h.dtype)
+    for i in range(steps):
+        t_now, t_next = t[i].float().expand(batch), t[i + 1].float().expand(batch)
+        hidden_t, c_t = teacher.features(h[..., :dim_teacher].to(teacher.input_embedding.dtype),
+                                         t_now)
+        hidden_s, c_s = student.features(h[..., dim_teacher:].to(student.input_embedding.dtype),
+                                         t_now, t_next)
+        delta = gamma[i + 1] - gamma[i]
+        last = i == steps - 1
+        p_proj, g_proj, tokens = [], [], []
+        for start in range(0, h.shape[1], position_chunk):
+            window = slice(start, start + position_chunk)
+            p = torch.softmax(teacher.head(hidden_t[:, window], c_t).float(), dim=-1)
+            g = student.head(hidden_s[:, window], c_s).float()
+            if last:
+                tokens.append((p + 0.5 * float(delta) ** 2 * g).argmax(dim=-1))
+            else:
+                p_proj.append(p @ joint)
+                g_proj.append(g @ joint)
+        if last:
+            return torch.cat(tokens, dim=1)
+        h = flow_map(h, torch.cat(p_proj, dim=1).to(h.dtype), torch.cat(g_proj, dim=1).to(h.dtype),
+                     gamma[i].expand(batch), gamma[i + 1].expand(batch), denominator_eps)
     raise AssertionError("unreachable")

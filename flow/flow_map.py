@@ -1,0 +1,320 @@
+"""Flow-map algebra and the two distillation objectives (flm-math §5-6).
+
+The flow map ``X_{s,t}`` sends a state at time ``s`` to time ``t``. With
+``Δ = γ_t - γ_s`` and the teacher velocity ``v_s(x) = (p_T(x, s) - x) / (1 - γ_s)``:
+
+* stage 1 (``flm_distill``): ``X_{s,t}(x) = x + Δ·v_s(x) + ½Δ²·g(x, s, t)``,
+  trained by self-consistency of the map over ``[s, u]`` and ``[u, t]``;
+* stage 2 (``flm_distill_second``, FMLM): ``X̃_{s,t}(x) = x + Δ·(softmax f(x, s, t) - x) / (1 - γ_s)``
+  regressed on the stage-1 map.
+
+Every map here is affine in ``(x, p, g)``, so the same functions act on
+V-space states (B, L, V) and on their projections ``x @ E`` (B, L, D). Networks
+(teacher, students) see only projections; teacher and student have different
+input embeddings, so a state is carried through the concatenation
+``[E_T | E_S]`` (B, L, D_T + D_S). The losses need (B, L, V) model outputs but
+never the (B, L, V) noise; ``*_reference`` versions materialise it and are kept
+for tests and as ``training.input_path=reference``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from flow.schedule import AlphaGammaTable
+
+MIN_INTERVAL = 1e-6  # d = t - s is clamped below at this (flm-math §5)
+PINV_RCOND = 1e-10  # Gram eigenvalues below this fraction of the largest count as zero (float64)
+
+
+# ---- times ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Interval:
+    """Per-sequence times in alpha-space (B,) and their gammas (B,), float64."""
+
+    s: torch.Tensor
+    u: torch.Tensor
+    t: torch.Tensor
+    gamma_s: torch.Tensor
+    gamma_u: torch.Tensor
+    gamma_t: torch.Tensor
+
+    @classmethod
+    def from_endpoints(cls, table: AlphaGammaTable, s: torch.Tensor, t: torch.Tensor,
+                       ) -> Interval:
+        """The interval [s, t] with its midpoint u = (s + t) / 2 (in alpha-space)."""
+        s, t = s.double(), t.double()
+        u = 0.5 * (s + t)
+        table = table.to(s.device)
+        return cls(s, u, t, table.gamma_of_alpha(s), table.gamma_of_alpha(u),
+                   table.gamma_of_alpha(t))
+
+
+def interval_endpoints(length_draw: torch.Tensor, position_draw: torch.Tensor,
+                       boundary_draw: torch.Tensor, boundary_prob: float, add_boundary: bool,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, t) from three U[0, 1) draws per sequence (B,) (flm-math §5).
+
+    ``d = max(length_draw, MIN_INTERVAL)``, ``s = position_draw·(1 - d)``,
+    ``t = s + d``; with ``add_boundary``, ``(s, t) = (0, 1)`` where
+    ``boundary_draw < 1 / boundary_prob``.
+    """
+    d = length_draw.double().clamp(MIN_INTERVAL, 1.0)
+    s = position_draw.double() * (1.0 - d)
+    t = s + d
+    if add_boundary:
+        if boundary_prob < 1:
+            raise ValueError(f"algo.boundary_prob={boundary_prob} must be >= 1 "
+                             "(the boundary interval (0, 1) is drawn with probability 1/boundary_prob)")
+        boundary = boundary_draw < 1.0 / boundary_prob
+        s = torch.where(boundary, torch.zeros_like(s), s)
+        t = torch.where(boundary, torch.ones_like(t), t)
+    return s, t
+
+
+def _per_sequence(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, ..., 1) in ``like``'s dtype, to broadcast over (B, L, ·)."""
+    return value.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+# ---- the maps -----------------------------------------------------------------------
+def teacher_velocity(x: torch.Tensor, p: torch.Tensor, gamma_s: torch.Tensor,
+                     denominator_eps: float = 0.0) -> torch.Tensor:
+    """v_s(x) = (p - x) / (1 - γ_s [+ δ]); x, p: (B, L, ·), gamma_s: (B,)."""
+    return (p - x) / (1 - _per_sequence(gamma_s, x) + denominator_eps)
+
+
+def flow_map(x: torch.Tensor, p: torch.Tensor, g: torch.Tensor | None, gamma_s: torch.Tensor,
+             gamma_t: torch.Tensor, denominator_eps: float = 0.0) -> torch.Tensor:
+    """X_{s,t}(x) = x + Δ·v_s(x) + ½Δ²·g (flm-math §5); g = None is one Euler step.
+
+    Affine in (x, p, g): pass ``x @ E``, ``p @ E``, ``g @ E`` to get ``X_{s,t}(x) @ E``.
+    """
+    delta = _per_sequence(gamma_t - gamma_s, x)
+    out = x + delta * teacher_velocity(x, p, gamma_s, denominator_eps)
+    if g is not None:
+        out = out + 0.5 * delta ** 2 * g
+    return out
+
+
+def bootstrap_weights(interval: Interval) -> tuple[torch.Tensor, ...]:
+    """Weights (w_ps, w_pu, w_gsu, w_gut), each (B,), of the bootstrapped clean estimate
+
+        x̂_1 = x_s + (1 - γ_s)·(X_{u,t}(X_{s,u}(x_s)) - x_s) / Δ
+            = w_ps·p_T(x_s, s) + w_pu·p_T(x_u, u) + w_gsu·g(x_s, s, u) + w_gut·g(x_u, u, t)
+
+    (expand both maps: the coefficient of x_s is 0, and w_ps + w_pu = 1). Written with the
+    ratios Δ_1/Δ, Δ_2/Δ so that short intervals cost no cancellation.
+    """
+    gs, gu, gt = interval.gamma_s, interval.gamma_u, interval.gamma_t
+    delta, first, second = gt - gs, gu - gs, gt - gu
+    positive = delta > 0
+    safe = torch.where(positive, delta, torch.ones_like(delta))
+    r1 = torch.where(positive, first / safe, torch.full_like(delta, 0.5))
+    r2 = torch.where(positive, second / safe, torch.full_like(delta, 0.5))
+    w_ps = (1 - gt) / (1 - gu) * r1
+    w_pu = (1 - gs) / (1 - gu) * r2
+    w_gsu = (1 - gs) * (1 - gt) / (1 - gu) * 0.5 * first * r1
+    w_gut = (1 - gs) * 0.5 * second * r2
+    return w_ps, w_pu, w_gsu, w_gut
+
+
+def student_clean_estimate(p_s: torch.Tensor, g_st: torch.Tensor, interval: Interval,
+                           ) -> torch.Tensor:
+    """x̃_1 = p_T(x_s, s) + ½·Δ·(1 - γ_s)·g(x_s, s, t): (B, L, V)."""
+    scale = 0.5 * (interval.gamma_t - interval.gamma_s) * (1 - interval.gamma_s)
+    return p_s + _per_sequence(scale, g_st) * g_st
+
+
+# ---- noise seen through several embeddings ------------------------------------------
+class _JointGaussianProjection(torch.autograd.Function):
+    """y = η·M with MᵀM = AᵀA, i.e. a draw of eps @ A (eps ~ N(0, I_V)), for any rank of A.
+
+    Teacher and student embeddings are equal at initialisation, so AᵀA is singular
+    and a Cholesky factor does not exist; an eigen-factor does. The backward is the
+    Rao-Blackwellised pathwise gradient: the reference path's gradient in A is
+    epsᵀ·dy, and dy depends on eps only through y, so replacing eps by
+    E[eps | y] = A·(AᵀA)⁺·y gives an unbiased estimate of the same expected gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, embedding: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
+        a = embedding.double()
+        gram = a.T @ a
+        evals, evecs = torch.linalg.eigh(gram)
+        # eigenvalues below PINV_RCOND·max are round-off of exact zeros (e.g. E_S = E_T)
+        keep = evals > PINV_RCOND * evals.max().clamp_min(torch.finfo(a.dtype).tiny)
+        factor = torch.where(keep, evals, 0.0).sqrt()[:, None] * evecs.T  # factorᵀ·factor = gram
+        inverse = torch.where(keep, 1.0 / torch.where(keep, evals, 1.0), 0.0)
+        pinv = (evecs * inverse) @ evecs.T
+        y = (eta.double() @ factor).to(eta.dtype)
+        ctx.save_for_backward(embedding, y, pinv)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        embedding, y, pinv = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        moment = y.flatten(0, -2).double().T @ grad_y.flatten(0, -2).double()  # (K, K)
+        grad = embedding.double() @ (pinv @ moment)
+        return grad.to(embedding.dtype), None
+
+
+def joint_gaussian_projection(embeddings: list[torch.Tensor], batch_shape: tuple[int, ...],
+                              generator: torch.Generator | None = None,
+                              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One draw of ``eps @ [E_1 | E_2 | ...]`` with eps ~ N(0, I_V), without forming eps.
+
+    embeddings: (V, D_i) each -> (*batch_shape, ΣD_i), with the exact joint covariance.
+    Differentiable in the embeddings (see ``_JointGaussianProjection``).
+    """
+    joint = torch.cat(embeddings, dim=1)
+    with torch.autocast(device_type=joint.device.type, enabled=False):
+        eta = torch.randn(*batch_shape, joint.shape[1], generator=generator, device=joint.device,
+                          dtype=torch.float64)
+        return _JointGaussianProjection.apply(joint, eta).to(dtype)
+
+
+# ---- network calls --------------------------------------------------------------------
+def _logits(network, h: torch.Tensor, t: torch.Tensor, t2: torch.Tensor | None = None,
+            ) -> torch.Tensor:
+    """network(h, t[, t2]) -> float32 (or float64) logits (B, L, V)."""
+    t = t.to(torch.float32)
+    out = network(h.to(network.input_embedding.dtype), t, None if t2 is None else t2.float())
+    return out.float() if out.dtype in (torch.bfloat16, torch.float16) else out
+
+
+def _probs(network, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(_logits(network, h, t), dim=-1)
+
+
+def _split(h: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    return list(torch.split(h, sizes, dim=-1))
+
+
+def _embeddings(*networks) -> list[torch.Tensor]:
+    return [n.input_embedding for n in networks]
+
+
+def clean_projection(networks, tokens: torch.Tensor) -> torch.Tensor:
+    """e(x) @ [E_1 | E_2 | ...] = rows of each E: (B, L) -> (B, L, ΣD_i)."""
+    return torch.cat([F.embedding(tokens, e) for e in _embeddings(*networks)], dim=-1)
+
+
+def noisy_projection(networks, tokens: torch.Tensor, gamma: torch.Tensor,
+                     noise_projection: torch.Tensor) -> torch.Tensor:
+    """x_γ @ [E_1 | ...] = (1 - γ)·(eps @ [E_1 | ...]) + γ·e(x) @ [E_1 | ...] (flm-math §3)."""
+    g = _per_sequence(gamma, noise_projection)
+    clean = clean_projection(networks, tokens).to(noise_projection.dtype)
+    return (1 - g) * noise_projection + g * clean
+
+
+def _project(v: torch.Tensor, embeddings: list[torch.Tensor]) -> torch.Tensor:
+    """(B, L, V) -> (B, L, ΣD) through the detached embeddings, in v's dtype."""
+    with torch.autocast(device_type=v.device.type, enabled=False):
+        return v @ torch.cat([e.detach() for e in embeddings], dim=1).to(v.dtype)
+
+
+# ---- stage 1: self-consistency of the flow map (flm-math §5) --------------------------
+def semigroup_loss(teacher, student, tokens: torch.Tensor, interval: Interval,
+                   noise_projection: torch.Tensor) -> torch.Tensor:
+    """Stage-1 loss per token Σ_V (x̂_1 - x̃_1)² (B, L), from D-space inputs only.
+
+    ``noise_projection``: eps @ [E_T | E_S] (B, L, D_T + D_S). Gradients reach the
+    student (through g(x_s, s, t) and x_s @ E_S); the bootstrapped target is
+    computed without gradients. The x_s terms cancel (``bootstrap_weights``).
+    """
+    sizes = [teacher.input_embedding.shape[1], student.input_embedding.shape[1]]
+    embeddings = _embeddings(teacher, student)
+    h_s = noisy_projection([teacher, student], tokens, interval.gamma_s, noise_projection)
+    h_teacher, h_student = _split(h_s, sizes)
+    w_ps, w_pu, w_gsu, w_gut = bootstrap_weights(interval)
+    with torch.no_grad():
+        p_s = _probs(teacher, h_teacher, interval.s)
+        g_su = _logits(student, h_student.detach(), interval.s, interval.u)
+        h_u = flow_map(h_s.detach(), _project(p_s, embeddings), _project(g_su, embeddings),
+                       interval.gamma_s, interval.gamma_u)
+        target = _per_sequence(w_ps, p_s) * p_s + _per_sequence(w_gsu, g_su) * g_su
+        del g_su
+        h_u_teacher, h_u_student = _split(h_u, sizes)
+        target += _per_sequence(w_pu, p_s) * _probs(teacher, h_u_teacher, interval.u)
+        g_ut = _logits(student, h_u_student, interval.u, interval.t)
+        target += _per_sequence(w_gut, g_ut) * g_ut
+        del g_ut
+        target -= p_s  # x̂_1 - p_s: what ½Δ(1 - γ_s)·g(x_s, s, t) should equal
+    g_st = _logits(student, h_student, interval.s, interval.t)
+    scale = 0.5 * (interval.gamma_t - interval.gamma_s) * (1 - interval.gamma_s)
+    residual = target - _per_sequence(scale, g_st) * g_st
+    return residual.square().sum(-1)
+
+
+def semigroup_loss_reference(teacher, student, tokens: torch.Tensor, interval: Interval,
+                             noise: torch.Tensor) -> torch.Tensor:
+    """The stage-1 loss written literally in V-space with the noise eps (B, L, V) materialised."""
+    vocab = noise.shape[-1]
+    gs, gu, gt = interval.gamma_s, interval.gamma_u, interval.gamma_t
+    x_s = noisy_projection_reference(tokens, gs, noise, vocab)
+    with torch.autocast(device_type=noise.device.type, enabled=False):
+        h_teacher, h_student = teacher.embed_state(x_s), student.embed_state(x_s)
+    with torch.no_grad():
+        p_s = _probs(teacher, h_teacher, interval.s)
+        x_u = flow_map(x_s, p_s, _logits(student, h_student.detach(), interval.s, interval.u),
+                       gs, gu)
+        with torch.autocast(device_type=noise.device.type, enabled=False):
+            hu_teacher, hu_student = teacher.embed_state(x_u), student.embed_state(x_u)
+        x_t = flow_map(x_u, _probs(teacher, hu_teacher, interval.u),
+                       _logits(student, hu_student, interval.u, interval.t), gu, gt)
+        average_velocity = (x_t - x_s) / _per_sequence(gt - gs, x_s)
+        x1_bootstrap = x_s + _per_sequence(1 - gs, x_s) * average_velocity
+    x1_student = student_clean_estimate(p_s, _logits(student, h_student, interval.s,
+                                                     interval.t), interval)
+    return (x1_bootstrap - x1_student).square().sum(-1)
+
+
+def noisy_projection_reference(tokens: torch.Tensor, gamma: torch.Tensor, noise: torch.Tensor,
+                               vocab: int) -> torch.Tensor:
+    """x_γ = (1 - γ)·eps + γ·e(x) in V-space (B, L, V)."""
+    g = _per_sequence(gamma, noise)
+    return (1 - g) * noise + g * F.one_hot(tokens, vocab).to(noise.dtype)
+
+
+# ---- stage 2: regression of a one-network map on the stage-1 map (flm-math §6) --------
+def flow_map_matching_loss(teacher, map_model, student, tokens: torch.Tensor,
+                           interval: Interval, noise_projection: torch.Tensor) -> torch.Tensor:
+    """Stage-2 loss per token Σ_V (X_{s,t}(x_s) - X̃_{s,t}(x_s))² (B, L), D-space inputs.
+
+    ``noise_projection``: eps @ [E_T | E_G | E_S] for the FLM teacher, the stage-1 map
+    g and the student. The x_s terms cancel: the difference is
+    Δ/(1 - γ_s)·(p_T - softmax f) + ½Δ²·g.
+    """
+    networks = [teacher, map_model, student]
+    sizes = [n.input_embedding.shape[1] for n in networks]
+    h_s = noisy_projection(networks, tokens, interval.gamma_s, noise_projection)
+    h_teacher, h_map, h_student = _split(h_s, sizes)
+    delta = interval.gamma_t - interval.gamma_s
+    with torch.no_grad():
+        p_teacher = _probs(teacher, h_teacher, interval.s)
+        g = _logits(map_model, h_map, interval.s, interval.t)
+        velocity_scale = _per_sequence(delta / (1 - interval.gamma_s), g)
+        target = velocity_scale * p_teacher + _per_sequence(0.5 * delta ** 2, g) * g
+        del g, p_teacher
+    q = torch.softmax(_logits(student, h_student, interval.s, interval.t), dim=-1)
+    return (target - velocity_scale * q).square().sum(-1)
+
+
+def flow_map_matching_loss_reference(teacher, map_model, student, tokens: torch.Tensor,
+                                     interval: Interval, noise: torch.Tensor) -> torch.Tensor:
+    """The stage-2 loss written literally in V-space with eps (B, L, V) materialised."""
+    gs, gt = interval.gamma_s, interval.gamma_t
+    x_s = noisy_projection_reference(tokens, gs, noise, noise.shape[-1])
+    with torch.autocast(device_type=noise.device.type, enabled=False):
+        h = [n.embed_state(x_s) for n in (teacher, map_model, student)]
+    with torch.no_grad():
+        stage_one = flow_map(x_s, _probs(teacher, h[0], interval.s),
+                             _logits(map_model, h[1], interval.s, interval.t), gs, gt)
+    q = torch.softmax(_logits(student, h[2], interval.s, interval.t), dim=-1)
+    return (stage_one - flow_map(x_s, q, None, gs, gt)).square().sum(-1)
