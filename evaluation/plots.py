@@ -58,6 +58,8 @@ def plot_metric_vs_steps(summaries: Sequence[dict[str, Any]], y_key: str, y_labe
     (e.g. the source entropy). Non-finite values are left out of a line and named in its
     label, so an all-inf model still appears in the legend."""
     fig, ax = plt.subplots(figsize=(6, 4.5))
+    all_steps = [float(row["steps"]) for summary in summaries for row in summary["rows"]
+                 if _finite(row.get("steps"))]
     for k, summary in enumerate(summaries):
         label = summary.get("model_name", f"run {k}")
         rows = [row for row in summary["rows"] if _finite(row.get("steps"))]
@@ -69,7 +71,9 @@ def plot_metric_vs_steps(summaries: Sequence[dict[str, Any]], y_key: str, y_labe
         ax.plot(xs, ys, marker="o", label=label)
     for k, (label, level) in enumerate((horizontal_lines or {}).items()):
         ax.axhline(float(level), color="black", linestyle=("--", ":", "-.")[k % 3], label=label)
-    ax.set_xscale("log", base=2)
+    if all_steps:  # explicit limits: a log axis cannot autoscale when every value is inf
+        ax.set_xscale("log", base=2)
+        ax.set_xlim(min(all_steps) / 1.5, max(all_steps) * 1.5)
     ax.set_xlabel("sampling steps")
     ax.set_ylabel(y_label)
     ax.grid(True, which="both", alpha=0.3)
