@@ -49,8 +49,8 @@ logger = logging.getLogger("synthetic_table")
 EXPERIMENT = "+experiment=synthetic_ladder"
 FLM_SAMPLING_STEPS = (1, 2, 4, 8, 16, 64, 256)
 DISTILLED_SAMPLING_STEPS = (1, 2, 4, 8)
-DEFAULT_FLM_STEPS = 2500  # FLM optimizer steps (default size)
-DEFAULT_DISTILL_STEPS = 500  # optimizer steps of each distillation stage (default size)
+DEFAULT_FLM_STEPS = 6000  # FLM optimizer steps (default size)
+DEFAULT_DISTILL_STEPS = 1500  # optimizer steps of each distillation stage (default size)
 QUICK_FLM_STEPS = 60
 QUICK_DISTILL_STEPS = 20
 QUICK_OVERRIDES = (  # CI size: one-block DiT, short sequences, few samples
