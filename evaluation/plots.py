@@ -48,3 +48,36 @@ def plot_summaries(summaries: Sequence[dict[str, Any]], out_path: str) -> None:
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
+
+
+def plot_metric_vs_steps(summaries: Sequence[dict[str, Any]], y_key: str, y_label: str,
+                         out_path: str, horizontal_lines: dict[str, float] | None = None,
+                         ) -> None:
+    """One panel: ``y_key`` of each summary's rows vs sampling steps, one line per model
+    (labelled by ``model_name``); ``horizontal_lines`` maps a label to a level drawn dashed
+    (e.g. the source entropy). Non-finite values are left out of a line and named in its
+    label, so an all-inf model still appears in the legend."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    all_steps = [float(row["steps"]) for summary in summaries for row in summary["rows"]
+                 if _finite(row.get("steps"))]
+    for k, summary in enumerate(summaries):
+        label = summary.get("model_name", f"run {k}")
+        rows = [row for row in summary["rows"] if _finite(row.get("steps"))]
+        points = sorted((row["steps"], row[y_key]) for row in rows if _finite(row.get(y_key)))
+        missing = sorted(row["steps"] for row in rows if not _finite(row.get(y_key)))
+        if missing:
+            label += f" (not finite at steps {', '.join(str(s) for s in missing)})"
+        xs, ys = zip(*points) if points else ((), ())
+        ax.plot(xs, ys, marker="o", label=label)
+    for k, (label, level) in enumerate((horizontal_lines or {}).items()):
+        ax.axhline(float(level), color="black", linestyle=("--", ":", "-.")[k % 3], label=label)
+    if all_steps:  # explicit limits: a log axis cannot autoscale when every value is inf
+        ax.set_xscale("log", base=2)
+        ax.set_xlim(min(all_steps) / 1.5, max(all_steps) * 1.5)
+    ax.set_xlabel("sampling steps")
+    ax.set_ylabel(y_label)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
