@@ -9,7 +9,7 @@ from pathlib import Path
 import hydra
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from pytorch_lightning.plugins.environments import SLURMEnvironment
@@ -161,7 +161,9 @@ def load_for_eval(config: DictConfig) -> tuple[algo.FlowLM, object]:
         raise utils.ConfigError("set eval.checkpoint_path=<checkpoint> (or CKPT_PATH in scripts)")
     ckpt = load_checkpoint_file(config.eval.checkpoint_path, "eval.checkpoint_path")
     saved = OmegaConf.create(ckpt["hyper_parameters"]["config"])
-    merged = OmegaConf.merge(config, {"model": saved.model, "algo": saved.algo})
+    merged = config.copy()
+    with open_dict(merged):  # replace whole nodes: the saved algo may have keys the default lacks
+        merged.model, merged.algo = saved.model, saved.algo
     # Teachers may have moved since training: paths given now win over the saved ones.
     for key in utils.TEACHER_KEYS:
         if config.algo.get(key) and key in merged.algo:

@@ -81,7 +81,7 @@ def run(args, variant, batch, device):
     except torch.OutOfMemoryError:
         return {"variant": variant, "batch": batch, "oom": True}
     finally:
-        del model
+        once = None  # drop the closure (and the model) before freeing the cache
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
