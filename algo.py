@@ -57,6 +57,7 @@ class FlowLM(pl.LightningModule):
     """Shared machinery: backbone, EMA, time table, optimiser, validation, sampling."""
 
     network_calls_per_step = 1
+    sampler_two_times = False  # the sampled network takes (t_i, t_{i+1}) (FMLM)
 
     def __init__(self, config: DictConfig, vocab_size: int, tokenizer=None) -> None:
         super().__init__()
@@ -167,13 +168,17 @@ class FlowLM(pl.LightningModule):
         self.ema.load_state_dict(checkpoint["ema"])
 
     # ---- sampling -----------------------------------------------------------------
+    @torch.no_grad()
     def generate(self, num_samples: int, steps: int, generator: torch.Generator | None = None,
                  state_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Tokens (num_samples, L) with the current backbone weights."""
-        raise NotImplementedError
+        """Tokens (num_samples, L) with the current backbone weights: Euler (flm-math §4),
+        or the FMLM sampler when the backbone is a flow map f(z, t_i, t_{i+1}) (§6)."""
+        sc = self.config.sampling
+        noise = initial_state(self.backbone, num_samples, self.config.model.length, generator,
+                              dtype=state_dtype)
+        return sample_euler(self.backbone, self.table, noise, steps, sc.denominator_eps,
+                            two_times=self.sampler_two_times, position_chunk=sc.position_chunk)
 
-    def sampling_network(self):
-        return self.backbone
 
 
 class FLM(FlowLM):
@@ -189,15 +194,6 @@ class FLM(FlowLM):
         per_token = denoiser_cross_entropy(self.backbone(h, t), tokens)
         log_weight = self.loss_weighting(t) if self.loss_weighting is not None else None
         return masked_token_mean(weighted_loss(per_token, log_weight), mask)
-
-    @torch.no_grad()
-    def generate(self, num_samples: int, steps: int, generator: torch.Generator | None = None,
-                 state_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        sc = self.config.sampling
-        noise = initial_state(self.backbone, num_samples, self.config.model.length, generator,
-                              dtype=state_dtype)
-        return sample_euler(self.backbone, self.table, noise, steps, sc.denominator_eps,
-                            position_chunk=sc.position_chunk)
 
 
 class FlowMapDistillation(FlowLM):
@@ -301,6 +297,8 @@ class FLMDistill(FlowMapDistillation):
 class FLMDistillSecond(FlowMapDistillation):
     """algo=flm_distill_second (FMLM): one network regressed on the stage-1 map (flm-math §6)."""
 
+    sampler_two_times = True  # FMLM: p = softmax(f(z, t_i, t_{i+1}))
+
     def __init__(self, config: DictConfig, vocab_size: int, tokenizer=None) -> None:
         super().__init__(config, vocab_size, tokenizer)
         teacher = self._add_teacher("flm", "algo.teacher_f_path", "flm")
@@ -317,15 +315,6 @@ class FLMDistillSecond(FlowMapDistillation):
         loss_fn = (flow_map_matching_loss_reference
                    if self.config.training.input_path == "reference" else flow_map_matching_loss)
         return self.reduce(loss_fn(*networks, tokens, interval, noise), interval, mask)
-
-    @torch.no_grad()
-    def generate(self, num_samples: int, steps: int, generator: torch.Generator | None = None,
-                 state_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        sc = self.config.sampling
-        noise = initial_state(self.backbone, num_samples, self.config.model.length, generator,
-                              dtype=state_dtype)
-        return sample_euler(self.backbone, self.table, noise, steps, sc.denominator_eps,
-                            two_times=True, position_chunk=sc.position_chunk)
 
 
 ALGORITHMS: dict[str, type[FlowLM]] = {"flm": FLM, "flm_distill": FLMDistill,
