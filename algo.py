@@ -180,7 +180,6 @@ class FlowLM(pl.LightningModule):
                             two_times=self.sampler_two_times, position_chunk=sc.position_chunk)
 
 
-
 class FLM(FlowLM):
     """algo=flm: cross-entropy denoiser on the one-hot flow (flm-math §3-4)."""
 
