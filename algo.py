@@ -19,12 +19,11 @@ from flow.flow_map import (
     flow_map_matching_loss,
     flow_map_matching_loss_reference,
     interval_endpoints,
-    joint_gaussian_projection,
     semigroup_loss,
     semigroup_loss_reference,
 )
 from flow.losses import denoiser_cross_entropy, masked_token_mean, weighted_loss
-from flow.path import noisy_input, stratified_times, uniform_times
+from flow.path import joint_gaussian_projection, noisy_input, stratified_times, uniform_times
 from flow.sampling import initial_joint_state, initial_state, sample_euler, sample_flow_map
 from flow.schedule import AlphaGammaTable
 from models.dit import build_backbone

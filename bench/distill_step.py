@@ -25,9 +25,9 @@ from flow.flow_map import (  # noqa: E402
     Interval,
     flow_map_matching_loss,
     interval_endpoints,
-    joint_gaussian_projection,
     semigroup_loss,
 )
+from flow.path import joint_gaussian_projection  # noqa: E402
 from flow.sampling import (  # noqa: E402
     initial_joint_state,
     initial_state,

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from flow.schedule import AlphaGammaTable
 
 MIN_INTERVAL = 1e-6  # d = t - s is clamped below at this (flm-math §5)
-PINV_RCOND = 1e-10  # Gram eigenvalues below this fraction of the largest count as zero (float64)
 
 
 # ---- times ----------------------------------------------------------------------
@@ -127,56 +126,6 @@ def student_clean_estimate(p_s: torch.Tensor, g_st: torch.Tensor, interval: Inte
     """x̃_1 = p_T(x_s, s) + ½·Δ·(1 - γ_s)·g(x_s, s, t): (B, L, V)."""
     scale = 0.5 * (interval.gamma_t - interval.gamma_s) * (1 - interval.gamma_s)
     return p_s + _per_sequence(scale, g_st) * g_st
-
-
-# ---- noise seen through several embeddings ------------------------------------------
-class _JointGaussianProjection(torch.autograd.Function):
-    """y = η·M with MᵀM = AᵀA, i.e. a draw of eps @ A (eps ~ N(0, I_V)), for any rank of A.
-
-    Teacher and student embeddings are equal at initialisation, so AᵀA is singular
-    and a Cholesky factor does not exist; an eigen-factor does. The backward is the
-    Rao-Blackwellised pathwise gradient: the reference path's gradient in A is
-    epsᵀ·dy, and dy depends on eps only through y, so replacing eps by
-    E[eps | y] = A·(AᵀA)⁺·y gives an unbiased estimate of the same expected gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, embedding: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
-        a = embedding.double()
-        gram = a.T @ a
-        evals, evecs = torch.linalg.eigh(gram)
-        # eigenvalues below PINV_RCOND·max are round-off of exact zeros (e.g. E_S = E_T)
-        keep = evals > PINV_RCOND * evals.max().clamp_min(torch.finfo(a.dtype).tiny)
-        factor = torch.where(keep, evals, 0.0).sqrt()[:, None] * evecs.T  # factorᵀ·factor = gram
-        inverse = torch.where(keep, 1.0 / torch.where(keep, evals, 1.0), 0.0)
-        pinv = (evecs * inverse) @ evecs.T
-        y = (eta.double() @ factor).to(eta.dtype)
-        ctx.save_for_backward(embedding, y, pinv)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y: torch.Tensor):
-        embedding, y, pinv = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None
-        moment = y.flatten(0, -2).double().T @ grad_y.flatten(0, -2).double()  # (K, K)
-        grad = embedding.double() @ (pinv @ moment)
-        return grad.to(embedding.dtype), None
-
-
-def joint_gaussian_projection(embeddings: list[torch.Tensor], batch_shape: tuple[int, ...],
-                              generator: torch.Generator | None = None,
-                              dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """One draw of ``eps @ [E_1 | E_2 | ...]`` with eps ~ N(0, I_V), without forming eps.
-
-    embeddings: (V, D_i) each -> (*batch_shape, ΣD_i), with the exact joint covariance.
-    Differentiable in the embeddings (see ``_JointGaussianProjection``).
-    """
-    joint = torch.cat(embeddings, dim=1)
-    with torch.autocast(device_type=joint.device.type, enabled=False):
-        eta = torch.randn(*batch_shape, joint.shape[1], generator=generator, device=joint.device,
-                          dtype=torch.float64)
-        return _JointGaussianProjection.apply(joint, eta).to(dtype)
 
 
 # ---- network calls --------------------------------------------------------------------

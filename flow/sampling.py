@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from flow.flow_map import flow_map, joint_gaussian_projection
-from flow.path import gaussian_projection
+from flow.flow_map import flow_map
+from flow.path import gaussian_projection, joint_gaussian_projection
 from flow.schedule import AlphaGammaTable
 
 DEFAULT_POSITION_CHUNK = 256  # positions per output-layer chunk: bounds the (B, chunk, V) logits
@@ -76,8 +76,8 @@ def sample_euler(network, table: AlphaGammaTable, noise: torch.Tensor, steps: in
         p_proj, tokens = denoised_projection(network, h, t_now, t_next, position_chunk)
         if i == steps - 1:
             return tokens  # z = p at the last step; argmax z = argmax of the logits
-        velocity = (p_proj.to(h.dtype) - h) / (1 - gamma[i] + denominator_eps)
-        h = h + (gamma[i + 1] - gamma[i]) * velocity
+        h = flow_map(h, p_proj.to(h.dtype), None, gamma[i].expand(batch),
+                     gamma[i + 1].expand(batch), denominator_eps)
     raise AssertionError("unreachable")
 
 
@@ -97,7 +97,8 @@ def sample_euler_reference(logits_fn, table: AlphaGammaTable, noise: torch.Tenso
         p = torch.softmax(logits_fn(z, t[i].float().expand(batch), t_next).to(z.dtype), dim=-1)
         if i == steps - 1:
             return p.argmax(dim=-1)
-        z = z + (gamma[i + 1] - gamma[i]) * (p - z) / (1 - gamma[i] + denominator_eps)
+        z = flow_map(z, p, None, gamma[i].expand(batch), gamma[i + 1].expand(batch),
+                     denominator_eps)
     raise AssertionError("unreachable")
 
 

@@ -13,10 +13,10 @@ from flow.flow_map import (
     flow_map_matching_loss,
     flow_map_matching_loss_reference,
     interval_endpoints,
-    joint_gaussian_projection,
     semigroup_loss,
     semigroup_loss_reference,
 )
+from flow.path import joint_gaussian_projection
 from flow.sampling import sample_euler, sample_flow_map
 from flow.schedule import AlphaGammaTable
 from models.dit import DiT
