@@ -12,6 +12,8 @@ import os
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 
 import utils
 from flow.flow_map import (
@@ -71,9 +73,34 @@ class FlowLM(pl.LightningModule):
                                              num_times=self.loss_weight_times)
                                if config.algo.learnable_loss_weighting else None)
         self.ema = EMA(self.backbone, config.training.ema)
-        if compile_requested(config):
-            self.backbone.compile()
+        self.sharded = config.strategy.name == "fsdp"  # configure_model shards under the trainer
+        if compile_requested(config) and not self.sharded:
+            self.backbone.compile()  # under FSDP, configure_model compiles block by block
         self._noise_generator: torch.Generator | None = None
+
+    def configure_model(self) -> None:
+        """strategy=fsdp (FSDP2): shard each DiT block, then the rest of the backbone (embedding,
+        time MLPs, output layer) and the loss weighting, over all ranks; the EMA is sharded
+        alike. Weights read outside a forward would be shards: the FLM input is therefore built
+        inside the backbone's forward (models/dit.py)."""
+        if not self.sharded or isinstance(self.backbone, FSDPModule):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        reshard = bool(self.config.strategy.reshard_after_forward)
+        for block in self.backbone.blocks:
+            if compile_requested(self.config):
+                block.compile()
+            fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(self.backbone, mesh=mesh, reshard_after_forward=reshard)
+        if self.loss_weighting is not None:
+            fully_shard(self.loss_weighting, mesh=mesh, reshard_after_forward=reshard)
+        left = [n for n, p in self.named_parameters() if not isinstance(p, DTensor)]
+        if left:  # their gradients would not be reduced across ranks
+            raise RuntimeError(f"strategy=fsdp left parameters unsharded: {left[:5]}")
+        self.ema.shard_like(self.backbone)
+        log.info("strategy=fsdp: %d blocks + the backbone's remaining weights sharded over %d "
+                 "ranks (reshard_after_forward=%s)", len(self.backbone.blocks), mesh.size(),
+                 reshard)
 
     loss_weight_times = 1
 
@@ -187,9 +214,13 @@ class FLM(FlowLM):
         t = self.draw_times(tokens.shape[0], step, batch_idx)
         gamma = self.table.gamma_of_alpha(t)
         slot, _ = self._slot(batch_idx)
-        h = noisy_input(self.backbone, tokens, gamma, self.config.training.input_path,
-                        self.noise_generator(step, slot))
-        per_token = denoiser_cross_entropy(self.backbone(h, t), tokens)
+        generator = self.noise_generator(step, slot)
+        path = self.config.training.input_path
+
+        def noisy(network):  # built inside the backbone's forward (models/dit.py: FSDP)
+            return noisy_input(network, tokens, gamma, path, generator)
+
+        per_token = denoiser_cross_entropy(self.backbone(noisy, t), tokens)
         log_weight = self.loss_weighting(t) if self.loss_weighting is not None else None
         return masked_token_mean(weighted_loss(per_token, log_weight), mask)
 

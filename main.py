@@ -33,12 +33,21 @@ log = logging.getLogger("main")
 def build_strategy(config: DictConfig):
     world = config.trainer.devices * config.trainer.num_nodes
     name = config.strategy.name
-    if name == "ddp":
-        if world == 1:
-            return "auto"
-        from pytorch_lightning.strategies import DDPStrategy
-        return DDPStrategy(find_unused_parameters=config.strategy.find_unused_parameters)
-    raise utils.ConfigError(f"strategy={name!r} is not supported; use strategy=ddp")
+    if name == "fsdp" and config.mode == "train":
+        from pytorch_lightning.strategies import ModelParallelStrategy
+        # FSDP2 over every rank (no tensor parallelism); one gathered checkpoint file, written
+        # by rank 0 through the trainer's AtomicCheckpointIO like the ddp ones
+        return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1,
+                                     save_distributed_checkpoint=False)
+    if name == "fsdp":  # evaluation: load_for_eval builds an unsharded model
+        log.info("mode=%s runs unsharded (strategy=fsdp applies to training)", config.mode)
+    elif name != "ddp":
+        raise utils.ConfigError(f"strategy={name!r} is not supported; use strategy=ddp or fsdp")
+    if world == 1:
+        return "auto"
+    from pytorch_lightning.strategies import DDPStrategy
+    return DDPStrategy(find_unused_parameters=config.strategy.get("find_unused_parameters",
+                                                                  False))
 
 
 def build_callbacks(config: DictConfig) -> list[pl.Callback]:
@@ -51,7 +60,7 @@ def build_callbacks(config: DictConfig) -> list[pl.Callback]:
         reliability.NonFiniteGuard(rc.max_consecutive_nonfinite, last),
         reliability.PreemptionHandler(last, tuple(rc.checkpoint_signals),
                                       tuple(rc.requeue_signals)),
-        reliability.RNGStates()]
+        reliability.RNGStates(), reliability.FinalCheckpoint(last)]
     if "checkpoint_every_n_steps" in cb:
         callbacks.append(ModelCheckpoint(
             dirpath=ckpt_dir, filename=PERIODIC_PREFIX + "{step:08d}",
@@ -145,9 +154,14 @@ def train(config: DictConfig) -> None:
         log.info("stopped by %s at step %d; %s holds the resume point", preemption.stopped_by,
                  trainer.global_step, preemption.checkpoint_path)
         return
-    last = Path(config.checkpointing.save_dir) / "checkpoints" / LAST_NAME
-    trainer.save_checkpoint(last)
-    if trainer.is_global_zero and config.sampling.print_samples > 0:
+    final = next(c for c in callbacks if isinstance(c, reliability.FinalCheckpoint))
+    last = final.checkpoint_path
+    if final.saved_step is None:  # ended before max_steps without a signal (e.g. max_steps=-1)
+        trainer.save_checkpoint(last)
+    if config.sampling.print_samples > 0 and module.sharded:
+        log.info("strategy=fsdp: the weights are sharded, no samples printed; run "
+                 "mode=sample_eval eval.checkpoint_path=%s", last)
+    elif trainer.is_global_zero and config.sampling.print_samples > 0:
         log_samples(module, config)
 
 

@@ -6,6 +6,8 @@
 * :class:`PreemptionHandler`: SIGUSR1/SIGTERM (SLURM's warning before the time limit, or a
   preemption) write ``last.ckpt`` at the next optimizer-step boundary, requeue the SLURM job and
   stop cleanly.
+* :class:`FinalCheckpoint`: the step that reaches ``trainer.max_steps`` writes ``last.ckpt``
+  from inside the epoch, so raising ``max_steps`` later continues that epoch exactly.
 * :class:`RNGStates`: the global random states (python, numpy, torch CPU and CUDA) of every rank
   travel in checkpoints, so dropout continues the same streams after a resume.
 
@@ -26,6 +28,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from torch.distributed.tensor import DTensor
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +82,9 @@ class NonFiniteGuard(pl.Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        grads = [p.grad for p in params if p.grad is not None]
+        # this rank's shard under FSDP (DTensor); the verdict is reduced over ranks below
+        grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                 for p in params if p.grad is not None]
         bad = bool(self._loss_nonfinite)
         if grads and not bad:
             norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
@@ -315,3 +320,24 @@ class PreemptionHandler(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
         self._uninstall()
+
+
+class FinalCheckpoint(pl.Callback):
+    """Write ``checkpoint_path`` when the optimizer step that reaches ``trainer.max_steps`` ends.
+
+    A checkpoint saved after ``trainer.fit`` returns records the epoch as finished, so a run
+    continued from it with a larger ``max_steps`` would start a new epoch (a new data order)
+    instead of the next unseen batch. Saved here, at the same point as the periodic
+    checkpoints, it is an exact resume point. ``saved_step`` is the step written (or None).
+    """
+
+    def __init__(self, checkpoint_path: str | os.PathLike) -> None:
+        self.checkpoint_path = Path(checkpoint_path)
+        self.saved_step: int | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if 0 < trainer.max_steps <= step and self.saved_step != step:
+            trainer.save_checkpoint(self.checkpoint_path)
+            self.saved_step = step

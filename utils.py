@@ -84,19 +84,22 @@ def resolve_config(config: DictConfig) -> DictConfig:
     return config
 
 
-STRATEGIES = ("ddp",)  # fsdp: configs/strategy/fsdp.yaml exists but models/ema.py is not shard-aware
+STRATEGIES = ("ddp", "fsdp")
+FSDP_ALGORITHMS = ("flm",)  # see the ConfigError below
 TEACHER_KEYS = ("teacher_path", "teacher_f_path", "teacher_g_path")
 
 
 def _check_distributed_and_reliability(config: DictConfig) -> None:
     """Checks that would otherwise fail only after the GPUs are set up (or hours later)."""
     name = config.strategy.name
-    if name == "fsdp":
-        raise ConfigError("strategy=fsdp is not supported yet: the EMA (models/ema.py) keeps "
-                          "full copies keyed by unwrapped parameter names; use strategy=ddp "
-                          "(DiT small/medium and their AdamW state fit on one GPU)")
     if name not in STRATEGIES:
-        raise ConfigError(f"strategy={name!r} is unknown; use strategy=ddp")
+        raise ConfigError(f"strategy={name!r} is unknown; use one of {list(STRATEGIES)}")
+    if name == "fsdp" and config.algo.name not in FSDP_ALGORITHMS:
+        raise ConfigError(
+            f"strategy=fsdp supports algo={'|'.join(FSDP_ALGORITHMS)}, not algo={config.algo.name}"
+            ": the distillation losses read the student's embedding outside its forward, where "
+            "FSDP holds only a shard of it; use strategy=ddp (the student and its frozen "
+            "teachers fit on one GPU for DiT small/medium)")
     for key in TEACHER_KEYS:
         path = config.algo.get(key)
         if path is not None and not Path(path).expanduser().is_file():

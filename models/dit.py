@@ -15,6 +15,7 @@ input/output embeddings.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +123,12 @@ class DiT(nn.Module):
     ``forward(h, t, t2=None)``: h (B, L, D) -> logits (B, L, V). ``t`` feeds
     the time embedding; with ``double_temb`` a second embedding of ``t2`` is
     added to it (flm-math §5: the flow map's target time).
+
+    ``h`` may also be a function ``network -> (B, L, D)`` (e.g. the noisy input
+    ``x_gamma @ E`` of flow/path.py, which reads ``input_embedding``): it is
+    called inside ``forward``. Under FSDP (strategy=fsdp) that is where the
+    sharded weights are gathered, and where the gradient through ``E`` reaches
+    them before it is reduced across ranks.
     """
 
     def __init__(self, vocab_size: int, length: int, hidden_size: int, n_blocks: int,
@@ -177,8 +184,10 @@ class DiT(nn.Module):
         """(B, L', D) -> logits (B, L', V); callable on a chunk of positions."""
         return self.output_layer(hidden, c)
 
-    def forward(self, h: torch.Tensor, t: torch.Tensor,
+    def forward(self, h: torch.Tensor | Callable[[DiT], torch.Tensor], t: torch.Tensor,
                 t2: torch.Tensor | None = None) -> torch.Tensor:
+        if callable(h):
+            h = h(self)
         hidden, c = self.features(h, t, t2)
         return self.head(hidden, c)
 

@@ -1,4 +1,10 @@
-"""Exponential moving average of parameters, swappable into the live model."""
+"""Exponential moving average of parameters, swappable into the live model.
+
+Under FSDP (strategy=fsdp) the parameters are sharded DTensors: the shadow is
+then sharded the same way (each rank keeps its shard only), checkpoints hold
+the gathered full tensors, and loading scatters them back into shards. A
+checkpoint written under one strategy therefore loads under the other.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 class EMA:
@@ -48,18 +55,41 @@ class EMA:
                     if n in backup:
                         p.copy_(backup[n])
 
+    @torch.no_grad()
+    def shard_like(self, module: nn.Module) -> None:
+        """Keep only this rank's shard of each shadow, placed as ``module``'s (FSDP) parameter."""
+        for n, p in module.named_parameters():
+            if n in self.shadow and isinstance(p, DTensor) and not isinstance(self.shadow[n],
+                                                                              DTensor):
+                self.shadow[n] = distribute_tensor(self.shadow[n].to(p.device, p.dtype),
+                                                   p.device_mesh, p.placements)
+
     def to(self, device: torch.device) -> EMA:
         self.shadow = {n: v.to(device) for n, v in self.shadow.items()}
         return self
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": {n: v.clone() for n, v in self.shadow.items()}}
+        """Full tensors; with sharded shadows a collective (every rank must call it)."""
+        return {"decay": self.decay, "shadow": {n: _full(v) for n, v in self.shadow.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         missing = set(self.shadow) - set(state["shadow"])
         if missing:
             raise KeyError(f"EMA state lacks parameters {sorted(missing)[:5]}...")
         self.decay = state["decay"]
-        for n in self.shadow:
-            self.shadow[n] = state["shadow"][n].to(self.shadow[n].device,
-                                                   self.shadow[n].dtype).clone()
+        for n, now in self.shadow.items():
+            full = state["shadow"][n]
+            if tuple(full.shape) != tuple(now.shape):
+                raise ValueError(f"EMA state of {n} has shape {tuple(full.shape)}, the model "
+                                 f"{tuple(now.shape)}")
+            if isinstance(now, DTensor):  # collective: scatter into this rank's shard
+                self.shadow[n] = distribute_tensor(full.to(now.device, now.dtype),
+                                                   now.device_mesh, now.placements)
+            else:
+                self.shadow[n] = full.to(now.device, now.dtype).clone()
+
+
+def _full(value: torch.Tensor) -> torch.Tensor:
+    if isinstance(value, DTensor):
+        return value.full_tensor().cpu()  # gathered shard by shard, kept off the accelerator
+    return value.clone()

@@ -1,9 +1,10 @@
 """N processes equal 1 process with accumulation: same samples per slot, same time draws, and
-(end to end, 2 CPU processes over gloo) the same parameters."""
+(end to end, 2 CPU processes over gloo, under ddp and fsdp) the same parameters."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from types import SimpleNamespace
 
@@ -84,6 +85,44 @@ def test_two_process_ddp_equals_one_process_with_accumulation(tmp_path):
         torch.testing.assert_close(ddp["state_dict"][key], value, rtol=1e-5, atol=1e-6)
         moved = max(moved, float((value - earlier[key]).abs().max()))
     assert moved > 1e-4  # the last step did move the weights by far more than the tolerance
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_equals_one_process_and_resumes_under_either_strategy(tmp_path):
+    """strategy=fsdp (FSDP2, 2 CPU processes over gloo): at step 2 the gathered checkpoint equals
+    1 process with accumulation 2; continued to step 3 from that checkpoint under fsdp, and
+    under ddp, it equals the uninterrupted single-process run (weights, EMA, Adam moments)."""
+    common = ["model.dropout=0", "training.ema=0.5"]
+    run_main(tmp_path / "single", *common, "trainer.max_steps=3", "trainer.devices=1")
+    run_main(tmp_path / "fsdp", *common, "trainer.max_steps=2", "trainer.devices=2",
+             "strategy=fsdp")
+    shutil.copytree(tmp_path / "fsdp", tmp_path / "ddp")
+    single2 = load(tmp_path / "single" / "checkpoints" / "step00000002.ckpt")
+    fsdp2 = load(tmp_path / "fsdp" / "checkpoints" / "last.ckpt")
+    assert fsdp2["global_step"] == 2
+    for key, value in single2["state_dict"].items():
+        torch.testing.assert_close(fsdp2["state_dict"][key], value, rtol=1e-5, atol=1e-6)
+    run_main(tmp_path / "fsdp", *common, "trainer.max_steps=3", "trainer.devices=2",
+             "strategy=fsdp")
+    run_main(tmp_path / "ddp", *common, "trainer.max_steps=3", "trainer.devices=2",
+             "strategy=ddp")
+    single = load(tmp_path / "single" / "checkpoints" / "last.ckpt")
+    moved = max(float((v - single2["state_dict"][k]).abs().max())
+                for k, v in single["state_dict"].items())
+    assert moved > 1e-4  # step 3 moved the weights by far more than the tolerance
+    for name in ("fsdp", "ddp"):
+        other = load(tmp_path / name / "checkpoints" / "last.ckpt")
+        assert other["global_step"] == 3
+        assert other["FLMDataModule"]["sampler"]["epoch"] == 0  # the epoch went on
+        for key, value in single["state_dict"].items():
+            torch.testing.assert_close(other["state_dict"][key], value, rtol=1e-5, atol=1e-6)
+        for key, value in single["ema"]["shadow"].items():
+            torch.testing.assert_close(other["ema"]["shadow"][key], value, rtol=1e-5, atol=1e-6)
+        for index, state in single["optimizer_states"][0]["state"].items():
+            for moment in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(other["optimizer_states"][0]["state"][index][moment],
+                                           state[moment], rtol=1e-4, atol=1e-9,
+                                           msg=lambda m: f"parameter {index}, {moment}: {m}")
 
 
 @pytest.mark.slow

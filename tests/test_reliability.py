@@ -146,7 +146,8 @@ def test_requeue_without_slurm_only_logs(monkeypatch, caplog):
 
 @pytest.mark.parametrize("overrides, message", [
     (["strategy.name=deepspeed"], "strategy='deepspeed' is unknown"),
-    (["strategy=fsdp"], "strategy=fsdp is not supported yet"),
+    (["strategy=fsdp", "algo=flm_distill_second", "algo.teacher_f_path=/x", "algo.teacher_g_path=/y"],
+     "strategy=fsdp supports algo=flm, not algo=flm_distill_second"),
     (["+algo.teacher_path=/nonexistent/teacher.ckpt"], "algo.teacher_path=/nonexistent"),
     (["loader.global_batch_size=10", "loader.batch_size=4"], "not divisible by"),
     (["reliability.max_consecutive_nonfinite=0"], "max_consecutive_nonfinite=0"),
