@@ -1,13 +1,16 @@
-"""Data-parallel scaling of FLM training: tokens/s per GPU on 1, 2, 4, 8 GPUs.
+"""Data-parallel scaling of FLM training: tokens/s per GPU on 1, 2, 4, 8 GPUs, ddp and fsdp.
 
     python bench/scaling.py             # DiT small, L=1024, 32 sequences per GPU, bf16, compiled
     python bench/scaling.py --quick     # CPU smoke test: tiny model, gloo, 1 and 2 processes
+    python bench/scaling.py --strategies fsdp --worlds 8
 
-For each world size up to the GPUs present, one process per GPU runs the FLM training step
-(``algo.FLM.compute_loss``: time draw, D-space corruption, DiT, cross-entropy), backward with
-DDP's gradient all-reduce, AdamW and the EMA update, on random tokens (no data loading, no
-Lightning loop). Prints one table: tokens/s per GPU, total, and scaling efficiency
-(tokens/s per GPU relative to 1 GPU).
+For each strategy and world size up to the GPUs present, one process per GPU runs the FLM
+training step (``algo.FLM.compute_loss``: time draw, D-space corruption, DiT, cross-entropy),
+backward with the gradient reduction (ddp: DistributedDataParallel all-reduce; fsdp: the
+sharding of ``algo.FlowLM.configure_model``, reduce-scatter), gradient clipping, AdamW and the
+EMA update, on random tokens (no data loading, no Lightning loop). Prints one table: tokens/s
+per GPU, total, scaling efficiency (tokens/s per GPU relative to the same strategy on 1 GPU)
+and peak memory on rank 0.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _config(setup: dict, world: int, run_dir: str):
+def _config(setup: dict, world: int, run_dir: str, strategy: str):
     from hydra import compose, initialize_config_dir
 
     from utils import resolve_config
@@ -60,12 +63,12 @@ def _config(setup: dict, world: int, run_dir: str):
                  f"loader.global_batch_size={setup['batch'] * world}",
                  f"loader.batch_size={setup['batch']}", f"trainer.devices={world}",
                  f"training.compile={setup['compile']}", f"checkpointing.save_dir={run_dir}",
-                 f"eval.output_dir={run_dir}/eval"]
+                 f"eval.output_dir={run_dir}/eval", f"strategy={strategy}"]
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
         return resolve_config(compose(config_name="config", overrides=overrides))
 
 
-def _worker(rank: int, world: int, setup: dict, port: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, setup: dict, strategy: str, port: int, out_dir: str) -> None:
     import algo
 
     cuda = torch.cuda.is_available() and not setup["cpu"]
@@ -76,11 +79,18 @@ def _worker(rank: int, world: int, setup: dict, port: int, out_dir: str) -> None
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(0)
-    config = _config(setup, world, out_dir)
+    config = _config(setup, world, out_dir, strategy)
     flm = algo.FLM(config, vocab_size=setup["vocab"]).to(device)
     flm.ema.to(device)
-    model = DistributedDataParallel(TrainingLoss(flm), device_ids=[rank] if cuda else None,
-                                    gradient_as_bucket_view=True)
+    if strategy == "fsdp":  # the same sharding as training with strategy=fsdp
+        from torch.distributed.device_mesh import init_device_mesh
+        flm._device_mesh = init_device_mesh(device.type, (world,),
+                                            mesh_dim_names=("data_parallel",))
+        flm.configure_model()
+        model = TrainingLoss(flm)
+    else:
+        model = DistributedDataParallel(TrainingLoss(flm), device_ids=[rank] if cuda else None,
+                                        gradient_as_bucket_view=True)
     optimizer = torch.optim.AdamW(flm.parameters(), lr=3e-4, fused=cuda)
     gen = torch.Generator(device=device).manual_seed(rank)
     tokens = torch.randint(0, setup["vocab"], (setup["batch"], setup["length"]), device=device,
@@ -107,16 +117,16 @@ def _worker(rank: int, world: int, setup: dict, port: int, out_dir: str) -> None
     if rank == 0:
         per_gpu = setup["steps"] * setup["batch"] * setup["length"] / float(elapsed)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
-        Path(out_dir, f"world{world}.txt").write_text(f"{per_gpu} {peak}")
+        Path(out_dir, f"{strategy}{world}.txt").write_text(f"{per_gpu} {peak}")
     dist.destroy_process_group()
 
 
-def measure(world: int, setup: dict) -> tuple[float, float]:
+def measure(world: int, setup: dict, strategy: str) -> tuple[float, float]:
     """(tokens/s per GPU, peak GiB on rank 0) with ``world`` processes."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_worker, args=(world, setup, _free_port(), out_dir), nprocs=world,
-                           start_method="spawn")
-        per_gpu, peak = Path(out_dir, f"world{world}.txt").read_text().split()
+        mp.start_processes(_worker, args=(world, setup, strategy, _free_port(), out_dir),
+                           nprocs=world, start_method="spawn")
+        per_gpu, peak = Path(out_dir, f"{strategy}{world}.txt").read_text().split()
     return float(per_gpu), float(peak)
 
 
@@ -127,6 +137,8 @@ def main() -> None:
     parser.add_argument("--worlds", type=int, nargs="*", help="world sizes (default 1 2 4 8)")
     parser.add_argument("--steps", type=int, help="timed steps per world size")
     parser.add_argument("--no-compile", action="store_true", help="eager backbone")
+    parser.add_argument("--strategies", nargs="*", default=["ddp", "fsdp"],
+                        choices=["ddp", "fsdp"], help="default: both")
     args = parser.parse_args()
     setup = dict(QUICK if args.quick else FULL)
     setup["cpu"] = args.quick or not torch.cuda.is_available()
@@ -142,14 +154,15 @@ def main() -> None:
     device = "cpu (gloo)" if setup["cpu"] else torch.cuda.get_device_name(0)
     print(f"# FLM training, DiT {setup['model']}, L={setup['length']}, {setup['batch']} "
           f"sequences per process, V={setup['vocab']}, compile={setup['compile']}, {device}")
-    print(f"{'GPUs':>5} {'tokens/s/GPU':>14} {'tokens/s total':>15} {'efficiency':>11} "
-          f"{'peak GiB':>9}")
-    base = None
-    for world in worlds:
-        per_gpu, peak = measure(world, setup)
-        base = base or per_gpu
-        print(f"{world:>5} {per_gpu:>14.0f} {per_gpu * world:>15.0f} {per_gpu / base:>11.1%} "
-              f"{peak:>9.1f}", flush=True)
+    print(f"{'strategy':>8} {'GPUs':>5} {'tokens/s/GPU':>14} {'tokens/s total':>15} "
+          f"{'efficiency':>11} {'peak GiB':>9}")
+    for strategy in args.strategies:
+        base = None
+        for world in worlds:
+            per_gpu, peak = measure(world, setup, strategy)
+            base = base or per_gpu
+            print(f"{strategy:>8} {world:>5} {per_gpu:>14.0f} {per_gpu * world:>15.0f} "
+                  f"{per_gpu / base:>11.1%} {peak:>9.1f}", flush=True)
 
 
 if __name__ == "__main__":

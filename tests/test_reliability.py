@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import random
 import shlex
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -176,7 +178,7 @@ def _main_overrides(command: list[str]) -> list[str]:
     return command[command.index("main") + 1:]
 
 
-def test_sbatch_template_renders_a_valid_command(capsys):
+def test_sbatch_template_renders_a_valid_command(capsys, tmp_path):
     _render_module().main(["--nodes", "2", "--data-dir", "/data", "--save-root", "/runs",
                            "trainer.log_every_n_steps=50"])
     out = capsys.readouterr().out
@@ -186,24 +188,29 @@ def test_sbatch_template_renders_a_valid_command(capsys):
     warning = "SIG" + signal_option.split("=")[1].split("@")[0]
     config = compose_config([])
     assert warning in config.reliability.requeue_signals  # the warning signal requeues
-    srun = shlex.split(out.strip().splitlines()[-1])
-    assert srun[:5] == ["srun", "--kill-on-bad-exit=1", "python", "-u", "-m"]
-    overrides = _main_overrides(srun)
+    lines = out.strip().splitlines()
+    srun, python = shlex.split(lines[-3]), shlex.split(lines[-1])
+    # every task runs the workstation script (which execs python: signals reach python)
+    assert srun[:4] == ["srun", "--kill-on-bad-exit=1", "bash", "scripts/train_owt_flm.sh"]
+    assert python[:4] == ["python", "-u", "-m", "main"]
+    overrides = _main_overrides(python)
     assert "checkpointing.save_dir=/runs/flm-owt-0" in overrides
     assert overrides[-1] == "trainer.log_every_n_steps=50"
+    # the task's command is the script's own command, then the cluster's, then the user's
+    stand_in = tmp_path / "python"  # prints the command it gets
+    stand_in.write_text(_render_module().STAND_IN_PYTHON)
+    stand_in.chmod(0o755)
+    env = {**os.environ, "DATA_DIR": "/data", "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    alone = subprocess.run(["bash", "scripts/train_owt_flm.sh"], cwd=REPO, capture_output=True,
+                           text=True, env=env, check=True)
+    script_command = shlex.split(alone.stdout)
+    assert python[:len(script_command)] == script_command
     # the command composes and resolves: 2 nodes x 8 GPUs x 32 = 512, no accumulation
     hydra_free = [o for o in overrides if not o.startswith("hydra.")]
     resolved = resolve_config(compose_config(hydra_free))
     assert (resolved.trainer.devices, resolved.trainer.num_nodes) == (8, 2)
     assert resolved.trainer.accumulate_grad_batches == 1 and resolved.loader.batch_size == 32
     assert resolved.checkpointing.resume_from_ckpt
-    paper_script = REPO / "scripts" / "train_owt_flm.sh"
-    if paper_script.is_file():  # the lead's script: the template runs the same training command
-        lines = paper_script.read_text().split("python -u -m main", 1)[1].split('"$@"')[0]
-        paper = [shlex.split(line.strip().rstrip("\\"))[0] for line in lines.splitlines()
-                 if line.strip().rstrip("\\").strip()]
-        paper = [p for p in paper if not p.startswith(("data.cache_dir=", "wandb.mode="))]
-        assert [o for o in overrides if o in paper] == paper
 
 
 def test_submitit_launcher_renders_requeueing_job():

@@ -4,8 +4,9 @@
         [--partition P] [--account A] [--template scripts/slurm/train_owt_flm.sbatch] [overrides]
     python scripts/slurm/render.py --submitit trainer.devices=8 trainer.num_nodes=2 [overrides]
 
-No SLURM needed. The template runs with FLM_DRY_RUN=1 under a simulated SLURM environment;
-``--submitit`` composes the config with hydra/launcher=submitit_slurm_flm and prints the sbatch
+No SLURM needed. The template runs with FLM_DRY_RUN=1 under a simulated SLURM environment and
+prints its srun line; the training script that line starts is then run with a stand-in
+``python`` first on PATH, which prints the command python would get. ``--submitit`` composes the config with hydra/launcher=submitit_slurm_flm and prints the sbatch
 file that hydra-submitit-launcher would submit.
 """
 
@@ -17,6 +18,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,18 +38,33 @@ def sbatch_options(template: Path) -> dict[str, str | None]:
     return options
 
 
+# prints the command it was given, shell-quoted (shlex.split reads it back)
+STAND_IN_PYTHON = f"#!{sys.executable}\nimport shlex, sys\nprint(shlex.join(['python', *sys.argv[1:]]))\n"
+
+
 def render(template: Path, options: dict[str, str | None], overrides: list[str],
-           data_dir: str, save_root: str) -> str:
-    """The srun command line the template runs, for the given (resolved) sbatch options."""
+           data_dir: str, save_root: str) -> tuple[str, str]:
+    """(the srun line the template runs, the python command that line ends in) for the given
+    (resolved) sbatch options."""
     gpus = int(options["gpus-per-node"])
     env = {**os.environ, "FLM_DRY_RUN": "1", "DATA_DIR": data_dir, "SAVE_ROOT": save_root,
            "SLURM_JOB_ID": DRY_RUN_JOB_ID, "SLURM_JOB_NAME": options["job-name"],
-           "SLURM_JOB_NUM_NODES": options["nodes"], "SLURM_NTASKS_PER_NODE": str(gpus)}
+           "SLURM_JOB_NUM_NODES": options["nodes"], "SLURM_NTASKS_PER_NODE": str(gpus),
+           "SLURM_SUBMIT_DIR": str(REPO)}
     for var in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
         env.pop(var, None)
     result = subprocess.run(["bash", str(template), *overrides], env=env, capture_output=True,
                             text=True, check=True)
-    return result.stdout.strip()
+    srun = result.stdout.strip()
+    task = shlex.split(srun)[2:]  # drop "srun --kill-on-bad-exit=1"
+    with tempfile.TemporaryDirectory() as bin_dir:
+        stand_in = Path(bin_dir, "python")
+        stand_in.write_text(STAND_IN_PYTHON)
+        stand_in.chmod(0o755)
+        env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+        python = subprocess.run(task, env=env, cwd=REPO, capture_output=True, text=True,
+                                check=True)
+    return srun, python.stdout.strip()
 
 
 def render_submitit(overrides: list[str]) -> str:
@@ -100,8 +117,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"#SBATCH --{key}" + (f"={value}" if value is not None else ""))
     print("# submit with")
     print(" ".join(shlex.quote(a) for a in submit))
+    srun, python = render(args.template, options, overrides, args.data_dir, args.save_root)
     print(f"# every task runs (job id {DRY_RUN_JOB_ID} stands for $SLURM_JOB_ID)")
-    print(render(args.template, options, overrides, args.data_dir, args.save_root))
+    print(srun)
+    print("# which runs")
+    print(python)
 
 
 if __name__ == "__main__":
