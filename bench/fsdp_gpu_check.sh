@@ -44,4 +44,4 @@ for name in ckpt:
     print(f"{name:>13}: step {ckpt[name]['global_step']}, last train/loss {last}, "
           f"val/loss {val}")
 PY
-python bench/scaling.py --worlds 1 2 4 8 --steps 20
+if [[ "${SCALING:-1}" == 1 ]]; then python bench/scaling.py --worlds 1 2 4 8 --steps 20; fi
