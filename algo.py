@@ -184,6 +184,29 @@ class FlowLM(pl.LightningModule):
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None) -> None:
+        """Clip by the global gradient norm (trainer.gradient_clip_val).
+
+        Lightning's mixed-precision plugin refuses any clipping with a fused AdamW (the default
+        on CUDA), because with fp16 the gradients would still carry the loss scale. bf16 and
+        fp32 have no loss scaler, so the gradients are clipped here directly; with a scaler
+        (16-mixed) Lightning's own handling applies. DTensor (FSDP) gradients are clipped by
+        their global norm over all shards."""
+        if not gradient_clip_val:
+            return
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val,
+                                                gradient_clip_algorithm)
+            return
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError(f"gradient_clip_algorithm={gradient_clip_algorithm!r}: only 'norm' "
+                             "is supported")
+        params = [p for group in optimizer.param_groups for p in group["params"]
+                  if p.grad is not None]
+        if params:
+            torch.nn.utils.clip_grad_norm_(params, float(gradient_clip_val))
+
     # ---- checkpoints ------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["ema"] = self.ema.state_dict()

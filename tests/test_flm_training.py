@@ -83,3 +83,20 @@ def test_learnable_loss_weighting_and_reference_path_train():
     assert module.loss_weighting is not None
     # the zero-initialised last layer has moved: the weighting is being learnt
     assert module.loss_weighting.mlp[-1].weight.abs().sum() > 0
+
+
+def test_fused_adamw_with_bf16_clips_like_the_unfused_optimizer(tmp_path):
+    """The CUDA default (fused AdamW) with bf16 autocast and gradient clipping trains, and
+    clips: Lightning's mixed-precision plugin alone refuses to clip for a fused optimizer."""
+    from tests.test_resume import load, run_main
+    common = ["model.dropout=0", "trainer.max_steps=3", "trainer.precision=bf16",
+              "trainer.gradient_clip_val=0.01"]
+    run_main(tmp_path / "fused", *common, "optim.fused=true")
+    run_main(tmp_path / "plain", *common, "optim.fused=false")
+    run_main(tmp_path / "unclipped", *common[:-1], "trainer.gradient_clip_val=0",
+             "optim.fused=false")
+    fused, plain, unclipped = (load(tmp_path / name / "checkpoints" / "last.ckpt")["state_dict"]
+                               for name in ("fused", "plain", "unclipped"))
+    for key, value in plain.items():
+        torch.testing.assert_close(fused[key], value, rtol=1e-5, atol=1e-7)
+    assert max(float((unclipped[k] - v).abs().max()) for k, v in plain.items()) > 1e-4

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# strategy=fsdp on one GPU through the real entry point (Lightning, CUDA, NCCL, bf16, compiled
-# blocks): train 40 steps, continue a 20-step run to 40 from its last.ckpt, and the same under
-# ddp; print the final train/val losses and the largest weight differences. Then
-# bench/scaling.py on the GPUs present (ddp and fsdp). Writes into ${OUT:-/tmp/fsdp-check}.
+# The training entry point (python -m main: Lightning, CUDA, NCCL, bf16, fused AdamW, compiled)
+# on a GPU. FLM under strategy=fsdp and ddp: 40 steps straight, and 20 steps continued to 40
+# from last.ckpt; prints the final losses and the largest weight differences. Then both
+# distillation stages for 10 steps from those checkpoints, ppl_eval of the FMLM student, and
+# (SCALING=1, the default) bench/scaling.py on the GPUs present. Writes into ${OUT}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-/tmp/fsdp-check}"
+OUT="${OUT:-/tmp/flm-gpu-check}"
 COMMON=(model=small model.length=64 loader.global_batch_size=64 trainer.precision=bf16
         training.compile=true trainer.val_check_interval=20 trainer.limit_val_batches=4
         trainer.enable_progress_bar=false trainer.log_every_n_steps=5 sampling.print_samples=0 wandb.mode=disabled
@@ -44,4 +45,12 @@ for name in ckpt:
     print(f"{name:>13}: step {ckpt[name]['global_step']}, last train/loss {last}, "
           f"val/loss {val}")
 PY
+start=$(date +%s)
+run distill1 algo=flm_distill "algo.teacher_path='${OUT}/ddp-40/checkpoints/last.ckpt'" \
+  trainer.max_steps=10
+run distill2 algo=flm_distill_second "algo.teacher_f_path='${OUT}/ddp-40/checkpoints/last.ckpt'" \
+  "algo.teacher_g_path='${OUT}/distill1/checkpoints/last.ckpt'" trainer.max_steps=10
+run ppl mode=ppl_eval "eval.checkpoint_path='${OUT}/distill2/checkpoints/last.ckpt'"
+echo "distillation stages 1 and 2 (10 steps each) and ppl_eval in $(( $(date +%s) - start )) s"
+grep -h "train/loss\|val/loss\|ppl_eval:" "${OUT}/ppl.log" | tail -2
 if [[ "${SCALING:-1}" == 1 ]]; then python bench/scaling.py --worlds 1 2 4 8 --steps 20; fi
