@@ -10,7 +10,7 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 
@@ -62,15 +62,15 @@ def build_callbacks(config: DictConfig) -> list[pl.Callback]:
                                       tuple(rc.requeue_signals)),
         reliability.RNGStates(), reliability.FinalCheckpoint(last)]
     if "checkpoint_every_n_steps" in cb:
-        callbacks.append(ModelCheckpoint(
+        callbacks.append(reliability.StepCheckpoint(
             dirpath=ckpt_dir, filename=PERIODIC_PREFIX + "{step:08d}",
             auto_insert_metric_name=False,
             every_n_train_steps=cb.checkpoint_every_n_steps.every_n_train_steps,
             save_top_k=cb.checkpoint_every_n_steps.save_top_k, save_last=False))
     if "checkpoint_last" in cb:
-        callbacks.append(ModelCheckpoint(
+        callbacks.append(reliability.StepCheckpoint(
             dirpath=ckpt_dir, every_n_train_steps=cb.checkpoint_last.every_n_train_steps,
-            save_top_k=0, save_last=True))
+            save_top_k=0, save_last=True, enable_version_counter=False))
     if "learning_rate_monitor" in cb:
         callbacks.append(LearningRateMonitor(logging_interval=cb.learning_rate_monitor
                                              .logging_interval))

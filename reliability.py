@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.distributed.tensor import DTensor
 
 log = logging.getLogger(__name__)
@@ -341,3 +342,15 @@ class FinalCheckpoint(pl.Callback):
         if 0 < trainer.max_steps <= step and self.saved_step != step:
             trainer.save_checkpoint(self.checkpoint_path)
             self.saved_step = step
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, saving only at optimizer steps (every_n_train_steps).
+
+    Lightning also writes ``last`` when training ends if this callback has not yet written it
+    during the run; that copy records the epoch as finished (a continued run would start a new
+    epoch) and, next to an existing last.ckpt, lands in ``last-v1.ckpt``. The final state is
+    written by :class:`FinalCheckpoint` instead, from inside the epoch."""
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        return

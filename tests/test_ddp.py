@@ -114,6 +114,8 @@ def test_two_process_fsdp_equals_one_process_and_resumes_under_either_strategy(t
         other = load(tmp_path / name / "checkpoints" / "last.ckpt")
         assert other["global_step"] == 3
         assert other["FLMDataModule"]["sampler"]["epoch"] == 0  # the epoch went on
+        # one resume point: no second "last" copy written as training ended
+        assert not list((tmp_path / name / "checkpoints").glob("last-v*"))
         for key, value in single["state_dict"].items():
             torch.testing.assert_close(other["state_dict"][key], value, rtol=1e-5, atol=1e-6)
         for key, value in single["ema"]["shadow"].items():
