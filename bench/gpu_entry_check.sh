@@ -2,8 +2,9 @@
 # The training entry point (python -m main: Lightning, CUDA, NCCL, bf16, fused AdamW, compiled)
 # on a GPU. FLM under strategy=fsdp and ddp: 40 steps straight, and 20 steps continued to 40
 # from last.ckpt; prints the final losses and the largest weight differences. Then both
-# distillation stages for 10 steps from those checkpoints, ppl_eval of the FMLM student, and
-# (SCALING=1, the default) bench/scaling.py on the GPUs present. Writes into ${OUT}.
+# distillation stages for 10 steps from an FLM teacher, ppl_eval of the FMLM student, and
+# bench/scaling.py on the GPUs present. PARTS="flm distill scaling" (default: all) picks the
+# parts; DISTILL_COMPILE=false runs the distillation part eager. Writes into ${OUT}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/flm-gpu-check}"
@@ -14,6 +15,8 @@ COMMON=(model=small model.length=64 loader.global_batch_size=64 trainer.precisio
 run() { local dir="$1"; shift; python -u -m main "${COMMON[@]}" "checkpointing.save_dir=${OUT}/${dir}" \
         "hydra.run.dir=${OUT}/${dir}" "$@" > "${OUT}/${dir}.log" 2>&1 || { tail -40 "${OUT}/${dir}.log"; exit 1; }; }
 mkdir -p "${OUT}"
+PARTS="${PARTS:-flm distill scaling}"
+if [[ " ${PARTS} " == *" flm "* ]]; then
 for strategy in fsdp ddp; do
   start=$(date +%s)
   run "${strategy}-40" strategy=${strategy} trainer.max_steps=40
@@ -45,12 +48,22 @@ for name in ckpt:
     print(f"{name:>13}: step {ckpt[name]['global_step']}, last train/loss {last}, "
           f"val/loss {val}")
 PY
-start=$(date +%s)
-run distill1 algo=flm_distill "algo.teacher_path='${OUT}/ddp-40/checkpoints/last.ckpt'" \
-  trainer.max_steps=10
-run distill2 algo=flm_distill_second "algo.teacher_f_path='${OUT}/ddp-40/checkpoints/last.ckpt'" \
-  "algo.teacher_g_path='${OUT}/distill1/checkpoints/last.ckpt'" trainer.max_steps=10
-run ppl mode=ppl_eval "eval.checkpoint_path='${OUT}/distill2/checkpoints/last.ckpt'"
-echo "distillation stages 1 and 2 (10 steps each) and ppl_eval in $(( $(date +%s) - start )) s"
-grep -h "train/loss\|val/loss\|ppl_eval:" "${OUT}/ppl.log" | tail -2
-if [[ "${SCALING:-1}" == 1 ]]; then python bench/scaling.py --worlds 1 2 4 8 --steps 20; fi
+fi
+if [[ " ${PARTS} " == *" distill "* ]]; then
+  start=$(date +%s)
+  D=("training.compile=${DISTILL_COMPILE:-true}")
+  run teacher "${D[@]}" trainer.max_steps=10
+  run distill1 "${D[@]}" algo=flm_distill \
+    "algo.teacher_path='${OUT}/teacher/checkpoints/last.ckpt'" trainer.max_steps=10
+  run distill2 "${D[@]}" algo=flm_distill_second \
+    "algo.teacher_f_path='${OUT}/teacher/checkpoints/last.ckpt'" \
+    "algo.teacher_g_path='${OUT}/distill1/checkpoints/last.ckpt'" trainer.max_steps=10
+  run ppl "${D[@]}" mode=ppl_eval "eval.checkpoint_path='${OUT}/distill2/checkpoints/last.ckpt'"
+  echo "FLM teacher, distillation stages 1 and 2 (10 steps each), ppl_eval: $(( $(date +%s) - start )) s"
+  for name in teacher distill1 distill2; do
+    echo "${name}: $(grep -c 'checkpoint written' "${OUT}/${name}.log") checkpoint writes," \
+         "files: $(ls "${OUT}/${name}/checkpoints" | tr '\n' ' ')"
+  done
+  grep -h "ppl_eval:" "${OUT}/ppl.log" | tail -1
+fi
+if [[ " ${PARTS} " == *" scaling "* ]]; then python bench/scaling.py --worlds 1 2 4 8 --steps 20; fi
