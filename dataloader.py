@@ -428,24 +428,42 @@ class ResumableDistributedSampler(torch.utils.data.Sampler[int]):
                 "dataset_len": self.dataset_len}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from ``state``, also when it was saved with another split of the same global
+        batch (devices × nodes × micro-batch × accumulation): the position is a number of whole
+        global batches, and global batch ``b`` holds the same samples under any split."""
+        saved_len = state.get("dataset_len", self.dataset_len)
+        if saved_len != self.dataset_len:
+            raise ValueError(f"sampler state was saved over {saved_len} training samples, "
+                             f"resuming over {self.dataset_len}: use the same training data")
         replicas = state.get("num_replicas", self.num_replicas)
-        if replicas != self.num_replicas:
-            raise ValueError(f"sampler state was saved with {replicas} ranks, resuming with "
-                             f"{self.num_replicas}: exact resume needs the same world size "
-                             "(trainer.devices * trainer.num_nodes)")
-        for key, now in (("batch_size", self.batch_size), ("accumulate", self.accumulate),
-                         ("dataset_len", self.dataset_len)):
-            saved = state.get(key, now)
-            if saved != now:
-                raise ValueError(
-                    f"sampler state was saved with {key}={saved}, resuming with {now}: exact "
-                    "resume needs the same loader.global_batch_size, loader.batch_size and "
-                    "training data")
-        if not 0 <= state["consumed"] <= self.num_samples:
-            raise ValueError(f"consumed={state['consumed']} outside [0, {self.num_samples}]: the "
-                             "checkpoint belongs to a different dataset or batch setup")
+        batch = state.get("batch_size", self.batch_size)
+        accumulate = state.get("accumulate", self.accumulate)
+        saved_global = replicas * batch * accumulate
+        if saved_global != self.global_batch:
+            raise ValueError(
+                f"sampler state was saved with a global batch of {saved_global} ({replicas} "
+                f"ranks x {batch} x {accumulate} accumulation), resuming with "
+                f"{self.global_batch}: exact resume needs the same loader.global_batch_size")
+        per_rank_step = batch * accumulate  # this rank's samples per global batch, then
+        if state["consumed"] % per_rank_step:
+            raise ValueError(f"consumed={state['consumed']} is not a whole number of global "
+                             "batches: the checkpoint was not written at an optimizer step")
+        consumed = state["consumed"] // per_rank_step * self.batch_size * self.accumulate
+        if not 0 <= consumed <= self.num_samples:
+            raise ValueError(f"consumed={state['consumed']} outside the epoch: the checkpoint "
+                             "belongs to a different dataset or batch setup")
+        if (replicas, batch, accumulate) != (self.num_replicas, self.batch_size, self.accumulate):
+            log.info("resuming a run saved with %d ranks x %d x %d accumulation on %d ranks x "
+                     "%d x %d accumulation: same global batch, continuing at global batch %d",
+                     replicas, batch, accumulate, self.num_replicas, self.batch_size,
+                     self.accumulate, consumed // (self.batch_size * self.accumulate))
+            if batch != self.batch_size:
+                log.warning("loader.batch_size changed (%d -> %d): each global batch holds the "
+                            "same samples, but the noise and time draws are keyed by "
+                            "micro-batch slot, so they differ from the original run", batch,
+                            self.batch_size)
         self.epoch = state["epoch"]
-        self.consumed = state["consumed"]
+        self.consumed = consumed
 
 
 # --------------------------------------------------------------------------- data module

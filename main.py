@@ -60,7 +60,7 @@ def build_callbacks(config: DictConfig) -> list[pl.Callback]:
         reliability.NonFiniteGuard(rc.max_consecutive_nonfinite, last),
         reliability.PreemptionHandler(last, tuple(rc.checkpoint_signals),
                                       tuple(rc.requeue_signals)),
-        reliability.RNGStates(), reliability.FinalCheckpoint(last)]
+        reliability.RNGStates(), reliability.FinalCheckpoint(last), reliability.ResplitLoop()]
     if "checkpoint_every_n_steps" in cb:
         callbacks.append(reliability.StepCheckpoint(
             dirpath=ckpt_dir, filename=PERIODIC_PREFIX + "{step:08d}",

@@ -8,6 +8,8 @@
   stop cleanly.
 * :class:`FinalCheckpoint`: the step that reaches ``trainer.max_steps`` writes ``last.ckpt``
   from inside the epoch, so raising ``max_steps`` later continues that epoch exactly.
+* :class:`ResplitLoop`: resuming with another accumulation (another device count for the same
+  global batch) rescales Lightning's micro-batch counters to the new accumulation.
 * :class:`RNGStates`: the global random states (python, numpy, torch CPU and CUDA) of every rank
   travel in checkpoints, so dropout continues the same streams after a resume.
 
@@ -354,3 +356,37 @@ class StepCheckpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         return
+
+
+class ResplitLoop(pl.Callback):
+    """Resume a checkpoint on another split of the same global batch (e.g. 2 GPUs -> 1 GPU with
+    accumulation 2): Lightning counts micro-batches of the epoch, and uses that count for the
+    accumulation boundaries and the epoch's end, so it is rescaled from the saved accumulation
+    to the current one. The data position itself is re-split by the sampler
+    (``dataloader.ResumableDistributedSampler.load_state_dict``)."""
+
+    COUNTERS = ("ready", "started", "processed", "completed")
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        datamodule = trainer.datamodule
+        sampler = checkpoint.get(type(datamodule).__qualname__, {}).get("sampler") \
+            if datamodule is not None else None
+        loops = checkpoint.get("loops", {}).get("fit_loop")
+        if sampler is None or loops is None:
+            return
+        saved, now = int(sampler.get("accumulate", 1)), int(trainer.accumulate_grad_batches)
+        if saved == now:
+            return
+        progress = loops["epoch_loop.batch_progress"]
+        for scope in ("total", "current"):
+            counts = progress[scope]
+            ready = counts["ready"]
+            if ready % saved:
+                raise ValueError(f"the checkpoint was written inside an accumulation cycle "
+                                 f"({ready} micro-batches, accumulation {saved}); resume it "
+                                 "with the same trainer.accumulate_grad_batches")
+            scaled = ready // saved * now
+            for key in self.COUNTERS:  # keep each counter's lag behind `ready`
+                counts[key] = scaled - (ready - counts[key])
+        log.info("accumulation %d -> %d: Lightning's micro-batch counters rescaled", saved, now)

@@ -88,15 +88,18 @@ def test_two_process_ddp_equals_one_process_with_accumulation(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_fsdp_equals_one_process_and_resumes_under_either_strategy(tmp_path):
+def test_two_process_fsdp_equals_one_process_and_resumes_under_any_split(tmp_path):
     """strategy=fsdp (FSDP2, 2 CPU processes over gloo): at step 2 the gathered checkpoint equals
-    1 process with accumulation 2; continued to step 3 from that checkpoint under fsdp, and
-    under ddp, it equals the uninterrupted single-process run (weights, EMA, Adam moments)."""
+    1 process with accumulation 2. Continued to step 3 from that checkpoint under fsdp, under
+    ddp, and on 1 process with accumulation 2, and the 1-process step-2 checkpoint continued on
+    2 fsdp processes: each equals the uninterrupted single-process run (weights, EMA, Adam)."""
     common = ["model.dropout=0", "training.ema=0.5"]
     run_main(tmp_path / "single", *common, "trainer.max_steps=3", "trainer.devices=1")
     run_main(tmp_path / "fsdp", *common, "trainer.max_steps=2", "trainer.devices=2",
              "strategy=fsdp")
     shutil.copytree(tmp_path / "fsdp", tmp_path / "ddp")
+    shutil.copytree(tmp_path / "fsdp", tmp_path / "shrink")
+    shutil.copytree(tmp_path / "single", tmp_path / "grow")
     single2 = load(tmp_path / "single" / "checkpoints" / "step00000002.ckpt")
     fsdp2 = load(tmp_path / "fsdp" / "checkpoints" / "last.ckpt")
     assert fsdp2["global_step"] == 2
@@ -106,11 +109,15 @@ def test_two_process_fsdp_equals_one_process_and_resumes_under_either_strategy(t
              "strategy=fsdp")
     run_main(tmp_path / "ddp", *common, "trainer.max_steps=3", "trainer.devices=2",
              "strategy=ddp")
+    run_main(tmp_path / "shrink", *common, "trainer.max_steps=3", "trainer.devices=1")
+    grow_from = tmp_path / "grow" / "checkpoints" / "step00000002.ckpt"
+    run_main(tmp_path / "grow", *common, "trainer.max_steps=3", "trainer.devices=2",
+             "strategy=fsdp", f"checkpointing.resume_ckpt_path={grow_from}")
     single = load(tmp_path / "single" / "checkpoints" / "last.ckpt")
     moved = max(float((v - single2["state_dict"][k]).abs().max())
                 for k, v in single["state_dict"].items())
     assert moved > 1e-4  # step 3 moved the weights by far more than the tolerance
-    for name in ("fsdp", "ddp"):
+    for name in ("fsdp", "ddp", "shrink", "grow"):
         other = load(tmp_path / name / "checkpoints" / "last.ckpt")
         assert other["global_step"] == 3
         assert other["FLMDataModule"]["sampler"]["epoch"] == 0  # the epoch went on

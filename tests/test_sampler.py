@@ -94,10 +94,45 @@ def test_set_epoch_same_epoch_keeps_position():
     assert s.consumed == 0
 
 
-def test_load_state_rejects_other_world_size():
-    s = ResumableDistributedSampler(10, 2, 0)
-    with pytest.raises(ValueError, match="world size"):
+def test_load_state_rejects_another_global_batch():
+    s = ResumableDistributedSampler(10, 2, 0)  # global batch 2
+    with pytest.raises(ValueError, match="same loader.global_batch_size"):
         ResumableDistributedSampler(10, 4, 0).load_state_dict(s.state_dict())
+    s = ResumableDistributedSampler(12, 2, 0, batch_size=2)
+    s.advance(1)  # half of this rank's part of a global batch: not an optimizer-step boundary
+    with pytest.raises(ValueError, match="not a whole number of global batches"):
+        ResumableDistributedSampler(12, 2, 0, batch_size=2).load_state_dict(s.state_dict())
+
+
+@pytest.mark.parametrize("before, after", [((2, 3, 2), (4, 3, 1)), ((4, 3, 1), (1, 3, 4)),
+                                           ((2, 6, 1), (3, 2, 2))])
+def test_resume_onto_another_split_of_the_global_batch(before, after):
+    """(world, micro-batch, accumulation) with the same global batch of 12: stopped after 2
+    global batches and resumed on another split, every later global batch holds the same
+    samples as in the uninterrupted run."""
+    n, done = 100, 2
+
+    def global_batches(samplers, batch, accumulate):
+        per_rank = [list(s) for s in samplers]
+        world = len(samplers)
+        step = batch * accumulate
+        out = []
+        for b in range(len(per_rank[0]) // step):
+            out.append(sorted(i for r in range(world) for i in per_rank[r][b * step:(b + 1) * step]))
+        return out
+
+    def samplers(world, batch, accumulate):
+        return [ResumableDistributedSampler(n, world, r, seed=4, batch_size=batch,
+                                            accumulate=accumulate) for r in range(world)]
+
+    uninterrupted = global_batches(samplers(*before), *before[1:])
+    stopped = samplers(*before)
+    for s in stopped:
+        s.advance(done * before[1] * before[2])
+    resumed = samplers(*after)
+    for s in resumed:
+        s.load_state_dict(stopped[0].state_dict())  # every rank's state says the same position
+    assert global_batches(resumed, *after[1:]) == uninterrupted[done:]
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
