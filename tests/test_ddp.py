@@ -132,6 +132,10 @@ def test_two_process_fsdp_equals_one_process_and_resumes_under_any_split(tmp_pat
                 torch.testing.assert_close(other["optimizer_states"][0]["state"][index][moment],
                                            state[moment], rtol=1e-4, atol=1e-9,
                                            msg=f"parameter {index}, {moment} differs")
+    # the fsdp checkpoint evaluates; with strategy=fsdp still set, evaluation runs unsharded
+    evaluated = run_main(tmp_path / "fsdp", *common, "mode=ppl_eval", "strategy=fsdp",
+                         f"eval.checkpoint_path={tmp_path / 'fsdp' / 'checkpoints' / 'last.ckpt'}")
+    assert "ppl_eval: [{'val/loss'" in evaluated.stdout + evaluated.stderr
 
 
 @pytest.mark.slow
