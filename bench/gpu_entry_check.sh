@@ -4,12 +4,12 @@
 # from last.ckpt; prints the final losses and the largest weight differences. Then both
 # distillation stages for 10 steps from an FLM teacher, ppl_eval of the FMLM student, and
 # bench/scaling.py on the GPUs present. PARTS="flm distill scaling" (default: all) picks the
-# parts; DISTILL_COMPILE=false runs the distillation part eager. Writes into ${OUT}.
+# parts; FLM_COMPILE=false / DISTILL_COMPILE=false run those parts eager. Writes into ${OUT}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/flm-gpu-check}"
 COMMON=(model=small model.length=64 loader.global_batch_size=64 trainer.precision=bf16
-        training.compile=true trainer.val_check_interval=20 trainer.limit_val_batches=4
+        "training.compile=${FLM_COMPILE:-true}" trainer.val_check_interval=20 trainer.limit_val_batches=4
         trainer.enable_progress_bar=false trainer.log_every_n_steps=5 sampling.print_samples=0 wandb.mode=disabled
         callbacks.checkpoint_every_n_steps.every_n_train_steps=10)
 run() { local dir="$1"; shift; python -u -m main "${COMMON[@]}" "checkpointing.save_dir=${OUT}/${dir}" \
