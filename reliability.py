@@ -7,7 +7,9 @@
   preemption) write ``last.ckpt`` at the next optimizer-step boundary, requeue the SLURM job and
   stop cleanly.
 * :class:`FinalCheckpoint`: the step that reaches ``trainer.max_steps`` writes ``last.ckpt``
-  from inside the epoch, so raising ``max_steps`` later continues that epoch exactly.
+  from inside the epoch, so raising ``max_steps`` later continues that epoch exactly;
+  :class:`StepCheckpoint` (the periodic and ``last`` writers) therefore skips Lightning's own
+  end-of-training copy.
 * :class:`ResplitLoop`: resuming with another accumulation (another device count for the same
   global batch) rescales Lightning's micro-batch counters to the new accumulation.
 * :class:`RNGStates`: the global random states (python, numpy, torch CPU and CUDA) of every rank
