@@ -73,8 +73,7 @@ class FlowLM(pl.LightningModule):
                                              num_times=self.loss_weight_times)
                                if config.algo.learnable_loss_weighting else None)
         self.ema = EMA(self.backbone, config.training.ema)
-        # strategy=fsdp applies to training (main.build_strategy); configure_model shards then
-        self.sharded = config.strategy.name == "fsdp" and config.get("mode", "train") == "train"
+        self.sharded = utils.fsdp_training(config)  # configure_model shards under the trainer
         if compile_requested(config) and not self.sharded:
             self.backbone.compile()  # under FSDP, configure_model compiles block by block
         self._noise_generator: torch.Generator | None = None

@@ -33,7 +33,7 @@ log = logging.getLogger("main")
 def build_strategy(config: DictConfig):
     world = config.trainer.devices * config.trainer.num_nodes
     name = config.strategy.name
-    if name == "fsdp" and config.mode == "train":
+    if utils.fsdp_training(config):
         from pytorch_lightning.strategies import ModelParallelStrategy
         # FSDP2 over every rank (no tensor parallelism); one gathered checkpoint file, written
         # by rank 0 through the trainer's AtomicCheckpointIO like the ddp ones

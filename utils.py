@@ -89,6 +89,11 @@ FSDP_ALGORITHMS = ("flm",)  # see the ConfigError below
 TEACHER_KEYS = ("teacher_path", "teacher_f_path", "teacher_g_path")
 
 
+def fsdp_training(config: DictConfig) -> bool:
+    """strategy=fsdp shards training only; evaluation modes build an unsharded model."""
+    return config.strategy.name == "fsdp" and config.get("mode", "train") == "train"
+
+
 def _check_distributed_and_reliability(config: DictConfig) -> None:
     """Checks that would otherwise fail only after the GPUs are set up (or hours later)."""
     name = config.strategy.name

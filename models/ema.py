@@ -61,8 +61,7 @@ class EMA:
         for n, p in module.named_parameters():
             if n in self.shadow and isinstance(p, DTensor) and not isinstance(self.shadow[n],
                                                                               DTensor):
-                self.shadow[n] = distribute_tensor(self.shadow[n].to(p.device, p.dtype),
-                                                   p.device_mesh, p.placements)
+                self.shadow[n] = _shard_like(self.shadow[n], p)
 
     def to(self, device: torch.device) -> EMA:
         self.shadow = {n: v.to(device) for n, v in self.shadow.items()}
@@ -83,10 +82,14 @@ class EMA:
                 raise ValueError(f"EMA state of {n} has shape {tuple(full.shape)}, the model "
                                  f"{tuple(now.shape)}")
             if isinstance(now, DTensor):  # collective: scatter into this rank's shard
-                self.shadow[n] = distribute_tensor(full.to(now.device, now.dtype),
-                                                   now.device_mesh, now.placements)
+                self.shadow[n] = _shard_like(full, now)
             else:
                 self.shadow[n] = full.to(now.device, now.dtype).clone()
+
+
+def _shard_like(full: torch.Tensor, like: DTensor) -> DTensor:
+    """This rank's shard of ``full``, on ``like``'s device, dtype, mesh and placements."""
+    return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements)
 
 
 def _full(value: torch.Tensor) -> torch.Tensor:

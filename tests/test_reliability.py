@@ -197,9 +197,7 @@ def test_sbatch_template_renders_a_valid_command(capsys, tmp_path):
     assert "checkpointing.save_dir=/runs/flm-owt-0" in overrides
     assert overrides[-1] == "trainer.log_every_n_steps=50"
     # the task's command is the script's own command, then the cluster's, then the user's
-    stand_in = tmp_path / "python"  # prints the command it gets
-    stand_in.write_text(_render_module().STAND_IN_PYTHON)
-    stand_in.chmod(0o755)
+    _render_module().write_stand_in_python(tmp_path)  # prints the command it gets
     env = {**os.environ, "DATA_DIR": "/data", "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
     alone = subprocess.run(["bash", "scripts/train_owt_flm.sh"], cwd=REPO, capture_output=True,
                            text=True, env=env, check=True)

@@ -6,8 +6,9 @@
 
 No SLURM needed. The template runs with FLM_DRY_RUN=1 under a simulated SLURM environment and
 prints its srun line; the training script that line starts is then run with a stand-in
-``python`` first on PATH, which prints the command python would get. ``--submitit`` composes the config with hydra/launcher=submitit_slurm_flm and prints the sbatch
-file that hydra-submitit-launcher would submit.
+``python`` first on PATH, which prints the command python would get. ``--submitit`` composes
+the config with hydra/launcher=submitit_slurm_flm and prints the sbatch file that
+hydra-submitit-launcher would submit.
 """
 
 from __future__ import annotations
@@ -38,8 +39,17 @@ def sbatch_options(template: Path) -> dict[str, str | None]:
     return options
 
 
-# prints the command it was given, shell-quoted (shlex.split reads it back)
-STAND_IN_PYTHON = f"#!{sys.executable}\nimport shlex, sys\nprint(shlex.join(['python', *sys.argv[1:]]))\n"
+STAND_IN_PYTHON = (f"#!{sys.executable}\nimport shlex, sys\n"
+                   "print(shlex.join(['python', *sys.argv[1:]]))\n")
+
+
+def write_stand_in_python(directory: Path) -> Path:
+    """``directory/python``: prints the command it is given, shell-quoted (shlex.split reads it
+    back), instead of running it. Put ``directory`` first on PATH."""
+    stand_in = Path(directory, "python")
+    stand_in.write_text(STAND_IN_PYTHON)
+    stand_in.chmod(0o755)
+    return stand_in
 
 
 def render(template: Path, options: dict[str, str | None], overrides: list[str],
@@ -58,9 +68,7 @@ def render(template: Path, options: dict[str, str | None], overrides: list[str],
     srun = result.stdout.strip()
     task = shlex.split(srun)[2:]  # drop "srun --kill-on-bad-exit=1"
     with tempfile.TemporaryDirectory() as bin_dir:
-        stand_in = Path(bin_dir, "python")
-        stand_in.write_text(STAND_IN_PYTHON)
-        stand_in.chmod(0o755)
+        write_stand_in_python(bin_dir)
         env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
         python = subprocess.run(task, env=env, cwd=REPO, capture_output=True, text=True,
                                 check=True)
