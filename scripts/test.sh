@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test command: install everything, then run the whole suite on the CPU.
+# The test command: install into the project's virtual environment (scripts/install.sh), then run
+# the whole suite on the CPU with that environment's python.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-python -m pytest -q "$@"
+exec "${FLM_VENV:-.venv}/bin/python" -m pytest -q "$@"

