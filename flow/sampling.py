@@ -21,11 +21,11 @@ DEFAULT_POSITION_CHUNK = 256  # positions per output-layer chunk: bounds the (B,
 
 
 def check_known(known_tokens: torch.Tensor | None, known_mask: torch.Tensor | None,
-                shape: tuple[int, int]) -> torch.Tensor | None:
+                shape: tuple[int, int], vocab: int) -> torch.Tensor | None:
     """Validate the conditioning pair; returns the mask (B, L) bool, or None (unconditional).
 
     ``known_tokens`` (B, L) long and ``known_mask`` (B, L) bool come together; tokens at
-    unknown positions are ignored.
+    unknown positions are ignored, those at known positions must lie in [0, vocab).
     """
     if known_tokens is None and known_mask is None:
         return None
@@ -34,7 +34,11 @@ def check_known(known_tokens: torch.Tensor | None, known_mask: torch.Tensor | No
     if tuple(known_tokens.shape) != shape or tuple(known_mask.shape) != shape:
         raise ValueError(f"known_tokens {tuple(known_tokens.shape)} and known_mask "
                          f"{tuple(known_mask.shape)} must both have the state's (B, L) = {shape}")
-    return known_mask.bool()
+    mask = known_mask.bool()
+    if bool((((known_tokens < 0) | (known_tokens >= vocab)) & mask).any()):
+        raise ValueError(f"known_tokens has ids outside the vocabulary [0, {vocab}) at known "
+                         "positions")
+    return mask
 
 
 def clamp_known(h: torch.Tensor, clean: torch.Tensor | None, mask: torch.Tensor | None,
@@ -114,7 +118,8 @@ def sample_euler(network, table: AlphaGammaTable, noise: torch.Tensor, steps: in
     clean one-hot (through E) at the start and after every step, and returned as given
     (docs/conditional.md).
     """
-    mask = check_known(known_tokens, known_mask, tuple(noise.shape[:2]))
+    mask = check_known(known_tokens, known_mask, tuple(noise.shape[:2]),
+                       network.input_embedding.shape[0])
     clean = _clean_projection(network.input_embedding, known_tokens, mask)
     h = clamp_known(noise, clean, mask)
     batch = h.shape[0]
@@ -142,7 +147,7 @@ def sample_euler_reference(logits_fn, table: AlphaGammaTable, noise: torch.Tenso
     sampler is tested against, and for exact denoisers defined on z. Known
     positions are clamped to the one-hot e(x_known) itself.
     """
-    mask = check_known(known_tokens, known_mask, tuple(noise.shape[:2]))
+    mask = check_known(known_tokens, known_mask, tuple(noise.shape[:2]), noise.shape[-1])
     clean = (None if mask is None else
              F.one_hot(known_tokens.clamp(0, noise.shape[-1] - 1), noise.shape[-1]))
     z = clamp_known(noise, clean, mask)
@@ -184,7 +189,7 @@ def sample_flow_map(teacher, student, table: AlphaGammaTable, noise: torch.Tenso
     """
     batch, dim_teacher = noise.shape[0], teacher.input_embedding.shape[1]
     joint = torch.cat([teacher.input_embedding, student.input_embedding], dim=1).float()
-    mask = check_known(known_tokens, known_mask, tuple(noise.shape[:2]))
+    mask = check_known(known_tokens, known_mask, tuple(noise.shape[:2]), joint.shape[0])
     clean = _clean_projection(joint, known_tokens, mask)
     h = clamp_known(noise, clean, mask)
     t, gamma = step_grid(table, steps, h.device, dtype=h.dtype)

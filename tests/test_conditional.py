@@ -204,6 +204,9 @@ def test_bad_conditioning_arguments_fail_clearly():
     with pytest.raises(ValueError, match="must both have"):
         sample_euler(net, net.table, noise, 2, EPS, known_tokens=torch.zeros(2, 3).long(),
                      known_mask=torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        sample_euler(net, net.table, noise, 2, EPS, known_tokens=torch.full((2, LENGTH), VOCAB),
+                     known_mask=torch.ones(2, LENGTH, dtype=torch.bool))
 
 
 def test_trained_model_conditional_samples_are_closer_to_the_conditional_law():

@@ -161,3 +161,52 @@ def test_cli_generate_prompt_and_infill(tmp_path):
         assert [t for t, k in zip(sample["token_ids"], known) if k is not None] == \
             [k for k in known if k is not None]
 
+
+
+def in_process_generate(tmp_path, monkeypatch, overrides):
+    """main.generate_text with load_for_eval replaced by a fresh tiny FLM (no checkpoint)."""
+    import algo
+    import main
+    from utils import resolve_config
+    config = resolve_config(compose_config(TINY + ["mode=generate", "eval.checkpoint_path=x",
+                                                   f"generate.output_path={tmp_path / 'g.json'}",
+                                                   *overrides], run_dir=str(tmp_path)))
+    tokenizer = dataloader.get_tokenizer(config)
+
+    def fake_load(cfg):
+        return algo.FLM(cfg, vocab_size=len(tokenizer), tokenizer=tokenizer).eval(), tokenizer
+
+    monkeypatch.setattr(main, "load_for_eval", fake_load)
+    main.generate_text(config)
+    return json.loads((tmp_path / "g.json").read_text()), tokenizer
+
+
+def test_prompt_file_gives_each_prompt_its_samples(tmp_path, monkeypatch):
+    prompts = ["the city", "a history of music in the"]
+    file = tmp_path / "prompts.txt"
+    file.write_text("\n".join(prompts) + "\n")
+    result, tokenizer = in_process_generate(tmp_path, monkeypatch, [
+        f"generate.prompt_file={file}", "generate.num_samples=3", "sampling.batch_size=2",
+        "sampling.steps=[1,2]"])
+    samples = result["samples"]
+    assert len(samples) == 2 * 2 * 3  # step counts x prompts x samples
+    for sample in samples:
+        text = prompts[sample["condition"]]
+        assert sample["condition_text"] == text
+        ids = [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+        assert sample["token_ids"][:len(ids)] == ids
+        assert sample["known_mask"] == [True] * len(ids) + [False] * (32 - len(ids))
+    unconditional, _ = in_process_generate(tmp_path, monkeypatch, ["generate.num_samples=2"])
+    assert [s["known_mask"] for s in unconditional["samples"]] == [None, None]
+
+
+def test_bad_generate_settings_fail_before_loading(tmp_path, monkeypatch):
+    file = tmp_path / "prompts.txt"
+    file.write_text("one\n\nthree\n")
+    with pytest.raises(ConfigError, match="empty lines \\[2\\]"):
+        in_process_generate(tmp_path, monkeypatch, [f"generate.prompt_file={file}"])
+    with pytest.raises(ConfigError, match="give one of"):
+        in_process_generate(tmp_path, monkeypatch, ["generate.prompt=a",
+                                                    "generate.infill='b [MASK:2]'"])
+    with pytest.raises(ConfigError, match="longer than model.length=32"):
+        in_process_generate(tmp_path, monkeypatch, ["generate.prompt='" + "word " * 40 + "'"])
