@@ -43,7 +43,7 @@ def check_known(known_tokens: torch.Tensor | None, known_mask: torch.Tensor | No
 
 def clamp_known(h: torch.Tensor, clean: torch.Tensor | None, mask: torch.Tensor | None,
                 ) -> torch.Tensor:
-    """Known positions of the state set to their clean one-hot, seen through E (conditional.md).
+    """Known positions of the state set to their clean one-hot through E (docs/conditional.md).
 
     h: (B, L, D) state; clean: (B, L, D) = E[known_tokens]; mask: (B, L). No-op without a mask.
     """

@@ -49,7 +49,8 @@ def test_prompt_prefix_is_the_clamped_euler_sampler():
     assert (out[:, :3] == torch.tensor(prompt)).all()
     batched = generate(model, [[3, 1, 4], [0, 0, 2]], steps=5, num_samples=2,
                        generator=torch.Generator().manual_seed(2))
-    assert batched[:2, :3].tolist() == [[3, 1, 4]] * 2 and batched[2:, :3].tolist() == [[0, 0, 2]] * 2
+    assert batched[:2, :3].tolist() == [[3, 1, 4]] * 2
+    assert batched[2:, :3].tolist() == [[0, 0, 2]] * 2
 
 
 @pytest.mark.parametrize("kind", ["fmlm", "stage1"])
