@@ -1,7 +1,8 @@
-"""Entry point: ``python -m main mode=train|ppl_eval|sample_eval [overrides]``."""
+"""Entry point: ``python -m main mode=train|ppl_eval|sample_eval|generate [overrides]``."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -216,6 +217,71 @@ def sample_eval(config: DictConfig) -> None:
     run_from_config(module.config, module, tokenizer)  # model settings from the checkpoint
 
 
+def generate_text(config: DictConfig) -> None:
+    """mode=generate: prompt continuation or infilling from ``eval.checkpoint_path``
+    (docs/conditional.md); prints the texts and writes them with the settings to
+    ``generate.output_path``."""
+    from models.generate import generate, infill_known, parse_infill, prompt_known
+    gc, sc = config.generate, config.sampling
+    given = [k for k in ("prompt", "prompt_file", "infill") if gc[k] is not None]
+    if len(given) > 1:
+        raise utils.ConfigError(f"generate.{' and generate.'.join(given)} are all set: give one "
+                                "of generate.prompt, generate.prompt_file, generate.infill")
+    if int(gc.num_samples) < 1:
+        raise utils.ConfigError(f"generate.num_samples={gc.num_samples}; must be >= 1")
+    if gc.prompt_file is not None:
+        file = Path(str(gc.prompt_file))
+        if not file.is_file():
+            raise utils.ConfigError(f"generate.prompt_file={file}: no such file")
+        prompts = file.read_text().splitlines()
+        empty = [i + 1 for i, line in enumerate(prompts) if not line.strip()]
+        if not prompts or empty:
+            raise utils.ConfigError(f"generate.prompt_file={file} has empty lines {empty} (or "
+                                    "none at all): one prompt per line")
+    elif gc.prompt is not None:
+        prompts = [str(gc.prompt)]
+    else:
+        prompts = []
+    pieces = parse_infill(gc.infill) if gc.infill is not None else None  # before loading
+    module, tokenizer = load_for_eval(config)
+    length = int(module.config.model.length)
+    if pieces is not None:
+        conditions = [(str(gc.infill), *infill_known(tokenizer, pieces, length, gc.add_bos))]
+    else:
+        conditions = [(text, *prompt_known(tokenizer, text, length, gc.add_bos))
+                      for text in prompts] or [(None, None, None)]
+    teacher = module.teacher("flm") if isinstance(module, algo.FLMDistill) else None
+    generator = torch.Generator(device=module.device).manual_seed(int(gc.seed))
+    dtype = algo.STATE_DTYPES[sc.state_dtype]
+    records = []
+    for steps in (int(s) for s in sc.steps):
+        for index, (text, known, mask) in enumerate(conditions):
+            for start in range(0, int(gc.num_samples), int(sc.batch_size)):
+                count = min(int(sc.batch_size), int(gc.num_samples) - start)
+                tokens = generate(module.backbone, known, None if known is None else mask,
+                                  steps=steps, num_samples=count, generator=generator,
+                                  teacher=teacher, two_times=module.sampler_two_times,
+                                  length=length, denominator_eps=sc.denominator_eps,
+                                  state_dtype=dtype, position_chunk=sc.position_chunk).cpu()
+                for row in tokens:
+                    sample = tokenizer.decode(row, skip_special_tokens=True)
+                    print(f"[{steps} steps, condition {index}] {sample}", flush=True)
+                    records.append({"steps": steps, "condition": index, "condition_text": text,
+                                    "text": sample, "token_ids": row.tolist(),
+                                    "known_mask": None if mask is None else mask.tolist()})
+    settings = {"checkpoint_path": str(config.eval.checkpoint_path),
+                "algo": module.config.algo.name, "model_length": length,
+                "steps": [int(s) for s in sc.steps], "num_samples": int(gc.num_samples),
+                "seed": int(gc.seed), "state_dtype": sc.state_dtype,
+                "denominator_eps": float(sc.denominator_eps), "add_bos": gc.add_bos,
+                "prompt": gc.prompt, "prompt_file": gc.prompt_file, "infill": gc.infill,
+                "ema": not config.eval.disable_ema}
+    out = Path(str(gc.output_path))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"settings": settings, "samples": records}, indent=1))
+    log.info("generate: %d samples written to %s", len(records), out)
+
+
 @hydra.main(version_base=None, config_path="configs", config_name="config")
 def main(config: DictConfig) -> None:
     config = utils.resolve_config(config)
@@ -229,7 +295,8 @@ def main(config: DictConfig) -> None:
              config.data.name, config.trainer.devices, config.trainer.num_nodes,
              config.loader.global_batch_size, config.loader.batch_size,
              config.trainer.accumulate_grad_batches)
-    {"train": train, "ppl_eval": ppl_eval, "sample_eval": sample_eval}[config.mode](config)
+    {"train": train, "ppl_eval": ppl_eval, "sample_eval": sample_eval,
+     "generate": generate_text}[config.mode](config)
 
 
 if __name__ == "__main__":

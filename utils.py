@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
 
-MODES = ("train", "ppl_eval", "sample_eval")
+MODES = ("train", "ppl_eval", "sample_eval", "generate")
 PRECISIONS = {"32": "32-true", "32-true": "32-true", "bf16": "bf16-mixed",
               "bf16-mixed": "bf16-mixed", "16": "16-mixed", "16-mixed": "16-mixed",
               "64": "64-true", "64-true": "64-true"}

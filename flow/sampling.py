@@ -1,4 +1,4 @@
-"""Samplers on the uniform alpha-space grid (flm-math §4, §6).
+"""Samplers on the uniform alpha-space grid (docs/math.md §4-6).
 
 A sampler is a function of (network, time table, noise, steps). The state is
 kept in D-space: ``h = z @ E`` evolves linearly, so ``p @ E`` replaces ``p``
@@ -11,12 +11,58 @@ D-space state the V-space state itself (the exact-denoiser tests use that).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from flow.flow_map import flow_map
 from flow.path import gaussian_projection, joint_gaussian_projection
 from flow.schedule import AlphaGammaTable
 
 DEFAULT_POSITION_CHUNK = 256  # positions per output-layer chunk: bounds the (B, chunk, V) logits
+
+
+def check_known(known_tokens: torch.Tensor | None, known_mask: torch.Tensor | None,
+                shape: tuple[int, int], vocab: int) -> torch.Tensor | None:
+    """Validate the conditioning pair; returns the mask (B, L) bool, or None (unconditional).
+
+    ``known_tokens`` (B, L) long and ``known_mask`` (B, L) bool come together; tokens at
+    unknown positions are ignored, those at known positions must lie in [0, vocab).
+    """
+    if known_tokens is None and known_mask is None:
+        return None
+    if known_tokens is None or known_mask is None:
+        raise ValueError("pass known_tokens and known_mask together (or neither)")
+    if tuple(known_tokens.shape) != shape or tuple(known_mask.shape) != shape:
+        raise ValueError(f"known_tokens {tuple(known_tokens.shape)} and known_mask "
+                         f"{tuple(known_mask.shape)} must both have the state's (B, L) = {shape}")
+    mask = known_mask.bool()
+    if bool((((known_tokens < 0) | (known_tokens >= vocab)) & mask).any()):
+        raise ValueError(f"known_tokens has ids outside the vocabulary [0, {vocab}) at known "
+                         "positions")
+    return mask
+
+
+def clamp_known(h: torch.Tensor, clean: torch.Tensor | None, mask: torch.Tensor | None,
+                ) -> torch.Tensor:
+    """Known positions of the state set to their clean one-hot through E (docs/conditional.md).
+
+    h: (B, L, D) state; clean: (B, L, D) = E[known_tokens]; mask: (B, L). No-op without a mask.
+    """
+    if mask is None:
+        return h
+    return torch.where(mask[..., None], clean.to(h.dtype), h)
+
+
+def _clean_projection(embedding: torch.Tensor, known_tokens: torch.Tensor | None,
+                      mask: torch.Tensor | None) -> torch.Tensor | None:
+    """e(x_known) @ E = E[x_known]: (B, L) -> (B, L, D), or None without conditioning."""
+    if mask is None:
+        return None
+    return F.embedding(known_tokens.clamp(0, embedding.shape[0] - 1), embedding.detach())
+
+
+def _final_tokens(tokens: torch.Tensor, known_tokens: torch.Tensor | None,
+                  mask: torch.Tensor | None) -> torch.Tensor:
+    return tokens if mask is None else torch.where(mask, known_tokens.to(tokens.dtype), tokens)
 
 
 def step_grid(table: AlphaGammaTable, steps: int, device: torch.device,
@@ -60,14 +106,22 @@ def denoised_projection(network, h: torch.Tensor, t: torch.Tensor, t2: torch.Ten
 @torch.no_grad()
 def sample_euler(network, table: AlphaGammaTable, noise: torch.Tensor, steps: int,
                  denominator_eps: float, two_times: bool = False,
-                 position_chunk: int = DEFAULT_POSITION_CHUNK) -> torch.Tensor:
-    """Euler on the flow ODE (flm-math §4); returns tokens (B, L).
+                 position_chunk: int = DEFAULT_POSITION_CHUNK,
+                 known_tokens: torch.Tensor | None = None,
+                 known_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Euler on the flow ODE (docs/math.md §4); returns tokens (B, L).
 
     ``noise``: the initial D-space state (B, L, D), its dtype is the state's
     precision. With ``two_times`` the network is a flow map f(z, t_i, t_{i+1})
-    (FMLM, flm-math §6): the same update with p = softmax(f(z, t_i, t_{i+1})).
+    (FMLM, docs/math.md §6): the same update with p = softmax(f(z, t_i, t_{i+1})).
+    ``known_tokens``/``known_mask`` (B, L): the known positions are clamped to their
+    clean one-hot (through E) at the start and after every step, and returned as given
+    (docs/conditional.md).
     """
-    h = noise
+    mask = check_known(known_tokens, known_mask, tuple(noise.shape[:2]),
+                       network.input_embedding.shape[0])
+    clean = _clean_projection(network.input_embedding, known_tokens, mask)
+    h = clamp_known(noise, clean, mask)
     batch = h.shape[0]
     t, gamma = step_grid(table, steps, h.device, dtype=h.dtype)
     for i in range(steps):
@@ -75,30 +129,37 @@ def sample_euler(network, table: AlphaGammaTable, noise: torch.Tensor, steps: in
         t_next = t[i + 1].float().expand(batch) if two_times else None
         p_proj, tokens = denoised_projection(network, h, t_now, t_next, position_chunk)
         if i == steps - 1:
-            return tokens  # z = p at the last step; argmax z = argmax of the logits
-        h = flow_map(h, p_proj.to(h.dtype), None, gamma[i].expand(batch),
-                     gamma[i + 1].expand(batch), denominator_eps)
+            # z = p at the last step; argmax z = argmax of the logits
+            return _final_tokens(tokens, known_tokens, mask)
+        h = clamp_known(flow_map(h, p_proj.to(h.dtype), None, gamma[i].expand(batch),
+                                 gamma[i + 1].expand(batch), denominator_eps), clean, mask)
     raise AssertionError("unreachable")
 
 
 @torch.no_grad()
 def sample_euler_reference(logits_fn, table: AlphaGammaTable, noise: torch.Tensor, steps: int,
-                           denominator_eps: float, two_times: bool = False) -> torch.Tensor:
+                           denominator_eps: float, two_times: bool = False,
+                           known_tokens: torch.Tensor | None = None,
+                           known_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The same Euler sampler with the V-space state z (B, L, V) materialised.
 
     ``logits_fn(z, t, t2) -> (B, L, V)``. Kept as the reference the D-space
-    sampler is tested against, and for exact denoisers defined on z.
+    sampler is tested against, and for exact denoisers defined on z. Known
+    positions are clamped to the one-hot e(x_known) itself.
     """
-    z = noise
+    mask = check_known(known_tokens, known_mask, tuple(noise.shape[:2]), noise.shape[-1])
+    clean = (None if mask is None else
+             F.one_hot(known_tokens.clamp(0, noise.shape[-1] - 1), noise.shape[-1]))
+    z = clamp_known(noise, clean, mask)
     batch = z.shape[0]
     t, gamma = step_grid(table, steps, z.device, dtype=z.dtype)
     for i in range(steps):
         t_next = t[i + 1].float().expand(batch) if two_times else None
         p = torch.softmax(logits_fn(z, t[i].float().expand(batch), t_next).to(z.dtype), dim=-1)
         if i == steps - 1:
-            return p.argmax(dim=-1)
-        z = flow_map(z, p, None, gamma[i].expand(batch), gamma[i + 1].expand(batch),
-                     denominator_eps)
+            return _final_tokens(p.argmax(dim=-1), known_tokens, mask)
+        z = clamp_known(flow_map(z, p, None, gamma[i].expand(batch), gamma[i + 1].expand(batch),
+                                 denominator_eps), clean, mask)
     raise AssertionError("unreachable")
 
 
@@ -114,18 +175,23 @@ def initial_joint_state(networks, batch_size: int, length: int,
 @torch.no_grad()
 def sample_flow_map(teacher, student, table: AlphaGammaTable, noise: torch.Tensor, steps: int,
                     denominator_eps: float,
-                    position_chunk: int = DEFAULT_POSITION_CHUNK) -> torch.Tensor:
-    """Stage-1 flow-map sampler (flm-math §5); returns tokens (B, L).
+                    position_chunk: int = DEFAULT_POSITION_CHUNK,
+                    known_tokens: torch.Tensor | None = None,
+                    known_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Stage-1 flow-map sampler (docs/math.md §5); returns tokens (B, L).
 
     ``z <- z + Δ_i·v_{t_i}(z) + ½Δ_i²·g(z, t_i, t_{i+1})`` with the FLM ``teacher``
     giving v and the stage-1 ``student`` giving g: 2 network calls per step. The
     state is ``z @ [E_T | E_S]`` (B, L, D_T + D_S) (``initial_joint_state``), its
     dtype the state's precision. At the last step γ = 1 and the z terms cancel:
-    ``z_N = p + ½Δ²·g``.
+    ``z_N = p + ½Δ²·g``. Known positions (``known_tokens``/``known_mask`` (B, L)) are
+    clamped to ``e(x_known) @ [E_T | E_S]`` as in ``sample_euler``.
     """
-    h = noise
-    batch, dim_teacher = h.shape[0], teacher.input_embedding.shape[1]
+    batch, dim_teacher = noise.shape[0], teacher.input_embedding.shape[1]
     joint = torch.cat([teacher.input_embedding, student.input_embedding], dim=1).float()
+    mask = check_known(known_tokens, known_mask, tuple(noise.shape[:2]), joint.shape[0])
+    clean = _clean_projection(joint, known_tokens, mask)
+    h = clamp_known(noise, clean, mask)
     t, gamma = step_grid(table, steps, h.device, dtype=h.dtype)
     for i in range(steps):
         t_now, t_next = t[i].float().expand(batch), t[i + 1].float().expand(batch)
@@ -146,7 +212,8 @@ def sample_flow_map(teacher, student, table: AlphaGammaTable, noise: torch.Tenso
                 p_proj.append(p @ joint)
                 g_proj.append(g @ joint)
         if last:
-            return torch.cat(tokens, dim=1)
+            return _final_tokens(torch.cat(tokens, dim=1), known_tokens, mask)
         h = flow_map(h, torch.cat(p_proj, dim=1).to(h.dtype), torch.cat(g_proj, dim=1).to(h.dtype),
                      gamma[i].expand(batch), gamma[i + 1].expand(batch), denominator_eps)
+        h = clamp_known(h, clean, mask)
     raise AssertionError("unreachable")

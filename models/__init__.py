@@ -1,0 +1,1 @@
+from models.generate import generate  # noqa: F401  (conditional generation, docs/conditional.md)
