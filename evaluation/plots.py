@@ -38,7 +38,7 @@ def plot_summaries(summaries: Sequence[dict[str, Any]], out_path: str) -> None:
                 if points:
                     xs, ys = zip(*sorted(points))
                     ax.plot(xs, ys, marker="o", color=color, label=label)
-                reference = summary.get("reference", {}).get(y_key)
+                reference = (summary.get("reference") or {}).get(y_key)
                 if _finite(reference):
                     ax.axhline(float(reference), color=color, linestyle="--",
                                label=f"{label}: reference")

@@ -79,6 +79,9 @@ def validate(config: Any) -> Protocol:
         raise ConfigError("eval.retokenize=false with eval.protocol=paper: the paper's code "
                           "always re-tokenises decoded text; set eval.retokenize=true or "
                           "eval.protocol=clean")
+    if config.eval.compute_mauve and not config.eval.reference_row:
+        raise ConfigError("eval.compute_mauve=true needs eval.reference_row=true (MAUVE is "
+                          "taken against held-out text); set one of them")
     return protocol
 
 

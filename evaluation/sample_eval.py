@@ -102,10 +102,10 @@ def score_set(judge: Any, ids: torch.Tensor, texts: list[str], specials: Sequenc
     return row, records
 
 
-def format_table(rows: Sequence[dict[str, Any]], reference: dict[str, Any],
+def format_table(rows: Sequence[dict[str, Any]], reference: dict[str, Any] | None,
                  protocol: str | None = None) -> str:
-    """Fixed-width table: one line per step count and a final reference line; a first line
-    names the gen-PPL protocol when given."""
+    """Fixed-width table: one line per step count and a final reference line (none when
+    ``reference`` is None); a first line names the gen-PPL protocol when given."""
     def cell(row: dict[str, Any], key: str, fmt: str) -> str:
         value = row.get(key)
         return "-" if value is None else fmt.format(value)
@@ -113,7 +113,8 @@ def format_table(rows: Sequence[dict[str, Any]], reference: dict[str, Any],
     lines = [header, "-" * len(header)]
     if protocol is not None:
         lines.insert(0, f"gen-PPL protocol: {protocol}")
-    for row in [*rows, {**reference, "steps": "reference"}]:
+    references = [] if reference is None else [{**reference, "steps": "reference"}]
+    for row in [*rows, *references]:
         lines.append(" | ".join(f"{cell(row, key, fmt):>10}" for key, _, fmt in TABLE_COLUMNS))
     return "\n".join(lines)
 
@@ -122,8 +123,8 @@ def run_sample_eval(
     sample_fn: SampleFn,
     decode_fn: DecodeFn,
     judge: Any,
-    reference_texts: list[str],
-    reference_ids: torch.Tensor,
+    reference_texts: list[str] | None,
+    reference_ids: torch.Tensor | None,
     steps_list: Sequence[int],
     num_samples: int,
     seed: int,
@@ -145,19 +146,26 @@ def run_sample_eval(
     scored the same way (the reference row). MAUVE of every row is taken against
     ``mauve_reference_*`` when given (a second disjoint held-out set; then the reference
     row's MAUVE is the real-vs-real ceiling), else against the reference set (then the
-    reference row has no MAUVE). ``protocol`` (paper | clean) sets the gen-PPL sums'
+    reference row has no MAUVE). ``reference_*`` None: no reference row and no MAUVE (the
+    paper's protocol has neither). ``protocol`` (paper | clean) sets the gen-PPL sums'
     precision and is recorded with ``sampler`` (state dtype, autocast). Returns the summary
     dict also written to summary.json.
     """
     ppl_dtype = get_protocol(protocol).ppl_dtype
     os.makedirs(out_dir, exist_ok=True)
     mauve_settings = mauve_settings or MauveSettings(seed=seed)
+    if compute_mauve and reference_texts is None:
+        raise ValueError("MAUVE needs held-out reference text: set eval.reference_row=true "
+                         "or eval.compute_mauve=false")
     if mauve_reference_texts is None:
         mauve_reference_texts, mauve_reference_ids = reference_texts, reference_ids
-    reference_row, reference_records = score_set(judge, reference_ids, reference_texts,
-                                                 special_ids, ppl_dtype)
-    reference_row.update(steps=None, seconds_per_sample=None, network_calls_per_sample=None,
-                         mauve=None, num_samples=len(reference_texts))
+    reference_row, reference_records = None, None
+    if reference_texts is not None:
+        reference_row, reference_records = score_set(judge, reference_ids, reference_texts,
+                                                     special_ids, ppl_dtype)
+        reference_row.update(steps=None, seconds_per_sample=None,
+                             network_calls_per_sample=None, mauve=None,
+                             num_samples=len(reference_texts))
     q_features = None
     if compute_mauve:
         q_features = judge_features(judge, mauve_reference_ids, mauve_reference_texts)
@@ -246,14 +254,17 @@ def run_from_config(config: Any, module: Any, tokenizer: Any) -> dict[str, Any]:
     decode_fn = make_decode_fn(tokenizer, keep_special_text=protocol.keep_special_text)
     judge = make_judge(ev, config.data, data_tokenizer=tokenizer, device=device,
                        max_length=int(config.model.length), call_size=batch_size)
-    reference_ids, mauve_ids = held_out_reference_ids(config, tokenizer, n, seed)
+    reference_ids, mauve_ids = None, None
+    if ev.reference_row:
+        reference_ids, mauve_ids = held_out_reference_ids(config, tokenizer, n, seed)
     sample_fn = sample_fn_from_module(module, STATE_DTYPES[state_dtype], batch_size, device,
                                       autocast=autocast)
     steps_list = config.sampling.steps
     steps_list = [steps_list] if isinstance(steps_list, int) else list(steps_list)
     return run_sample_eval(
         sample_fn, decode_fn, judge,
-        reference_texts=decode_fn(reference_ids), reference_ids=reference_ids,
+        reference_texts=decode_fn(reference_ids) if reference_ids is not None else None,
+        reference_ids=reference_ids,
         steps_list=steps_list, num_samples=n, seed=seed, out_dir=ev.output_dir,
         model_name=f"{config.data.name}-{config.algo.name}",
         network_calls_per_step=int(module.network_calls_per_step),

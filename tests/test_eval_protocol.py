@@ -232,7 +232,8 @@ def test_entropy_rule_of_each_protocol(judge_parts, name):
 
 
 def _config(**overrides):
-    base = {"eval": {"protocol": "paper", "judge": "hf", "retokenize": True},
+    base = {"eval": {"protocol": "paper", "judge": "hf", "retokenize": True,
+                     "compute_mauve": False, "reference_row": False},
             "sampling": {"state_dtype": "float32", "autocast": "auto"}}
     return OmegaConf.merge(base, overrides)
 
@@ -252,6 +253,7 @@ def test_sampler_settings_follow_the_protocol_and_log_overrides(caplog):
     ({"eval": {"protocol": "mdlm"}}, "eval.protocol"),
     ({"sampling": {"autocast": "fp16"}}, "sampling.autocast"),
     ({"eval": {"retokenize": False}}, "eval.retokenize"),
+    ({"eval": {"compute_mauve": True}}, "eval.compute_mauve"),
 ])
 def test_bad_protocol_settings_give_one_config_error(overrides, key):
     with pytest.raises(ConfigError, match=key):
@@ -281,8 +283,8 @@ def test_make_judge_paper_pads_with_eos_and_summary_records_protocol(tmp_path, j
     ids = ids_of(data_tok, OWT_SAMPLES)
     decode = make_decode_fn(data_tok, keep_special_text=True)
     summary = run_sample_eval(
-        lambda steps, n, seed: ids[:n], decode, judge, reference_texts=decode(ids),
-        reference_ids=ids, steps_list=[1], num_samples=len(OWT_SAMPLES), seed=0,
+        lambda steps, n, seed: ids[:n], decode, judge, reference_texts=None,
+        reference_ids=None, steps_list=[1], num_samples=len(OWT_SAMPLES), seed=0,
         out_dir=str(tmp_path / "out"), model_name="fake", network_calls_per_step=1,
         compute_mauve=False, warmup=False, protocol="paper",
         sampler={"state_dtype": "float32", "autocast": "bf16"})
@@ -290,6 +292,7 @@ def test_make_judge_paper_pads_with_eos_and_summary_records_protocol(tmp_path, j
         on_disk = json.load(f)
     assert on_disk["protocol"] == "paper" and on_disk["sampler"]["autocast"] == "bf16"
     assert summary["table"].splitlines()[0] == "gen-PPL protocol: paper"
+    assert on_disk["reference"] is None and "reference" not in summary["table"]
     nll, n = judge.score(ids, decode(ids))
     assert on_disk["rows"][0]["gen_ppl"] == pytest.approx(
         math.exp(float(nll.double().sum()) / int(n.sum())), rel=1e-5)
