@@ -296,3 +296,45 @@ def test_make_judge_paper_pads_with_eos_and_summary_records_protocol(tmp_path, j
     nll, n = judge.score(ids, decode(ids))
     assert on_disk["rows"][0]["gen_ppl"] == pytest.approx(
         math.exp(float(nll.double().sum()) / int(n.sum())), rel=1e-5)
+
+
+def test_main_sample_eval_paper_protocol_end_to_end(tmp_path):
+    """train a tiny FLM, then `main mode=sample_eval eval.protocol=paper`: the protocol and
+    sampler settings are recorded, and each sample's target count is the direct count of its
+    text re-tokenised by the judge (truncated at model.length, EOS-padded per sampling batch)."""
+    from tests.test_main import TINY, run_main, tiny_judge
+
+    run = tmp_path / "run"
+    trained = run_main(TINY + ["trainer.max_steps=2", "sampling.print_samples=0",
+                               f"hydra.run.dir={run}"])
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    judge_dir = tiny_judge(tmp_path / "judge")
+    out = tmp_path / "eval"
+    batch = 2
+    ev = run_main(TINY + ["mode=sample_eval", "eval.protocol=paper",
+                          f"eval.checkpoint_path={run / 'checkpoints' / 'last.ckpt'}",
+                          f"eval.gen_ppl_eval_model_name_or_path={judge_dir}",
+                          "sampling.steps=[2]", "eval.num_samples=4", f"sampling.batch_size={batch}",
+                          "eval.compute_mauve=false", "eval.reference_row=false",
+                          f"eval.output_dir={out}", f"hydra.run.dir={tmp_path / 'evalrun'}"])
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert "applies on CUDA only" in ev.stderr + ev.stdout  # auto -> bf16, logged on CPU
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["protocol"] == "paper" and summary["reference"] is None
+    assert summary["sampler"] == {"state_dtype": "float32", "autocast": "bf16"}
+    records = json.loads((out / "samples.json").read_text())["steps"]["2"]
+    from transformers import AutoTokenizer
+
+    judge_tok = AutoTokenizer.from_pretrained(judge_dir)
+    eos = judge_tok.eos_token_id
+    length = 32  # model.length in TINY
+    for c in range(0, len(records), batch):
+        rows = [judge_tok(r["text"], add_special_tokens=False)["input_ids"][:length]
+                for r in records[c:c + batch]]
+        width = max(len(r) for r in rows)
+        for r, row in zip(records[c:c + batch], rows):
+            assert r["judge_n_tokens"] == sum(direct_targets(row + [eos] * (width - len(row)),
+                                                             eos))
+    pooled = math.exp(sum(r["judge_nll_sum"] for r in records)
+                      / sum(r["judge_n_tokens"] for r in records))
+    assert summary["rows"][0]["gen_ppl"] == pytest.approx(pooled, rel=1e-5)
