@@ -268,7 +268,8 @@ class HFCausalLMJudge:
                                       ids[rows, 1:].to(self.device), reduction="none").cpu()
                 target = tmask[rows, 1:]
                 start = c + b
-                nll_sum[start:start + nll.shape[0]] = (nll * target).sum(-1)
+                # where, not a product: a fully padded row's NLLs need not be finite
+                nll_sum[start:start + nll.shape[0]] = torch.where(target, nll, 0.0).sum(-1)
                 n_tokens[start:start + nll.shape[0]] = target.sum(-1)
         return nll_sum, n_tokens
 
