@@ -212,7 +212,9 @@ def ppl_eval(config: DictConfig) -> None:
 
 
 def sample_eval(config: DictConfig) -> None:
+    from evaluation import protocol
     from evaluation.sample_eval import run_from_config
+    protocol.validate(config)  # eval.protocol / sampling.autocast, before loading anything
     module, tokenizer = load_for_eval(config)
     run_from_config(module.config, module, tokenizer)  # model settings from the checkpoint
 

@@ -4,6 +4,11 @@ A judge turns N samples into a per-sample negative log-likelihood sum and a
 per-sample count of scored tokens; generative perplexity over a sample set is
 then ``exp(sum nll / sum n_tokens)`` (``evaluation.metrics.generative_perplexity``).
 
+Two gen-PPL protocols (``eval.protocol``, ``evaluation.protocol``) decide which judge
+tokens are scored: ``clean`` (ours: whole samples, added BOS/EOS, windows of the judge's
+context) and ``paper`` (the paper's code: special tokens kept as text, truncation at
+``model.length``, one window, the first-EOS counting rule, float32 sums).
+
 Two judges implement the protocol:
 
 * ``HFCausalLMJudge``: a Hugging Face causal LM (GPT-2 Large by default, or a
@@ -57,6 +62,21 @@ def window_starts(length: int, context: int) -> list[int]:
     return list(range(0, max(length - 1, 1), stride))
 
 
+def paper_target_mask(ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """(N, W) bool: the paper protocol's prediction targets of EOS-padded judge rows.
+
+    A position t >= 1 counts if its token is not EOS, or if it is the first EOS of the row
+    (position 0 included: a row that starts with EOS has no counted EOS). So text after the
+    first EOS counts, later EOS and the EOS padding do not, and a padded row without any
+    EOS gets its first pad counted.
+    """
+    is_eos = ids == eos_token_id
+    first_eos = is_eos & (is_eos.long().cumsum(-1) == 1)
+    mask = ~is_eos | first_eos
+    mask[:, 0] = False
+    return mask
+
+
 def target_mask_after_first_eos(
     ids: torch.Tensor, eos_token_id: int, padding_token_ids: Sequence[int]
 ) -> torch.Tensor:
@@ -81,7 +101,12 @@ def target_mask_after_first_eos(
 class HFCausalLMJudge:
     """Generative-perplexity judge on a Hugging Face causal LM.
 
-    Token convention (exact):
+    Token convention (exact), ``protocol="paper"``: each decoded text (special tokens kept
+    as text) becomes ``judge_tokenizer(text)`` truncated at ``max_length`` (model.length),
+    no BOS/EOS added; each call of ``call_size`` texts is right-padded with EOS to its
+    longest row; one window; targets by ``paper_target_mask``; float32 NLL sums.
+
+    ``protocol="clean"`` (ours):
 
     * ``retokenize=True`` (default): each decoded text becomes judge tokens
       ``[BOS] + judge_tokenizer(text) + [EOS]`` (BOS only if the judge tokenizer has one;
@@ -108,8 +133,14 @@ class HFCausalLMJudge:
         retokenize: bool = True,
         data_tokenizer: Any | None = None,
         name: str = "hf",
+        protocol: str = "clean",
+        max_length: int | None = None,
+        call_size: int | None = None,
     ) -> None:
         self.model = model.eval()
+        self.protocol = protocol
+        self.max_length = max_length
+        self.call_size = call_size
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size)
         self.retokenize = retokenize
@@ -119,6 +150,15 @@ class HFCausalLMJudge:
         if tokenizer.eos_token_id is None:
             raise ValueError(f"judge tokenizer of '{name}' has no eos_token; set one in its "
                              "tokenizer_config.json")
+        if protocol not in ("clean", "paper"):
+            raise ValueError(f"eval.protocol={protocol!r}; use 'paper' or 'clean'")
+        if protocol == "paper":
+            if not retokenize:
+                raise ValueError("eval.protocol=paper always re-tokenises the decoded text; "
+                                 "set eval.retokenize=true or use eval.protocol=clean")
+            if max_length is None or not 2 <= max_length <= self.context:
+                raise ValueError(f"eval.protocol=paper truncates at model.length={max_length}, "
+                                 f"which must lie in [2, judge context {self.context}]")
         if not retokenize:
             if data_tokenizer is None:
                 raise ValueError("eval.retokenize=false needs the data tokenizer to check that "
@@ -137,7 +177,18 @@ class HFCausalLMJudge:
     def judge_sequences(
         self, token_ids: torch.Tensor, texts: list[str]
     ) -> tuple[list[list[int]], list[list[bool]]]:
-        """Judge token ids and target masks per sample (see the class docstring)."""
+        """Judge token ids and target masks per sample (see the class docstring).
+
+        Paper protocol: the unpadded, truncated rows; their masks are those of the row
+        alone (``score`` pads each call with EOS and recomputes the mask on the padded rows).
+        """
+        if self.protocol == "paper":
+            encoded = self.tokenizer(list(texts), add_special_tokens=False, truncation=True,
+                                     max_length=self.max_length)["input_ids"]
+            seqs = [list(e) for e in encoded]
+            masks = [paper_target_mask(torch.tensor([s]), self.tokenizer.eos_token_id)[0]
+                     .tolist() if s else [] for s in seqs]
+            return seqs, masks
         if self.retokenize:
             bos = self.tokenizer.bos_token_id
             eos = self.tokenizer.eos_token_id
@@ -152,7 +203,12 @@ class HFCausalLMJudge:
 
     @torch.no_grad()
     def score(self, token_ids: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, L_data), N texts -> nll_sum (N,) float64, n_tokens (N,) long."""
+        """(N, L_data), N texts -> nll_sum (N,), n_tokens (N,) long.
+
+        ``nll_sum`` is float64 under the clean protocol, float32 under the paper one.
+        """
+        if self.protocol == "paper":
+            return self._score_paper(texts)
         seqs, masks = self.judge_sequences(token_ids, texts)
         windows = []  # (sample index, window ids, window target mask)
         for i, (seq, mask) in enumerate(zip(seqs, masks)):
@@ -179,6 +235,42 @@ class HFCausalLMJudge:
             for j, (i, _, _) in enumerate(batch):
                 nll_sum[i] += nll[j][target[j]].sum()
                 n_tokens[i] += int(target[j].sum())
+        return nll_sum, n_tokens
+
+    def paper_rows(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Paper protocol, one call: texts -> EOS-padded judge rows (N, W), attention (N, W),
+        target mask (N, W); W = the longest truncated text of the call."""
+        seqs, _ = self.judge_sequences(torch.empty(0), texts)
+        eos = self.tokenizer.eos_token_id
+        width = max(1, max(len(s) for s in seqs))
+        ids = torch.full((len(seqs), width), eos, dtype=torch.long)
+        attn = torch.zeros((len(seqs), width), dtype=torch.long)
+        for j, s in enumerate(seqs):
+            ids[j, :len(s)] = torch.tensor(s, dtype=torch.long)
+            attn[j, :len(s)] = 1
+        return ids, attn, paper_target_mask(ids, eos)
+
+    def _score_paper(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Paper protocol: calls of ``call_size`` texts (the sampling batch), each padded
+        with EOS to its longest row, scored in judge batches of ``batch_size``, one window,
+        per-token NLLs and sums in float32."""
+        n = len(texts)
+        call = self.call_size or n
+        nll_sum = torch.zeros(n, dtype=torch.float32)
+        n_tokens = torch.zeros(n, dtype=torch.long)
+        for c in range(0, n, call):
+            ids, attn, tmask = self.paper_rows(list(texts[c:c + call]))
+            for b in range(0, ids.shape[0], self.batch_size):
+                rows = slice(b, b + self.batch_size)
+                logits = self.model(input_ids=ids[rows].to(self.device),
+                                    attention_mask=attn[rows].to(self.device)).logits
+                nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2),
+                                      ids[rows, 1:].to(self.device), reduction="none").cpu()
+                target = tmask[rows, 1:]
+                start = c + b
+                # where, not a product: a fully padded row's NLLs need not be finite
+                nll_sum[start:start + nll.shape[0]] = torch.where(target, nll, 0.0).sum(-1)
+                n_tokens[start:start + nll.shape[0]] = target.sum(-1)
         return nll_sum, n_tokens
 
     @torch.no_grad()
@@ -235,6 +327,9 @@ def load_judge(
     batch_size: int = 8,
     retokenize: bool = True,
     data_tokenizer: Any | None = None,
+    protocol: str = "clean",
+    max_length: int | None = None,
+    call_size: int | None = None,
 ) -> HFCausalLMJudge:
     """Load a causal LM judge once, in eval mode, in ``dtype`` (a key of ``JUDGE_DTYPES``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -246,8 +341,11 @@ def load_judge(
     model = model.to(device=device, dtype=JUDGE_DTYPES[dtype]).eval()
     logger.info("Loaded judge %s (%s, %s, context %s)", name_or_path, dtype, device,
                 getattr(model.config, "n_positions", None))
+    if protocol == "paper":  # the paper's judge tokenizer pads with EOS
+        tokenizer.pad_token = tokenizer.eos_token
     return HFCausalLMJudge(model, tokenizer, batch_size=batch_size, retokenize=retokenize,
-                           data_tokenizer=data_tokenizer, name=name_or_path)
+                           data_tokenizer=data_tokenizer, name=name_or_path, protocol=protocol,
+                           max_length=max_length, call_size=call_size)
 
 
 def make_judge(
@@ -255,8 +353,13 @@ def make_judge(
     data_cfg: Any = None,
     data_tokenizer: Any | None = None,
     device: str | torch.device = "cpu",
+    max_length: int | None = None,
+    call_size: int | None = None,
 ) -> Judge:
-    """Build the judge named by ``eval.judge``: ``hf`` (default) or ``oracle``."""
+    """Build the judge named by ``eval.judge``: ``hf`` (default) or ``oracle``.
+
+    ``max_length`` (model.length) and ``call_size`` (the sampling batch) shape the paper
+    protocol's judge rows (``HFCausalLMJudge``)."""
     kind = eval_cfg.get("judge", "hf")
     if kind == "hf":
         return load_judge(
@@ -266,6 +369,9 @@ def make_judge(
             batch_size=eval_cfg.perplexity_batch_size,
             retokenize=eval_cfg.get("retokenize", True),
             data_tokenizer=data_tokenizer,
+            protocol=eval_cfg.get("protocol", "clean"),
+            max_length=max_length,
+            call_size=call_size,
         )
     if kind == "oracle":
         from evaluation import oracle  # lazy: only the synthetic source needs it

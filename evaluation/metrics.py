@@ -1,12 +1,11 @@
 """Sample-quality metrics that need no model: entropy, distinct-n, generative perplexity.
 
-Entropy and distinct-n are per sample, over the sample's valid tokens (the caller drops
-BOS/EOS/PAD); low entropy with low perplexity means repetitive text (flm-math §8).
+Entropy and distinct-n are per sample, over the tokens the caller passes (the clean
+protocol drops BOS/EOS/PAD, the paper protocol keeps all L ids); low entropy with low perplexity means repetitive text (flm-math §8).
 """
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Sequence
 
@@ -52,9 +51,13 @@ def sample_metrics(samples: Sequence[Sequence[int]]) -> list[dict[str, float]]:
     return rows
 
 
-def generative_perplexity(nll_sum: torch.Tensor, n_tokens: torch.Tensor) -> float:
-    """exp(Σ nll / Σ tokens) over the whole sample set (token-weighted, not a mean of PPLs)."""
+def generative_perplexity(nll_sum: torch.Tensor, n_tokens: torch.Tensor,
+                          dtype: torch.dtype = torch.float64) -> float:
+    """exp(Σ nll / Σ tokens) over the whole sample set (token-weighted, not a mean of PPLs).
+
+    ``dtype``: precision of the sums and the ratio (float64 clean protocol, float32 paper)."""
     total = int(n_tokens.sum())
     if total == 0:
         raise ValueError("the judge scored no token; check that the samples are not empty")
-    return math.exp(float(nll_sum.double().sum()) / total)
+    mean = nll_sum.to(dtype).sum() / n_tokens.to(dtype).sum()
+    return float(torch.exp(mean))

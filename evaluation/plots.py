@@ -28,6 +28,8 @@ def plot_summaries(summaries: Sequence[dict[str, Any]], out_path: str) -> None:
     for k, summary in enumerate(summaries):
         color = colors[k % len(colors)]
         label = summary.get("model_name", f"run {k}")
+        if summary.get("protocol"):
+            label = f"{label} ({summary['protocol']} protocol)"
         for r, (x_key, x_label) in enumerate(PLOT_AXES):
             for c, (y_key, y_label) in enumerate(PLOT_METRICS):
                 ax = axes[r][c]
@@ -36,7 +38,7 @@ def plot_summaries(summaries: Sequence[dict[str, Any]], out_path: str) -> None:
                 if points:
                     xs, ys = zip(*sorted(points))
                     ax.plot(xs, ys, marker="o", color=color, label=label)
-                reference = summary.get("reference", {}).get(y_key)
+                reference = (summary.get("reference") or {}).get(y_key)
                 if _finite(reference):
                     ax.axhline(float(reference), color=color, linestyle="--",
                                label=f"{label}: reference")
@@ -62,6 +64,8 @@ def plot_metric_vs_steps(summaries: Sequence[dict[str, Any]], y_key: str, y_labe
                  if _finite(row.get("steps"))]
     for k, summary in enumerate(summaries):
         label = summary.get("model_name", f"run {k}")
+        if summary.get("protocol"):
+            label = f"{label} ({summary['protocol']} protocol)"
         rows = [row for row in summary["rows"] if _finite(row.get("steps"))]
         points = sorted((row["steps"], row[y_key]) for row in rows if _finite(row.get(y_key)))
         missing = sorted(row["steps"] for row in rows if not _finite(row.get(y_key)))

@@ -3,7 +3,9 @@
 Generation and scoring are apart (EDM2's generate / calculate_metrics split):
 ``samples.json`` holds every sample with its judge NLL, so metrics can be recomputed.
 
-Outputs in ``out_dir``: ``samples.json``, ``summary.json``, ``eval_plot.png``.
+Outputs in ``out_dir``: ``samples.json``, ``summary.json``, ``eval_plot.png``. The
+gen-PPL protocol (``eval.protocol``: paper | clean, ``evaluation.protocol``) is recorded in
+``summary.json`` and named in the table and the plot.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from evaluation import metrics
 from evaluation.judges import make_judge
 from evaluation.mauve_score import MauveSettings, judge_features, mauve_from_features
 from evaluation.plots import plot_summaries
+from evaluation.protocol import autocast_context, get_protocol, sampler_settings
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +37,12 @@ TABLE_COLUMNS = (("steps", "steps", "{}"), ("gen_ppl", "gen PPL", "{:.2f}"),
                  ("network_calls_per_sample", "NFE/sample", "{}"))
 
 
-def make_decode_fn(tokenizer: Any) -> DecodeFn:
-    """Decode every sample whole, dropping special tokens (BOS/EOS/PAD); the judge then
-    adds its own BOS/EOS (``HFCausalLMJudge``)."""
+def make_decode_fn(tokenizer: Any, keep_special_text: bool = False) -> DecodeFn:
+    """Decode every sample whole. Clean protocol: special tokens (BOS/EOS/PAD) dropped, the
+    judge adds its own BOS/EOS. Paper protocol (``keep_special_text``): plain decoding,
+    special tokens stay as text (``<|endoftext|>``, ``[CLS]``, ``[PAD]``, ...)."""
     def decode(ids: torch.Tensor) -> list[str]:
-        return tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
+        return tokenizer.batch_decode(ids.tolist(), skip_special_tokens=not keep_special_text)
     return decode
 
 
@@ -49,16 +53,21 @@ def special_token_ids(tokenizer: Any) -> list[int]:
 
 
 def sample_fn_from_module(module: Any, state_dtype: torch.dtype, batch_size: int,
-                          device: str | torch.device) -> SampleFn:
+                          device: str | torch.device, autocast: str = "none") -> SampleFn:
     """Wrap ``module.generate`` into a ``SampleFn``: batches of ``batch_size`` drawn in turn
-    from one generator seeded with ``seed``, so a fixed (seed, batch_size) is deterministic."""
+    from one generator seeded with ``seed``, so a fixed (seed, batch_size) is deterministic.
+    ``autocast``: bf16 runs the backbone under bf16 autocast on CUDA (the paper's setting);
+    the sampler state keeps ``state_dtype``."""
+    device = torch.device(device)
+
     def sample_fn(steps: int, num_samples: int, seed: int) -> torch.Tensor:
         generator = torch.Generator(device=device).manual_seed(seed)
         chunks = []
         for start in range(0, num_samples, batch_size):
             n = min(batch_size, num_samples - start)
-            chunks.append(module.generate(num_samples=n, steps=steps, generator=generator,
-                                          state_dtype=state_dtype).cpu())
+            with autocast_context(autocast, device):
+                chunks.append(module.generate(num_samples=n, steps=steps, generator=generator,
+                                              state_dtype=state_dtype).cpu())
         return torch.cat(chunks)
     return sample_fn
 
@@ -68,13 +77,17 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def score_set(judge: Any, ids: torch.Tensor, texts: list[str],
-              specials: Sequence[int]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Judge + model-free metrics of one sample set -> (row, per-sample records)."""
+def score_set(judge: Any, ids: torch.Tensor, texts: list[str], specials: Sequence[int],
+              ppl_dtype: torch.dtype = torch.float64,
+              ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Judge + model-free metrics of one sample set -> (row, per-sample records).
+
+    ``specials``: token ids left out of entropy / distinct-n (empty under the paper
+    protocol: all L ids count); ``ppl_dtype``: precision of the gen-PPL sums."""
     nll_sum, n_tokens = judge.score(ids, texts)
     per_sample = metrics.sample_metrics(metrics.strip_special(ids, specials))
     row = {
-        "gen_ppl": metrics.generative_perplexity(nll_sum, n_tokens),
+        "gen_ppl": metrics.generative_perplexity(nll_sum, n_tokens, dtype=ppl_dtype),
         "judge_tokens": int(n_tokens.sum()),
         "entropy_mean": float(np.mean([m["entropy"] for m in per_sample])),
         "distinct_tokens_mean": float(np.mean([m["distinct_tokens"] for m in per_sample])),
@@ -89,14 +102,19 @@ def score_set(judge: Any, ids: torch.Tensor, texts: list[str],
     return row, records
 
 
-def format_table(rows: Sequence[dict[str, Any]], reference: dict[str, Any]) -> str:
-    """Fixed-width table: one line per step count and a final reference line."""
+def format_table(rows: Sequence[dict[str, Any]], reference: dict[str, Any] | None,
+                 protocol: str | None = None) -> str:
+    """Fixed-width table: one line per step count and a final reference line (none when
+    ``reference`` is None); a first line names the gen-PPL protocol when given."""
     def cell(row: dict[str, Any], key: str, fmt: str) -> str:
         value = row.get(key)
         return "-" if value is None else fmt.format(value)
     header = " | ".join(f"{title:>10}" for _, title, _ in TABLE_COLUMNS)
     lines = [header, "-" * len(header)]
-    for row in [*rows, {**reference, "steps": "reference"}]:
+    if protocol is not None:
+        lines.insert(0, f"gen-PPL protocol: {protocol}")
+    references = [] if reference is None else [{**reference, "steps": "reference"}]
+    for row in [*rows, *references]:
         lines.append(" | ".join(f"{cell(row, key, fmt):>10}" for key, _, fmt in TABLE_COLUMNS))
     return "\n".join(lines)
 
@@ -105,8 +123,8 @@ def run_sample_eval(
     sample_fn: SampleFn,
     decode_fn: DecodeFn,
     judge: Any,
-    reference_texts: list[str],
-    reference_ids: torch.Tensor,
+    reference_texts: list[str] | None,
+    reference_ids: torch.Tensor | None,
     steps_list: Sequence[int],
     num_samples: int,
     seed: int,
@@ -119,6 +137,8 @@ def run_sample_eval(
     mauve_reference_texts: list[str] | None = None,
     mauve_reference_ids: torch.Tensor | None = None,
     warmup: bool = True,
+    protocol: str = "clean",
+    sampler: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Sweep ``steps_list``; each entry draws ``num_samples`` samples with the same ``seed``.
 
@@ -126,16 +146,26 @@ def run_sample_eval(
     scored the same way (the reference row). MAUVE of every row is taken against
     ``mauve_reference_*`` when given (a second disjoint held-out set; then the reference
     row's MAUVE is the real-vs-real ceiling), else against the reference set (then the
-    reference row has no MAUVE). Returns the summary dict also written to summary.json.
+    reference row has no MAUVE). ``reference_*`` None: no reference row and no MAUVE (the
+    paper's protocol has neither). ``protocol`` (paper | clean) sets the gen-PPL sums'
+    precision and is recorded with ``sampler`` (state dtype, autocast). Returns the summary
+    dict also written to summary.json.
     """
+    ppl_dtype = get_protocol(protocol).ppl_dtype
     os.makedirs(out_dir, exist_ok=True)
     mauve_settings = mauve_settings or MauveSettings(seed=seed)
+    if compute_mauve and reference_texts is None:
+        raise ValueError("MAUVE needs held-out reference text: set eval.reference_row=true "
+                         "or eval.compute_mauve=false")
     if mauve_reference_texts is None:
         mauve_reference_texts, mauve_reference_ids = reference_texts, reference_ids
-    reference_row, reference_records = score_set(judge, reference_ids, reference_texts,
-                                                 special_ids)
-    reference_row.update(steps=None, seconds_per_sample=None, network_calls_per_sample=None,
-                         mauve=None, num_samples=len(reference_texts))
+    reference_row, reference_records = None, None
+    if reference_texts is not None:
+        reference_row, reference_records = score_set(judge, reference_ids, reference_texts,
+                                                     special_ids, ppl_dtype)
+        reference_row.update(steps=None, seconds_per_sample=None,
+                             network_calls_per_sample=None, mauve=None,
+                             num_samples=len(reference_texts))
     q_features = None
     if compute_mauve:
         q_features = judge_features(judge, mauve_reference_ids, mauve_reference_texts)
@@ -154,7 +184,7 @@ def run_sample_eval(
         _synchronize()
         elapsed = time.perf_counter() - start
         texts = decode_fn(ids)
-        row, records = score_set(judge, ids, texts, special_ids)
+        row, records = score_set(judge, ids, texts, special_ids, ppl_dtype)
         row.update(steps=steps, seconds_per_sample=elapsed / num_samples,
                    network_calls_per_sample=steps * network_calls_per_step,
                    num_samples=num_samples, mauve=None)
@@ -165,14 +195,16 @@ def run_sample_eval(
         all_records[str(steps)] = records
         logger.info("steps=%d gen_ppl=%.3f entropy=%.3f mauve=%s s/sample=%.4g", steps,
                     row["gen_ppl"], row["entropy_mean"], row["mauve"], row["seconds_per_sample"])
-    table = format_table(rows, reference_row)
-    logger.info("sample_eval %s (judge %s, seed %d, N=%d)\n%s", model_name, judge.name, seed,
-                num_samples, table)
-    summary = {"model_name": model_name, "judge": judge.name, "seed": seed,
+    table = format_table(rows, reference_row, protocol)
+    logger.info("sample_eval %s (judge %s, protocol %s, seed %d, N=%d)\n%s", model_name,
+                judge.name, protocol, seed, num_samples, table)
+    summary = {"model_name": model_name, "judge": judge.name, "protocol": protocol,
+               "sampler": dict(sampler or {}), "seed": seed,
                "num_samples": num_samples, "network_calls_per_step": network_calls_per_step,
                "rows": rows, "reference": reference_row, "table": table}
     with open(os.path.join(out_dir, "samples.json"), "w") as f:
         json.dump({"model_name": model_name, "seed": seed, "judge": judge.name,
+                   "protocol": protocol,
                    "steps": all_records, "reference": reference_records}, f)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -206,30 +238,41 @@ def run_from_config(config: Any, module: Any, tokenizer: Any) -> dict[str, Any]:
 
     ``module``: the loaded model (``generate``, ``network_calls_per_step``), weights chosen by
     the caller (EMA unless eval.disable_ema); ``tokenizer``: the data tokenizer. Samples
-    ``sampling.batch_size`` at a time in ``sampling.state_dtype``; the reference row and
-    MAUVE reference are held-out validation sequences (``held_out_reference_ids``).
+    ``sampling.batch_size`` at a time with the state dtype and autocast of
+    ``evaluation.protocol.sampler_settings``; the reference row and MAUVE reference are
+    held-out validation sequences (``held_out_reference_ids``). Under the paper protocol a
+    judge call is one sampling batch (the paper scores each generated batch on its own).
     """
     from algo import STATE_DTYPES  # one home for the sampler-state dtypes
 
     ev = config.eval
+    protocol = get_protocol(ev.protocol)
+    state_dtype, autocast = sampler_settings(config)
     n, seed = int(ev.num_samples), int(ev.seed)
+    batch_size = int(config.sampling.batch_size)
     device = next(module.parameters()).device
-    decode_fn = make_decode_fn(tokenizer)
-    judge = make_judge(ev, config.data, data_tokenizer=tokenizer, device=device)
-    reference_ids, mauve_ids = held_out_reference_ids(config, tokenizer, n, seed)
-    sample_fn = sample_fn_from_module(module, STATE_DTYPES[config.sampling.state_dtype],
-                                      int(config.sampling.batch_size), device)
+    decode_fn = make_decode_fn(tokenizer, keep_special_text=protocol.keep_special_text)
+    judge = make_judge(ev, config.data, data_tokenizer=tokenizer, device=device,
+                       max_length=int(config.model.length), call_size=batch_size)
+    reference_ids, mauve_ids = None, None
+    if ev.reference_row:
+        reference_ids, mauve_ids = held_out_reference_ids(config, tokenizer, n, seed)
+    sample_fn = sample_fn_from_module(module, STATE_DTYPES[state_dtype], batch_size, device,
+                                      autocast=autocast)
     steps_list = config.sampling.steps
     steps_list = [steps_list] if isinstance(steps_list, int) else list(steps_list)
     return run_sample_eval(
         sample_fn, decode_fn, judge,
-        reference_texts=decode_fn(reference_ids), reference_ids=reference_ids,
+        reference_texts=decode_fn(reference_ids) if reference_ids is not None else None,
+        reference_ids=reference_ids,
         steps_list=steps_list, num_samples=n, seed=seed, out_dir=ev.output_dir,
         model_name=f"{config.data.name}-{config.algo.name}",
         network_calls_per_step=int(module.network_calls_per_step),
-        special_ids=special_token_ids(tokenizer),
+        special_ids=[] if protocol.metrics_keep_special else special_token_ids(tokenizer),
         compute_mauve=bool(ev.compute_mauve),
         mauve_settings=MauveSettings.from_config(ev, seed=seed),
         mauve_reference_texts=decode_fn(mauve_ids) if mauve_ids is not None else None,
         mauve_reference_ids=mauve_ids,
+        protocol=protocol.name,
+        sampler={"state_dtype": state_dtype, "autocast": autocast},
     )

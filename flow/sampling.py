@@ -85,6 +85,12 @@ def initial_state(network, batch_size: int, length: int, generator: torch.Genera
                                generator, dtype=torch.float64).to(dtype)
 
 
+def _no_autocast(x: torch.Tensor):
+    """Autocast off on ``x``'s device: under a bf16-autocast backbone (sample_eval's
+    sampling.autocast) the projections onto E stay float32."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 @torch.no_grad()
 def denoised_projection(network, h: torch.Tensor, t: torch.Tensor, t2: torch.Tensor | None,
                         position_chunk: int = DEFAULT_POSITION_CHUNK,
@@ -98,7 +104,8 @@ def denoised_projection(network, h: torch.Tensor, t: torch.Tensor, t2: torch.Ten
     proj, tokens = [], []
     for start in range(0, hidden.shape[1], position_chunk):
         logits = network.head(hidden[:, start:start + position_chunk], c).float()
-        proj.append(torch.softmax(logits, dim=-1) @ e.float())
+        with _no_autocast(logits):  # the state update stays in the state's precision
+            proj.append(torch.softmax(logits, dim=-1) @ e.float())
         tokens.append(logits.argmax(dim=-1))
     return torch.cat(proj, dim=1), torch.cat(tokens, dim=1)
 
@@ -209,8 +216,9 @@ def sample_flow_map(teacher, student, table: AlphaGammaTable, noise: torch.Tenso
             if last:
                 tokens.append((p + 0.5 * float(delta) ** 2 * g).argmax(dim=-1))
             else:
-                p_proj.append(p @ joint)
-                g_proj.append(g @ joint)
+                with _no_autocast(p):  # the state update stays in the state's precision
+                    p_proj.append(p @ joint)
+                    g_proj.append(g @ joint)
         if last:
             return _final_tokens(torch.cat(tokens, dim=1), known_tokens, mask)
         h = flow_map(h, torch.cat(p_proj, dim=1).to(h.dtype), torch.cat(g_proj, dim=1).to(h.dtype),

@@ -1,4 +1,8 @@
 #!/usr/bin/env bash
-# Step sweep of a FLM (Euler) checkpoint on OpenWebText: judge gen PPL, entropy, MAUVE.
-# Usage: CKPT_PATH=/path/to/last.ckpt bash scripts/gen_ppl_owt_flm.sh [extra hydra overrides]
-exec bash "$(dirname "$0")/lib/gen_ppl.sh" openwebtext-split flm 1024 "[1,2,4,8,16,32,64,128,256,512,1024]" "$@"
+# Gen PPL / entropy of a FLM checkpoint on OpenWebText, the paper's protocol and script
+# settings: configs/experiment/owt_gen_ppl_flm.yaml. Our larger sweep: scripts/gen_ppl_sweep.sh.
+# Usage: CKPT_PATH=<checkpoint or Hub id> bash scripts/gen_ppl_owt_flm.sh [extra hydra overrides]
+# CKPT_PATH is an alias of eval.checkpoint_path (configs/config.yaml).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+exec python -u -m main +experiment=owt_gen_ppl_flm "$@"

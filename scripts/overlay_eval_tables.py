@@ -40,7 +40,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             summary["model_name"] = args.labels[k]
         summaries.append(summary)
         logger.info("%s (%s, judge %s)\n%s\n", summary["model_name"], path, summary["judge"],
-                    format_table(summary["rows"], summary["reference"]))
+                    format_table(summary["rows"], summary["reference"],
+                                 summary.get("protocol")))
     plot_summaries(summaries, args.out)
     logger.info("wrote %s", args.out)
 
