@@ -7,6 +7,7 @@ network in ``models/``; this file wires them per algorithm.
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import pytorch_lightning as pl
@@ -146,6 +147,21 @@ class FlowLM(pl.LightningModule):
     def on_fit_start(self) -> None:
         self.ema.to(self.device)
 
+    def on_train_start(self) -> None:
+        sc = self.config.sampling
+        if (sc.print_samples_at_start and sc.print_samples > 0 and self.global_step == 0
+                and self.trainer.is_global_zero and not self.sharded):
+            self.log_samples("before training")
+
+    val_loss_is_cross_entropy = False  # val/loss in nats/token, comparable with log V
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.trainer.callback_metrics.get("val/loss")
+        if (self.val_loss_is_cross_entropy and loss is not None and self.trainer.is_global_zero
+                and not self.trainer.sanity_checking):
+            log.info("step %d: val/loss %.4f nats/token (uniform baseline log V = %.4f)",
+                     self.global_step, float(loss), math.log(self.vocab_size))
+
     def on_validation_start(self) -> None:
         self.ema.to(self.device)
         self._ema_ctx = None
@@ -217,6 +233,23 @@ class FlowLM(pl.LightningModule):
         self.ema.load_state_dict(checkpoint["ema"])
 
     # ---- sampling -----------------------------------------------------------------
+    def log_samples(self, label: str) -> list[str]:
+        """Generate ``sampling.print_samples`` sequences with the EMA weights (seeded by
+        ``seed``) and write them to the log; the module's train/eval mode is restored."""
+        sc = self.config.sampling
+        generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        was_training = self.training
+        self.ema.to(self.device)
+        with self.ema.swapped_in(self.backbone):
+            self.eval()
+            tokens = self.generate(sc.print_samples, int(sc.steps[0]), generator,
+                                   STATE_DTYPES[sc.state_dtype])
+        self.train(was_training)
+        texts = self.tokenizer.batch_decode(tokens.cpu(), skip_special_tokens=True)
+        for i, text in enumerate(texts):
+            log.info("sample %d %s (%d steps): %s", i, label, int(sc.steps[0]), text)
+        return texts
+
     @torch.no_grad()
     def generate(self, num_samples: int, steps: int, generator: torch.Generator | None = None,
                  state_dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -231,6 +264,8 @@ class FlowLM(pl.LightningModule):
 
 class FLM(FlowLM):
     """algo=flm: cross-entropy denoiser on the one-hot flow (flm-math §3-4)."""
+
+    val_loss_is_cross_entropy = True
 
     def compute_loss(self, batch: dict, step: int, batch_idx: int) -> torch.Tensor:
         tokens, mask = batch["input_ids"], batch["attention_mask"]

@@ -120,20 +120,6 @@ def build_module(config: DictConfig, tokenizer) -> algo.FlowLM:
     return cls(config, vocab_size=len(tokenizer), tokenizer=tokenizer)
 
 
-def log_samples(module: algo.FlowLM, config: DictConfig) -> list[str]:
-    """Generate with the EMA weights and write a handful of samples to the log."""
-    sc = config.sampling
-    generator = torch.Generator(device=module.device).manual_seed(config.seed)
-    dtype = algo.STATE_DTYPES[sc.state_dtype]
-    with module.ema.swapped_in(module.backbone):
-        module.eval()
-        tokens = module.generate(sc.print_samples, int(sc.steps[0]), generator, dtype)
-    texts = module.tokenizer.batch_decode(tokens.cpu(), skip_special_tokens=True)
-    for i, text in enumerate(texts):
-        log.info("sample %d (%d steps): %s", i, int(sc.steps[0]), text)
-    return texts
-
-
 def train(config: DictConfig) -> None:
     tokenizer = dataloader.get_tokenizer(config)
     ckpt_path = None
@@ -163,7 +149,7 @@ def train(config: DictConfig) -> None:
         log.info("strategy=fsdp: the weights are sharded, no samples printed; run "
                  "mode=sample_eval eval.checkpoint_path=%s", last)
     elif trainer.is_global_zero and config.sampling.print_samples > 0:
-        log_samples(module, config)
+        module.log_samples("after training")
 
 
 def load_for_eval(config: DictConfig) -> tuple[algo.FlowLM, object]:

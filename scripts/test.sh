@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-exec "${FLM_VENV:-.venv}/bin/python" -m pytest -q "$@"
+# shellcheck disable=SC1091
+source "${FLM_VENV:-.venv}/bin/activate"  # scripts under test call `python` by name
+exec python -m pytest -q "$@"
