@@ -227,3 +227,26 @@ def test_cli_train_resume_sample_eval_with_the_oracle(tmp_path):
     samples = json.loads((out / "samples.json").read_text())
     ids = torch.tensor([rec["token_ids"] for rec in samples["steps"]["4"]])
     assert ids.shape == (8, 8) and int(ids.max()) < 64  # no mask token left
+
+
+PRESETS = [f"{data}_{name}{kind}" for data in ("owt", "lm1b") for name in ("mdlm", "ar")
+           for kind in ("", "_gen_ppl")]
+
+
+def test_baseline_presets_compose_and_their_scripts_select_them():
+    from pathlib import Path
+
+    from tests.helpers import compose_config
+    from utils import resolve_config
+    root = Path(__file__).resolve().parents[1]
+    for preset in PRESETS:
+        config = resolve_config(compose_config([f"+experiment={preset}"]))
+        data, name = preset.split("_")[:2]
+        assert config.algo.name == name
+        assert config.data.name == {"owt": "openwebtext", "lm1b": "lm1b"}[data]
+        assert config.mode == ("sample_eval" if preset.endswith("gen_ppl") else "train")
+        if name == "mdlm":
+            assert config.training.t_min > 0  # the 1/t weight stays finite
+        script = root / "scripts" / (f"gen_ppl_{data}_{name}.sh" if preset.endswith("gen_ppl")
+                                     else f"train_{preset}.sh")
+        assert f"+experiment={preset} " in script.read_text()
