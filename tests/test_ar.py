@@ -140,3 +140,27 @@ def test_cli_train_and_sample_eval_with_the_oracle(tmp_path):
     samples = json.loads((out / "samples.json").read_text())
     ids = torch.tensor([rec["token_ids"] for rec in samples["steps"][str(length)]])
     assert ids.shape == (8, length) and int(ids.max()) < 64  # no start entry emitted
+
+
+def test_training_loss_is_the_sampler_models_log_likelihood():
+    """The teacher-forced loss of the module equals the mean of -log p(x_j | x_<j) with each
+    conditional computed like generate does (the prefix alone through the network), in
+    float64: the causal mask makes training and sampling one model."""
+    import algo
+    import dataloader
+    config = resolve_config(compose_config(["algo=ar", "algo.first_token=start", *TINY]))
+    tokenizer = dataloader.get_tokenizer(config)
+    module = algo.AR(config, len(tokenizer), tokenizer).double().eval()
+    for p in module.backbone.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, len(tokenizer), (2, 8), generator=gen)
+    batch = {"input_ids": tokens, "attention_mask": torch.ones_like(tokens)}
+    loss = module.compute_loss(batch, step=0, batch_idx=0)
+    net, total = module.backbone, []
+    for j in range(tokens.shape[1]):
+        prefix = torch.cat([torch.full((2, 1), module.start_index), tokens[:, :j]], dim=1)
+        hidden, c = net.features(net.embed_tokens(prefix), torch.zeros(2, dtype=torch.float64))
+        logits = net.head(hidden[:, -1:], c)[:, 0, :len(tokenizer)]
+        total.append(-logits.log_softmax(-1).gather(-1, tokens[:, j:j + 1])[:, 0])
+    torch.testing.assert_close(loss.double(), torch.stack(total).mean(), rtol=1e-5, atol=1e-6)

@@ -250,3 +250,27 @@ def test_baseline_presets_compose_and_their_scripts_select_them():
         script = root / "scripts" / (f"gen_ppl_{data}_{name}.sh" if preset.endswith("gen_ppl")
                                      else f"train_{preset}.sh")
         assert f"+experiment={preset} " in script.read_text()
+
+
+def test_module_draws_are_keyed_by_step_and_the_times_stratified():
+    """Same (step, batch slot): the same loss; another step: other masks. The per-sequence
+    times of one global batch are the stratified grid (offset + k/n) mod 1 on [t_min, 1]."""
+    import algo
+    import dataloader
+    from tests.helpers import compose_config
+    from utils import resolve_config
+    config = resolve_config(compose_config(["algo=mdlm", *TINY]))
+    tokenizer = dataloader.get_tokenizer(config)
+    module = algo.MDLM(config, len(tokenizer), tokenizer)
+    assert module.backbone.input_embedding.shape[0] == len(tokenizer) + 1
+    for p in module.backbone.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    tokens = torch.randint(0, len(tokenizer), (8, 8), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": tokens, "attention_mask": torch.ones_like(tokens)}
+    a, b = (module.compute_loss(batch, step=5, batch_idx=0) for _ in range(2))
+    c = module.compute_loss(batch, step=6, batch_idx=0)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    t = module.draw_times(8, step=5, batch_idx=0).double()
+    u = (t - config.training.t_min) / (1 - config.training.t_min)
+    gaps = torch.diff(torch.sort(u).values)
+    torch.testing.assert_close(gaps, torch.full_like(gaps, 1 / 8), rtol=0, atol=1e-6)
