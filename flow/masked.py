@@ -14,6 +14,16 @@ Conventions (MDLM, continuous time, SUBS parameterisation):
 * ancestral sampler from t = 1 down a uniform grid: a masked position at t unmasks by s < t
   with probability (alpha(s) - alpha(t)) / (1 - alpha(t)), then takes a token drawn from the
   denoiser; unmasked positions never change.
+
+Where this differs from the MDLM code, on purpose:
+
+* the mask is always an extra entry V, also for BERT's vocabulary (LM1B), where MDLM reuses
+  the tokenizer's own [MASK] id; this only adds one embedding row and one output;
+* the sampler uses the exact mask probability (1 - eps)·t at every grid time (MDLM's cached
+  ddpm update uses t itself, a 1e-3 relative difference);
+* steps after the last mask is gone are skipped, and noise removal calls the network once more
+  only when masks remain (sample_eval's NFE column counts ``steps``: an upper bound minus the
+  possible extra call).
 """
 
 from __future__ import annotations
