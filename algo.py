@@ -17,6 +17,13 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 import utils
+from flow import masked
+from flow.autoregressive import (
+    FIRST_TOKEN_MODES,
+    next_token_nll,
+    sample_autoregressive,
+    shift_for_next_token,
+)
 from flow.flow_map import (
     Interval,
     flow_map_matching_loss,
@@ -68,7 +75,7 @@ class FlowLM(pl.LightningModule):
         self.vocab_size = vocab_size
         self.save_hyperparameters({"config": OmegaConf.to_container(config, resolve=True),
                                    "vocab_size": vocab_size})
-        self.backbone = build_backbone(config.model, vocab_size, config.algo.double_temb)
+        self.backbone = self.build_network(config, vocab_size)
         self.table = AlphaGammaTable(vocab_size)
         self.loss_weighting = (LossWeighting(config.training.loss_weight_width,
                                              num_times=self.loss_weight_times)
@@ -78,6 +85,10 @@ class FlowLM(pl.LightningModule):
         if compile_requested(config) and not self.sharded:
             self.backbone.compile()  # under FSDP, configure_model compiles block by block
         self._noise_generator: torch.Generator | None = None
+
+    def build_network(self, config: DictConfig, vocab_size: int) -> torch.nn.Module:
+        """The trained backbone (a hook: the baselines change its vocabulary / attention)."""
+        return build_backbone(config.model, vocab_size, config.algo.double_temb)
 
     def configure_model(self) -> None:
         """strategy=fsdp (FSDP2): shard each DiT block, then the rest of the backbone (embedding,
@@ -404,8 +415,157 @@ class FLMDistillSecond(FlowMapDistillation):
         return self.reduce(loss_fn(*networks, tokens, interval, noise), interval, mask)
 
 
+# ---- baselines in the same harness (backbone, data, EMA, checkpoints, sample_eval) ----------
+def _check_single_network(config: DictConfig) -> None:
+    """The baselines train one network on the data: no second time embedding, no learnt
+    loss weighting, no teachers."""
+    name = config.algo.name
+    for key in ("double_temb", "learnable_loss_weighting"):
+        if config.algo.get(key):
+            raise utils.ConfigError(f"algo.{key}={config.algo[key]} does not apply to "
+                                    f"algo={name}: set algo.{key}=false")
+    for key in utils.TEACHER_KEYS:
+        if config.algo.get(key):
+            raise utils.ConfigError(f"algo.{key} is set but algo={name} has no teacher: "
+                                    "remove the override")
+
+
+class MDLM(FlowLM):
+    """algo=mdlm: masked diffusion (MDLM; math in flow/masked.py).
+
+    The backbone has V + 1 input embeddings and outputs (the mask token is entry V). Times
+    are drawn like FLM's (antithetic over the global batch, keyed by batch slot) on
+    [training.t_min, training.t_max] (MDLM: [1e-3, 1], set by configs/algo/mdlm.yaml). With
+    ``algo.time_conditioning=false`` (MDLM's OWT/LM1B setting) the network gets t = 0
+    always, so its adaLN modulation is a learnt constant; with true it gets the time t.
+    """
+
+    def __init__(self, config: DictConfig, vocab_size: int, tokenizer=None) -> None:
+        _check_single_network(config)
+        ac = config.algo
+        if not 0.0 <= float(ac.noise_eps) < 1.0:
+            raise utils.ConfigError(f"algo.noise_eps={ac.noise_eps} must lie in [0, 1)")
+        if not float(config.training.t_min) > 0.0:
+            raise utils.ConfigError(
+                f"training.t_min={config.training.t_min}: the MDLM loss weight 1/t is unbounded "
+                "at t=0; use training.t_min=1e-3 (MDLM's sampling_eps, the algo=mdlm default)")
+        if not 0.0 <= float(ac.sampling_t_final) < 1.0:
+            raise utils.ConfigError(f"algo.sampling_t_final={ac.sampling_t_final} must lie in "
+                                    "[0, 1) (MDLM samples down to 1e-5)")
+        super().__init__(config, vocab_size, tokenizer)
+        self.mask_index = vocab_size
+
+    def build_network(self, config: DictConfig, vocab_size: int) -> torch.nn.Module:
+        return build_backbone(config.model, vocab_size + 1, double_temb=False)
+
+    def time_input(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.config.algo.time_conditioning else torch.zeros_like(t)
+
+    def compute_loss(self, batch: dict, step: int, batch_idx: int) -> torch.Tensor:
+        tokens, mask = batch["input_ids"], batch["attention_mask"]
+        eps = float(self.config.algo.noise_eps)
+        t = self.draw_times(tokens.shape[0], step, batch_idx)
+        slot, _ = self._slot(batch_idx)
+        xt = masked.mask_tokens(tokens, t, self.mask_index, eps, self.noise_generator(step, slot))
+        logits = self.backbone(lambda net: net.embed_tokens(xt), self.time_input(t))
+        per_token = masked.masked_diffusion_loss(logits, tokens, xt, t, self.mask_index, eps)
+        return masked_token_mean(per_token, mask)
+
+    @torch.no_grad()
+    def generate(self, num_samples: int, steps: int, generator: torch.Generator | None = None,
+                 state_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Tokens (num_samples, L): MDLM's ancestral sampler with ``steps`` steps from t = 1
+        to algo.sampling_t_final, then noise removal (algo.noise_removal)."""
+        ac, net = self.config.algo, self.backbone
+        chunk = int(self.config.sampling.position_chunk)
+
+        def denoise(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            hidden, c = net.features(net.embed_tokens(xt), self.time_input(t))
+            probs = [torch.softmax(net.head(hidden[:, i:i + chunk], c)[..., :self.mask_index]
+                                   .to(state_dtype), dim=-1)
+                     for i in range(0, hidden.shape[1], chunk)]
+            return torch.cat(probs, dim=1)
+
+        return masked.sample_ancestral(denoise, num_samples, int(self.config.model.length),
+                                       self.mask_index, steps, float(ac.sampling_t_final),
+                                       bool(ac.noise_removal), float(ac.noise_eps), generator,
+                                       self.device)
+
+
+class AR(FlowLM):
+    """algo=ar: next-token prediction with the same DiT under causal attention
+    (flow/autoregressive.py).
+
+    The time input is always 0: the adaLN modulation is then a learnt constant (DUO's AR
+    passes no time). ``algo.first_token`` chooses how a sequence starts: ``bos`` (DUO) reads
+    x[:, :-1] and predicts x[:, 1:] and samples from BOS; ``start`` prepends an extra entry V
+    (V + 1 input embeddings) and scores and samples all L tokens. Sampling is ancestral at
+    temperature 1 over the full softmax, one network call per drawn token, without a KV
+    cache (the whole prefix is re-read each call).
+    """
+
+    def __init__(self, config: DictConfig, vocab_size: int, tokenizer=None) -> None:
+        _check_single_network(config)
+        mode = config.algo.first_token
+        if mode not in FIRST_TOKEN_MODES:
+            raise utils.ConfigError(f"algo.first_token={mode!r}; expected one of "
+                                    f"{list(FIRST_TOKEN_MODES)}")
+        if mode == "bos" and getattr(tokenizer, "bos_token_id", None) is None:
+            raise utils.ConfigError(
+                f"algo.first_token=bos needs a tokenizer with a BOS token; data="
+                f"{config.data.name} has none: set algo.first_token=start")
+        super().__init__(config, vocab_size, tokenizer)
+        self.start_index = vocab_size if mode == "start" else None
+        self._warned_steps = False
+
+    def build_network(self, config: DictConfig, vocab_size: int) -> torch.nn.Module:
+        extra = 1 if config.algo.first_token == "start" else 0
+        return build_backbone(config.model, vocab_size + extra, double_temb=False, causal=True)
+
+    def _zero_time(self, n: int) -> torch.Tensor:
+        return torch.zeros(n, device=self.device)
+
+    def compute_loss(self, batch: dict, step: int, batch_idx: int) -> torch.Tensor:
+        tokens, mask = batch["input_ids"], batch["attention_mask"]
+        inputs, targets, target_mask = shift_for_next_token(
+            tokens, mask, self.config.algo.first_token, self.start_index)
+        logits = self.backbone(lambda net: net.embed_tokens(inputs), self._zero_time(len(tokens)))
+        return masked_token_mean(next_token_nll(logits, targets, self.vocab_size), target_mask)
+
+    @property
+    def calls_per_sample(self) -> int:
+        """Network calls (= drawn tokens) per sample: L - 1 from BOS, L from the start entry."""
+        length = int(self.config.model.length)
+        return length - 1 if self.start_index is None else length
+
+    @torch.no_grad()
+    def generate(self, num_samples: int, steps: int, generator: torch.Generator | None = None,
+                 state_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Tokens (num_samples, L); with first_token=bos the first one is BOS. ``steps`` is no
+        knob here: the sampler always makes ``calls_per_sample`` calls (logged when it differs,
+        since sample_eval's NFE column reads steps x network_calls_per_step)."""
+        if steps != self.calls_per_sample and not self._warned_steps:
+            log.warning("algo=ar draws one token per network call (%d calls per sample); "
+                        "sampling.steps=%d does not change it, pass sampling.steps=[%d] for "
+                        "sample_eval's NFE column to be right", self.calls_per_sample, steps,
+                        self.calls_per_sample)
+            self._warned_steps = True
+        net = self.backbone
+        first = self.start_index if self.start_index is not None else self.tokenizer.bos_token_id
+        prefix = torch.full((num_samples, 1), int(first), dtype=torch.long, device=self.device)
+
+        def next_logits(x: torch.Tensor) -> torch.Tensor:
+            hidden, c = net.features(net.embed_tokens(x), self._zero_time(len(x)))
+            return net.head(hidden[:, -1:], c)[:, 0].to(state_dtype)
+
+        out = sample_autoregressive(next_logits, prefix, self.calls_per_sample, self.vocab_size,
+                                    generator)
+        return out if self.start_index is None else out[:, 1:]
+
+
 ALGORITHMS: dict[str, type[FlowLM]] = {"flm": FLM, "flm_distill": FLMDistill,
-                                       "flm_distill_second": FLMDistillSecond}
+                                       "flm_distill_second": FLMDistillSecond,
+                                       "mdlm": MDLM, "ar": AR}
 
 
 def algorithm_class(name: str) -> type[FlowLM]:

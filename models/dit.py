@@ -8,7 +8,7 @@ The backbone knows nothing about flows. It maps a D-dimensional input state
 ``input_embedding`` itself for the D-space path (flm-math §3).
 
 Blocks: pre-LayerNorm attention + MLP, adaLN-zero modulation from the time
-conditioning, rotary positions, bidirectional SDPA attention, untied
+conditioning, rotary positions, SDPA attention (bidirectional; causal with ``causal=True``), untied
 input/output embeddings.
 """
 
@@ -72,8 +72,9 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 class DiTBlock(nn.Module):
     def __init__(self, hidden: int, heads: int, cond_dim: int, mlp_ratio: int,
-                 dropout: float) -> None:
+                 dropout: float, causal: bool = False) -> None:
         super().__init__()
+        self.causal = causal  # causal attention (algo=ar); bidirectional otherwise
         if hidden % heads:
             raise ValueError(f"model.hidden_size={hidden} is not divisible by "
                              f"model.n_heads={heads}")
@@ -95,7 +96,7 @@ class DiTBlock(nn.Module):
         q, k, v = self.qkv(modulate(self.norm1(x), shift1, scale1)).chunk(3, dim=-1)
         q, k, v = (y.unflatten(-1, (self.heads, -1)).transpose(1, 2) for y in (q, k, v))
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        a = F.scaled_dot_product_attention(q, k, v)  # bidirectional
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         a = self.attn_out(a.transpose(1, 2).flatten(-2))
         x = x + gate1[:, None] * self.dropout(a)
         m = self.mlp(modulate(self.norm2(x), shift2, scale2))
@@ -133,16 +134,18 @@ class DiT(nn.Module):
 
     def __init__(self, vocab_size: int, length: int, hidden_size: int, n_blocks: int,
                  n_heads: int, cond_dim: int, dropout: float = 0.1, mlp_ratio: int = 4,
-                 double_temb: bool = False, embedding_init_std: float = 0.02) -> None:
+                 double_temb: bool = False, embedding_init_std: float = 0.02,
+                 causal: bool = False) -> None:
         super().__init__()
         self.vocab_size, self.length, self.hidden_size = vocab_size, length, hidden_size
         self.double_temb = double_temb
+        self.causal = causal  # position i attends to positions <= i only (algo=ar)
         self.input_embedding = nn.Parameter(torch.randn(vocab_size, hidden_size)
                                             * embedding_init_std)
         self.time_embedding = TimeEmbedding(cond_dim)
         self.second_time_embedding = TimeEmbedding(cond_dim) if double_temb else None
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, n_heads, cond_dim, mlp_ratio, dropout)
-                                    for _ in range(n_blocks))
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, n_heads, cond_dim, mlp_ratio, dropout,
+                                             causal) for _ in range(n_blocks))
         self.output_layer = OutputLayer(hidden_size, cond_dim, vocab_size)
         cos, sin = rotary_tables(length, hidden_size // n_heads, torch.device("cpu"))
         self.register_buffer("rotary_cos", cos, persistent=False)
@@ -192,12 +195,14 @@ class DiT(nn.Module):
         return self.head(hidden, c)
 
 
-def build_backbone(model_cfg, vocab_size: int, double_temb: bool) -> DiT:
-    """Backbone from the ``model`` config group (configs/model/*.yaml)."""
+def build_backbone(model_cfg, vocab_size: int, double_temb: bool, causal: bool = False) -> DiT:
+    """Backbone from the ``model`` config group (configs/model/*.yaml); ``causal`` for
+    algo=ar."""
     if model_cfg.type != "dit":
         raise ValueError(f"model.type={model_cfg.type!r} is not supported; use 'dit'")
     return DiT(vocab_size=vocab_size, length=model_cfg.length,
                hidden_size=model_cfg.hidden_size, n_blocks=model_cfg.n_blocks,
                n_heads=model_cfg.n_heads, cond_dim=model_cfg.cond_dim,
                dropout=model_cfg.dropout, mlp_ratio=model_cfg.mlp_ratio,
-               double_temb=double_temb, embedding_init_std=model_cfg.embedding_init_std)
+               double_temb=double_temb, embedding_init_std=model_cfg.embedding_init_std,
+               causal=causal)

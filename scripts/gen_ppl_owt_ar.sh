@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Generative perplexity of an AR checkpoint on OpenWebText: preset configs/experiment/owt_ar_gen_ppl.yaml.
+# Usage: CKPT_PATH=/path/to/last.ckpt bash scripts/gen_ppl_owt_ar.sh [extra hydra overrides]
+# CKPT_PATH: eval.checkpoint_path; NUM_SAMPLES: eval.num_samples (default 1000).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+exec python -u -m main +experiment=owt_ar_gen_ppl "$@"
