@@ -440,6 +440,8 @@ class MDLM(FlowLM):
     always, so its adaLN modulation is a learnt constant; with true it gets the time t.
     """
 
+    val_loss_is_cross_entropy = True
+
     def __init__(self, config: DictConfig, vocab_size: int, tokenizer=None) -> None:
         _check_single_network(config)
         ac = config.algo
@@ -503,6 +505,8 @@ class AR(FlowLM):
     temperature 1 over the full softmax, one network call per drawn token, without a KV
     cache (the whole prefix is re-read each call).
     """
+
+    val_loss_is_cross_entropy = True
 
     def __init__(self, config: DictConfig, vocab_size: int, tokenizer=None) -> None:
         _check_single_network(config)
