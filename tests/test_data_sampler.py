@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
-from dataloader import FLMDataModule, ResumableDistributedSampler
+from data import FLMDataModule, ResumableDistributedSampler
 
 BATCH = 3
 
