@@ -215,12 +215,15 @@ def tokenize_split(raw: Any, data: DictConfig, tokenizer: Any, length: int, desc
     n, parts, start, began = len(raw), [], 0, time.perf_counter()
     while start < n:
         stop = min(start + chunk, n)
-        # the last, partial chunk in one process: its batches stay aligned to the split start
-        nproc = procs if stop - start == chunk and procs > 1 else None
+        if stop - start >= unit:  # whole batches for every process
+            stop = start + (stop - start) // unit * unit
+            nproc = procs if procs > 1 else None
+        else:  # the last < batch * procs documents, in one process: batches stay aligned
+            nproc = None
         part = raw.select(range(start, stop)) if (start, stop) != (0, n) else raw
         parts.append(part.map(_map_fn, batched=True, batch_size=batch, num_proc=nproc,
                               remove_columns=raw.column_names, fn_kwargs=kwargs,
-                              desc=f"{desc} [{start:,}:{stop:,}]"))
+                              load_from_cache_file=False, desc=f"{desc} [{start:,}:{stop:,}]"))
         start = stop
         elapsed = time.perf_counter() - began
         rate = start / max(elapsed, 1e-9)
