@@ -17,6 +17,8 @@ Assumed document lengths (tokens, log-normal, clipped below):
         (sigma 1) is that of web pages (a few documents of 10k+ tokens)
   lm1b  median 27, sigma 0.45, at least 3: LM1B is one sentence per document, 4.24e9 bytes over
         30,301,028 documents (~140 characters, ~27 words each)
+Each worker process tokenises on one thread (TOKENIZERS_PARALLELISM=false), so N processes use
+N cores; ``prepare_data.py`` itself runs ``data.num_proc`` forked workers the same way.
 Words are joined to reach the drawn token count approximately (1.3 tokens per word assumed);
 the measured tokens/document is printed, so the extrapolation uses measured rates.
 """
@@ -27,6 +29,7 @@ import argparse
 import collections
 import json
 import logging
+import os
 import re
 import sys
 import tempfile
@@ -97,6 +100,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
+    # one thread per worker process, so that N processes use N cores: the tokenizers library
+    # would otherwise parallelise a single in-process worker over every core (and disables
+    # that in forked workers), which confounds the scaling with N
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["RAYON_NUM_THREADS"] = "1"
     logging.basicConfig(level=logging.WARNING)
     import datasets
     from omegaconf import OmegaConf
