@@ -456,7 +456,7 @@ def all_sequences(
 
 
 # --------------------------------------------------------------------------------------
-# Data hooks called by data/ (data.tokenizers, data.module)
+# Data hooks called by dataloader.py
 
 
 class SyntheticTokenizer:
