@@ -17,6 +17,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 import utils
+from data.sampler import global_batch_slot
 from flow import masked
 from flow.autoregressive import (
     FIRST_TOKEN_MODES,
@@ -121,7 +122,7 @@ class FlowLM(pl.LightningModule):
         accumulate = self.trainer.accumulate_grad_batches if self._trainer else 1
         world = self.trainer.world_size if self._trainer else 1
         rank = self.trainer.global_rank if self._trainer else 0
-        return (batch_idx % accumulate) * world + rank, accumulate * world
+        return global_batch_slot(batch_idx, accumulate, world, rank)
 
     def noise_generator(self, step: int, slot: int, stream: int = 0) -> torch.Generator:
         if self._noise_generator is None or self._noise_generator.device != self.device:

@@ -16,7 +16,7 @@ from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 
 import algo
-import dataloader
+import data
 import reliability
 import utils
 from checkpointing import (
@@ -121,7 +121,7 @@ def build_module(config: DictConfig, tokenizer) -> algo.FlowLM:
 
 
 def train(config: DictConfig) -> None:
-    tokenizer = dataloader.get_tokenizer(config)
+    tokenizer = data.get_tokenizer(config)
     ckpt_path = None
     if config.checkpointing.resume_from_ckpt:
         found, ckpt = find_resume_checkpoint(config.checkpointing.resume_ckpt_path,
@@ -131,7 +131,7 @@ def train(config: DictConfig) -> None:
             del ckpt
             ckpt_path = str(found)
             log.info("resuming from %s", found)
-    datamodule = dataloader.FLMDataModule(config, tokenizer)
+    datamodule = data.FLMDataModule(config, tokenizer)
     module = build_module(config, tokenizer)
     callbacks = build_callbacks(config)
     trainer = build_trainer(config, callbacks=callbacks, logger=build_loggers(config))
@@ -172,7 +172,7 @@ def load_for_eval(config: DictConfig) -> tuple[algo.FlowLM, object]:
     if config.model.length != saved.model.length:
         log.info("model.length=%s comes from the checkpoint (the config had %s)",
                  saved.model.length, config.model.length)
-    tokenizer = dataloader.get_tokenizer(merged)
+    tokenizer = data.get_tokenizer(merged)
     if len(tokenizer) != ckpt["hyper_parameters"]["vocab_size"]:
         raise utils.ConfigError(
             f"the data tokenizer has {len(tokenizer)} tokens but the checkpoint's model has "
@@ -190,7 +190,7 @@ def ppl_eval(config: DictConfig) -> None:
     module, tokenizer = load_for_eval(config)
     # EMA weights are already in the backbone: validation must not swap them again.
     module.config = OmegaConf.merge(module.config, {"eval": {"disable_ema": True}})
-    datamodule = dataloader.FLMDataModule(module.config, tokenizer)
+    datamodule = data.FLMDataModule(module.config, tokenizer)
     trainer = build_trainer(config, logger=False, limit_val_batches=config.trainer
                             .limit_val_batches)
     results = trainer.validate(module, datamodule=datamodule)

@@ -35,6 +35,8 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.distributed.tensor import DTensor
 
+from data.sampler import split_micro_batch_index
+
 log = logging.getLogger(__name__)
 
 RNG_STATES_KEY = "rng_states"  # checkpoint entry: list of per-rank RNG states, index = global rank
@@ -365,7 +367,7 @@ class ResplitLoop(pl.Callback):
     accumulation 2): Lightning counts micro-batches of the epoch, and uses that count for the
     accumulation boundaries and the epoch's end, so it is rescaled from the saved accumulation
     to the current one. The data position itself is re-split by the sampler
-    (``dataloader.ResumableDistributedSampler.load_state_dict``)."""
+    (``data.sampler.ResumableDistributedSampler.load_state_dict``)."""
 
     COUNTERS = ("ready", "started", "processed", "completed")
 
@@ -384,11 +386,12 @@ class ResplitLoop(pl.Callback):
         for scope in ("total", "current"):
             counts = progress[scope]
             ready = counts["ready"]
-            if ready % saved:
+            global_batches, within = split_micro_batch_index(ready, saved)
+            if within:
                 raise ValueError(f"the checkpoint was written inside an accumulation cycle "
                                  f"({ready} micro-batches, accumulation {saved}); resume it "
                                  "with the same trainer.accumulate_grad_batches")
-            scaled = ready // saved * now
+            scaled = global_batches * now
             for key in self.COUNTERS:  # keep each counter's lag behind `ready`
                 counts[key] = scaled - (ready - counts[key])
         log.info("accumulation %d -> %d: Lightning's micro-batch counters rescaled", saved, now)

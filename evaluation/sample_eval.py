@@ -216,9 +216,9 @@ def held_out_reference_ids(config: Any, tokenizer: Any, num_samples: int,
                            seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(N, L) validation sequences for the reference row and, when the split has 2N, a
     disjoint (N, L) set for MAUVE; drawn by a permutation seeded with ``seed``."""
-    import dataloader
+    import data
 
-    _, valid = dataloader.get_datasets(config, tokenizer)
+    _, valid = data.get_datasets(config, tokenizer)
     if len(valid) < num_samples:
         raise ValueError(f"the validation split of data={config.data.name} has {len(valid)} "
                          f"sequences; sample_eval needs eval.num_samples={num_samples} of them "

@@ -147,7 +147,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output directory (save_pretrained)")
     p.add_argument("--text-file", default=None,
                    help="plain text, documents separated by blank lines (default: the "
-                        "embedded corpus via dataloader.embedded_corpus_documents)")
+                        "embedded corpus via data.embedded_corpus_documents)")
     p.add_argument("--tokenizer-file", default=DEFAULT_TOKENIZER_FILE,
                    help="tokenizers JSON file (default: assets/embedded_tokenizer.json)")
     p.add_argument("--bos-token", default=None)
@@ -173,9 +173,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         sys.path.insert(0, REPO_ROOT)
         try:
-            from dataloader import embedded_corpus_documents
+            from data import embedded_corpus_documents
         except ImportError as error:
-            raise SystemExit("dataloader.embedded_corpus_documents is not available here; "
+            raise SystemExit("data.embedded_corpus_documents is not available here; "
                              "pass --text-file <plain text>") from error
         documents, corpus_name = embedded_corpus_documents("train"), "the embedded corpus"
     tokenizer = load_tokenizer(args.tokenizer_file, args.bos_token, args.eos_token,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import algo
-from dataloader import ResumableDistributedSampler
+from data import ResumableDistributedSampler
 from tests.helpers import compose_config
 from tests.test_resume import load, run_main, run_until_signal
 from utils import resolve_config

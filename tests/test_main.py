@@ -70,9 +70,9 @@ def tiny_judge(directory: Path) -> Path:
     """A small GPT-2 with the embedded tokenizer, saved like scripts/train_judge.py does."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    import dataloader
+    import data
     config = compose_config([])
-    tokenizer = dataloader.get_tokenizer(config)
+    tokenizer = data.get_tokenizer(config)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32,
                                        n_layer=1, n_head=2,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import dataloader as D
+import data as D
 
 LENGTH = 64
 
@@ -69,12 +69,18 @@ def test_pad_sequences_hand_example():
 # --------------------------------------------------------------------------- detokeniser
 
 
+# expected outputs derived by hand from the paper's LM1B rules (data/detokenize.py docstring):
+# no n't rule, no % rule, " / " -> "/", a period after ")" keeps its space, and the period
+# rule needs a space before the word (so "a . b . c" only joins the second period)
 @pytest.mark.parametrize("raw, clean", [
-    ("I do n't think it 's over , he said .", "I don't think it's over, he said."),
-    ('He said " hello there " ( quietly ) !', 'He said "hello there" (quietly)!'),
-    ("Prices rose 5 % to $ 12 ; see http : / / example.com now ?",
-     "Prices rose 5% to $12; see http://example.com now?"),
-    ("They 've gone : we 'll follow", "They've gone: we'll follow"),
+    ("I do n't think it 's over , he said .", "I do n't think it's over, he said."),
+    ('He said " hello there " ( quietly ) .', 'He said "hello there" (quietly) .'),
+    ("Prices rose 50 % to $ 12 ; see http : / / example.com now ?",
+     "Prices rose 50 % to $12; see http://example.com now?"),
+    ("They 've gone : we 'll follow and / or wait !", "They've gone: we'll follow and/or wait!"),
+    ("He paid £ 5 . Then he left .", "He paid £5. Then he left."),
+    ("a . b . c", "a . b. c"),
+    ("the ' quoted ' word [ sic ]", "the 'quoted' word [sic]"),
 ])
 def test_lm1b_detokenizer(raw, clean):
     assert D.detokenize("lm1b", [raw]) == [clean]
@@ -208,3 +214,81 @@ def test_synthetic_branch_dispatches_lazily(tmp_path, monkeypatch):
     assert D.get_tokenizer(config) == "TOKENIZER"
     assert D.get_datasets(config, "TOKENIZER") == ("TRAIN", "VALID")
     assert calls == [("tok", "synthetic"), ("ds", LENGTH)]
+
+
+# --------------------------------------------------------------------------- paper wrap layout
+
+
+def test_pack_sequences_paper_layout_hand_example():
+    # paper layout: `doc EOS` per document (no BOS), BOS = EOS = 5 as LM1B's [CLS]
+    docs = [[10, 11, 12], [13], [14, 15, 16, 17, 18]]
+    # stream: 10 11 12 5 | 13 5 14 15 | 16 17 18 5 ; chunks of 6 - 2 = 4, nothing left over
+    expected = [[5, 10, 11, 12, 5, 5],
+                [5, 13, 5, 14, 15, 5],
+                [5, 16, 17, 18, 5, 5]]
+    assert D.pack_sequences(docs, 6, bos_id=5, eos_id=5, bos_per_document=False) == expected
+
+
+WORDS = ["the", "king", "horse", "runs", "far", "and", "wide", "a", "day", "night"]
+
+
+def word_tokenizer(specials, **roles):
+    """A whole-word tokenizer over WORDS plus ``specials`` (ids 0.. in that order)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate([*specials, *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", **roles), vocab
+
+
+def paper_data_config(name):
+    return OmegaConf.load(D.REPO_ROOT / "configs" / "data" / f"{name}.yaml")
+
+
+def direct_paper_blocks(texts, vocab, length, separator):
+    """Independent construction: ``doc SEP`` per document, chunks of length-2 framed by SEP."""
+    stream = []
+    for text in texts:
+        stream += [vocab[w] for w in text.split()] + [separator]
+    chunk = length - 2
+    return [[separator, *stream[i: i + chunk], separator]
+            for i in range(0, len(stream) - chunk + 1, chunk)]
+
+
+def test_lm1b_wrap_uses_cls_as_bos_and_eos():
+    from data.tokenizers import _set_specials
+
+    tok, vocab = word_tokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], cls_token="[CLS]",
+                                sep_token="[SEP]", pad_token="[PAD]", mask_token="[MASK]")
+    tok = _set_specials(tok)  # BERT: BOS = [CLS], EOS = [SEP] for the tokenizer itself
+    data = paper_data_config("lm1b-wrap")
+    bos, eos = D.wrap_ids(tok, data)
+    assert (bos, eos) == (vocab["[CLS]"], vocab["[CLS]"])
+    rng = random.Random(2)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randrange(1, 9))) for _ in range(30)]
+    out = D.tokenize_and_block(texts, tok, 8, True, data.detokenizer, bos, eos,
+                               data.bos_per_document)
+    assert out["input_ids"] == direct_paper_blocks(texts, vocab, 8, vocab["[CLS]"])
+    assert all(vocab["[SEP]"] not in block for block in out["input_ids"])
+
+
+def test_openwebtext_wrap_has_one_endoftext_between_documents():
+    eot = "<|endoftext|>"
+    tok, vocab = word_tokenizer(["[UNK]", eot], bos_token=eot, eos_token=eot)
+    data = paper_data_config("openwebtext-split")
+    bos, eos = D.wrap_ids(tok, data)
+    assert bos == eos == vocab[eot]
+    texts = ["the king runs", "a day", "and wide far night", "the horse"]
+    out = D.tokenize_and_block(texts, tok, 5, True, data.detokenizer, bos, eos,
+                               data.bos_per_document)
+    assert out["input_ids"] == direct_paper_blocks(texts, vocab, 5, vocab[eot])
+    interior = [t for block in out["input_ids"] for t in block[1:-1]]
+    assert all(not (a == b == vocab[eot]) for a, b in zip(interior, interior[1:]))
+
+
+def test_wrap_token_not_in_vocabulary_is_reported():
+    tok, _ = word_tokenizer(["[UNK]", "[BOS]", "[EOS]"], bos_token="[BOS]", eos_token="[EOS]")
+    with pytest.raises(ValueError, match="data.wrap_bos_token='\\[CLS\\]'"):
+        D.wrap_ids(tok, OmegaConf.create({"wrap_bos_token": "[CLS]", "wrap_eos_token": None}))

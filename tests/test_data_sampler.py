@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
-from dataloader import FLMDataModule, ResumableDistributedSampler
+from data import FLMDataModule, ResumableDistributedSampler
 
 BATCH = 3
 
@@ -210,3 +210,43 @@ def test_lightning_checkpoint_resume_is_exact(tmp_path):
     epoch0 = np.concatenate(full.seen[:20])
     assert sorted(epoch0.tolist()) == list(range(n))
     assert full.seen[20:23] != full.seen[:3]
+
+
+# --------------------------------------------------------------------------- one slot rule
+
+
+@pytest.mark.parametrize("world, accumulate", [(1, 1), (1, 3), (2, 1), (2, 3), (4, 2)])
+def test_slot_rule_is_the_samplers_layout(world, accumulate):
+    from data import global_batch_slot
+
+    n, batch = 97, 2
+    samplers = [ResumableDistributedSampler(n, world, r, seed=5, batch_size=batch,
+                                            accumulate=accumulate) for r in range(world)]
+    order = samplers[0].global_order(0)
+    G = batch * accumulate * world
+    for rank, sampler in enumerate(samplers):
+        seen = sampler.rank_indices(0).reshape(-1, batch)
+        for i, micro in enumerate(seen):  # i: this rank's micro-batch index over the epoch
+            slot, num_slots = global_batch_slot(i, accumulate, world, rank)
+            assert num_slots * batch == G
+            start = (i // accumulate) * G + slot * batch  # brute force: global batch, slot
+            assert micro.tolist() == order[start: start + batch].tolist()
+
+
+def test_resplit_loop_rescales_by_whole_global_batches():
+    from reliability import ResplitLoop
+
+    def checkpoint(ready, saved_accumulate):
+        counts = {"ready": ready, "started": ready, "processed": ready, "completed": ready - 1}
+        return {"FLMDataModule": {"sampler": {"accumulate": saved_accumulate}},
+                "loops": {"fit_loop": {"epoch_loop.batch_progress": {
+                    "total": dict(counts), "current": dict(counts)}}}}
+
+    trainer = SimpleNamespace(datamodule=FLMDataModule(make_config(), None),
+                              accumulate_grad_batches=1)
+    ckpt = checkpoint(ready=6, saved_accumulate=3)  # 2 global batches of 3 micro-batches
+    ResplitLoop().on_load_checkpoint(trainer, None, ckpt)
+    total = ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]
+    assert total == {"ready": 2, "started": 2, "processed": 2, "completed": 1}
+    with pytest.raises(ValueError, match="inside an accumulation cycle"):
+        ResplitLoop().on_load_checkpoint(trainer, None, checkpoint(ready=7, saved_accumulate=3))
