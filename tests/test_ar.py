@@ -107,10 +107,10 @@ def test_sampler_with_exact_conditionals_reproduces_the_source():
 
 def test_first_token_bos_needs_a_bos_token():
     import algo
-    import dataloader
+    import data
     from utils import ConfigError
     config = resolve_config(compose_config(["algo=ar", *TINY]))
-    tokenizer = dataloader.get_tokenizer(config)  # synthetic: no BOS
+    tokenizer = data.get_tokenizer(config)  # synthetic: no BOS
     with pytest.raises(ConfigError, match="algo.first_token=start"):
         algo.AR(config, len(tokenizer), tokenizer)
     with pytest.raises(ConfigError, match="algo.double_temb"):
@@ -147,9 +147,9 @@ def test_training_loss_is_the_sampler_models_log_likelihood():
     conditional computed like generate does (the prefix alone through the network), in
     float64: the causal mask makes training and sampling one model."""
     import algo
-    import dataloader
+    import data
     config = resolve_config(compose_config(["algo=ar", "algo.first_token=start", *TINY]))
-    tokenizer = dataloader.get_tokenizer(config)
+    tokenizer = data.get_tokenizer(config)
     module = algo.AR(config, len(tokenizer), tokenizer).double().eval()
     for p in module.backbone.parameters():
         torch.nn.init.normal_(p, std=0.1)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-import dataloader
+import data
 from flow.sampling import initial_state, sample_euler
 from flow.schedule import AlphaGammaTable
 from models import generate
@@ -128,7 +128,7 @@ def test_cli_generate_prompt_and_infill(tmp_path):
                                f"hydra.run.dir={run}"])
     assert trained.returncode == 0, trained.stderr[-3000:]
     ckpt = run / "checkpoints" / "last.ckpt"
-    tokenizer = dataloader.get_tokenizer(compose_config([]))
+    tokenizer = data.get_tokenizer(compose_config([]))
     prompt = "the history of the city"
     expected = [tokenizer.bos_token_id,
                 *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
@@ -172,7 +172,7 @@ def in_process_generate(tmp_path, monkeypatch, overrides):
     config = resolve_config(compose_config(TINY + ["mode=generate", "eval.checkpoint_path=x",
                                                    f"generate.output_path={tmp_path / 'g.json'}",
                                                    *overrides], run_dir=str(tmp_path)))
-    tokenizer = dataloader.get_tokenizer(config)
+    tokenizer = data.get_tokenizer(config)
 
     def fake_load(cfg):
         return algo.FLM(cfg, vocab_size=len(tokenizer), tokenizer=tokenizer).eval(), tokenizer

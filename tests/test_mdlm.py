@@ -256,11 +256,11 @@ def test_module_draws_are_keyed_by_step_and_the_times_stratified():
     """Same (step, batch slot): the same loss; another step: other masks. The per-sequence
     times of one global batch are the stratified grid (offset + k/n) mod 1 on [t_min, 1]."""
     import algo
-    import dataloader
+    import data
     from tests.helpers import compose_config
     from utils import resolve_config
     config = resolve_config(compose_config(["algo=mdlm", *TINY]))
-    tokenizer = dataloader.get_tokenizer(config)
+    tokenizer = data.get_tokenizer(config)
     module = algo.MDLM(config, len(tokenizer), tokenizer)
     assert module.backbone.input_embedding.shape[0] == len(tokenizer) + 1
     for p in module.backbone.parameters():
