@@ -358,6 +358,11 @@ class FLMDistillSecond(FlowMapDistillation):
         if config.algo.learnable_loss_weighting:
             log.warning("algo.learnable_loss_weighting=true has no effect in stage 2: its loss "
                         "is unweighted, as in the paper's code")
+        if config.mode == "sample_eval" and not (config.algo.teacher_f_path
+                                                 or config.algo.teacher_g_path):
+            # the FMLM sampler calls the student only (docs/math.md §6): e.g. a released model
+            log.info("sample_eval of a stage-2 model: no teachers loaded (sampling needs none)")
+            return
         teacher = self._add_teacher("flm", "algo.teacher_f_path", "flm")
         self._add_teacher("map", "algo.teacher_g_path", "flm_distill")
         # overwritten by Lightning's restore when resuming from this stage's checkpoint

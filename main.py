@@ -24,7 +24,6 @@ from checkpointing import (
     AtomicCheckpointIO,
     check_compatible,
     find_resume_checkpoint,
-    load_checkpoint_file,
 )
 
 log = logging.getLogger("main")
@@ -173,14 +172,15 @@ def load_for_eval(config: DictConfig) -> tuple[algo.FlowLM, object]:
     the checkpoint; data, sampling and eval settings from the current config.
     """
     from models.ema import EMA
-    from models.load import config_nodes, load_backbone
+    from models.load import backbone_from_source, config_nodes, read_source
 
     key = "eval.checkpoint_path"
     if not config.eval.checkpoint_path:
         raise utils.ConfigError(f"set {key}=<checkpoint> (or CKPT_PATH in scripts)")
     path = config.eval.checkpoint_path
-    backbone, settings = load_backbone(path, use_ema=not config.eval.disable_ema,
-                                       length=config.model.length, what=key)
+    source = read_source(path, key)
+    backbone, settings = backbone_from_source(source, use_ema=not config.eval.disable_ema,
+                                              length=config.model.length, what=key)
     saved_model, saved_algo = config_nodes(path, settings, config, key)
     merged = config.copy()
     with open_dict(merged):  # replace whole nodes: the saved algo may have keys the default lacks
@@ -199,7 +199,7 @@ def load_for_eval(config: DictConfig) -> tuple[algo.FlowLM, object]:
             f"{settings.vocab_size}: pass the data=... it was trained on")
     module = build_module(merged, tokenizer)
     if settings.source == "project":  # the whole module: loss weighting and EMA too
-        ckpt = load_checkpoint_file(path, key)
+        ckpt = source.checkpoint
         module.load_state_dict(ckpt["state_dict"])
         module.on_load_checkpoint(ckpt)
         if not config.eval.disable_ema:

@@ -406,7 +406,14 @@ def load_backbone(path: str | Path, *, use_ema: bool = True, length: int | None 
     errors. Every tensor is shape-checked; a missing, unexpected or misshapen one is one
     ``ConfigError`` naming it. The backbone is returned in eval mode, on the CPU.
     """
-    source = read_source(path, what)
+    return backbone_from_source(read_source(path, what), use_ema=use_ema, length=length,
+                                what=what)
+
+
+def backbone_from_source(source: _Source, *, use_ema: bool = True, length: int | None = None,
+                         what: str = "checkpoint") -> tuple[DiT, BackboneSettings]:
+    """``load_backbone`` on what ``read_source`` read (its checkpoint stays in
+    ``source.checkpoint`` for callers that need more of it)."""
     if source.kind == "project":
         settings, _ = _project_settings(source, what)
         ckpt = source.checkpoint

@@ -38,11 +38,12 @@ for _i in range(BLOCKS):
         OURS_TO_PAPER[f"blocks.{_i}.{_ours}"] = f"blocks.{_i}.{_paper}"
 
 
-def paper_params(double_temb: bool, loss_weighting: bool) -> list[tuple[str, tuple]]:
+def paper_params(double_temb: bool, loss_weighting: bool, vocab: int = V,
+                 ) -> list[tuple[str, tuple]]:
     """The paper's DIT trainable parameters, in its named_parameters() order, with shapes."""
     temb = [("mlp.0.weight", (COND, 256)), ("mlp.0.bias", (COND,)),
             ("mlp.2.weight", (COND, COND)), ("mlp.2.bias", (COND,))]
-    out = [("vocab_embed.embedding", (V, D))] + [(f"sigma_map.{n}", s) for n, s in temb]
+    out = [("vocab_embed.embedding", (vocab, D))] + [(f"sigma_map.{n}", s) for n, s in temb]
     if double_temb:
         out += [(f"sigma_map_prime.{n}", s) for n, s in temb]
     if loss_weighting:
@@ -58,17 +59,17 @@ def paper_params(double_temb: bool, loss_weighting: bool) -> list[tuple[str, tup
                 (f"blocks.{i}.mlp.2.weight", (D, 4 * D)), (f"blocks.{i}.mlp.2.bias", (D,)),
                 (f"blocks.{i}.adaLN_modulation.weight", (6 * D, COND)),
                 (f"blocks.{i}.adaLN_modulation.bias", (6 * D,))]
-    out += [("output_layer.norm_final.weight", (D,)), ("output_layer.linear.weight", (V, D)),
-            ("output_layer.linear.bias", (V,)),
+    out += [("output_layer.norm_final.weight", (D,)),
+            ("output_layer.linear.weight", (vocab, D)), ("output_layer.linear.bias", (vocab,)),
             ("output_layer.adaLN_modulation.weight", (2 * D, COND)),
             ("output_layer.adaLN_modulation.bias", (2 * D,))]
     return out
 
 
-def random_weights(double_temb: bool, loss_weighting: bool, seed: int) -> dict:
+def random_weights(double_temb: bool, loss_weighting: bool, seed: int, vocab: int = V) -> dict:
     g = torch.Generator().manual_seed(seed)
     weights = {}
-    for name, shape in paper_params(double_temb, loss_weighting):
+    for name, shape in paper_params(double_temb, loss_weighting, vocab):
         scale = 1.0 if "attn_qkv" in name else 0.3  # large q/k: logits beyond the softcap
         weights[name] = torch.randn(shape, generator=g) * scale
         if "norm" in name:
@@ -79,15 +80,15 @@ def random_weights(double_temb: bool, loss_weighting: bool, seed: int) -> dict:
 
 
 def paper_checkpoint(tmp_path, double_temb=True, loss_weighting=True, algo="flm_distill_double",
-                     name="paper.ckpt"):
-    live = random_weights(double_temb, loss_weighting, 0)
-    shadow = random_weights(double_temb, loss_weighting, 1)
-    order = [n for n, _ in paper_params(double_temb, loss_weighting)]
+                     name="paper.ckpt", vocab=V):
+    live = random_weights(double_temb, loss_weighting, 0, vocab)
+    shadow = random_weights(double_temb, loss_weighting, 1, vocab)
+    order = [n for n, _ in paper_params(double_temb, loss_weighting, vocab)]
     state = {f"backbone.{k}": v for k, v in live.items()}
     # a torch.compile'd key and a teacher key, as the paper's checkpoints may hold
     state["backbone.blocks.0._orig_mod.attn_out.weight"] = state.pop(
         "backbone.blocks.0.attn_out.weight")
-    state["teacher_model.vocab_embed.embedding"] = torch.zeros(V, D)
+    state["teacher_model.vocab_embed.embedding"] = torch.zeros(vocab, D)
     ckpt = {"state_dict": state, "global_step": 7,
             "ema": {"decay": 0.9999, "num_updates": 7, "shadow_params": [shadow[n] for n in order]},
             "hyper_parameters": {"config": OmegaConf.create(
@@ -286,3 +287,35 @@ def test_project_checkpoint_before_parity_is_refused(tmp_path):
     path, _, _ = project_checkpoint(tmp_path, drop_softcap=True)
     with pytest.raises(ConfigError, match="before the backbone followed the paper's conventions"):
         load_backbone(path)
+
+
+def test_eval_loads_paper_checkpoints(tmp_path):
+    import main
+    from utils import resolve_config
+    vocab = 2048  # the embedded corpus' tokenizer (data=embedded, the default)
+    path, _, shadow = paper_checkpoint(tmp_path, double_temb=False, loss_weighting=True,
+                                       algo="flm", vocab=vocab)
+    base = ["mode=sample_eval", "model.length=8"]
+    config = resolve_config(compose_config(base + [f"eval.checkpoint_path={path}"]))
+    module, _ = main.load_for_eval(config)
+    assert module.config.algo.name == "flm" and module.config.model.length == L
+    assert module.config.model.attn_softcap == 50.0 and module.config.model.hidden_size == D
+    torch.testing.assert_close(module.backbone.output_layer.linear.weight.detach().cpu(),
+                               shadow["output_layer.linear.weight"], rtol=0, atol=0)
+    tokens = module.generate(2, 2, torch.Generator(device=module.device).manual_seed(0))
+    assert tokens.shape == (2, L)
+    # an FMLM Hub folder that does not say its stage: the config's algo decides; sample_eval of
+    # stage 2 needs no teachers
+    folder = tmp_path / "fmlm"
+    folder.mkdir()
+    save_file(random_weights(True, False, 2, vocab), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"vocab_size": vocab}))
+    config = resolve_config(compose_config(base + [f"eval.checkpoint_path={folder}"]))
+    with pytest.raises(ConfigError, match="pass algo=flm_distill_second"):
+        main.load_for_eval(config)
+    config = resolve_config(compose_config(base + [f"eval.checkpoint_path={folder}",
+                                                   "algo=flm_distill_second"]))
+    module, _ = main.load_for_eval(config)
+    assert module.sampler_two_times and module.config.model.length == 8
+    tokens = module.generate(2, 1, torch.Generator(device=module.device).manual_seed(0))
+    assert tokens.shape == (2, 8)
