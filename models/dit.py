@@ -21,6 +21,7 @@ qkv rows [q | k | v] each head-major, and a kaiming-uniform input embedding.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -92,11 +93,13 @@ _causal_block_masks: dict[tuple[int, str], object] = {}
 
 
 def _log_backend(name: str) -> None:
-    if name not in _logged_backends:
+    """Log the attention backend once (not from inside a torch.compile trace: a graph break)."""
+    if not torch.compiler.is_compiling() and name not in _logged_backends:
         _logged_backends.add(name)
         log.info("attention backend: %s", name)
 
 
+@functools.cache
 def _flash_attn_softcap() -> Callable | None:
     """flash_attn_func when flash-attn >= 2.6 (the version with ``softcap``) is importable."""
     try:
