@@ -80,7 +80,8 @@ class FlowLM(pl.LightningModule):
         self.table = AlphaGammaTable(vocab_size)
         self.loss_weighting = (LossWeighting(config.training.loss_weight_width,
                                              num_times=self.loss_weight_times)
-                               if config.algo.learnable_loss_weighting else None)
+                               if config.algo.learnable_loss_weighting
+                               and self.loss_weight_times else None)
         self.ema = EMA(self.backbone, config.training.ema)
         self.sharded = utils.fsdp_training(config)  # configure_model shards under the trainer
         if compile_requested(config) and not self.sharded:
@@ -115,7 +116,7 @@ class FlowLM(pl.LightningModule):
                  "ranks (reshard_after_forward=%s)", len(self.backbone.blocks), mesh.size(),
                  reshard)
 
-    loss_weight_times = 1
+    loss_weight_times = 1  # times the learnable loss weighting reads (0: none applied)
 
     # ---- randomness keyed by position in the global batch ---------------------
     def _slot(self, batch_idx: int) -> tuple[int, int]:
@@ -242,7 +243,7 @@ class FlowLM(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "ema" not in checkpoint:
             raise KeyError("checkpoint has no 'ema' entry: not written by this project's FLM code")
-        self.ema.load_state_dict(checkpoint["ema"])
+        self.ema.load_state_dict(checkpoint["ema"], checkpoint.get("global_step"))
 
     # ---- sampling -----------------------------------------------------------------
     def log_samples(self, label: str) -> list[str]:
@@ -304,7 +305,7 @@ class FlowMapDistillation(FlowLM):
     module's device on use.
     """
 
-    loss_weight_times = 2  # w_phi(s, t)
+    loss_weight_times = 1  # w_phi(s): the paper's weighting of stage 1 reads the start time only
 
     def __init__(self, config: DictConfig, vocab_size: int, tokenizer=None) -> None:
         if not config.algo.double_temb:
@@ -346,7 +347,7 @@ class FlowMapDistillation(FlowLM):
 
     def reduce(self, per_token: torch.Tensor, interval: Interval, mask: torch.Tensor,
                ) -> torch.Tensor:
-        log_weight = (self.loss_weighting(interval.s.float(), interval.t.float())
+        log_weight = (self.loss_weighting(interval.s.float())
                       if self.loss_weighting is not None else None)
         return masked_token_mean(weighted_loss(per_token, log_weight), mask)
 
@@ -397,9 +398,18 @@ class FLMDistillSecond(FlowMapDistillation):
     """algo=flm_distill_second (FMLM): one network regressed on the stage-1 map (flm-math §6)."""
 
     sampler_two_times = True  # FMLM: p = softmax(f(z, t_i, t_{i+1}))
+    loss_weight_times = 0  # the paper's stage-2 loss is unweighted (its weighting is never applied)
 
     def __init__(self, config: DictConfig, vocab_size: int, tokenizer=None) -> None:
         super().__init__(config, vocab_size, tokenizer)
+        if config.algo.learnable_loss_weighting:
+            log.warning("algo.learnable_loss_weighting=true has no effect in stage 2: its loss "
+                        "is unweighted, as in the paper's code")
+        if config.mode == "sample_eval" and not (config.algo.teacher_f_path
+                                                 or config.algo.teacher_g_path):
+            # the FMLM sampler calls the student only (docs/math.md §6): e.g. a released model
+            log.info("sample_eval of a stage-2 model: no teachers loaded (sampling needs none)")
+            return
         teacher = self._add_teacher("flm", "algo.teacher_f_path", "flm")
         self._add_teacher("map", "algo.teacher_g_path", "flm_distill")
         # overwritten by Lightning's restore when resuming from this stage's checkpoint

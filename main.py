@@ -25,7 +25,6 @@ from checkpointing import (
     AtomicCheckpointIO,
     check_compatible,
     find_resume_checkpoint,
-    load_checkpoint_file,
 )
 
 log = logging.getLogger("main")
@@ -155,33 +154,46 @@ def train(config: DictConfig) -> None:
 def load_for_eval(config: DictConfig) -> tuple[algo.FlowLM, object]:
     """Module from ``eval.checkpoint_path`` with the EMA weights in the backbone.
 
-    Model and algorithm come from the checkpoint; data, sampling and eval
-    settings from the current config.
+    The path may be this project's checkpoint, a released checkpoint of the paper, a
+    Hugging Face folder or a Hub repo id (models/load.py). Model and algorithm come from
+    the checkpoint; data, sampling and eval settings from the current config.
     """
+    from models.ema import EMA
+    from models.load import backbone_from_source, config_nodes, read_source
+
+    key = "eval.checkpoint_path"
     if not config.eval.checkpoint_path:
-        raise utils.ConfigError("set eval.checkpoint_path=<checkpoint> (or CKPT_PATH in scripts)")
-    ckpt = load_checkpoint_file(config.eval.checkpoint_path, "eval.checkpoint_path")
-    saved = OmegaConf.create(ckpt["hyper_parameters"]["config"])
+        raise utils.ConfigError(f"set {key}=<checkpoint> (or CKPT_PATH in scripts)")
+    path = config.eval.checkpoint_path
+    source = read_source(path, key)
+    backbone, settings = backbone_from_source(source, use_ema=not config.eval.disable_ema,
+                                              length=config.model.length, what=key)
+    saved_model, saved_algo = config_nodes(path, settings, config, key)
     merged = config.copy()
     with open_dict(merged):  # replace whole nodes: the saved algo may have keys the default lacks
-        merged.model, merged.algo = saved.model, saved.algo
+        merged.model, merged.algo = saved_model, saved_algo
     # Teachers may have moved since training: paths given now win over the saved ones.
-    for key in utils.TEACHER_KEYS:
-        if config.algo.get(key) and key in merged.algo:
-            merged.algo[key] = config.algo[key]
-    if config.model.length != saved.model.length:
+    for teacher_key in utils.TEACHER_KEYS:
+        if config.algo.get(teacher_key) and teacher_key in merged.algo:
+            merged.algo[teacher_key] = config.algo[teacher_key]
+    if config.model.length != merged.model.length:
         log.info("model.length=%s comes from the checkpoint (the config had %s)",
-                 saved.model.length, config.model.length)
+                 merged.model.length, config.model.length)
     tokenizer = data.get_tokenizer(merged)
-    if len(tokenizer) != ckpt["hyper_parameters"]["vocab_size"]:
+    if len(tokenizer) != settings.vocab_size:
         raise utils.ConfigError(
             f"the data tokenizer has {len(tokenizer)} tokens but the checkpoint's model has "
-            f"{ckpt['hyper_parameters']['vocab_size']}: pass the data=... it was trained on")
+            f"{settings.vocab_size}: pass the data=... it was trained on")
     module = build_module(merged, tokenizer)
-    module.load_state_dict(ckpt["state_dict"])
-    module.on_load_checkpoint(ckpt)
-    if not config.eval.disable_ema:
-        module.ema.copy_to(module.backbone)
+    if settings.source == "project":  # the whole module: loss weighting and EMA too
+        ckpt = source.checkpoint
+        module.load_state_dict(ckpt["state_dict"])
+        module.on_load_checkpoint(ckpt)
+        if not config.eval.disable_ema:
+            module.ema.copy_to(module.backbone)
+    else:  # the paper's: the backbone only, its EMA (or live) weights already chosen
+        module.backbone.load_state_dict(backbone.state_dict())
+        module.ema = EMA(module.backbone, merged.training.ema)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return module.to(device).eval(), tokenizer
 

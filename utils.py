@@ -107,9 +107,9 @@ def _check_distributed_and_reliability(config: DictConfig) -> None:
             "teachers fit on one GPU for DiT small/medium)")
     for key in TEACHER_KEYS:
         path = config.algo.get(key)
-        if path is not None and not Path(path).expanduser().is_file():
-            raise ConfigError(f"algo.{key}={path}: no such file; point it to a trained "
-                              "checkpoint (<save_dir>/checkpoints/last.ckpt of the teacher run)")
+        if path is not None:
+            from models.load import check_location  # a file, a Hugging Face folder or repo id
+            check_location(path, f"algo.{key}")
     cb = config.get("callbacks", {})
     if ("checkpoint_every_n_steps" in cb and "checkpoint_last" in cb
             and cb.checkpoint_every_n_steps.every_n_train_steps

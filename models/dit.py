@@ -5,15 +5,24 @@ The backbone knows nothing about flows. It maps a D-dimensional input state
 (B, L, V). How ``h`` is made from a continuous one-hot-space state ``z``
 (B, L, V) is exposed as three linear maps of the input embedding ``E``
 (V, D): ``embed_state(z) = z @ E``, ``embed_tokens(x) = E[x]`` and
-``input_embedding`` itself for the D-space path (flm-math §3).
+``input_embedding`` itself for the D-space path (docs/math.md §3).
 
 Blocks: pre-LayerNorm attention + MLP, adaLN-zero modulation from the time
-conditioning, rotary positions, SDPA attention (bidirectional; causal with ``causal=True``), untied
-input/output embeddings.
+conditioning, rotary positions, soft-capped attention (bidirectional, or causal
+with ``causal=True``), untied input/output embeddings.
+
+The conventions are the paper's code (``david3684/flm`` models/dit.py), so its
+released weights load by renaming keys only (models/load.py): raw t in [0, 1] to
+the sinusoidal time features, the two time embeddings summed before the SiLU,
+half-split rotary pairs (j, j + hd/2), attention logits capped at 50·tanh(·/50),
+adaLN chunks (shift, scale, gate) x (attention, MLP), output adaLN (shift, scale),
+qkv rows [q | k | v] each head-major, and a kaiming-uniform input embedding.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from collections.abc import Callable
 
@@ -22,22 +31,28 @@ import torch.nn.functional as F
 from torch import nn
 
 TIME_FREQUENCY_DIM = 256  # sinusoidal features fed to the time MLP
-TIME_SCALE = 1000.0  # t in [0, 1] is spread over the sinusoid periods like DiT's steps
-MAX_PERIOD = 10_000.0
+MAX_PERIOD = 10_000.0  # the slowest sinusoid of the time features has this period (in t units)
 ROTARY_BASE = 10_000.0
+
+log = logging.getLogger(__name__)
 
 
 def sinusoidal_features(t: torch.Tensor, dim: int = TIME_FREQUENCY_DIM) -> torch.Tensor:
-    """(B,) -> (B, dim) sin/cos features of ``TIME_SCALE * t``."""
+    """(B,) -> (B, dim): [cos(t·f_j), sin(t·f_j)], f_j = MAX_PERIOD^(-j / (dim/2)).
+
+    The raw time t in [0, 1] is used, unscaled, as in the paper's code (its
+    ``TimestepEmbedder`` is fed t itself), so most features are near-constant over
+    [0, 1]: the slow ones act as a bias and the MLP reads t from the fast ones.
+    """
     half = dim // 2
     freqs = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, device=t.device,
                                                            dtype=torch.float32) / half)
-    args = (TIME_SCALE * t.float())[:, None] * freqs[None, :]
+    args = t.float()[:, None] * freqs[None, :]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 class TimeEmbedding(nn.Module):
-    """t (B,) -> conditioning vector (B, cond_dim)."""
+    """t (B,) -> conditioning vector (B, cond_dim), before the SiLU (DiT.conditioning)."""
 
     def __init__(self, cond_dim: int) -> None:
         super().__init__()
@@ -53,17 +68,111 @@ class TimeEmbedding(nn.Module):
 
 
 def rotary_tables(length: int, head_dim: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """cos and sin of the rotary angles, (L, head_dim / 2) each: angle(l, j) = l·base^(-2j/hd)."""
     inv_freq = 1.0 / ROTARY_BASE ** (torch.arange(0, head_dim, 2, device=device).float()
                                      / head_dim)
     angles = torch.outer(torch.arange(length, device=device).float(), inv_freq)
-    return angles.cos(), angles.sin()  # (L, head_dim / 2) each
+    return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) by position-dependent angles. x: (B, H, L, hd)."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+    """Rotate the pairs (x[j], x[j + hd/2]) of each head by angle(l, j). x: (B, H, L, hd).
+
+    The non-interleaved (half-split) convention of flash-attn's rotary, which the
+    paper's code uses: its released q/k weights load without a permutation.
+    """
+    x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)
+    rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return rotated.to(x.dtype)
+
+
+# ---- attention: softmax(softcap·tanh(q k^T / (sqrt(hd)·softcap))) v --------------------------
+_logged_backends: set[str] = set()
+_compiled_flex: Callable | None = None
+_causal_block_masks: dict[tuple[int, str], object] = {}
+
+
+def _log_backend(name: str) -> None:
+    """Log the attention backend once (not from inside a torch.compile trace: a graph break)."""
+    if not torch.compiler.is_compiling() and name not in _logged_backends:
+        _logged_backends.add(name)
+        log.info("attention backend: %s", name)
+
+
+@functools.cache
+def _flash_attn_softcap() -> Callable | None:
+    """flash_attn_func when flash-attn >= 2.6 (the version with ``softcap``) is importable."""
+    try:
+        import flash_attn
+    except ImportError:
+        return None
+    major, minor = (int(p) for p in flash_attn.__version__.split(".")[:2])
+    return flash_attn.flash_attn_func if (major, minor) >= (2, 6) else None
+
+
+def _flex_attention() -> Callable:
+    """torch's FlexAttention, compiled once (lazily: importing this module compiles nothing)."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+def _causal_block_mask(length: int, device: torch.device):
+    key = (length, str(device))
+    if key not in _causal_block_masks:
+        from torch.nn.attention.flex_attention import create_block_mask
+        _causal_block_masks[key] = create_block_mask(
+            lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, B=None, H=None, Q_LEN=length,
+            KV_LEN=length, device=device)
+    return _causal_block_masks[key]
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float | None,
+                   causal: bool) -> torch.Tensor:
+    """The explicit computation (B, H, L, hd) x3 -> (B, H, L, hd); materialises (B, H, L, L).
+
+    Used on the CPU; on CUDA the fused kernels of ``attention`` compute the same.
+    """
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if causal:
+        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float | None,
+              causal: bool) -> torch.Tensor:
+    """Scaled dot-product attention with logit soft-capping. (B, H, L, hd) x3 -> (B, H, L, hd).
+
+    ``softcap=None``: plain SDPA. Otherwise the scaled logits are capped as
+    ``softcap·tanh(logits / softcap)`` (the paper's flash-attn ``softcap=50``): on CUDA
+    by flash-attn >= 2.6 when importable and the inputs are bf16/fp16, else by a compiled
+    FlexAttention score_mod (neither materialises the L x L logits); on other devices by
+    ``math_attention``. The backend used is logged once.
+    """
+    if softcap is None:
+        _log_backend("sdpa (no softcap)")
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if q.device.type != "cuda":
+        _log_backend(f"math (q k^T, softcap={softcap}, softmax) on {q.device.type}")
+        return math_attention(q, k, v, softcap, causal)
+    flash = _flash_attn_softcap()
+    if flash is not None and q.dtype in (torch.bfloat16, torch.float16):
+        _log_backend(f"flash-attn softcap={softcap}")
+        out = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
+                    softcap=softcap)  # flash-attn takes and returns (B, L, H, hd)
+        return out.transpose(1, 2)
+    _log_backend(f"flex_attention softcap={softcap} ({q.dtype})")
+
+    def capped(score, b, h, q_idx, kv_idx):
+        return softcap * torch.tanh(score / softcap)
+
+    mask = _causal_block_mask(q.shape[-2], q.device) if causal else None
+    return _flex_attention()(q, k, v, score_mod=capped, block_mask=mask)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -72,13 +181,12 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 class DiTBlock(nn.Module):
     def __init__(self, hidden: int, heads: int, cond_dim: int, mlp_ratio: int,
-                 dropout: float, causal: bool = False) -> None:
+                 dropout: float, attn_softcap: float | None = None, causal: bool = False) -> None:
         super().__init__()
-        self.causal = causal  # causal attention (algo=ar); bidirectional otherwise
         if hidden % heads:
             raise ValueError(f"model.hidden_size={hidden} is not divisible by "
                              f"model.n_heads={heads}")
-        self.heads = heads
+        self.heads, self.attn_softcap, self.causal = heads, attn_softcap, causal
         self.norm1 = nn.LayerNorm(hidden, bias=False)
         self.qkv = nn.Linear(hidden, 3 * hidden, bias=False)
         self.attn_out = nn.Linear(hidden, hidden, bias=False)
@@ -96,7 +204,7 @@ class DiTBlock(nn.Module):
         q, k, v = self.qkv(modulate(self.norm1(x), shift1, scale1)).chunk(3, dim=-1)
         q, k, v = (y.unflatten(-1, (self.heads, -1)).transpose(1, 2) for y in (q, k, v))
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        a = attention(q, k, v, self.attn_softcap, self.causal)
         a = self.attn_out(a.transpose(1, 2).flatten(-2))
         x = x + gate1[:, None] * self.dropout(a)
         m = self.mlp(modulate(self.norm2(x), shift2, scale2))
@@ -123,7 +231,8 @@ class DiT(nn.Module):
 
     ``forward(h, t, t2=None)``: h (B, L, D) -> logits (B, L, V). ``t`` feeds
     the time embedding; with ``double_temb`` a second embedding of ``t2`` is
-    added to it (flm-math §5: the flow map's target time).
+    added to it before the SiLU (docs/math.md §5: the flow map's target time).
+    ``logits_from_state(z, t, t_next)`` does the same from a one-hot-space state z.
 
     ``h`` may also be a function ``network -> (B, L, D)`` (e.g. the noisy input
     ``x_gamma @ E`` of flow/path.py, which reads ``input_embedding``): it is
@@ -134,24 +243,28 @@ class DiT(nn.Module):
 
     def __init__(self, vocab_size: int, length: int, hidden_size: int, n_blocks: int,
                  n_heads: int, cond_dim: int, dropout: float = 0.1, mlp_ratio: int = 4,
-                 double_temb: bool = False, embedding_init_std: float = 0.02,
+                 double_temb: bool = False, attn_softcap: float | None = 50.0,
                  causal: bool = False) -> None:
         super().__init__()
         self.vocab_size, self.length, self.hidden_size = vocab_size, length, hidden_size
         self.double_temb = double_temb
-        self.causal = causal  # position i attends to positions <= i only (algo=ar)
-        self.input_embedding = nn.Parameter(torch.randn(vocab_size, hidden_size)
-                                            * embedding_init_std)
+        if attn_softcap is not None and not attn_softcap > 0:
+            raise ValueError(f"model.attn_softcap={attn_softcap}: use a positive cap or null")
+        # (V, D), initialised like nn.Linear / the paper's EmbeddingLayer: kaiming-uniform with
+        # a=sqrt(5) on a (V, D) tensor, i.e. U(-1/sqrt(D), 1/sqrt(D))
+        self.input_embedding = nn.Parameter(torch.empty(vocab_size, hidden_size))
+        nn.init.kaiming_uniform_(self.input_embedding, a=math.sqrt(5))
         self.time_embedding = TimeEmbedding(cond_dim)
         self.second_time_embedding = TimeEmbedding(cond_dim) if double_temb else None
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, n_heads, cond_dim, mlp_ratio, dropout,
-                                             causal) for _ in range(n_blocks))
+                                             attn_softcap, causal)
+                                    for _ in range(n_blocks))
         self.output_layer = OutputLayer(hidden_size, cond_dim, vocab_size)
         cos, sin = rotary_tables(length, hidden_size // n_heads, torch.device("cpu"))
         self.register_buffer("rotary_cos", cos, persistent=False)
         self.register_buffer("rotary_sin", sin, persistent=False)
 
-    # ---- input side: linear maps of E (flm-math §3) -------------------------
+    # ---- input side: linear maps of E (docs/math.md §3) ----------------------
     def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Clean one-hot input e(x) @ E = E[x]: (B, L) -> (B, L, D)."""
         return F.embedding(x, self.input_embedding)
@@ -162,6 +275,7 @@ class DiT(nn.Module):
 
     # ---- body -----------------------------------------------------------------
     def conditioning(self, t: torch.Tensor, t2: torch.Tensor | None = None) -> torch.Tensor:
+        """SiLU(mlp(t) [+ mlp'(t2)]): (B,) [, (B,)] -> (B, cond_dim)."""
         c = self.time_embedding(t)
         if self.second_time_embedding is not None:
             if t2 is None:
@@ -194,15 +308,24 @@ class DiT(nn.Module):
         hidden, c = self.features(h, t, t2)
         return self.head(hidden, c)
 
+    def logits_from_state(self, z: torch.Tensor, t: torch.Tensor,
+                          t_next: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, L, V) for a one-hot-space state z (B, L, V) at time t (B,).
+
+        The network input is ``z @ E`` (docs/math.md §3); ``t_next`` (B,) is the
+        second time of a double-time-embedding backbone (the flow map's target time).
+        """
+        return self(self.embed_state(z), t, t_next)
+
 
 def build_backbone(model_cfg, vocab_size: int, double_temb: bool, causal: bool = False) -> DiT:
-    """Backbone from the ``model`` config group (configs/model/*.yaml); ``causal`` for
-    algo=ar."""
+    """Backbone from the ``model`` config group (configs/model/*.yaml); ``causal`` comes from
+    the algorithm (algo=ar), not from the model config."""
     if model_cfg.type != "dit":
         raise ValueError(f"model.type={model_cfg.type!r} is not supported; use 'dit'")
     return DiT(vocab_size=vocab_size, length=model_cfg.length,
                hidden_size=model_cfg.hidden_size, n_blocks=model_cfg.n_blocks,
                n_heads=model_cfg.n_heads, cond_dim=model_cfg.cond_dim,
                dropout=model_cfg.dropout, mlp_ratio=model_cfg.mlp_ratio,
-               double_temb=double_temb, embedding_init_std=model_cfg.embedding_init_std,
+               double_temb=double_temb, attn_softcap=model_cfg.attn_softcap,
                causal=causal)

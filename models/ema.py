@@ -1,5 +1,10 @@
 """Exponential moving average of parameters, swappable into the live model.
 
+The decay warms up as in the paper's code (MDLM's ``ExponentialMovingAverage``,
+which FLM inherits): the n-th update (n = 1, 2, ...) uses
+``min(decay, (1 + n) / (10 + n))``, so early averages are not dominated by the
+initial weights. ``num_updates`` counts the updates made and is saved.
+
 Under FSDP (strategy=fsdp) the parameters are sharded DTensors: the shadow is
 then sharded the same way (each rank keeps its shard only), checkpoints hold
 the gathered full tensors, and loading scatters them back into shards. A
@@ -9,20 +14,29 @@ checkpoint written under one strategy therefore loads under the other.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+log = logging.getLogger(__name__)
+
+
+def warmup_decay(decay: float, n: int) -> float:
+    """The decay of the n-th update (n >= 1): ``min(decay, (1 + n) / (10 + n))``."""
+    return min(decay, (1.0 + n) / (10.0 + n))
+
 
 class EMA:
-    """Shadow copy ``ema = decay·ema + (1 - decay)·param`` of trainable parameters."""
+    """Shadow copy ``ema = d_n·ema + (1 - d_n)·param`` of trainable parameters, d_n warmed up."""
 
     def __init__(self, module: nn.Module, decay: float) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"training.ema must be in [0, 1), got {decay}")
         self.decay = decay
+        self.num_updates = 0  # updates made so far
         self.shadow = {n: p.detach().clone() for n, p in module.named_parameters()
                        if p.requires_grad}
 
@@ -34,7 +48,8 @@ class EMA:
                 names.append(n)
                 ema.append(self.shadow[n])
                 live.append(p.detach())
-        torch._foreach_lerp_(ema, live, 1.0 - self.decay)
+        self.num_updates += 1
+        torch._foreach_lerp_(ema, live, 1.0 - warmup_decay(self.decay, self.num_updates))
 
     @torch.no_grad()
     def copy_to(self, module: nn.Module) -> None:
@@ -69,13 +84,26 @@ class EMA:
 
     def state_dict(self) -> dict:
         """Full tensors; with sharded shadows a collective (every rank must call it)."""
-        return {"decay": self.decay, "shadow": {n: _full(v) for n, v in self.shadow.items()}}
+        return {"decay": self.decay, "num_updates": self.num_updates,
+                "shadow": {n: _full(v) for n, v in self.shadow.items()}}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, global_step: int | None = None) -> None:
+        """Load a ``state_dict``. States written before the warm-up existed lack
+        ``num_updates``: it is then taken as ``global_step`` (the EMA is updated once per
+        optimizer step, so this is exact unless steps were skipped as non-finite), or 0
+        when that is unknown too; either way with a logged warning."""
         missing = set(self.shadow) - set(state["shadow"])
         if missing:
             raise KeyError(f"EMA state lacks parameters {sorted(missing)[:5]}...")
         self.decay = state["decay"]
+        if "num_updates" in state:
+            self.num_updates = int(state["num_updates"])
+        else:
+            self.num_updates = int(global_step) if global_step is not None else 0
+            log.warning("EMA state without num_updates (written before the decay warm-up): "
+                        "taking num_updates=%d (%s)", self.num_updates,
+                        "the checkpoint's global step" if global_step is not None
+                        else "no global step known")
         for n, now in self.shadow.items():
             full = state["shadow"][n]
             if tuple(full.shape) != tuple(now.shape):

@@ -1,83 +1,66 @@
-"""Frozen teachers for distillation, loaded from this project's checkpoints (flm-math §5-6).
+"""Frozen teachers for distillation (docs/math.md §5-6).
 
-A teacher is the backbone a checkpoint's own saved config describes, with the
-checkpoint's EMA weights, frozen and in eval mode. The Lightning modules keep
-teachers outside their registered children, so teachers are neither optimised
-nor saved in the student's checkpoints.
+A teacher is the backbone of a checkpoint (this project's, a released checkpoint of
+the paper, a Hugging Face folder or Hub repo id: models/load.py) with its EMA
+weights, frozen and in eval mode. The Lightning modules keep teachers outside
+their registered children, so teachers are neither optimised nor saved in the
+student's checkpoints.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from checkpointing import load_checkpoint_file
-from models.dit import DiT, build_backbone
+from checkpointing import ARCHITECTURE_KEYS
+from models.dit import DiT
+from models.load import load_backbone
 from utils import ConfigError
 
 log = logging.getLogger(__name__)
-
-# model config keys that must agree between teacher and student
-MODEL_SHAPE_KEYS = ("length", "hidden_size", "n_blocks", "n_heads", "cond_dim", "mlp_ratio")
-
-
-def _require_path(path, key: str) -> Path:
-    if path is None or str(path).strip() in ("", "null", "None"):
-        raise ConfigError(f"{key} is not set: pass {key}=/path/to/checkpoint.ckpt "
-                          "(a checkpoint written by this project's training)")
-    path = Path(str(path))
-    if not path.is_file():
-        raise ConfigError(f"{key}={path}: no such file; point it at a checkpoint "
-                          "written by this project's training (e.g. .../checkpoints/last.ckpt)")
-    return path
 
 
 def load_teacher(path, key: str, student_model: DictConfig, vocab_size: int,
                  expected_algo: str) -> DiT:
     """The frozen EMA backbone of the checkpoint at ``path`` (config key ``key``).
 
-    Raises ``ConfigError`` naming ``key`` when the path is unset or missing, the
+    Raises ``ConfigError`` naming ``key`` when the path is unset or not a checkpoint, the
     checkpoint was trained with another algorithm than ``expected_algo``, or its
     vocabulary, length or model shape differs from the student's.
     """
-    file = _require_path(path, key)
-    ckpt = load_checkpoint_file(file, key)
-    hyper = ckpt.get("hyper_parameters") or {}
-    if "config" not in hyper or "vocab_size" not in hyper or "ema" not in ckpt:
-        raise ConfigError(f"{key}={file} has no saved config/vocab_size/EMA weights: "
-                          "not a checkpoint written by this project's training")
-    saved = OmegaConf.create(hyper["config"])
-    if saved.algo.name != expected_algo:
-        raise ConfigError(f"{key}={file} was trained with algo={saved.algo.name}; "
+    if path is None or str(path).strip() in ("", "null", "None"):
+        raise ConfigError(f"{key} is not set: pass {key}=/path/to/checkpoint.ckpt (a checkpoint "
+                          "of this project's training or a released one of the paper)")
+    teacher, settings = load_backbone(path, use_ema=True, length=student_model.length, what=key)
+    if settings.algo is None:
+        log.warning("%s=%s does not record its algorithm: taken as algo=%s", key, path,
+                    expected_algo)
+    elif settings.algo != expected_algo:
+        raise ConfigError(f"{key}={path} was trained with algo={settings.algo}; "
                           f"this key needs an algo={expected_algo} checkpoint")
-    if int(hyper["vocab_size"]) != vocab_size:
-        raise ConfigError(f"{key}={file} has a vocabulary of {hyper['vocab_size']} tokens but the "
-                          f"data tokenizer has {vocab_size}: use the data=... it was trained on")
-    mismatched = [f"model.{k}: teacher {saved.model[k]} vs student {student_model[k]}"
-                  for k in MODEL_SHAPE_KEYS if saved.model[k] != student_model[k]]
+    if settings.vocab_size != vocab_size:
+        raise ConfigError(f"{key}={path} has a vocabulary of {settings.vocab_size} tokens but "
+                          f"the data tokenizer has {vocab_size}: use the data=... it was "
+                          "trained on")
+    saved = settings.model_config()
+    mismatched = [f"model.{k}: teacher {saved[k]} vs student {student_model[k]}"
+                  for k in ARCHITECTURE_KEYS if saved[k] != student_model[k]]
     if mismatched:
-        raise ConfigError(f"{key}={file} does not match the student's model config ("
+        raise ConfigError(f"{key}={path} does not match the student's model config ("
                           + "; ".join(mismatched) + "): pass the teacher's model=... and "
                           "model.length")
-    teacher = build_backbone(saved.model, vocab_size, bool(saved.algo.double_temb))
-    try:
-        teacher.load_state_dict(ckpt["ema"]["shadow"], strict=True)
-    except RuntimeError as err:
-        raise ConfigError(f"{key}={file}: EMA weights do not fit the saved model config "
-                          f"({err})") from err
     teacher.requires_grad_(False)
     teacher.eval()
-    log.info("loaded frozen teacher %s=%s (algo=%s, step %s)", key, file, saved.algo.name,
-             ckpt.get("global_step"))
+    log.info("loaded frozen teacher %s=%s (algo=%s, step %s)", key, path, settings.algo,
+             settings.global_step)
     return teacher
 
 
 @torch.no_grad()
 def initialise_student(student: DiT, teacher: DiT, zero_output_layer: bool) -> None:
-    """Copy the teacher's weights into a double-time-embedding student (flm-math §5-6).
+    """Copy the teacher's weights into a double-time-embedding student (docs/math.md §5-6).
 
     The second time embedding keeps its fresh first layer and gets a zeroed last
     layer, so it adds nothing at start; ``zero_output_layer`` zeroes the student's

@@ -56,7 +56,9 @@ def eval_loss(module, n_batches=10):
 
 
 def test_tiny_flm_learns_and_samples():
-    config = tiny_config()
+    # with the paper's raw-t time features the tiny model reads t from slow sinusoids and learns
+    # the source more slowly: ~72% pattern hits after 400 steps, ~87% after 700 (256 samples)
+    config = tiny_config(**{"trainer.max_steps": 700})
     module = fit(config)
     trained = eval_loss(module)
     # the uniform baseline is log V; the source itself is far below it

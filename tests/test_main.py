@@ -127,4 +127,4 @@ def test_missing_checkpoint_for_eval_is_a_clear_error(tmp_path):
     proc = run_main(TINY + ["mode=ppl_eval", f"eval.checkpoint_path={tmp_path / 'nope.ckpt'}",
                             f"hydra.run.dir={tmp_path}"])
     assert proc.returncode != 0
-    assert "eval.checkpoint_path not found" in proc.stderr
+    assert f"eval.checkpoint_path={tmp_path / 'nope.ckpt'}: no such file" in proc.stderr

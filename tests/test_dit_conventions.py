@@ -1,0 +1,90 @@
+"""The backbone's conventions against independent float64 computations (the paper's code)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.dit import DiT, apply_rotary, attention, rotary_tables, sinusoidal_features
+
+
+def test_time_features_are_cos_then_sin_of_raw_t():
+    t = torch.tensor([0.0, 0.37, 1.0])
+    dim = 256
+    expected = torch.empty(3, dim, dtype=torch.float64)
+    for i, ti in enumerate(t.double().tolist()):
+        for j in range(dim // 2):
+            freq = 10_000.0 ** (-j / (dim // 2))
+            expected[i, j] = math.cos(ti * freq)
+            expected[i, dim // 2 + j] = math.sin(ti * freq)
+    torch.testing.assert_close(sinusoidal_features(t, dim).double(), expected, rtol=0, atol=1e-6)
+
+
+def test_two_time_embeddings_are_summed_before_the_silu():
+    torch.manual_seed(0)
+    net = DiT(vocab_size=10, length=4, hidden_size=16, n_blocks=1, n_heads=2, cond_dim=8,
+              double_temb=True)
+    for p in net.parameters():
+        torch.nn.init.normal_(p)
+    t, t2 = torch.rand(3), torch.rand(3)
+
+    def mlp(layers, time):  # float64, from the weights
+        w0, b0 = layers[0].weight.double(), layers[0].bias.double()
+        w2, b2 = layers[2].weight.double(), layers[2].bias.double()
+        j = torch.arange(128, dtype=torch.float64)
+        args = time.double()[:, None] * torch.exp(-math.log(10_000) * j / 128)
+        feats = torch.cat([args.cos(), args.sin()], dim=-1)
+        return F.silu(feats @ w0.T + b0) @ w2.T + b2
+
+    expected = F.silu(mlp(net.time_embedding.mlp, t) + mlp(net.second_time_embedding.mlp, t2))
+    torch.testing.assert_close(net.conditioning(t, t2).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rotary_rotates_half_split_pairs_as_complex_numbers():
+    torch.manual_seed(1)
+    hd, length = 8, 5
+    x = torch.randn(2, 3, length, hd, dtype=torch.float64)
+    cos, sin = rotary_tables(length, hd, torch.device("cpu"))
+    ours = apply_rotary(x, cos.double(), sin.double())
+    expected = torch.empty_like(x)
+    for pos in range(length):
+        for j in range(hd // 2):
+            angle = pos * 10_000.0 ** (-2 * j / hd)
+            pair = torch.complex(x[..., pos, j], x[..., pos, j + hd // 2]) * complex(
+                math.cos(angle), math.sin(angle))
+            expected[..., pos, j], expected[..., pos, j + hd // 2] = pair.real, pair.imag
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("softcap", [50.0, None])
+def test_attention_softcap_and_causal_mask(causal, softcap):
+    torch.manual_seed(2)
+    b, h, length, hd = 2, 3, 6, 4
+    q, k, v = (torch.randn(b, h, length, hd, dtype=torch.float64) * 6 for _ in range(3))
+    expected = torch.empty_like(q)
+    for i in range(length):  # query by query, from the definition
+        keys = range(i + 1) if causal else range(length)
+        scores = torch.stack([(q[:, :, i] * k[:, :, j]).sum(-1) / math.sqrt(hd) for j in keys], -1)
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        weights = torch.softmax(scores, dim=-1)
+        expected[:, :, i] = sum(weights[..., n, None] * v[:, :, j] for n, j in enumerate(keys))
+    ours = attention(q, k, v, softcap, causal)
+    torch.testing.assert_close(ours, expected, rtol=1e-7, atol=1e-7)
+    if softcap is not None:  # the logits reach the cap, so the cap changes the result
+        assert (attention(q, k, v, None, causal) - ours).abs().max() > 1e-3
+
+
+def test_input_embedding_init_is_kaiming_uniform():
+    torch.manual_seed(3)
+    dim = 64
+    e = DiT(vocab_size=2000, length=4, hidden_size=dim, n_blocks=1, n_heads=2,
+            cond_dim=8).input_embedding.detach().double()
+    bound = 1 / math.sqrt(dim)  # kaiming_uniform_(a=sqrt(5)) on (V, D): fan_in = D
+    assert e.abs().max() <= bound and e.abs().max() > 0.999 * bound
+    n = e.numel()
+    var, var_of_var = bound ** 2 / 3, bound ** 4 * (1 / 5 - 1 / 9)  # U(-b, b) moments
+    assert abs(e.pow(2).mean() - var) < 5 * math.sqrt(var_of_var / n)
+    assert abs(e.mean()) < 5 * math.sqrt(var / n)
