@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 INPUT_PATHS = ("dspace", "reference")
-PINV_RCOND = 1e-10  # Gram eigenvalues below this fraction of the largest count as zero (float64)
 
 
 def gaussian_projection(embedding: torch.Tensor, batch_shape: tuple[int, ...],
@@ -46,37 +45,35 @@ def gaussian_projection(embedding: torch.Tensor, batch_shape: tuple[int, ...],
 
 # ---- noise seen through several embeddings ------------------------------------------
 class _JointGaussianProjection(torch.autograd.Function):
-    """y = η·M with MᵀM = AᵀA, i.e. a draw of eps @ A (eps ~ N(0, I_V)), for any rank of A.
+    """y = η·R with A = QR (thin QR), i.e. an exact draw of eps @ A (eps ~ N(0, I_V)), any rank.
 
     Teacher and student embeddings are equal at initialisation, so AᵀA is singular
-    and a Cholesky factor does not exist; an eigen-factor does. The backward is the
-    Rao-Blackwellised pathwise gradient: the reference path's gradient in A is
-    epsᵀ·dy, and dy depends on eps only through y, so replacing eps by
-    E[eps | y] = A·(AᵀA)⁺·y gives an unbiased estimate of the same expected gradient.
+    and has no Cholesky factor; the QR factorisation of A itself always exists and
+    needs no pivoting, jitter or eigendecomposition: with eps = η·Qᵀ + ξ·Q⊥ᵀ (ξ an
+    independent standard normal on the complement of range(Q)), eps ~ N(0, I_V)
+    and eps @ A = η·R, so y has covariance RᵀR = AᵀA exactly (up to the round-off
+    of a backward-stable QR). The backward is the Rao-Blackwellised pathwise
+    gradient: the reference path's gradient in A is epsᵀ·dy, dy depends on eps
+    only through y (a function of η), and E[eps | η] = η·Qᵀ, so Q·(ηᵀ·dy) is an
+    unbiased estimate of the same expected gradient.
     """
 
     @staticmethod
-    def forward(ctx, embedding: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
-        a = embedding.double()
-        gram = a.T @ a
-        evals, evecs = torch.linalg.eigh(gram)
-        # eigenvalues below PINV_RCOND·max are round-off of exact zeros (e.g. E_S = E_T)
-        keep = evals > PINV_RCOND * evals.max().clamp_min(torch.finfo(a.dtype).tiny)
-        factor = torch.where(keep, evals, 0.0).sqrt()[:, None] * evecs.T  # factorᵀ·factor = gram
-        inverse = torch.where(keep, 1.0 / torch.where(keep, evals, 1.0), 0.0)
-        pinv = (evecs * inverse) @ evecs.T
-        y = (eta.double() @ factor).to(eta.dtype)
-        ctx.save_for_backward(embedding, y, pinv)
-        return y
+    def forward(ctx, joint: torch.Tensor, batch_shape: tuple[int, ...],
+                generator: torch.Generator | None) -> torch.Tensor:
+        q, r = torch.linalg.qr(joint)  # (V, K'), (K', K) with K' = min(V, K)
+        eta = torch.randn(*batch_shape, r.shape[0], generator=generator, device=joint.device,
+                          dtype=joint.dtype)
+        ctx.save_for_backward(q, eta)
+        return eta @ r
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        embedding, y, pinv = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None
-        moment = y.flatten(0, -2).double().T @ grad_y.flatten(0, -2).double()  # (K, K)
-        grad = embedding.double() @ (pinv @ moment)
-        return grad.to(embedding.dtype), None
+            return None, None, None
+        q, eta = ctx.saved_tensors
+        moment = eta.flatten(0, -2).T @ grad_y.flatten(0, -2).to(eta.dtype)  # (K', K)
+        return q @ moment, None, None
 
 
 def joint_gaussian_projection(embeddings: list[torch.Tensor], batch_shape: tuple[int, ...],
@@ -85,14 +82,14 @@ def joint_gaussian_projection(embeddings: list[torch.Tensor], batch_shape: tuple
     """One draw of ``eps @ [E_1 | E_2 | ...]`` with eps ~ N(0, I_V), without forming eps.
 
     embeddings: (V, D_i) each -> (*batch_shape, ΣD_i), with the exact joint covariance.
-    Differentiable in the embeddings (see ``_JointGaussianProjection``).
+    Differentiable in the embeddings (see ``_JointGaussianProjection``). Computed in
+    ``dtype`` (at least float32, at least the embeddings' precision): one thin QR of
+    the (V, ΣD_i) matrix per call, no float64 and no eigendecomposition in training.
     """
-    joint = torch.cat(embeddings, dim=1)
-    with torch.autocast(device_type=joint.device.type, enabled=False):
-        eta = torch.randn(*batch_shape, joint.shape[1], generator=generator, device=joint.device,
-                          dtype=torch.float64)
-        return _JointGaussianProjection.apply(joint, eta).to(dtype)
-
+    work = torch.promote_types(torch.promote_types(embeddings[0].dtype, dtype), torch.float32)
+    with torch.autocast(device_type=embeddings[0].device.type, enabled=False):
+        joint = torch.cat([e.to(work) for e in embeddings], dim=1)
+        return _JointGaussianProjection.apply(joint, tuple(batch_shape), generator).to(dtype)
 
 
 def noisy_input(backbone, tokens: torch.Tensor, gamma: torch.Tensor, input_path: str,
