@@ -41,20 +41,27 @@ def initial_state(network, batch_size: int, length: int, generator: torch.Genera
 
 @torch.no_grad()
 def denoised_projection(network, h: torch.Tensor, t: torch.Tensor, t2: torch.Tensor | None,
-                        position_chunk: int = DEFAULT_POSITION_CHUNK,
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        position_chunk: int = DEFAULT_POSITION_CHUNK, project: bool = True,
+                        ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """x1 prediction through E: (B, L, D) -> (softmax(f) @ E (B, L, D), argmax f (B, L)).
 
-    The (B, chunk, V) logits exist for one chunk of positions at a time.
+    The (B, chunk, V) logits exist for one chunk of positions at a time. The
+    softmax is float32; ``p @ E`` multiplies in the logits' dtype (bf16 for a
+    bf16 / autocast backbone: a bf16 matmul with float32 accumulation, float32
+    or float64 otherwise). ``project=False`` (the last step, where z = p and
+    argmax z = argmax p = argmax f) returns ``(None, argmax f)`` without ``p @ E``.
     """
     hidden, c = network.features(h.to(network.input_embedding.dtype), t, t2)
     e = network.input_embedding
     proj, tokens = [], []
     for start in range(0, hidden.shape[1], position_chunk):
-        logits = network.head(hidden[:, start:start + position_chunk], c).float()
-        proj.append(torch.softmax(logits, dim=-1) @ e.float())
+        logits = network.head(hidden[:, start:start + position_chunk], c)
         tokens.append(logits.argmax(dim=-1))
-    return torch.cat(proj, dim=1), torch.cat(tokens, dim=1)
+        if project:
+            p = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype,
+                                                                         torch.float32))
+            proj.append(p.to(logits.dtype) @ e.to(logits.dtype))
+    return (torch.cat(proj, dim=1) if project else None), torch.cat(tokens, dim=1)
 
 
 @torch.no_grad()
@@ -73,7 +80,8 @@ def sample_euler(network, table: AlphaGammaTable, noise: torch.Tensor, steps: in
     for i in range(steps):
         t_now = t[i].float().expand(batch)
         t_next = t[i + 1].float().expand(batch) if two_times else None
-        p_proj, tokens = denoised_projection(network, h, t_now, t_next, position_chunk)
+        p_proj, tokens = denoised_projection(network, h, t_now, t_next, position_chunk,
+                                             project=i < steps - 1)
         if i == steps - 1:
             return tokens  # z = p at the last step; argmax z = argmax of the logits
         h = flow_map(h, p_proj.to(h.dtype), None, gamma[i].expand(batch),
