@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -84,6 +85,7 @@ def run_main(args) -> tuple[list[tuple[float, int]], float, Path]:
                 if step is not None and (not marks or step > marks[-1][1]):
                     marks.append((now, step))
     total = time.perf_counter() - start
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # GBs at DiT small; log and CSV stay
     if proc.returncode != 0:
         sys.exit(f"python -m main failed (exit {proc.returncode}); log: {log_path}\n"
                  + log_path.read_text()[-4000:])

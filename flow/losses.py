@@ -29,6 +29,7 @@ FUSED_CE_CHOICES = ("auto", "liger", "cce", "chunked", "none")
 CHUNK_ELEMENTS = 2**28  # logits per chunk of the chunked CE (1 GiB in float32)
 IGNORE_INDEX = -100  # target id the fused kernels skip (masked positions)
 _PACKAGES = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}
+_PIP = {"liger": "liger-kernel==0.8.5", "cce": "cut-cross-entropy==25.1.1"}  # tested versions
 
 
 def masked_token_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -67,7 +68,8 @@ def check_fused_ce(choice: str) -> None:
     if choice in _PACKAGES and not fused_ce_available(choice):
         raise utils.ConfigError(
             f"training.fused_ce={choice} needs the package {_PACKAGES[choice]!r}, which is not "
-            "installed: install it (see requirements.txt) or set training.fused_ce=auto|chunked")
+            f"installed: `pip install {_PIP[choice]}` (needs triton) or set "
+            "training.fused_ce=auto|chunked")
 
 
 def resolve_fused_ce(choice: str, device: torch.device, per_token_weights: bool) -> str:

@@ -11,6 +11,9 @@ only ever sees ``x_gamma @ E``. Two ways to build that input:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -44,6 +47,17 @@ def gaussian_projection(embedding: torch.Tensor, batch_shape: tuple[int, ...],
 
 
 # ---- noise seen through several embeddings ------------------------------------------
+@contextlib.contextmanager
+def _ieee_float32_matmuls() -> Iterator[None]:
+    """float32 matmuls without TF32 inside (the law of the noise is not rounded to 10 bits)."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
 class _JointGaussianProjection(torch.autograd.Function):
     """y = η·R with A = QR (thin QR), i.e. an exact draw of eps @ A (eps ~ N(0, I_V)), any rank.
 
@@ -61,11 +75,13 @@ class _JointGaussianProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, joint: torch.Tensor, batch_shape: tuple[int, ...],
                 generator: torch.Generator | None) -> torch.Tensor:
-        q, r = torch.linalg.qr(joint)  # (V, K'), (K', K) with K' = min(V, K)
-        eta = torch.randn(*batch_shape, r.shape[0], generator=generator, device=joint.device,
-                          dtype=joint.dtype)
+        with _ieee_float32_matmuls():
+            q, r = torch.linalg.qr(joint)  # (V, K'), (K', K) with K' = min(V, K)
+            eta = torch.randn(*batch_shape, r.shape[0], generator=generator,
+                              device=joint.device, dtype=joint.dtype)
+            y = eta @ r
         ctx.save_for_backward(q, eta)
-        return eta @ r
+        return y
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
