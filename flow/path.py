@@ -58,6 +58,52 @@ def _ieee_float32_matmuls() -> Iterator[None]:
         torch.set_float32_matmul_precision(old)
 
 
+_FROZEN_QR: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # one entry: frozen embeddings
+
+
+def _tensor_key(tensors: list[torch.Tensor]) -> tuple:
+    """Identity and content version of tensors: changes when any of them is written."""
+    return tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype, str(t.device))
+                 for t in tensors)
+
+
+def joint_qr(embeddings: list[torch.Tensor], dtype: torch.dtype,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thin QR of A = [E_1 | E_2 | ...] (V, K): Q (V, K') orthonormal, R (K', K), QR = A.
+
+    The leading embeddings that need no gradient (frozen teachers) are factored
+    once and cached until one of them is written; the rest B (the student) is
+    appended by block Gram-Schmidt with re-orthogonalisation: C = Q_Fᵀ·B,
+    P = B - Q_F·C (twice), P = Q_P·R_P, giving A = [Q_F | Q_P]·[[R_F, C], [0, R_P]].
+    Per step that is two (V, K_F) x (V, K_S) products and a QR of (V, K_S) instead
+    of a QR of the whole (V, K). ``dtype``: the working precision (IEEE, no TF32).
+    """
+    frozen = 0
+    while frozen < len(embeddings) and not embeddings[frozen].requires_grad:
+        frozen += 1
+    vocab, width = embeddings[0].shape[0], sum(e.shape[1] for e in embeddings)
+    with _ieee_float32_matmuls():
+        if frozen == 0 or vocab <= width:  # nothing to reuse, or no room for a complement
+            return torch.linalg.qr(torch.cat([e.detach().to(dtype) for e in embeddings], dim=1))
+        key = _tensor_key(embeddings[:frozen]) + (dtype,)
+        if key not in _FROZEN_QR:
+            _FROZEN_QR.clear()
+            _FROZEN_QR[key] = torch.linalg.qr(
+                torch.cat([e.detach().to(dtype) for e in embeddings[:frozen]], dim=1))
+        q_f, r_f = _FROZEN_QR[key]
+        if frozen == len(embeddings):
+            return q_f, r_f
+        rest = torch.cat([e.detach().to(dtype) for e in embeddings[frozen:]], dim=1)
+        c = q_f.T @ rest
+        rest = rest - q_f @ c
+        c2 = q_f.T @ rest  # "twice is enough": P orthogonal to Q_F to round-off
+        rest = rest - q_f @ c2
+        q_p, r_p = torch.linalg.qr(rest)
+        r = torch.cat([torch.cat([r_f, c + c2], dim=1),
+                       torch.cat([r_p.new_zeros(r_p.shape[0], r_f.shape[1]), r_p], dim=1)])
+        return torch.cat([q_f, q_p], dim=1), r
+
+
 class _JointGaussianProjection(torch.autograd.Function):
     """y = η·R with A = QR (thin QR), i.e. an exact draw of eps @ A (eps ~ N(0, I_V)), any rank.
 
@@ -73,12 +119,11 @@ class _JointGaussianProjection(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, joint: torch.Tensor, batch_shape: tuple[int, ...],
-                generator: torch.Generator | None) -> torch.Tensor:
+    def forward(ctx, joint: torch.Tensor, q: torch.Tensor, r: torch.Tensor,
+                batch_shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
         with _ieee_float32_matmuls():
-            q, r = torch.linalg.qr(joint)  # (V, K'), (K', K) with K' = min(V, K)
             eta = torch.randn(*batch_shape, r.shape[0], generator=generator,
-                              device=joint.device, dtype=joint.dtype)
+                              device=joint.device, dtype=r.dtype)
             y = eta @ r
         ctx.save_for_backward(q, eta)
         return y
@@ -86,10 +131,10 @@ class _JointGaussianProjection(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         if not ctx.needs_input_grad[0]:
-            return None, None, None
+            return None, None, None, None, None
         q, eta = ctx.saved_tensors
         moment = eta.flatten(0, -2).T @ grad_y.flatten(0, -2).to(eta.dtype)  # (K', K)
-        return q @ moment, None, None
+        return q @ moment, None, None, None, None
 
 
 def joint_gaussian_projection(embeddings: list[torch.Tensor], batch_shape: tuple[int, ...],
@@ -99,13 +144,16 @@ def joint_gaussian_projection(embeddings: list[torch.Tensor], batch_shape: tuple
 
     embeddings: (V, D_i) each -> (*batch_shape, ΣD_i), with the exact joint covariance.
     Differentiable in the embeddings (see ``_JointGaussianProjection``). Computed in
-    ``dtype`` (at least float32, at least the embeddings' precision): one thin QR of
-    the (V, ΣD_i) matrix per call, no float64 and no eigendecomposition in training.
+    ``dtype`` (at least float32, at least the embeddings' precision): a thin QR
+    (``joint_qr``: frozen teachers factored once), no float64 and no
+    eigendecomposition in training.
     """
     work = torch.promote_types(torch.promote_types(embeddings[0].dtype, dtype), torch.float32)
     with torch.autocast(device_type=embeddings[0].device.type, enabled=False):
-        joint = torch.cat([e.to(work) for e in embeddings], dim=1)
-        return _JointGaussianProjection.apply(joint, tuple(batch_shape), generator).to(dtype)
+        q, r = joint_qr(embeddings, work)
+        joint = torch.cat([e.to(work) for e in embeddings], dim=1)  # the autograd input
+        return _JointGaussianProjection.apply(joint, q, r, tuple(batch_shape),
+                                              generator).to(dtype)
 
 
 def noisy_input(backbone, tokens: torch.Tensor, gamma: torch.Tensor, input_path: str,

@@ -106,10 +106,12 @@ def test_interval_endpoints_follow_the_spec():
     assert not ((s2 == 0) & (t2 == 1)).any()
 
 
+@pytest.mark.parametrize("frozen_teacher", [False, True])
 @pytest.mark.parametrize("duplicated", [True, False])
-def test_joint_projection_covariance_and_expected_gradient(duplicated):
+def test_joint_projection_covariance_and_expected_gradient(duplicated, frozen_teacher):
     """Covariance AᵀA (also when A = [E | E] is rank deficient, as at initialisation) and
-    expected gradient of E||yC||² equal to the closed form 2N·A·CCᵀ."""
+    expected gradient of E||yC||² equal to the closed form 2N·A·CCᵀ; with a frozen teacher
+    block (factored apart and cached), the student block's gradient is that block of it."""
     gen = torch.Generator().manual_seed(0)
     vocab, dim = 40, 3
     e = torch.randn(vocab, dim, generator=gen, dtype=torch.float64)
@@ -119,8 +121,9 @@ def test_joint_projection_covariance_and_expected_gradient(duplicated):
     c = torch.randn(2 * dim, 2, generator=gen, dtype=torch.float64)
     rows, reps = 20_000, 10
     grads, covs = [], []
+    teacher = a.detach()[:, :dim] if frozen_teacher else a[:, :dim]
     for r in range(reps):
-        y = joint_gaussian_projection([a[:, :dim], a[:, dim:]], (rows,),
+        y = joint_gaussian_projection([teacher, a[:, dim:]], (rows,),
                                       torch.Generator().manual_seed(r), dtype=torch.float64)
         if duplicated:  # eps @ E twice: the two halves are one draw
             torch.testing.assert_close(y[:, :dim], y[:, dim:], rtol=0, atol=1e-10)
@@ -132,6 +135,9 @@ def test_joint_projection_covariance_and_expected_gradient(duplicated):
                                atol=0.03 * gram.diag().max().item())
     expected = 2 * a.detach() @ c @ c.T
     grad = torch.stack(grads).mean(0)
+    if frozen_teacher:
+        expected, grad = expected[:, dim:], grad[:, dim:]
+        assert (torch.stack(grads)[:, :, :dim] == 0).all()
     assert torch.isfinite(grad).all()
     err = (grad - expected).norm() / expected.norm()
     assert err < 0.03, err

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from flow.losses import denoiser_cross_entropy, masked_token_mean
-from flow.path import gaussian_projection, joint_gaussian_projection, noisy_input, stratified_times
+from flow.path import (
+    gaussian_projection,
+    joint_gaussian_projection,
+    joint_qr,
+    noisy_input,
+    stratified_times,
+)
 from models.dit import DiT
 
 
@@ -47,7 +53,8 @@ def test_joint_projection_law_in_float32_is_the_closed_form_gram(case):
         blocks = [e1, torch.randn(vocab, dim, generator=gen), e1.clone()]
     a = torch.cat(blocks, 1).double()
     gram = a.T @ a
-    y = joint_gaussian_projection(blocks, (n // 8, 8), gen).reshape(n, -1)
+    blocks[-1].requires_grad_(True)  # a trained student after frozen teachers (block QR)
+    y = joint_gaussian_projection(blocks, (n // 8, 8), gen).reshape(n, -1).detach()
     assert y.dtype == torch.float32 and y.shape == (n, a.shape[1])
     y = y.double()
     var = gram.diagonal()
@@ -58,6 +65,30 @@ def test_joint_projection_law_in_float32_is_the_closed_form_gram(case):
     if case != "distinct":  # one eps seen twice through the same E: identical up to round-off
         last = y[:, -dim:]
         torch.testing.assert_close(y[:, :dim], last, rtol=0, atol=1e-4 * var.max().sqrt().item())
+
+
+@pytest.mark.parametrize("frozen", [0, 1, 2, 3])
+@pytest.mark.parametrize("duplicated", [False, True])
+def test_joint_qr_factors_the_joint_embedding(frozen, duplicated):
+    """QR = A, QᵀQ = I and RᵀR = AᵀA in float64, whether the frozen leading embeddings are
+    factored apart (block Gram-Schmidt, cached) or not, also for E_S = E_T (rank deficient);
+    the cache is refreshed when a frozen embedding is written."""
+    gen = torch.Generator().manual_seed(3)
+    vocab, dim = 30, 4
+    blocks = [torch.randn(vocab, dim, generator=gen, dtype=torch.float64) for _ in range(3)]
+    if duplicated:
+        blocks[2] = blocks[0].clone()
+    for i, e in enumerate(blocks):
+        e.requires_grad_(i >= frozen)
+    for _ in range(2):
+        a = torch.cat(blocks, 1).detach()
+        q, r = joint_qr(blocks, torch.float64)
+        eye = torch.eye(q.shape[1], dtype=torch.float64)
+        torch.testing.assert_close(q.T @ q, eye, rtol=0, atol=1e-12)
+        torch.testing.assert_close(q @ r, a, rtol=0, atol=1e-12)
+        torch.testing.assert_close(r.T @ r, a.T @ a, rtol=0, atol=1e-11)
+        with torch.no_grad():
+            blocks[0].mul_(2.0)  # a write: a cached factor must not be reused
 
 
 def test_paths_same_mean_and_covariance_and_identical_without_noise():
