@@ -226,7 +226,9 @@ def liger_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
     """
     reduction = "none" if mask is None else "mean"
     if reduction not in _LIGER_LOSSES:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        from liger_kernel.transformers.fused_linear_cross_entropy import (
+            LigerFusedLinearCrossEntropyLoss,
+        )
 
         _LIGER_LOSSES[reduction] = LigerFusedLinearCrossEntropyLoss(
             ignore_index=IGNORE_INDEX, reduction=reduction, accum_dtype=torch.float32)
