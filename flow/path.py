@@ -1,4 +1,4 @@
-"""The FLM corruption path and time draws (flm-math §1-3).
+"""The FLM corruption path and time draws (docs/math.md §1-3).
 
 ``x_gamma = (1 - gamma)·eps + gamma·e(x)`` lives in R^{L x V}; the backbone
 only ever sees ``x_gamma @ E``. Two ways to build that input:

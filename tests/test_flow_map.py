@@ -1,4 +1,4 @@
-"""Flow-map algebra, interval draws, joint noise and both distillation losses (flm-math §5-6)."""
+"""Flow-map algebra, interval draws, joint noise and both distillation losses (docs/math.md §5-6)."""
 
 import copy
 

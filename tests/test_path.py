@@ -1,4 +1,4 @@
-"""D-space input path vs the materialised reference path (flm-math §3)."""
+"""D-space input path vs the materialised reference path (docs/math.md §3)."""
 
 import pytest
 import torch
