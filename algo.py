@@ -33,7 +33,14 @@ from flow.flow_map import (
     semigroup_loss,
     semigroup_loss_reference,
 )
-from flow.losses import denoiser_cross_entropy, masked_token_mean, weighted_loss
+from flow.losses import (
+    check_fused_ce,
+    fused_token_cross_entropy,
+    liger_cross_entropy,
+    masked_token_mean,
+    resolve_fused_ce,
+    weighted_loss,
+)
 from flow.path import joint_gaussian_projection, noisy_input, stratified_times, uniform_times
 from flow.sampling import initial_joint_state, initial_state, sample_euler, sample_flow_map
 from flow.schedule import AlphaGammaTable
@@ -276,7 +283,21 @@ class FlowLM(pl.LightningModule):
 
 
 class FLM(FlowLM):
-    """algo=flm: cross-entropy denoiser on the one-hot flow (flm-math §3-4)."""
+    """algo=flm: cross-entropy denoiser on the one-hot flow (docs/math.md §3-4)."""
+
+    def __init__(self, config: DictConfig, vocab_size: int, tokenizer=None) -> None:
+        check_fused_ce(config.training.fused_ce)  # before any work
+        super().__init__(config, vocab_size, tokenizer)
+        self._fused_ce: str | None = None
+
+    def fused_ce_backend(self) -> str:
+        """training.fused_ce resolved on this module's device, once (logged)."""
+        if self._fused_ce is None:
+            self._fused_ce = resolve_fused_ce(self.config.training.fused_ce, self.device,
+                                              per_token_weights=self.loss_weighting is not None)
+            log.info("training.fused_ce=%s: output-layer cross-entropy through %s",
+                     self.config.training.fused_ce, self._fused_ce)
+        return self._fused_ce
 
     val_loss_is_cross_entropy = True
 
@@ -291,7 +312,12 @@ class FLM(FlowLM):
         def noisy(network):  # built inside the backbone's forward (models/dit.py: FSDP)
             return noisy_input(network, tokens, gamma, path, generator)
 
-        per_token = denoiser_cross_entropy(self.backbone(noisy, t), tokens)
+        backend = self.fused_ce_backend()
+        if backend == "liger" and self.loss_weighting is None:  # the masked mean in one pass
+            return self.backbone(noisy, t, output=lambda hidden, linear: liger_cross_entropy(
+                hidden, linear.weight, linear.bias, tokens, mask))
+        per_token = self.backbone(noisy, t, output=lambda hidden, linear: (
+            fused_token_cross_entropy(backend, hidden, linear.weight, linear.bias, tokens)))
         log_weight = self.loss_weighting(t) if self.loss_weighting is not None else None
         return masked_token_mean(weighted_loss(per_token, log_weight), mask)
 

@@ -1,11 +1,15 @@
-"""Speed of the distillation stages: one table (flm-math §5-7).
+"""Speed of the distillation training steps against the FLM step; prints one table
+(docs/math.md §5-7).
 
-Rows: a stage-1 and a stage-2 training step (forward, backward, AdamW) at DiT small,
-L=1024, V=50258 (GPT-2 + [PAD]), per-device batch 16 and 32, as tokens/s and peak
-memory; and sampling throughput (sequences/s) of FMLM at 1, 2, 4 steps against FLM
-at 1024 Euler steps, batch 64. Teachers are random-init backbones (timing only).
+Rows per mode (eager / compiled): the FLM step (bench/train_step.py's dspace variant,
+fused CE), a stage-1 and a stage-2 step (forward, backward, grad clip, AdamW), at
+DiT small, L=1024, V=50258, batch 32: tokens/s, MFU, ratio to the FLM step (targets
+stage 1 >= 0.4x, stage 2 >= 0.6x), peak memory; and the joint noise draw
+eps @ [E_1 | ...] alone (one float32 QR, flow/path.py). Students start from the
+teacher's weights (equal embeddings: the singular joint Gram of initialisation).
+Teachers are random-init backbones (timing only). bf16 autocast on GPU.
 
-    python bench/distill_step.py            # GPU, paper sizes, bf16 autocast
+    python bench/distill_step.py            # GPU, paper sizes
     python bench/distill_step.py --quick    # tiny sizes, CPU smoke run
 """
 
@@ -14,12 +18,26 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import train_step  # noqa: E402
+from common import (  # noqa: E402
+    FLOP_FORMULA,
+    GPT2_VOCAB,
+    H100_BF16_PEAK,
+    backbone,
+    device_name,
+    forward_flops_per_token,
+    mfu,
+    model_config,
+    peak_gib,
+    reset_memory,
+    timed,
+)
 
 from flow.flow_map import (  # noqa: E402
     Interval,
@@ -28,73 +46,43 @@ from flow.flow_map import (  # noqa: E402
     semigroup_loss,
 )
 from flow.path import joint_gaussian_projection  # noqa: E402
-from flow.sampling import (  # noqa: E402
-    initial_joint_state,
-    initial_state,
-    sample_euler,
-    sample_flow_map,
-)
 from flow.schedule import AlphaGammaTable  # noqa: E402
-from models.dit import DiT  # noqa: E402
+from models.teacher import initialise_student  # noqa: E402
 
-SMALL = dict(hidden_size=768, n_blocks=12, n_heads=12, cond_dim=128)  # flm-math §7
-TINY = dict(hidden_size=32, n_blocks=2, n_heads=2, cond_dim=32)
-GPT2_VOCAB = 50258
 BOUNDARY_PROB = 64
-DENOMINATOR_EPS = 1e-5
+# forward-pass equivalents per token: stage 1 = 4 no-grad forwards (teacher at s and u,
+# student g(s,u), g(u,t)) + the student's g(s,t) forward and backward (3); stage 2 =
+# teacher + stage-1 map (2) + the student's forward and backward (3)
+STAGE_FORWARDS = {1: 7, 2: 5}
+FLM_FORWARDS = 3
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny model and sizes (CPU smoke run)")
+    p.add_argument("--model", default=None, help="configs/model/<name>.yaml (small; quick: tiny)")
     p.add_argument("--length", type=int, default=None, help="sequence length (1024; quick: 16)")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary (50258; quick: 64)")
-    p.add_argument("--train-batches", type=int, nargs="+", default=None,
-                   help="per-device training batches (16 32; quick: 2 4)")
-    p.add_argument("--sample-batch", type=int, default=None, help="sampling batch (64; quick: 4)")
-    p.add_argument("--fmlm-steps", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--flm-steps", type=int, default=None, help="FLM Euler steps (1024; quick: 8)")
-    p.add_argument("--iters", type=int, default=None, help="timed training iterations (5; quick: 2)")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default=None,
-                   help="autocast precision (bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--batch", type=int, default=None, help="per-device batch (32; quick: 2)")
+    p.add_argument("--modes", default="eager,compiled", help="eager and/or compiled")
+    p.add_argument("--fused-ce", default="auto", help="training.fused_ce of the FLM row")
+    p.add_argument("--steps", type=int, default=None, help="timed iterations (5; quick: 1)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--peak-flops", type=float, default=H100_BF16_PEAK)
     a = p.parse_args()
-    quick = a.quick
-    a.length = a.length or (16 if quick else 1024)
-    a.vocab = a.vocab or (64 if quick else GPT2_VOCAB)
-    a.train_batches = a.train_batches or ([2, 4] if quick else [16, 32])
-    a.sample_batch = a.sample_batch or (4 if quick else 64)
-    a.flm_steps = a.flm_steps or (8 if quick else 1024)
-    a.iters = a.iters or (2 if quick else 5)
+    a.length = a.length or (16 if a.quick else 1024)
+    a.vocab = a.vocab or (64 if a.quick else GPT2_VOCAB)
+    a.batch = a.batch or (2 if a.quick else 32)
+    a.steps = a.steps or (1 if a.quick else 5)
     a.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    a.precision = a.precision or ("bf16" if a.device.type == "cuda" else "fp32")
-    a.shape = TINY if quick else SMALL
+    a.model_cfg = model_config(a.model or ("tiny" if a.quick else "small"), a.length)
     return a
 
 
-def make_dit(args, double_temb: bool) -> DiT:
-    return DiT(args.vocab, args.length, dropout=0.1, double_temb=double_temb,
-               **args.shape).to(args.device)
-
-
 def autocast(args):
-    if args.precision == "bf16":
-        return torch.autocast(device_type=args.device.type, dtype=torch.bfloat16)
+    if args.device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def reset_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_gib(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
 
 
 def draw_interval(table: AlphaGammaTable, batch: int, device: torch.device) -> Interval:
@@ -103,99 +91,102 @@ def draw_interval(table: AlphaGammaTable, batch: int, device: torch.device) -> I
     return Interval.from_endpoints(table, s, t)
 
 
-def time_training(args, stage: int, batch: int, table: AlphaGammaTable) -> dict:
-    teacher = make_dit(args, False).requires_grad_(False).eval()
-    map_model = make_dit(args, True).requires_grad_(False).eval() if stage == 2 else None
-    student = make_dit(args, True).train()
+def networks(args, stage: int, compiled: bool) -> list[torch.nn.Module]:
+    torch.manual_seed(0)
+    teacher = backbone(args.model_cfg, args.vocab, device=args.device)
+    teacher.requires_grad_(False).eval()
+    nets = [teacher]
+    if stage == 2:
+        stage_one = backbone(args.model_cfg, args.vocab, double_temb=True, device=args.device)
+        initialise_student(stage_one, teacher, zero_output_layer=False)
+        nets.append(stage_one.requires_grad_(False).eval())
+    student = backbone(args.model_cfg, args.vocab, double_temb=True, device=args.device)
+    initialise_student(student, teacher, zero_output_layer=stage == 1)
+    nets.append(student.train())
+    if compiled:
+        for net in nets:
+            net.compile()
+    return nets
+
+
+def time_stage(args, stage: int, compiled: bool, table: AlphaGammaTable) -> dict:
+    row = {"task": f"stage {stage}", "compiled": compiled, "oom": False}
+    reset_memory(args.device)
+    nets = networks(args, stage, compiled)
+    student = nets[-1]
     optimizer = torch.optim.AdamW(student.parameters(), lr=3e-4,
                                   fused=args.device.type == "cuda")
-    networks = [teacher, student] if stage == 1 else [teacher, map_model, student]
-    tokens = torch.randint(0, args.vocab, (batch, args.length), device=args.device)
+    tokens = torch.randint(0, args.vocab, (args.batch, args.length), device=args.device)
 
     def step() -> None:
-        interval = draw_interval(table, batch, args.device)
+        interval = draw_interval(table, args.batch, args.device)
         with autocast(args):
-            noise = joint_gaussian_projection([n.input_embedding for n in networks],
-                                              (batch, args.length))
-            if stage == 1:
-                per_token = semigroup_loss(teacher, student, tokens, interval, noise)
-            else:
-                per_token = flow_map_matching_loss(*networks, tokens, interval, noise)
+            noise = joint_gaussian_projection([n.input_embedding for n in nets],
+                                              (args.batch, args.length))
+            loss_fn = semigroup_loss if stage == 1 else flow_map_matching_loss
+            per_token = loss_fn(*nets, tokens, interval, noise)
         per_token.mean().backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    reset_memory(args.device)
-    step()  # warm-up (kernels, allocator)
-    sync(args.device)
-    start = time.perf_counter()
-    for _ in range(args.iters):
-        step()
-    sync(args.device)
-    seconds = (time.perf_counter() - start) / args.iters
-    row = {"task": f"train stage {stage}", "batch": batch, "steps": "-",
-           "ms": 1e3 * seconds, "rate": batch * args.length / seconds, "unit": "tokens/s",
-           "peak_gib": peak_gib(args.device)}
+    def noise_only() -> None:
+        joint_gaussian_projection([n.input_embedding for n in nets], (args.batch, args.length))
+
+    try:
+        seconds = timed(step, args.device, args.warmup, args.steps)
+        row["noise_ms"] = 1e3 * timed(noise_only, args.device, 1, args.steps)
+    except torch.OutOfMemoryError:
+        row["oom"] = True
+        return row
+    rate = args.batch * args.length / seconds
+    flops = STAGE_FORWARDS[stage] * forward_flops_per_token(args.model_cfg, args.vocab)
+    row.update(ms=1e3 * seconds, tokens_per_s=rate, peak_gib=peak_gib(args.device),
+               mfu=mfu(rate, flops, args.peak_flops))
     return row
-
-
-@torch.no_grad()
-def time_sampling(args, name: str, steps: int, table: AlphaGammaTable, nets: dict) -> dict:
-    batch = args.sample_batch
-    generator = torch.Generator(device=args.device).manual_seed(0)
-    reset_memory(args.device)
-
-    def run() -> torch.Tensor:
-        with autocast(args):
-            if name == "FLM":
-                noise = initial_state(nets["flm"], batch, args.length, generator)
-                return sample_euler(nets["flm"], table, noise, steps, DENOMINATOR_EPS)
-            if name == "FMLM":
-                noise = initial_state(nets["fmlm"], batch, args.length, generator)
-                return sample_euler(nets["fmlm"], table, noise, steps, DENOMINATOR_EPS,
-                                    two_times=True)
-            noise = initial_joint_state([nets["flm"], nets["map"]], batch, args.length, generator)
-            return sample_flow_map(nets["flm"], nets["map"], table, noise, steps,
-                                   DENOMINATOR_EPS)
-
-    if steps <= 8:
-        run()  # warm-up; long runs amortise it
-    sync(args.device)
-    start = time.perf_counter()
-    tokens = run()
-    sync(args.device)
-    seconds = time.perf_counter() - start
-    assert tokens.shape == (batch, args.length)
-    return {"task": f"sample {name}", "batch": batch, "steps": steps, "ms": 1e3 * seconds,
-            "rate": batch / seconds, "unit": "seq/s", "peak_gib": peak_gib(args.device)}
 
 
 def main() -> None:
     args = parse_args()
-    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")
     table = AlphaGammaTable(args.vocab).to(args.device)
     rows = []
-    for stage in (1, 2):
-        for batch in args.train_batches:
-            rows.append(time_training(args, stage, batch, table))
-    nets = {"flm": make_dit(args, False).eval(), "map": make_dit(args, True).eval(),
-            "fmlm": make_dit(args, True).eval()}
-    for steps in args.fmlm_steps:
-        rows.append(time_sampling(args, "FMLM", steps, table, nets))
-    for steps in args.fmlm_steps:
-        rows.append(time_sampling(args, "stage-1 map", steps, table, nets))
-    rows.append(time_sampling(args, "FLM", args.flm_steps, table, nets))
-    name = torch.cuda.get_device_name() if args.device.type == "cuda" else "cpu"
-    print(f"# distill_step: {name}, {args.precision}, DiT {args.shape}, L={args.length}, "
-          f"V={args.vocab}, timed train iters={args.iters}")
-    print(f"| {'task':<20} | {'batch':>5} | {'steps':>5} | {'ms/iter or run':>14} | "
-          f"{'throughput':>22} | {'peak GiB':>8} |")
-    print(f"|{'-' * 22}|{'-' * 7}|{'-' * 7}|{'-' * 16}|{'-' * 24}|{'-' * 10}|")
+    for mode in args.modes.split(","):
+        compiled = mode == "compiled"
+        flm = train_step.measure(args.model_cfg, args.vocab, "dspace", args.batch, compiled,
+                                 args.fused_ce, args.device, args.warmup, args.steps,
+                                 args.peak_flops)
+        flm["task"] = f"FLM ({flm.get('ce', '?')} CE)"
+        rows.append(flm)
+        for stage in (1, 2):
+            rows.append(time_stage(args, stage, compiled, table))
+            print(f"# done {mode} stage {stage}", file=sys.stderr, flush=True)
+    cfg = args.model_cfg
+    print(f"\nDistillation steps, {device_name(args.device)}, torch {torch.__version__}, "
+          f"V={args.vocab}, L={args.length}, B={args.batch}, model={cfg.name} "
+          f"(attn_softcap={cfg.get('attn_softcap', None)}), bf16 autocast on GPU")
+    print(f"MFU: {FLOP_FORMULA}; stage 1 counts {STAGE_FORWARDS[1]}·F per token, stage 2 "
+          f"{STAGE_FORWARDS[2]}·F, FLM {FLM_FORWARDS}·F; F = "
+          f"{forward_flops_per_token(cfg, args.vocab) / 1e6:.1f} MFLOP/token; peak "
+          f"{args.peak_flops / 1e12:.0f} TFLOP/s\n")
+    print("| mode | task | step ms | tokens/s | vs FLM (target) | MFU | joint noise ms | "
+          "peak GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    targets = {"stage 1": 0.4, "stage 2": 0.6}
+    flm_rate = {}
     for r in rows:
-        rate = f"{r['rate']:,.1f} {r['unit']}"
-        print(f"| {r['task']:<20} | {r['batch']:>5} | {r['steps']!s:>5} | {r['ms']:>14.1f} | "
-              f"{rate:>22} | {r['peak_gib']:>8.2f} |")
+        mode = "compiled" if r["compiled"] else "eager"
+        if r["oom"]:
+            print(f"| {mode} | {r['task']} | out of memory | | | | | |")
+            continue
+        if r["task"].startswith("FLM"):
+            flm_rate[mode] = r["tokens_per_s"]
+        ratio = ""
+        if r["task"] in targets and mode in flm_rate:
+            ratio = f"{r['tokens_per_s'] / flm_rate[mode]:.3f} (>= {targets[r['task']]})"
+        noise = f"{r['noise_ms']:.1f}" if "noise_ms" in r else ""
+        print(f"| {mode} | {r['task']} | {r['ms']:.1f} | {r['tokens_per_s']:,.0f} | {ratio} | "
+              f"{r['mfu']:.1%} | {noise} | {r['peak_gib']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -1,122 +1,191 @@
-"""Euler sampling steps: the paper-style V-space state vs our D-space state; one table.
+"""Sampling speed: FMLM at 1/2/4 steps and one FLM Euler step against one forward pass;
+prints one table.
 
     python bench/sampling_step.py            # GPU: DiT small, L=1024, V=50258
     python bench/sampling_step.py --quick    # CPU smoke run
 
-paper-style: the state z is (B, L, V) float32, projected by a float32 einsum,
-softmax in float32, update in V-space (../shared/perf/anchor-sampling.md).
-dspace: flow.sampling.sample_euler, state h = z @ E (B, L, D), logits,
-softmax and p @ E one chunk of positions at a time.
-Reported: ms per step (median over --repeats runs of --steps steps, after a
-warm-up run), sequences/s at 1 and 1024 steps, peak GiB.
+FMLM: flow.sampling.sample_euler(two_times=True) on a double-time-embedding
+backbone, sequences/s at B = 64, 128, 256 (target: >= 1,000 seq/s at 1 step).
+FLM Euler step: one step of flow.sampling.sample_euler's math (denoised_projection
+with p @ E, then the flow-map update), in ms, against one forward pass
+backbone(h, t) -> (B, L, V) logits (target ratio <= 1.1). The p @ E product costs
+as much as the output layer (2·D·V FLOPs per token), so the FLOP floor of that
+ratio is (F + 2·D·V) / F (printed). The backbone runs under bf16 autocast on GPU
+(bf16 matmuls, float32 accumulation); the D-space state is float32 or, with
+--state-dtype float64, float64. Backbones are random-init (timing only); the
+output layer is randomised so that the logits are not all equal.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
-import statistics
+import contextlib
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from flow.sampling import initial_state, sample_euler, step_grid  # noqa: E402
+from common import (  # noqa: E402
+    GPT2_VOCAB,
+    backbone,
+    device_name,
+    forward_flops_per_token,
+    model_config,
+    peak_gib,
+    reset_memory,
+    timed,
+)
+
+from flow.flow_map import flow_map  # noqa: E402
+from flow.sampling import denoised_projection, initial_state, sample_euler, step_grid  # noqa: E402
 from flow.schedule import AlphaGammaTable  # noqa: E402
-from models.dit import DiT  # noqa: E402
 
 EPS = 1e-5
-SMALL = dict(hidden_size=768, n_blocks=12, n_heads=12, cond_dim=128)
-TINY = dict(hidden_size=64, n_blocks=2, n_heads=4, cond_dim=32)
+STATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-@torch.no_grad()
-def paper_style(model, table, batch, length, steps, device):
-    vocab = model.vocab_size
-    z = torch.randn(batch, length, vocab, device=device)
-    t, gamma = step_grid(table, steps, device, dtype=torch.float32)
-    for i in range(steps):
-        h = torch.einsum("blv,vd->bld", z, model.input_embedding.float())
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(h, t[i].expand(batch))
-        p = torch.softmax(logits.float(), dim=-1)
-        if i == steps - 1:
-            return p.argmax(-1)
-        z = z + (gamma[i + 1] - gamma[i]) * (p - z) / (1 - gamma[i] + EPS)
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes for a CPU smoke run")
+    p.add_argument("--model", default=None, help="configs/model/<name>.yaml (small; quick: tiny)")
+    p.add_argument("--vocab", type=int, default=None, help="V (50258; quick: 512)")
+    p.add_argument("--length", type=int, default=None, help="L (1024; quick: 32)")
+    p.add_argument("--batches", default=None, help="FMLM batches (64,128,256; quick: 2,4)")
+    p.add_argument("--fmlm-steps", default="1,2,4")
+    p.add_argument("--euler-batch", type=int, default=None, help="FLM step batch (64; quick: 2)")
+    p.add_argument("--chunk", type=int, default=256, help="sampling.position_chunk")
+    p.add_argument("--state-dtype", default="float32,float64",
+                   help="D-space state precision(s): float32 and/or float64")
+    p.add_argument("--modes", default="eager,compiled",
+                   help="eager and/or compiled (torch.compile of the backbone's features)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per row (5; quick: 1)")
+    a = p.parse_args()
+    a.vocab = a.vocab or (512 if a.quick else GPT2_VOCAB)
+    a.length = a.length or (32 if a.quick else 1024)
+    a.batches = [int(b) for b in (a.batches or ("2,4" if a.quick else "64,128,256")).split(",")]
+    a.fmlm_steps = [int(s) for s in a.fmlm_steps.split(",")]
+    a.euler_batch = a.euler_batch or (2 if a.quick else 64)
+    a.repeats = a.repeats or (1 if a.quick else 5)
+    a.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    a.model_cfg = model_config(a.model or ("tiny" if a.quick else "small"), a.length)
+    return a
 
 
-@torch.no_grad()
-def dspace(model, table, batch, length, steps, device, chunk):
-    noise = initial_state(model, batch, length, None, dtype=torch.float32)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        return sample_euler(model, table, noise, steps, EPS, position_chunk=chunk)
+def autocast(args):
+    if args.device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
-def run(args, variant, batch, device):
-    sizes = TINY if args.quick else SMALL
+def make_net(args, double_temb: bool, compiled: bool):
     torch.manual_seed(0)
-    model = DiT(args.vocab, args.length, dropout=0.0, **sizes).to(device).eval()
-    table = AlphaGammaTable(args.vocab).to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    net = backbone(args.model_cfg, args.vocab, double_temb, device=args.device).eval()
+    with torch.no_grad():
+        net.output_layer.linear.weight.normal_(0, 0.02)
+    if compiled:  # the samplers call features() and head() directly, not forward()
+        net.features = torch.compile(net.features)
+        net.head = torch.compile(net.head, dynamic=False)
+    return net
 
-    def once():
-        if variant == "paper-style":
-            return paper_style(model, table, batch, args.length, args.steps, device)
-        return dspace(model, table, batch, args.length, args.steps, device, args.chunk)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+@torch.no_grad()
+def fmlm_row(args, net, table, batch: int, steps: int, state_dtype) -> dict:
+    reset_memory(args.device)
+    gen = torch.Generator(device=args.device).manual_seed(0)
+
+    def run():
+        with autocast(args):
+            noise = initial_state(net, batch, args.length, gen, dtype=state_dtype)
+            return sample_euler(net, table, noise, steps, EPS, two_times=True,
+                                position_chunk=args.chunk)
+
     try:
-        once()
-        times = []
-        for _ in range(args.repeats):
-            sync()
-            start = time.perf_counter()
-            once()
-            sync()
-            times.append((time.perf_counter() - start) / args.steps)
+        seconds = timed(run, args.device, 1, args.repeats)
     except torch.OutOfMemoryError:
-        return {"variant": variant, "batch": batch, "oom": True}
-    finally:
-        once = None  # drop the closure (and the model) before freeing the cache
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    ms = statistics.median(times) * 1e3
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return {"variant": variant, "batch": batch, "oom": False, "ms": ms, "peak": peak}
+        return {"oom": True}
+    return {"oom": False, "ms": 1e3 * seconds, "seq_per_s": batch / seconds,
+            "peak_gib": peak_gib(args.device)}
+
+
+@torch.no_grad()
+def euler_vs_forward(args, net, table, state_dtype) -> dict:
+    """ms of one FLM Euler step (mid-trajectory) and of one forward pass, batch euler_batch."""
+    reset_memory(args.device)
+    batch = args.euler_batch
+    gen = torch.Generator(device=args.device).manual_seed(0)
+    h = initial_state(net, batch, args.length, gen, dtype=state_dtype)
+    t, gamma = step_grid(table, 4, args.device, dtype=state_dtype)
+    t_now = t[1].float().expand(batch)
+
+    def euler_step():
+        with autocast(args):
+            p_proj, _ = denoised_projection(net, h, t_now, None, args.chunk)
+            return flow_map(h, p_proj.to(h.dtype), None, gamma[1].expand(batch),
+                            gamma[2].expand(batch), EPS)
+
+    def forward():
+        with autocast(args):
+            return net(h.to(net.input_embedding.dtype), t_now)
+
+    try:
+        step_ms = 1e3 * timed(euler_step, args.device, 2, args.repeats)
+        step_peak = peak_gib(args.device)
+        reset_memory(args.device)
+        forward_ms = 1e3 * timed(forward, args.device, 2, args.repeats)
+    except torch.OutOfMemoryError:
+        return {"oom": True}
+    return {"oom": False, "step_ms": step_ms, "forward_ms": forward_ms, "peak_gib": step_peak,
+            "forward_peak_gib": peak_gib(args.device)}
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--batches", default=None)
-    p.add_argument("--steps", type=int, default=4, help="steps per timed run")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--chunk", type=int, default=256, help="positions per output chunk")
-    args = p.parse_args()
-    args.vocab = 512 if args.quick else 50258
-    args.length = 64 if args.quick else 1024
-    batches = [int(b) for b in (args.batches or ("2,4" if args.quick else "16,64,256")).split(",")]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args = parse_args()
     torch.set_float32_matmul_precision("high")
-    rows = [run(args, v, b, device) for b in batches for v in ("paper-style", "dspace")]
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"\nEuler sampling step, {name}, torch {torch.__version__}, V={args.vocab}, "
-          f"L={args.length}, {'tiny' if args.quick else 'DiT small'}, eager, "
-          f"dspace chunk={args.chunk}\n")
-    print("| B | variant | ms/step | seq/s at 1 step | seq/s at 1024 steps | peak GiB |")
+    table = AlphaGammaTable(args.vocab).to(args.device)
+    fmlm_rows, euler_rows = [], []
+    for mode in args.modes.split(","):
+        compiled = mode == "compiled"
+        fmlm = make_net(args, True, compiled)
+        for batch in args.batches:
+            for steps in args.fmlm_steps:
+                fmlm_rows.append({"mode": mode, "batch": batch, "steps": steps,
+                                  **fmlm_row(args, fmlm, table, batch, steps, torch.float32)})
+                print(f"# done {mode} FMLM B={batch} steps={steps}", file=sys.stderr, flush=True)
+        del fmlm
+        flm = make_net(args, False, compiled)
+        for name in args.state_dtype.split(","):
+            euler_rows.append({"mode": mode, "state": name,
+                               **euler_vs_forward(args, flm, table, STATE_DTYPES[name])})
+            print(f"# done {mode} FLM Euler step, state {name}", file=sys.stderr, flush=True)
+        del flm
+    cfg = args.model_cfg
+    f = forward_flops_per_token(cfg, args.vocab)
+    floor = (f + 2 * cfg.hidden_size * args.vocab) / f
+    print(f"\nSampling, {device_name(args.device)}, torch {torch.__version__}, V={args.vocab}, "
+          f"L={args.length}, model={cfg.name} (attn_softcap={cfg.get('attn_softcap', None)}), "
+          f"bf16 autocast on GPU, position_chunk={args.chunk}\n")
+    print("| mode | FMLM B | steps | ms | seq/s | peak GiB |")
     print("|---|---|---|---|---|---|")
-    for r in rows:
+    for r in fmlm_rows:
         if r["oom"]:
-            print(f"| {r['batch']} | {r['variant']} | out of memory | | | |")
+            print(f"| {r['mode']} | {r['batch']} | {r['steps']} | out of memory | | |")
             continue
-        per_seq = r["ms"] / 1e3 / r["batch"]
-        print(f"| {r['batch']} | {r['variant']} | {r['ms']:.1f} | {1 / per_seq:,.0f} | "
-              f"{1 / (per_seq * 1024):.2f} | {r['peak']:.1f} |")
+        print(f"| {r['mode']} | {r['batch']} | {r['steps']} | {r['ms']:.1f} | "
+              f"{r['seq_per_s']:,.0f} | {r['peak_gib']:.1f} |")
+    print(f"\nFLM Euler step vs one forward pass, B={args.euler_batch} (target ratio <= 1.1; "
+          f"FLOP floor (F + 2·D·V) / F = {floor:.2f})\n")
+    print("| mode | state | Euler step ms | forward ms | ratio | step peak GiB | "
+          "forward peak GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in euler_rows:
+        if r["oom"]:
+            print(f"| {r['mode']} | {r['state']} | out of memory | | | | |")
+            continue
+        print(f"| {r['mode']} | {r['state']} | {r['step_ms']:.1f} | {r['forward_ms']:.1f} | "
+              f"{r['step_ms'] / r['forward_ms']:.2f} | {r['peak_gib']:.1f} | "
+              f"{r['forward_peak_gib']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -1,63 +1,72 @@
-"""One FLM training step, three input variants side by side; prints one table.
+"""One FLM training step (forward, backward, grad clip, fused AdamW); prints one table.
 
     python bench/train_step.py                       # GPU: DiT small, L=1024, V=50258
     python bench/train_step.py --quick               # CPU smoke run, tiny sizes
 
-Variants on the same backbone (each: forward, backward, grad clip, AdamW):
-  tokens     integer tokens through E[x] with cross-entropy: the cost of a
-             discrete-diffusion step, the floor an FLM step can approach;
-  reference  materialised one-hot + Gaussian noise (B, L, V) in float32 and a
-             dense projection (training.input_path=reference);
-  dspace     the D-space path of flm-math §3 (training.input_path=dspace);
-  paper      the paper's code path as ../shared/perf/anchor-train-step.md
-             describes it: float32 one-hot and noise, a float32 einsum, full
-             log_softmax then -(one_hot * logp).sum(-1), gamma(t) looked up
-             on the host every step. Kept here only as the measured baseline.
-Median step time of --steps steps after --warmup; peak memory per variant.
+Variants on the same backbone, both with the same attention (whatever
+configs/model/<model>.yaml sets, e.g. model.attn_softcap) and the same fused
+output-layer cross-entropy (training.fused_ce, flow/losses.py):
+  tokens  integer tokens through E[x]: a discrete-diffusion step, the floor an
+          FLM step can approach;
+  dspace  the FLM step as algo.FLM.compute_loss runs it (training.input_path=dspace).
+Median step time over --steps after --warmup, tokens/s, MFU against --peak-flops,
+peak memory. bf16 autocast on GPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from flow.losses import denoiser_cross_entropy  # noqa: E402
+from common import (  # noqa: E402
+    FLOP_FORMULA,
+    GPT2_VOCAB,
+    H100_BF16_PEAK,
+    backbone,
+    device_name,
+    forward_flops_per_token,
+    mfu,
+    model_config,
+    peak_gib,
+    reset_memory,
+    timed,
+)
+
+from flow.losses import (  # noqa: E402
+    fused_token_cross_entropy,
+    liger_cross_entropy,
+    resolve_fused_ce,
+)
 from flow.path import noisy_input  # noqa: E402
 from flow.schedule import AlphaGammaTable  # noqa: E402
-from models.dit import DiT  # noqa: E402
-
-SMALL = dict(hidden_size=768, n_blocks=12, n_heads=12, cond_dim=128)
-TINY = dict(hidden_size=64, n_blocks=2, n_heads=4, cond_dim=32)
 
 
-def make_step(model, table, variant: str, vocab: int, device: torch.device, amp: bool):
+def make_step(model, table, variant: str, fused_ce: str, device: torch.device):
+    """A closure running one optimizer step on (tokens (B, L), t (B,)); returns the loss."""
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device.type == "cuda")
-
-    def paper_loss(tokens, t):
-        gamma = table.gamma_of_alpha(t.cpu()).to(device)[:, None, None]  # host round trip
-        onehot = torch.nn.functional.one_hot(tokens, vocab).float()
-        with torch.autocast(device.type, enabled=False):
-            x_t = (1 - gamma) * torch.randn_like(onehot) + gamma * onehot
-            h = torch.einsum("blv,vd->bld", x_t, model.input_embedding.float())
-        logp = torch.log_softmax(model(h, t).float(), dim=-1)
-        return -(onehot * logp).sum(-1).mean()
+    backend = resolve_fused_ce(fused_ce, device, per_token_weights=False)
+    amp = device.type == "cuda"
 
     def loss_fn(tokens, t):
-        if variant == "paper":
-            return paper_loss(tokens, t)
         if variant == "tokens":
-            h = model.embed_tokens(tokens)
+            def h(net):
+                return net.embed_tokens(tokens)
         else:
-            h = noisy_input(model, tokens, table.gamma_of_alpha(t), variant)
-        return denoiser_cross_entropy(model(h, t), tokens).mean()
+            gamma = table.gamma_of_alpha(t)
+
+            def h(net):
+                return noisy_input(net, tokens, gamma, "dspace")
+        if backend == "liger":  # the masked mean in one pass, as algo.FLM does
+            mask = torch.ones_like(tokens)
+            return model(h, t, output=lambda x, lin: liger_cross_entropy(
+                x, lin.weight, lin.bias, tokens, mask))
+        return model(h, t, output=lambda x, lin: fused_token_cross_entropy(
+            backend, x, lin.weight, lin.bias, tokens)).mean()
 
     def step(tokens, t):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -68,101 +77,89 @@ def make_step(model, table, variant: str, vocab: int, device: torch.device, amp:
         opt.zero_grad(set_to_none=True)
         return loss
 
-    return step
+    return step, backend
 
 
-def measure(args, variant: str, batch: int, compiled: bool, device: torch.device) -> dict:
-    sizes = TINY if args.quick else SMALL
+def measure(model_cfg, vocab: int, variant: str, batch: int, compiled: bool, fused_ce: str,
+            device: torch.device, warmup: int, steps: int, peak_flops: float) -> dict:
+    """One row: step time, tokens/s, MFU and peak memory of one (variant, B, mode)."""
+    row = {"variant": variant, "batch": batch, "compiled": compiled, "oom": False}
+    reset_memory(device)
     torch.manual_seed(0)
-    model = DiT(args.vocab, args.length, dropout=0.1, **sizes).to(device)
-    if compiled:
-        model.compile()
-    table = AlphaGammaTable(args.vocab)
-    if variant != "paper":
-        table = table.to(device)
-    step = make_step(model, table, variant, args.vocab, device, amp=device.type == "cuda")
-    tokens = torch.randint(0, args.vocab, (batch, args.length), device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
+    model = backbone(model_cfg, vocab, device=device)
     try:
-        for i in range(args.warmup + args.steps):
-            t = torch.rand(batch, device=device)
-            sync()
-            start = time.perf_counter()
-            step(tokens, t)
-            sync()
-            if i >= args.warmup:
-                times.append(time.perf_counter() - start)
+        if compiled:
+            model.compile()
+        table = AlphaGammaTable(vocab).to(device)
+        step, row["ce"] = make_step(model, table, variant, fused_ce, device)
+        tokens = torch.randint(0, vocab, (batch, model_cfg.length), device=device)
+        gen = torch.Generator(device=device).manual_seed(0)
+        seconds = timed(lambda: step(tokens, torch.rand(batch, device=device, generator=gen)),
+                        device, warmup, steps)
     except torch.OutOfMemoryError:
-        return {"variant": variant, "batch": batch, "compiled": compiled, "oom": True}
+        row["oom"] = True
+        return row
     finally:
         del model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    ms = statistics.median(times) * 1e3
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return {"variant": variant, "batch": batch, "compiled": compiled, "oom": False, "ms": ms,
-            "tokens_per_s": batch * args.length / (ms / 1e3), "peak_gib": peak}
+    tokens_per_s = batch * model_cfg.length / seconds
+    row.update(ms=seconds * 1e3, tokens_per_s=tokens_per_s, peak_gib=peak_gib(device),
+               mfu=mfu(tokens_per_s, 3 * forward_flops_per_token(model_cfg, vocab), peak_flops))
+    return row
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes for a CPU smoke run")
-    p.add_argument("--vocab", type=int, default=None)
-    p.add_argument("--length", type=int, default=None)
-    p.add_argument("--batches", default=None, help="comma-separated per-GPU batch sizes")
+    p.add_argument("--model", default=None, help="configs/model/<name>.yaml (small; quick: tiny)")
+    p.add_argument("--vocab", type=int, default=None, help="V (50258; quick: 512)")
+    p.add_argument("--length", type=int, default=None, help="L (1024; quick: 64)")
+    p.add_argument("--batches", default=None, help="comma-separated batch sizes (32,64; quick: 4)")
     p.add_argument("--modes", default="eager,compiled", help="eager and/or compiled")
-    p.add_argument("--compiled-batches", default="32", help="batch sizes also run compiled")
-    p.add_argument("--variants", default="tokens,paper,reference,dspace")
+    p.add_argument("--variants", default="tokens,dspace")
+    p.add_argument("--fused-ce", default="auto",
+                   help="training.fused_ce value(s), comma-separated (e.g. auto,none)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--peak-flops", type=float, default=H100_BF16_PEAK,
+                   help="MFU denominator, FLOP/s (H100 SXM dense bf16)")
     args = p.parse_args()
-    args.vocab = args.vocab or (512 if args.quick else 50258)
-    args.length = args.length or (64 if args.quick else 1024)
+    vocab = args.vocab or (512 if args.quick else GPT2_VOCAB)
+    length = args.length or (64 if args.quick else 1024)
+    model_cfg = model_config(args.model or ("tiny" if args.quick else "small"), length)
     batches = [int(b) for b in (args.batches or ("4" if args.quick else "32,64")).split(",")]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_float32_matmul_precision("high")
-    modes = args.modes.split(",")
-    compiled_batches = {int(b) for b in args.compiled_batches.split(",")}
     rows = []
-    for mode in modes:
-        for batch in batches:
-            if mode == "compiled" and batch not in compiled_batches:
-                continue
-            for variant in args.variants.split(","):
-                row = measure(args, variant, batch, mode == "compiled", device)
-                rows.append(row)
-                print(f"# done {mode} B={batch} {variant}", file=sys.stderr, flush=True)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"\nFLM train step, {name}, torch {torch.__version__}, V={args.vocab}, "
-          f"L={args.length}, {'tiny' if args.quick else 'DiT small'}, bf16 autocast on GPU\n")
-    print("| B | mode | variant | step ms | tokens/s | peak GiB | vs tokens (tok/s) | "
-          "vs tokens (mem) |")
-    print("|---|---|---|---|---|---|---|---|")
-    floor = {(r["batch"], r["compiled"]): r for r in rows if r["variant"] == "tokens"}
+    for fused_ce in args.fused_ce.split(","):
+        for mode in args.modes.split(","):
+            for batch in batches:
+                for variant in args.variants.split(","):
+                    rows.append(measure(model_cfg, vocab, variant, batch, mode == "compiled",
+                                        fused_ce, device, args.warmup, args.steps,
+                                        args.peak_flops))
+                    rows[-1]["fused_ce"] = fused_ce
+                    print(f"# done fused_ce={fused_ce} {mode} B={batch} {variant}",
+                          file=sys.stderr, flush=True)
+    print(f"\nFLM train step, {device_name(device)}, torch {torch.__version__}, V={vocab}, "
+          f"L={length}, model={model_cfg.name} (D={model_cfg.hidden_size}, "
+          f"blocks={model_cfg.n_blocks}, attn_softcap="
+          f"{model_cfg.get('attn_softcap', None)}), bf16 autocast on GPU")
+    print(f"MFU: {FLOP_FORMULA}; F = {forward_flops_per_token(model_cfg, vocab) / 1e6:.1f} "
+          f"MFLOP/token; peak {args.peak_flops / 1e12:.0f} TFLOP/s\n")
+    print("| B | mode | fused_ce | variant | step ms | tokens/s | MFU | peak GiB | vs tokens |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    floor = {(r["fused_ce"], r["batch"], r["compiled"]): r for r in rows
+             if r["variant"] == "tokens"}
     for r in rows:
         mode = "compiled" if r["compiled"] else "eager"
+        ce = f"{r['fused_ce']} -> {r.get('ce', '?')}"
         if r["oom"]:
-            print(f"| {r['batch']} | {mode} | {r['variant']} | out of memory | | | | |")
+            print(f"| {r['batch']} | {mode} | {ce} | {r['variant']} | out of memory | | | | |")
             continue
-        f = floor.get((r["batch"], r["compiled"]))
-        ratio = mem = ""
-        if f and not f["oom"]:
-            ratio = f"{r['tokens_per_s'] / f['tokens_per_s']:.3f}"
-            mem = f"{r['peak_gib'] / f['peak_gib']:.3f}"
-        print(f"| {r['batch']} | {mode} | {r['variant']} | {r['ms']:.1f} | "
-              f"{r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} | {ratio} | {mem} |")
-    for baseline in ("paper", "reference"):
-        ref = {(r["batch"], r["compiled"]): r for r in rows if r["variant"] == baseline}
-        for r in rows:
-            key = (r["batch"], r["compiled"])
-            if r["variant"] == "dspace" and not r["oom"] and key in ref and not ref[key]["oom"]:
-                print(f"dspace / {baseline} speed-up (B={key[0]}, "
-                      f"{'compiled' if key[1] else 'eager'}): "
-                      f"{r['tokens_per_s'] / ref[key]['tokens_per_s']:.2f}x")
+        f = floor.get((r["fused_ce"], r["batch"], r["compiled"]))
+        ratio = f"{r['tokens_per_s'] / f['tokens_per_s']:.3f}" if f and not f["oom"] else ""
+        print(f"| {r['batch']} | {mode} | {ce} | {r['variant']} | {r['ms']:.1f} | "
+              f"{r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {r['peak_gib']:.1f} | {ratio} |")
 
 
 if __name__ == "__main__":

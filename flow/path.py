@@ -1,4 +1,4 @@
-"""The FLM corruption path and time draws (flm-math §1-3).
+"""The FLM corruption path and time draws (docs/math.md §1-3).
 
 ``x_gamma = (1 - gamma)·eps + gamma·e(x)`` lives in R^{L x V}; the backbone
 only ever sees ``x_gamma @ E``. Two ways to build that input:
@@ -11,11 +11,13 @@ only ever sees ``x_gamma @ E``. Two ways to build that input:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
 INPUT_PATHS = ("dspace", "reference")
-PINV_RCOND = 1e-10  # Gram eigenvalues below this fraction of the largest count as zero (float64)
 
 
 def gaussian_projection(embedding: torch.Tensor, batch_shape: tuple[int, ...],
@@ -45,38 +47,94 @@ def gaussian_projection(embedding: torch.Tensor, batch_shape: tuple[int, ...],
 
 
 # ---- noise seen through several embeddings ------------------------------------------
+@contextlib.contextmanager
+def _ieee_float32_matmuls() -> Iterator[None]:
+    """float32 matmuls without TF32 inside (the law of the noise is not rounded to 10 bits)."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+_FROZEN_QR: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # one entry: frozen embeddings
+
+
+def _tensor_key(tensors: list[torch.Tensor]) -> tuple:
+    """Identity and content version of tensors: changes when any of them is written."""
+    return tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype, str(t.device))
+                 for t in tensors)
+
+
+def joint_qr(embeddings: list[torch.Tensor], dtype: torch.dtype,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thin QR of A = [E_1 | E_2 | ...] (V, K): Q (V, K') orthonormal, R (K', K), QR = A.
+
+    The leading embeddings that need no gradient (frozen teachers) are factored
+    once and cached until one of them is written; the rest B (the student) is
+    appended by block Gram-Schmidt with re-orthogonalisation: C = Q_Fᵀ·B,
+    P = B - Q_F·C (twice), P = Q_P·R_P, giving A = [Q_F | Q_P]·[[R_F, C], [0, R_P]].
+    Per step that is two (V, K_F) x (V, K_S) products and a QR of (V, K_S) instead
+    of a QR of the whole (V, K). ``dtype``: the working precision (IEEE, no TF32).
+    """
+    frozen = 0
+    while frozen < len(embeddings) and not embeddings[frozen].requires_grad:
+        frozen += 1
+    vocab, width = embeddings[0].shape[0], sum(e.shape[1] for e in embeddings)
+    with _ieee_float32_matmuls():
+        if frozen == 0 or vocab <= width:  # nothing to reuse, or no room for a complement
+            return torch.linalg.qr(torch.cat([e.detach().to(dtype) for e in embeddings], dim=1))
+        key = _tensor_key(embeddings[:frozen]) + (dtype,)
+        if key not in _FROZEN_QR:
+            _FROZEN_QR.clear()
+            _FROZEN_QR[key] = torch.linalg.qr(
+                torch.cat([e.detach().to(dtype) for e in embeddings[:frozen]], dim=1))
+        q_f, r_f = _FROZEN_QR[key]
+        if frozen == len(embeddings):
+            return q_f, r_f
+        rest = torch.cat([e.detach().to(dtype) for e in embeddings[frozen:]], dim=1)
+        c = q_f.T @ rest
+        rest = rest - q_f @ c
+        c2 = q_f.T @ rest  # "twice is enough": P orthogonal to Q_F to round-off
+        rest = rest - q_f @ c2
+        q_p, r_p = torch.linalg.qr(rest)
+        r = torch.cat([torch.cat([r_f, c + c2], dim=1),
+                       torch.cat([r_p.new_zeros(r_p.shape[0], r_f.shape[1]), r_p], dim=1)])
+        return torch.cat([q_f, q_p], dim=1), r
+
+
 class _JointGaussianProjection(torch.autograd.Function):
-    """y = η·M with MᵀM = AᵀA, i.e. a draw of eps @ A (eps ~ N(0, I_V)), for any rank of A.
+    """y = η·R with A = QR (thin QR), i.e. an exact draw of eps @ A (eps ~ N(0, I_V)), any rank.
 
     Teacher and student embeddings are equal at initialisation, so AᵀA is singular
-    and a Cholesky factor does not exist; an eigen-factor does. The backward is the
-    Rao-Blackwellised pathwise gradient: the reference path's gradient in A is
-    epsᵀ·dy, and dy depends on eps only through y, so replacing eps by
-    E[eps | y] = A·(AᵀA)⁺·y gives an unbiased estimate of the same expected gradient.
+    and has no Cholesky factor; the QR factorisation of A itself always exists and
+    needs no pivoting, jitter or eigendecomposition: with eps = η·Qᵀ + ξ·Q⊥ᵀ (ξ an
+    independent standard normal on the complement of range(Q)), eps ~ N(0, I_V)
+    and eps @ A = η·R, so y has covariance RᵀR = AᵀA exactly (up to the round-off
+    of a backward-stable QR). The backward is the Rao-Blackwellised pathwise
+    gradient: the reference path's gradient in A is epsᵀ·dy, dy depends on eps
+    only through y (a function of η), and E[eps | η] = η·Qᵀ, so Q·(ηᵀ·dy) is an
+    unbiased estimate of the same expected gradient.
     """
 
     @staticmethod
-    def forward(ctx, embedding: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
-        a = embedding.double()
-        gram = a.T @ a
-        evals, evecs = torch.linalg.eigh(gram)
-        # eigenvalues below PINV_RCOND·max are round-off of exact zeros (e.g. E_S = E_T)
-        keep = evals > PINV_RCOND * evals.max().clamp_min(torch.finfo(a.dtype).tiny)
-        factor = torch.where(keep, evals, 0.0).sqrt()[:, None] * evecs.T  # factorᵀ·factor = gram
-        inverse = torch.where(keep, 1.0 / torch.where(keep, evals, 1.0), 0.0)
-        pinv = (evecs * inverse) @ evecs.T
-        y = (eta.double() @ factor).to(eta.dtype)
-        ctx.save_for_backward(embedding, y, pinv)
+    def forward(ctx, joint: torch.Tensor, q: torch.Tensor, r: torch.Tensor,
+                batch_shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+        with _ieee_float32_matmuls():
+            eta = torch.randn(*batch_shape, r.shape[0], generator=generator,
+                              device=joint.device, dtype=r.dtype)
+            y = eta @ r
+        ctx.save_for_backward(q, eta)
         return y
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        embedding, y, pinv = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None
-        moment = y.flatten(0, -2).double().T @ grad_y.flatten(0, -2).double()  # (K, K)
-        grad = embedding.double() @ (pinv @ moment)
-        return grad.to(embedding.dtype), None
+            return None, None, None, None, None
+        q, eta = ctx.saved_tensors
+        moment = eta.flatten(0, -2).T @ grad_y.flatten(0, -2).to(eta.dtype)  # (K', K)
+        return q @ moment, None, None, None, None
 
 
 def joint_gaussian_projection(embeddings: list[torch.Tensor], batch_shape: tuple[int, ...],
@@ -85,14 +143,17 @@ def joint_gaussian_projection(embeddings: list[torch.Tensor], batch_shape: tuple
     """One draw of ``eps @ [E_1 | E_2 | ...]`` with eps ~ N(0, I_V), without forming eps.
 
     embeddings: (V, D_i) each -> (*batch_shape, ΣD_i), with the exact joint covariance.
-    Differentiable in the embeddings (see ``_JointGaussianProjection``).
+    Differentiable in the embeddings (see ``_JointGaussianProjection``). Computed in
+    ``dtype`` (at least float32, at least the embeddings' precision): a thin QR
+    (``joint_qr``: frozen teachers factored once), no float64 and no
+    eigendecomposition in training.
     """
-    joint = torch.cat(embeddings, dim=1)
-    with torch.autocast(device_type=joint.device.type, enabled=False):
-        eta = torch.randn(*batch_shape, joint.shape[1], generator=generator, device=joint.device,
-                          dtype=torch.float64)
-        return _JointGaussianProjection.apply(joint, eta).to(dtype)
-
+    work = torch.promote_types(torch.promote_types(embeddings[0].dtype, dtype), torch.float32)
+    with torch.autocast(device_type=embeddings[0].device.type, enabled=False):
+        q, r = joint_qr(embeddings, work)
+        joint = torch.cat([e.to(work) for e in embeddings], dim=1)  # the autograd input
+        return _JointGaussianProjection.apply(joint, q, r, tuple(batch_shape),
+                                              generator).to(dtype)
 
 
 def noisy_input(backbone, tokens: torch.Tensor, gamma: torch.Tensor, input_path: str,

@@ -93,21 +93,26 @@ def _no_autocast(x: torch.Tensor):
 
 @torch.no_grad()
 def denoised_projection(network, h: torch.Tensor, t: torch.Tensor, t2: torch.Tensor | None,
-                        position_chunk: int = DEFAULT_POSITION_CHUNK,
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        position_chunk: int = DEFAULT_POSITION_CHUNK, project: bool = True,
+                        ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """x1 prediction through E: (B, L, D) -> (softmax(f) @ E (B, L, D), argmax f (B, L)).
 
-    The (B, chunk, V) logits exist for one chunk of positions at a time.
+    The (B, chunk, V) logits exist for one chunk of positions at a time. The
+    softmax and ``p @ E`` are float32 with autocast off (TF32 matmuls where
+    enabled), as the paper's sampler keeps its state float32 under a bf16
+    backbone. ``project=False`` (the last step, where z = p and
+    argmax z = argmax p = argmax f) returns ``(None, argmax f)`` without ``p @ E``.
     """
     hidden, c = network.features(h.to(network.input_embedding.dtype), t, t2)
     e = network.input_embedding
     proj, tokens = [], []
     for start in range(0, hidden.shape[1], position_chunk):
         logits = network.head(hidden[:, start:start + position_chunk], c).float()
-        with _no_autocast(logits):  # the state update stays in the state's precision
-            proj.append(torch.softmax(logits, dim=-1) @ e.float())
         tokens.append(logits.argmax(dim=-1))
-    return torch.cat(proj, dim=1), torch.cat(tokens, dim=1)
+        if project:
+            with _no_autocast(logits):  # the state update stays in the state's precision
+                proj.append(torch.softmax(logits, dim=-1) @ e.float())
+    return (torch.cat(proj, dim=1) if project else None), torch.cat(tokens, dim=1)
 
 
 @torch.no_grad()
@@ -134,7 +139,8 @@ def sample_euler(network, table: AlphaGammaTable, noise: torch.Tensor, steps: in
     for i in range(steps):
         t_now = t[i].float().expand(batch)
         t_next = t[i + 1].float().expand(batch) if two_times else None
-        p_proj, tokens = denoised_projection(network, h, t_now, t_next, position_chunk)
+        p_proj, tokens = denoised_projection(network, h, t_now, t_next, position_chunk,
+                                             project=i < steps - 1)
         if i == steps - 1:
             # z = p at the last step; argmax z = argmax of the logits
             return _final_tokens(tokens, known_tokens, mask)

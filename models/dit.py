@@ -221,9 +221,13 @@ class OutputLayer(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The linear's input: adaLN-modulated LayerNorm of x, (B, L, D) -> (B, L, D)."""
         shift, scale = self.modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        return modulate(self.norm(x), shift, scale)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.features(x, c))
 
 
 class DiT(nn.Module):
@@ -297,15 +301,25 @@ class DiT(nn.Module):
             h = block(h, c, rotary)
         return h, c
 
+    def head_features(self, hidden: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """(B, L', D) -> the output linear's input (B, L', D) (modulated, normalised)."""
+        return self.output_layer.features(hidden, c)
+
     def head(self, hidden: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """(B, L', D) -> logits (B, L', V); callable on a chunk of positions."""
-        return self.output_layer(hidden, c)
+        return self.output_layer.linear(self.head_features(hidden, c))
 
     def forward(self, h: torch.Tensor | Callable[[DiT], torch.Tensor], t: torch.Tensor,
-                t2: torch.Tensor | None = None) -> torch.Tensor:
+                t2: torch.Tensor | None = None,
+                output: Callable[[torch.Tensor, nn.Linear], torch.Tensor] | None = None,
+                ) -> torch.Tensor:
+        """Logits (B, L, V); with ``output``, ``output(head_features (B, L, D), linear)``
+        instead (a fused linear + loss that never forms the logits: flow/losses.py)."""
         if callable(h):
             h = h(self)
         hidden, c = self.features(h, t, t2)
+        if output is not None:
+            return output(self.head_features(hidden, c), self.output_layer.linear)
         return self.head(hidden, c)
 
     def logits_from_state(self, z: torch.Tensor, t: torch.Tensor,

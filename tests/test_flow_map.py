@@ -1,4 +1,4 @@
-"""Flow-map algebra, interval draws, joint noise and both distillation losses (flm-math §5-6)."""
+"""Flow-map algebra, interval draws, joint noise and both distillation losses (docs/math.md §5-6)."""
 
 import copy
 
@@ -17,7 +17,12 @@ from flow.flow_map import (
     semigroup_loss_reference,
 )
 from flow.path import joint_gaussian_projection
-from flow.sampling import sample_euler, sample_flow_map
+from flow.sampling import (
+    denoised_projection,
+    sample_euler,
+    sample_euler_reference,
+    sample_flow_map,
+)
 from flow.schedule import AlphaGammaTable
 from models.dit import DiT
 from models.teacher import initialise_student
@@ -101,10 +106,12 @@ def test_interval_endpoints_follow_the_spec():
     assert not ((s2 == 0) & (t2 == 1)).any()
 
 
+@pytest.mark.parametrize("frozen_teacher", [False, True])
 @pytest.mark.parametrize("duplicated", [True, False])
-def test_joint_projection_covariance_and_expected_gradient(duplicated):
+def test_joint_projection_covariance_and_expected_gradient(duplicated, frozen_teacher):
     """Covariance AᵀA (also when A = [E | E] is rank deficient, as at initialisation) and
-    expected gradient of E||yC||² equal to the closed form 2N·A·CCᵀ."""
+    expected gradient of E||yC||² equal to the closed form 2N·A·CCᵀ; with a frozen teacher
+    block (factored apart and cached), the student block's gradient is that block of it."""
     gen = torch.Generator().manual_seed(0)
     vocab, dim = 40, 3
     e = torch.randn(vocab, dim, generator=gen, dtype=torch.float64)
@@ -114,8 +121,9 @@ def test_joint_projection_covariance_and_expected_gradient(duplicated):
     c = torch.randn(2 * dim, 2, generator=gen, dtype=torch.float64)
     rows, reps = 20_000, 10
     grads, covs = [], []
+    teacher = a.detach()[:, :dim] if frozen_teacher else a[:, :dim]
     for r in range(reps):
-        y = joint_gaussian_projection([a[:, :dim], a[:, dim:]], (rows,),
+        y = joint_gaussian_projection([teacher, a[:, dim:]], (rows,),
                                       torch.Generator().manual_seed(r), dtype=torch.float64)
         if duplicated:  # eps @ E twice: the two halves are one draw
             torch.testing.assert_close(y[:, :dim], y[:, dim:], rtol=0, atol=1e-10)
@@ -127,6 +135,9 @@ def test_joint_projection_covariance_and_expected_gradient(duplicated):
                                atol=0.03 * gram.diag().max().item())
     expected = 2 * a.detach() @ c @ c.T
     grad = torch.stack(grads).mean(0)
+    if frozen_teacher:
+        expected, grad = expected[:, dim:], grad[:, dim:]
+        assert (torch.stack(grads)[:, :, :dim] == 0).all()
     assert torch.isfinite(grad).all()
     err = (grad - expected).norm() / expected.norm()
     assert err < 0.03, err
@@ -222,3 +233,42 @@ def test_stage_one_sampler_with_zero_correction_is_the_teacher_euler_sampler():
                              _materialised_projection(eps, [teacher, student]), 3, 1e-5)
     assert not torch.equal(mapped, sample_euler(teacher, table, eps @ teacher.input_embedding,
                                                 3, 1e-5))
+
+
+def test_euler_last_step_argmax_shortcut_gives_the_same_tokens_as_projecting():
+    """The sampler skips p @ E at the last step; the tokens equal those of the full update
+    written out with the V-space state (argmax of z_N = p) and those of the projected path."""
+    net = random_dit(3, True)
+    table = AlphaGammaTable(VOCAB)
+    eps = torch.randn(32, LENGTH, VOCAB, generator=torch.Generator().manual_seed(1),
+                      dtype=torch.float64)
+    for steps in (1, 2, 5):
+        fast = sample_euler(net, table, eps @ net.input_embedding, steps, 1e-5, two_times=True,
+                            position_chunk=4)
+
+        def logits_fn(z, t, t2):
+            return net(z @ net.input_embedding, t, t2)
+
+        slow = sample_euler_reference(logits_fn, table, eps, steps, 1e-5, two_times=True)
+        assert torch.equal(fast, slow), steps
+    h = eps @ net.input_embedding
+    t = torch.full((32,), 0.3)
+    proj, tokens = denoised_projection(net, h, t, t + 0.2, position_chunk=5)
+    none, shortcut = denoised_projection(net, h, t, t + 0.2, position_chunk=5, project=False)
+    assert none is None and torch.equal(tokens, shortcut)
+    p = torch.softmax(net(h, t, t + 0.2), dim=-1)
+    torch.testing.assert_close(proj, p @ net.input_embedding, rtol=1e-10, atol=1e-12)
+    assert torch.equal(shortcut, p.argmax(-1))
+
+
+def test_bf16_projection_matches_float32_within_bf16_rounding():
+    net = random_dit(4, False).float()
+    h = torch.randn(8, LENGTH, HIDDEN, generator=torch.Generator().manual_seed(2))
+    t = torch.full((8,), 0.5)
+    proj32, tokens32 = denoised_projection(net, h, t, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        proj16, tokens16 = denoised_projection(net, h, t, None)
+    assert proj16.dtype == torch.bfloat16
+    scale = net.input_embedding.abs().max()
+    torch.testing.assert_close(proj16.float(), proj32, rtol=0, atol=0.05 * scale.item())
+    assert (tokens16 == tokens32).float().mean() > 0.9  # bf16 logits may flip near-ties

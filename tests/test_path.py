@@ -1,9 +1,16 @@
-"""D-space input path vs the materialised reference path (flm-math §3)."""
+"""D-space input path vs the materialised reference path (docs/math.md §3)."""
 
+import pytest
 import torch
 
 from flow.losses import denoiser_cross_entropy, masked_token_mean
-from flow.path import gaussian_projection, noisy_input, stratified_times
+from flow.path import (
+    gaussian_projection,
+    joint_gaussian_projection,
+    joint_qr,
+    noisy_input,
+    stratified_times,
+)
 from models.dit import DiT
 
 
@@ -29,6 +36,59 @@ def test_gaussian_projection_covariance_matches_closed_form():
         assert sample.mean(0).abs().max() < 5 * (scale / n).sqrt()
         # each entry of an empirical covariance has sd <= sqrt(2/n) * max variance
         assert (torch.cov(sample.T) - cov_true).abs().max() < 6 * (2 / n) ** 0.5 * scale
+
+
+@pytest.mark.parametrize("case", ["distinct", "teacher_equals_student", "three_with_a_copy"])
+def test_joint_projection_law_in_float32_is_the_closed_form_gram(case):
+    """eps @ [E_1 | ...] in the training precision (float32, one QR, no float64): mean 0 and
+    covariance AᵀA entrywise within 5 standard errors (sd of an entry of the empirical
+    covariance of n Gaussian rows: sqrt((G_ii·G_jj + G_ij²) / n)), also for the singular
+    Gram of equal embeddings (at initialisation); equal embeddings give equal draws."""
+    gen = torch.Generator().manual_seed(7)
+    vocab, dim, n = 50, 4, 200_000
+    e1 = torch.randn(vocab, dim, generator=gen)
+    e2 = e1.clone() if case != "distinct" else e1 + 0.5 * torch.randn(vocab, dim, generator=gen)
+    blocks = [e1, e2]
+    if case == "three_with_a_copy":
+        blocks = [e1, torch.randn(vocab, dim, generator=gen), e1.clone()]
+    a = torch.cat(blocks, 1).double()
+    gram = a.T @ a
+    blocks[-1].requires_grad_(True)  # a trained student after frozen teachers (block QR)
+    y = joint_gaussian_projection(blocks, (n // 8, 8), gen).reshape(n, -1).detach()
+    assert y.dtype == torch.float32 and y.shape == (n, a.shape[1])
+    y = y.double()
+    var = gram.diagonal()
+    assert (y.mean(0).abs() < 5 * (var / n).sqrt()).all()
+    se = ((var[:, None] * var[None, :] + gram.square()) / n).sqrt()
+    cov = y.T @ y / n  # the mean is known to be 0
+    assert ((cov - gram).abs() < 5 * se).all(), ((cov - gram).abs() / se).max()
+    if case != "distinct":  # one eps seen twice through the same E: identical up to round-off
+        last = y[:, -dim:]
+        torch.testing.assert_close(y[:, :dim], last, rtol=0, atol=1e-4 * var.max().sqrt().item())
+
+
+@pytest.mark.parametrize("frozen", [0, 1, 2, 3])
+@pytest.mark.parametrize("duplicated", [False, True])
+def test_joint_qr_factors_the_joint_embedding(frozen, duplicated):
+    """QR = A, QᵀQ = I and RᵀR = AᵀA in float64, whether the frozen leading embeddings are
+    factored apart (block Gram-Schmidt, cached) or not, also for E_S = E_T (rank deficient);
+    the cache is refreshed when a frozen embedding is written."""
+    gen = torch.Generator().manual_seed(3)
+    vocab, dim = 30, 4
+    blocks = [torch.randn(vocab, dim, generator=gen, dtype=torch.float64) for _ in range(3)]
+    if duplicated:
+        blocks[2] = blocks[0].clone()
+    for i, e in enumerate(blocks):
+        e.requires_grad_(i >= frozen)
+    for _ in range(2):
+        a = torch.cat(blocks, 1).detach()
+        q, r = joint_qr(blocks, torch.float64)
+        eye = torch.eye(q.shape[1], dtype=torch.float64)
+        torch.testing.assert_close(q.T @ q, eye, rtol=0, atol=1e-12)
+        torch.testing.assert_close(q @ r, a, rtol=0, atol=1e-12)
+        torch.testing.assert_close(r.T @ r, a.T @ a, rtol=0, atol=1e-11)
+        with torch.no_grad():
+            blocks[0].mul_(2.0)  # a write: a cached factor must not be reused
 
 
 def test_paths_same_mean_and_covariance_and_identical_without_noise():

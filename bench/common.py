@@ -1,0 +1,80 @@
+"""Shared pieces of the benches: the backbone as the config builds it, FLOP counts, timing."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.dit import DiT, build_backbone  # noqa: E402
+
+H100_BF16_PEAK = 989e12  # dense bf16 tensor-core FLOP/s of an H100 SXM (MFU denominator)
+GPT2_VOCAB = 50258
+FLOP_FORMULA = ("forward FLOPs/token F = n_blocks·(24·D² + 4·L·D) + 2·D·V "
+                "(qkv 6D², attn-out 2D², MLP 16D², QKᵀ and AV 2·L·D each; output layer 2·D·V); "
+                "a training step counts 3·F per token (forward + backward)")
+
+
+def model_config(name: str, length: int, overrides: list[str] | None = None) -> DictConfig:
+    """``configs/model/<name>.yaml`` as Hydra composes it (e.g. model.attn_softcap comes along)."""
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        cfg = compose(config_name="config",
+                      overrides=[f"model={name}", f"model.length={length}"] + (overrides or []))
+    return cfg.model
+
+
+def backbone(model_cfg: DictConfig, vocab: int, double_temb: bool = False,
+             device: torch.device | str = "cpu") -> DiT:
+    return build_backbone(model_cfg, vocab, double_temb).to(device)
+
+
+def forward_flops_per_token(model_cfg: DictConfig, vocab: int) -> float:
+    """F of ``FLOP_FORMULA``: one forward pass of the backbone per token."""
+    d, n, length = model_cfg.hidden_size, model_cfg.n_blocks, model_cfg.length
+    return n * (24 * d * d + 4 * length * d) + 2 * d * vocab
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak: float) -> float:
+    return tokens_per_s * flops_per_token / peak
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device, warmup: int, iters: int) -> float:
+    """Median seconds of ``fn()`` over ``iters`` calls after ``warmup`` calls."""
+    times = []
+    for i in range(warmup + iters):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def reset_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

@@ -1,0 +1,151 @@
+"""The fused output-layer cross-entropy (flow/losses.py) against the plain logits path."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import algo
+import utils
+from flow import losses
+from flow.losses import (
+    chunked_linear_cross_entropy,
+    denoiser_cross_entropy,
+    masked_token_mean,
+    resolve_fused_ce,
+    weighted_loss,
+)
+from tests.helpers import compose_config
+
+VOCAB = 37
+
+
+def _problem(seed: int, batch: int = 3, length: int = 7, dim: int = 5, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, length, dim, generator=gen, dtype=dtype).requires_grad_(True)
+    weight = torch.randn(VOCAB, dim, generator=gen, dtype=dtype).requires_grad_(True)
+    bias = torch.randn(VOCAB, generator=gen, dtype=dtype).requires_grad_(True)
+    tokens = torch.randint(0, VOCAB, (batch, length), generator=gen)
+    mask = (torch.rand(batch, length, generator=gen) > 0.3).long()
+    log_weight = torch.randn(batch, generator=gen, dtype=dtype).requires_grad_(True)
+    return hidden, weight, bias, tokens, mask, log_weight
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 64])  # one row, ragged chunks, one chunk
+def test_chunked_ce_equals_plain_ce_values_and_gradients_float64(chunk):
+    hidden, weight, bias, tokens, mask, log_weight = _problem(0)
+    leaves = [hidden, weight, bias, log_weight]
+
+    def total(per_token):
+        return masked_token_mean(weighted_loss(per_token, log_weight), mask)
+
+    plain_tok = denoiser_cross_entropy(hidden @ weight.T + bias, tokens)
+    fused_tok = chunked_linear_cross_entropy(hidden, weight, bias, tokens, chunk_tokens=chunk)
+    # independent closed form: logsumexp minus the target logit, per token
+    logits = (hidden @ weight.T + bias).detach()
+    direct = logits.logsumexp(-1) - logits.gather(-1, tokens[..., None]).squeeze(-1)
+    torch.testing.assert_close(fused_tok.detach(), direct, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fused_tok, plain_tok, rtol=1e-12, atol=1e-12)
+    plain = torch.autograd.grad(total(plain_tok), leaves)
+    fused = torch.autograd.grad(total(fused_tok), leaves)
+    for a, b in zip(fused, plain):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_chunked_ce_without_bias_and_with_gradcheck():
+    hidden, weight, _, tokens, _, _ = _problem(1, batch=2, length=3, dim=3)
+    gen = torch.Generator().manual_seed(5)
+    upstream = torch.rand(tokens.shape, generator=gen, dtype=torch.float64)
+
+    def fn(h, w):
+        return (chunked_linear_cross_entropy(h, w, None, tokens, chunk_tokens=2) * upstream).sum()
+
+    assert torch.autograd.gradcheck(fn, (hidden, weight))
+
+
+def test_chunked_ce_under_bf16_autocast_matches_the_plain_path():
+    """The matmul runs in the autocast dtype as nn.Linear would; results agree to bf16 rounding."""
+    hidden, weight, bias, tokens, mask, _ = _problem(2, dtype=torch.float32)
+    leaves = [hidden, weight, bias]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain_tok = denoiser_cross_entropy(F.linear(hidden, weight, bias), tokens)
+        fused_tok = chunked_linear_cross_entropy(hidden, weight, bias, tokens, chunk_tokens=5)
+    assert fused_tok.dtype == torch.float32
+    torch.testing.assert_close(fused_tok, plain_tok, rtol=1e-3, atol=1e-3)
+    plain = torch.autograd.grad(masked_token_mean(plain_tok, mask), leaves)
+    fused = torch.autograd.grad(masked_token_mean(fused_tok, mask), leaves)
+    for a, b in zip(fused, plain):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
+def _flm(**extra):
+    overrides = ["model.length=8", "model.hidden_size=32", "model.n_heads=2",
+                 "model.cond_dim=16", "model.n_blocks=1", "loader.global_batch_size=4",
+                 "model.dropout=0.0"] + [f"{k}={v}" for k, v in extra.items()]
+    config = utils.resolve_config(compose_config(overrides))
+    torch.manual_seed(0)
+    return algo.FLM(config, vocab_size=VOCAB)
+
+
+@pytest.mark.parametrize("weighting", ["false", "true"])
+def test_flm_loss_with_chunked_ce_equals_the_logits_path(weighting):
+    module = _flm(**{"training.fused_ce": "chunked", "algo.learnable_loss_weighting": weighting})
+    with torch.no_grad():  # non-zero output layer and loss weighting (both start at zero)
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    gen = torch.Generator().manual_seed(3)
+    batch = {"input_ids": torch.randint(0, VOCAB, (4, 8), generator=gen),
+             "attention_mask": (torch.rand(4, 8, generator=gen) > 0.25).long()}
+    params = [p for p in module.parameters() if p.requires_grad]
+    fused = module.compute_loss(batch, step=3, batch_idx=0)
+    fused_grads = torch.autograd.grad(fused, params)
+    assert module.fused_ce_backend() == "chunked"
+    module._fused_ce = "none"
+    plain = module.compute_loss(batch, step=3, batch_idx=0)
+    plain_grads = torch.autograd.grad(plain, params)
+    # float32 (the D-space input is built in float32): equal up to float32 round-off
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+    for a, b in zip(fused_grads, plain_grads):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_backend_choice(monkeypatch, caplog):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_fused_ce("auto", cpu, per_token_weights=False) == "chunked"
+    assert resolve_fused_ce("none", cpu, per_token_weights=False) == "none"
+    with pytest.raises(utils.ConfigError, match="training.fused_ce='bogus'"):
+        resolve_fused_ce("bogus", cpu, per_token_weights=False)
+    installed = {"liger": False, "cce": False}
+    monkeypatch.setattr(losses, "fused_ce_available",
+                        lambda backend: installed.get(backend, True))
+    # explicitly requested but not installed: a ConfigError when the module is built
+    with pytest.raises(utils.ConfigError, match="training.fused_ce=liger.*liger_kernel"):
+        _flm(**{"training.fused_ce": "liger"})
+    with pytest.raises(utils.ConfigError, match="training.fused_ce=cce"):
+        _flm(**{"training.fused_ce": "cce"})
+    assert resolve_fused_ce("auto", cuda, per_token_weights=False) == "chunked"
+    installed["cce"] = True
+    assert resolve_fused_ce("auto", cuda, per_token_weights=False) == "cce"
+    assert resolve_fused_ce("auto", cpu, per_token_weights=False) == "chunked"
+    installed["liger"] = True
+    assert resolve_fused_ce("auto", cuda, per_token_weights=False) == "liger"
+    with caplog.at_level(logging.INFO, logger="flow.losses"):
+        assert resolve_fused_ce("liger", cuda, per_token_weights=True) == "liger"
+    assert "reduction='none'" in caplog.text
+    with pytest.raises(utils.ConfigError, match="CUDA only"):
+        resolve_fused_ce("liger", cpu, per_token_weights=False)
+
+
+def test_choice_is_logged_once(caplog):
+    module = _flm()
+    batch = {"input_ids": torch.randint(0, VOCAB, (4, 8)),
+             "attention_mask": torch.ones(4, 8, dtype=torch.long)}
+    with caplog.at_level(logging.INFO, logger="algo"):
+        module.compute_loss(batch, step=0, batch_idx=0)
+        module.compute_loss(batch, step=1, batch_idx=0)
+    assert caplog.text.count("training.fused_ce=auto: output-layer cross-entropy through "
+                             "chunked") == 1
