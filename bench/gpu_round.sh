@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One GPU session's measurements, stage by stage; each stage's log lands in $OUT as it ends (a
+# call killed at its time limit still returns the finished stages). STAGES picks them:
+#   attention   bench/attention_check.py (soft-capped attention vs float64)
+#   train       bench/train_step.py, compiled, B = 32 and 64, training.fused_ce=$FUSED_CE
+#   quickcpu    the CPU quickstart preset pinned to 2 cores for QS_STEPS steps (steps/s)
+#   quickgpu    scripts/quickstart.sh's GPU preset through python -m main
+#   sampling    bench/sampling_step.py
+#   distill     bench/distill_step.py
+#   e2e         bench/end_to_end.py
+#   ladder      scripts/synthetic_table.sh --size gpu
+# Run directories go to /tmp/runs; only logs (at most 8 files) go to $OUT. Wheels the machine
+# lacks (hydra-core, omegaconf, antlr4, datasets, liger-kernel, cut-cross-entropy) travel in .whl/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/flm-gpu-round}"
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+STAGES="${STAGES:-attention train}"
+stage() { local name="$1"; shift; local t0; t0=$(date +%s)
+  echo "== $name: $*"; "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  echo "== $name: rc=$rc in $(( $(date +%s) - t0 )) s"; tail -n "${TAIL:-25}" "$OUT/$name.log"; }
+if [[ " $STAGES " == *" quickcpu "* ]]; then  # on cores 0-1 beside the GPU stages (cores 2-)
+  stage quickcpu env CUDA_VISIBLE_DEVICES= taskset -c 0,1 python -u -m main \
+    +experiment=quickstart_cpu trainer.max_steps="${QS_STEPS:-300}" trainer.val_check_interval=150 \
+    sampling.steps=[128] trainer.enable_progress_bar=false "hydra.run.dir=/tmp/runs/quickcpu" &
+  taskset -cp 2-"$(( $(nproc) - 1 ))" $$ > /dev/null
+fi
+for s in $STAGES; do
+  case "$s" in
+    attention) stage attention python bench/attention_check.py ;;
+    train) stage train python bench/train_step.py --modes compiled --fused-ce "${FUSED_CE:-auto}" ;;
+    quickcpu) ;;  # started above
+    quickgpu) stage quickgpu python -u -m main +experiment=quickstart_gpu \
+        trainer.enable_progress_bar=false "hydra.run.dir=/tmp/runs/quickgpu" ;;
+    sampling) stage sampling python bench/sampling_step.py ;;
+    distill) stage distill python bench/distill_step.py --modes compiled ;;
+    e2e) stage e2e python bench/end_to_end.py ;;
+    ladder) stage ladder bash scripts/synthetic_table.sh --size gpu --out /tmp/runs/ladder; cp /tmp/runs/ladder/table.md "$OUT/ladder_table.md" ;;
+    *) echo "unknown stage $s"; exit 2 ;;
+  esac
+done
+wait
