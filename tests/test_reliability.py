@@ -155,7 +155,16 @@ def test_requeue_without_slurm_only_logs(monkeypatch, caplog):
     (["reliability.max_consecutive_nonfinite=0"], "max_consecutive_nonfinite=0"),
     (["reliability.checkpoint_signals=[SIGFOO]"], "unknown signal names \\['SIGFOO'\\]"),
     (["reliability.checkpoint_signals=[SIGTERM]"], "requeue_signals \\['SIGUSR1', 'SIGUSR2'\\] must also"),
-    (["callbacks.checkpoint_last.every_n_train_steps=500"], "make them differ"),
+    (["callbacks.checkpoint_last.every_n_train_steps=10000"], "make them differ"),
+    (["loader.batch_size=0"], "loader.batch_size=0: must be a positive"),
+    (["loader.global_batch_size=0"], "loader.global_batch_size=0: must be a positive"),
+    (["loader.global_batch_size=-8"], "loader.global_batch_size=-8: must be a positive"),
+    (["trainer.val_check_interval=0"], "trainer.val_check_interval=0: give a positive"),
+    (["trainer.val_check_interval=1.5"], "trainer.val_check_interval=1.5"),
+    (["optim.lr=0"], "optim.lr=0: the learning rate must be > 0"),
+    (["optim.lr=-1e-4"], "optim.lr=-0.0001"),
+    (["trainer.max_steps=-1"], "trainer.max_steps=-1: must be >= 0"),
+    (["lr_scheduler.num_warmup_steps=-5"], "lr_scheduler.num_warmup_steps=-5: must be >= 0"),
 ])
 def test_bad_configs_fail_before_training(overrides, message):
     with pytest.raises(ConfigError, match=message):
