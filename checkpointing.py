@@ -38,20 +38,55 @@ def _umask() -> int:
     return mask
 
 
-def snapshot_to_cpu(obj: Any, _memo: dict | None = None) -> Any:
+class HostBuffers:
+    """Pinned CPU buffers for device -> host checkpoint copies, reused from save to save.
+
+    Allocating (and page-faulting) gigabytes of fresh host memory at each save costs more than
+    the copy itself; the buffers of the previous save are free again once its write is done
+    (one write in flight).
+    """
+
+    def __init__(self) -> None:
+        self._buffers: list[torch.UntypedStorage] = []
+        self._next = 0
+
+    def start(self) -> None:
+        self._next = 0
+
+    def copy(self, storage: torch.UntypedStorage) -> torch.UntypedStorage:
+        i, self._next = self._next, self._next + 1
+        if i == len(self._buffers):
+            self._buffers.append(torch.empty(0, dtype=torch.uint8).untyped_storage())
+        if self._buffers[i].nbytes() != storage.nbytes():
+            self._buffers[i] = torch.empty(storage.nbytes(), dtype=torch.uint8,
+                                           pin_memory=True).untyped_storage()
+        self._buffers[i].copy_(storage, non_blocking=True)  # complete after a synchronize
+        return self._buffers[i]
+
+
+def snapshot_to_cpu(obj: Any, _memo: dict | None = None,
+                    buffers: HostBuffers | None = None) -> Any:
     """A copy of a checkpoint dict whose tensors live in fresh CPU storages.
 
     Containers are rebuilt, tensors copied (device -> CPU, or CPU clone) with their storage
-    sharing kept (views and tied weights serialise as in the original, so ``torch.save`` of the
-    snapshot and of the original give the same bytes), other leaves deep-copied. Training can
-    then go on changing the live tensors while the snapshot is written.
+    sharing kept (views and tied weights serialise as in the original: for CPU tensors
+    ``torch.save`` of the snapshot and of the original give the same bytes), other leaves
+    deep-copied. Training can then go on changing the live tensors while the snapshot is
+    written. With ``buffers``, device storages are copied asynchronously into reused pinned
+    buffers: call ``torch.cuda.synchronize()`` before reading the snapshot. Device tensors come
+    back as CPU tensors (the file records ``cpu`` as their location; loads map them as usual).
     """
     memo: dict = {} if _memo is None else _memo
     if isinstance(obj, torch.Tensor):
         storage = obj.untyped_storage()
         key = (obj.device, storage.data_ptr(), storage.nbytes())
         if key not in memo:
-            memo[key] = storage.cpu() if obj.device.type != "cpu" else storage.clone()
+            if obj.device.type == "cpu":
+                memo[key] = storage.clone()
+            elif buffers is not None:
+                memo[key] = buffers.copy(storage)
+            else:
+                memo[key] = storage.cpu()
         copy_ = torch.empty(0, dtype=obj.dtype).set_(memo[key], obj.storage_offset(),
                                                      obj.size(), obj.stride())
         if isinstance(obj, torch.nn.Parameter):
@@ -60,12 +95,12 @@ def snapshot_to_cpu(obj: Any, _memo: dict | None = None) -> Any:
     if isinstance(obj, dict):
         out = copy.copy(obj)  # keeps the type and attributes (a state_dict's ``_metadata``)
         for k, v in obj.items():
-            out[k] = snapshot_to_cpu(v, memo)
+            out[k] = snapshot_to_cpu(v, memo, buffers)
         return out
     if isinstance(obj, list):
-        return [snapshot_to_cpu(v, memo) for v in obj]
+        return [snapshot_to_cpu(v, memo, buffers) for v in obj]
     if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(snapshot_to_cpu(v, memo) for v in obj)
+        return tuple(snapshot_to_cpu(v, memo, buffers) for v in obj)
     return copy.deepcopy(obj)
 
 
@@ -116,6 +151,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._pending_path: Path | None = None
+        self._host = HostBuffers()
 
     def _write(self, checkpoint: dict[str, Any], path: Path) -> None:
         try:
@@ -143,7 +179,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             write_atomically(checkpoint, path, self._mode)
             log.info("checkpoint written: %s", path)
             return
-        snapshot = snapshot_to_cpu(checkpoint)
+        self._host.start()
+        snapshot = snapshot_to_cpu(checkpoint, buffers=self._host)
         if any(t.is_cuda for t in _tensors(checkpoint)):
             torch.cuda.synchronize()  # device -> host copies are complete before the thread reads
         self._thread = threading.Thread(target=self._write, args=(snapshot, path),
