@@ -89,24 +89,11 @@ def assert_same_state(a: dict, b: dict) -> None:
     assert a["FLMDataModule"] == b["FLMDataModule"]  # sampler position
 
 
-def validated_steps(run: Path) -> list[int]:
-    """Steps at which a validation pass logged val/loss (CSVLogger's metrics.csv)."""
-    rows = (run / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
-    header = rows[0].split(",")
-    step, val = header.index("step"), header.index("val/loss")
-    return [int(r.split(",")[step]) for r in rows[1:] if r.split(",")[val]]
-
-
 @pytest.mark.slow
 def test_sigterm_stop_and_resume_equals_uninterrupted(tmp_path):
     interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
-    # validation after every step: the stop must not add one after the signal's checkpoint
-    proc = start_main(interrupted, "trainer.val_check_interval=1")
+    proc = start_main(interrupted)
     wait_for(proc, interrupted / "checkpoints" / "step00000002.ckpt")
-    second = run_main(interrupted, "trainer.max_steps=100000", check=False)  # same directory
-    assert second.returncode != 0
-    assert f"is in use by another run (host {socket.gethostname()}, pid {proc.pid})" in \
-        second.stderr
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
     assert proc.returncode == reliability.EXIT_PREEMPTED, output[-4000:]
@@ -114,8 +101,6 @@ def test_sigterm_stop_and_resume_equals_uninterrupted(tmp_path):
     stopped = load(interrupted / "checkpoints" / "last.ckpt")
     k = stopped["global_step"]
     assert k >= 2
-    validated = validated_steps(interrupted)
-    assert len(validated) == k - 1, validated  # steps 1..k-1 validated, step k not
     n = k + 3  # crosses a validation (every 3 steps): validation must not shift the RNG streams
     resumed = run_main(interrupted, f"trainer.max_steps={n}")
     assert "resuming from" in resumed.stderr
@@ -126,9 +111,13 @@ def test_sigterm_stop_and_resume_equals_uninterrupted(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_checkpoints_and_exits_130(tmp_path):
+def test_ctrl_c_checkpoints_and_exits_130_and_a_second_run_is_refused(tmp_path):
     proc = start_main(tmp_path)
     wait_for(proc, tmp_path / "checkpoints" / "step00000002.ckpt")
+    second = run_main(tmp_path, "trainer.max_steps=100000", check=False)  # same directory
+    assert second.returncode != 0
+    assert f"is in use by another run (host {socket.gethostname()}, pid {proc.pid})" in \
+        second.stderr
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
     assert proc.returncode == reliability.EXIT_INTERRUPTED, output[-4000:]
