@@ -401,11 +401,12 @@ class RunLockedError(RuntimeError):
 
 
 class RunLock:
-    """``<directory>/.lock``: created atomically (O_EXCL) with ``host pid`` in it.
+    """``<directory>/.lock``: created atomically (O_EXCL) with ``host pid [slurm job]`` in it.
 
     A second process on the same directory refuses with the holder's host and pid. A lock left
-    by a dead process on this host (stale) is reported and taken over; a lock held from another
-    host cannot be checked and is refused (delete the file if that run is gone).
+    by a dead process on this host (stale), or by an earlier run of the same SLURM job (a
+    requeue), is reported and taken over; a lock held from another host cannot be checked and
+    is refused (delete the file if that run is gone).
     """
 
     NAME = ".lock"
@@ -416,16 +417,23 @@ class RunLock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = f"{socket.gethostname()} {os.getpid()}\n"
+        job = slurm_job_id()
+        me = f"{socket.gethostname()} {os.getpid()}{'' if job is None else ' ' + job}\n"
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self.path.read_text().split() if self.path.exists() else []
-                if len(holder) != 2 or not holder[1].isdigit():
+                if len(holder) not in (2, 3) or not holder[1].isdigit():
                     raise RunLockedError(f"{self.path} exists but is unreadable ({holder}); if "
                                          "no run uses this directory, delete it") from None
                 host, pid = holder[0], int(holder[1])
+                if len(holder) == 3 and job is not None and holder[2] == job:
+                    # a requeued SLURM job whose previous run died (maybe on another node)
+                    log.warning("%s was left by this SLURM job's previous run (host %s, pid %d): "
+                                "taking it over", self.path, host, pid)
+                    self.path.unlink(missing_ok=True)
+                    continue
                 if host != socket.gethostname() or _pid_alive(pid):
                     raise RunLockedError(
                         f"{self.path.parent} is in use by another run (host {host}, pid {pid}); "

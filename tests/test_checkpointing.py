@@ -288,7 +288,10 @@ def test_fallback_only_takes_the_same_runs_checkpoints(tmp_path, caplog):
         find_resume_checkpoint(last, fallback_to_previous=True)
 
 
-def test_run_lock_refuses_a_second_holder_and_takes_over_a_stale_one(tmp_path, caplog):
+def test_run_lock_refuses_a_second_holder_and_takes_over_a_stale_one(tmp_path, caplog,
+                                                                     monkeypatch):
+    for var in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(var, raising=False)
     first = RunLock(tmp_path)
     first.acquire()
     host, pid = (tmp_path / ".lock").read_text().split()
@@ -303,9 +306,14 @@ def test_run_lock_refuses_a_second_holder_and_takes_over_a_stale_one(tmp_path, c
     with caplog.at_level(logging.WARNING), RunLock(tmp_path):
         assert (tmp_path / ".lock").read_text().split()[1] == str(os.getpid())
     assert f"pid {dead.pid}" in caplog.text and "taking it over" in caplog.text
-    (tmp_path / ".lock").write_text(f"another-host-{socket.gethostname()} {dead.pid}\n")
+    (tmp_path / ".lock").write_text(f"another-host-{socket.gethostname()} {dead.pid} 77\n")
     with pytest.raises(RunLockedError, match="another-host"):
         RunLock(tmp_path).acquire()  # cannot check a pid on another host
+    monkeypatch.setenv("SLURM_JOB_ID", "77")  # ... unless it is this SLURM job's earlier run
+    with caplog.at_level(logging.WARNING), RunLock(tmp_path):
+        assert (tmp_path / ".lock").read_text().split() == [socket.gethostname(),
+                                                            str(os.getpid()), "77"]
+    assert "this SLURM job's previous run" in caplog.text
 
 
 # --------------------------------------------------------------------------- config keys
