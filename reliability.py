@@ -46,6 +46,17 @@ class NonFiniteTrainingError(RuntimeError):
     """Too many consecutive optimizer steps had a non-finite loss or gradient."""
 
 
+def save_and_flush(trainer: pl.Trainer, path: Path) -> None:
+    """Save ``path`` and return once it is on disk on every rank's behalf: the writer thread
+    of rank 0 has finished and all ranks passed a barrier. Used before leaving with an error
+    status, which lets ``srun --kill-on-bad-exit`` kill rank 0 mid-write."""
+    trainer.save_checkpoint(path)
+    wait = getattr(trainer.strategy.checkpoint_io, "wait", None)
+    if wait is not None:
+        wait()
+    trainer.strategy.barrier("checkpoint flushed")
+
+
 def _any_rank(trainer: pl.Trainer, flag: bool) -> bool:
     """True on every rank if ``flag`` is true on at least one rank."""
     return bool(trainer.strategy.reduce_boolean_decision(bool(flag), all=False))
@@ -117,7 +128,7 @@ class NonFiniteGuard(pl.Callback):
         if self.consecutive < self.max_consecutive:
             return
         # at a step boundary: the saved state is that of the last good step
-        trainer.save_checkpoint(self.checkpoint_path)
+        save_and_flush(trainer, self.checkpoint_path)
         raise NonFiniteTrainingError(
             f"{self.consecutive} consecutive optimizer steps (from step {self._first_bad_step} "
             f"to {trainer.global_step - 1}) had a non-finite loss or gradient "
@@ -334,7 +345,7 @@ class PreemptionHandler(pl.Callback):
         name = self.received.name if self.received is not None else "a signal on another rank"
         log.warning("received %s: saving %s at step %d and stopping", name,
                     self.checkpoint_path, trainer.global_step)
-        trainer.save_checkpoint(self.checkpoint_path)
+        save_and_flush(trainer, self.checkpoint_path)
         if requeue and trainer.is_global_zero:
             requeue_slurm_job()
         self.stopped_by = name
