@@ -182,7 +182,8 @@ def _train(config: DictConfig, save_dir: Path, rank_zero: bool) -> None:
             remove_stale_temporaries(directory)
     tokenizer = dataloader.get_tokenizer(config)
     ckpt_path, changes, step = None, {}, 0
-    run_id = os.environ.get(RUN_ID_ENV)
+    # rank 0 decides; the ranks Lightning launches take its id from the environment
+    run_id = None if rank_zero else os.environ.get(RUN_ID_ENV)
     if cc.resume_from_ckpt:
         found, ckpt = find_resume_checkpoint(cc.resume_ckpt_path, cc.fallback_to_previous)
         if found is not None:
@@ -221,7 +222,7 @@ def _train(config: DictConfig, save_dir: Path, rank_zero: bool) -> None:
         raise SystemExit(stop.exit_code) from None
     final = next(c for c in callbacks if isinstance(c, FinalCheckpoint))
     last = final.checkpoint_path
-    if final.saved_step is None:  # ended before max_steps without a signal (e.g. max_steps=-1)
+    if final.saved_step is None:  # ended before max_steps without a signal (max_epochs)
         trainer.save_checkpoint(last)
     io.wait()
     if config.sampling.print_samples > 0 and module.sharded:
