@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import hydra
@@ -14,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from pytorch_lightning.plugins.environments import SLURMEnvironment
+from pytorch_lightning.utilities.warnings import PossibleUserWarning
 
 import algo
 import data
@@ -22,9 +24,19 @@ import utils
 from checkpointing import (
     LAST_NAME,
     PERIODIC_PREFIX,
+    RUN_ID_KEY,
     AtomicCheckpointIO,
+    FinalCheckpoint,
+    ResumeOverrides,
+    RunIdentity,
+    StepCheckpoint,
     check_compatible,
+    check_resume_config,
     find_resume_checkpoint,
+    new_run_id,
+    record_launch,
+    remove_stale_temporaries,
+    write_run_id,
 )
 
 log = logging.getLogger("main")
@@ -58,17 +70,18 @@ def build_callbacks(config: DictConfig) -> list[pl.Callback]:
     # every file goes through the trainer's AtomicCheckpointIO (build_trainer)
     callbacks: list[pl.Callback] = [
         reliability.NonFiniteGuard(rc.max_consecutive_nonfinite, last),
-        reliability.PreemptionHandler(last, tuple(rc.checkpoint_signals),
+        # Ctrl-C too: a checkpoint at the next step boundary, exit 130
+        reliability.PreemptionHandler(last, (*rc.checkpoint_signals, "SIGINT"),
                                       tuple(rc.requeue_signals)),
-        reliability.RNGStates(), reliability.FinalCheckpoint(last), reliability.ResplitLoop()]
+        reliability.RNGStates(), FinalCheckpoint(last), reliability.ResplitLoop()]
     if "checkpoint_every_n_steps" in cb:
-        callbacks.append(reliability.StepCheckpoint(
+        callbacks.append(StepCheckpoint(
             dirpath=ckpt_dir, filename=PERIODIC_PREFIX + "{step:08d}",
             auto_insert_metric_name=False,
             every_n_train_steps=cb.checkpoint_every_n_steps.every_n_train_steps,
             save_top_k=cb.checkpoint_every_n_steps.save_top_k, save_last=False))
     if "checkpoint_last" in cb:
-        callbacks.append(reliability.StepCheckpoint(
+        callbacks.append(StepCheckpoint(
             dirpath=ckpt_dir, every_n_train_steps=cb.checkpoint_last.every_n_train_steps,
             save_top_k=0, save_last=True, enable_version_counter=False))
     if "learning_rate_monitor" in cb:
@@ -94,7 +107,8 @@ def build_loggers(config: DictConfig) -> list:
 def build_trainer(config: DictConfig, **overrides) -> pl.Trainer:
     tc = config.trainer
     val_interval = tc.val_check_interval
-    plugins: list = [AtomicCheckpointIO()]  # periodic, last and preemption checkpoints alike
+    # periodic, last and preemption checkpoints alike, written from a background thread
+    plugins: list = [AtomicCheckpointIO(background=config.checkpointing.background_writes)]
     if SLURMEnvironment.detect():
         # reliability.PreemptionHandler saves and requeues; Lightning's own SLURM handler would
         # write a second (hpc_ckpt_*) checkpoint that resume does not read
@@ -119,31 +133,84 @@ def build_module(config: DictConfig, tokenizer) -> algo.FlowLM:
     return cls(config, vocab_size=len(tokenizer), tokenizer=tokenizer)
 
 
+RUN_ID_ENV = "FLM_RUN_ID"  # hands rank 0's run id to the DDP processes Lightning launches
+
+
+def is_launch_rank_zero() -> bool:
+    """True in the process that owns the run directory: global rank 0 of the launch (before
+    Lightning sets up distributed training, ranks are read from the launcher's variables)."""
+    return all(os.environ.get(var, "0") == "0"
+               for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"))
+
+
 def train(config: DictConfig) -> None:
+    """Train, resuming from ``checkpointing.resume_ckpt_path`` when it exists.
+
+    Exits with reliability.EXIT_PREEMPTED (75) after a checkpoint signal and 130 after Ctrl-C,
+    once the resume checkpoint is on disk.
+    """
+    save_dir = Path(config.checkpointing.save_dir)
+    rank_zero = is_launch_rank_zero()
+    lock = reliability.RunLock(save_dir)
+    if rank_zero:  # the other ranks run inside rank 0's launch
+        lock.acquire()
+    try:
+        _train(config, save_dir, rank_zero)
+    finally:
+        lock.release()
+
+
+def _train(config: DictConfig, save_dir: Path, rank_zero: bool) -> None:
+    ckpt_dir = save_dir / "checkpoints"
+    cc = config.checkpointing
+    if rank_zero:
+        for directory in {ckpt_dir, Path(cc.resume_ckpt_path).parent}:
+            remove_stale_temporaries(directory)
     tokenizer = data.get_tokenizer(config)
-    ckpt_path = None
-    if config.checkpointing.resume_from_ckpt:
-        found, ckpt = find_resume_checkpoint(config.checkpointing.resume_ckpt_path,
-                                             config.checkpointing.fallback_to_previous)
+    ckpt_path, changes, step = None, {}, 0
+    # rank 0 decides; the ranks Lightning launches take its id from the environment
+    run_id = None if rank_zero else os.environ.get(RUN_ID_ENV)
+    if cc.resume_from_ckpt:
+        found, ckpt = find_resume_checkpoint(cc.resume_ckpt_path, cc.fallback_to_previous)
         if found is not None:
             check_compatible(ckpt, config, len(tokenizer), found)
+            changes = check_resume_config(ckpt, config, found)
+            run_id = run_id or ckpt.get(RUN_ID_KEY)
+            step = int(ckpt.get("global_step", 0))
+            if run_id is None:
+                log.info("%s has no run id (older checkpoint): the run gets one now", found)
             del ckpt
             ckpt_path = str(found)
-            log.info("resuming from %s", found)
+            log.info("resuming from %s (step %d)", found, step)
+    run_id = run_id or new_run_id()
+    os.environ[RUN_ID_ENV] = run_id
+    if rank_zero:  # the run is accepted: record it
+        write_run_id(ckpt_dir, run_id)
+        log.info("resolved config written to %s", utils.save_config(config, save_dir))
+        record_launch(save_dir, run_id, step, changes)
     datamodule = data.FLMDataModule(config, tokenizer)
     module = build_module(config, tokenizer)
     callbacks = build_callbacks(config)
+    callbacks += [RunIdentity(run_id), ResumeOverrides(config, list(changes))]
     trainer = build_trainer(config, callbacks=callbacks, logger=build_loggers(config))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    preemption = next(c for c in callbacks if isinstance(c, reliability.PreemptionHandler))
-    if preemption.stopped_by is not None:
-        log.info("stopped by %s at step %d; %s holds the resume point", preemption.stopped_by,
-                 trainer.global_step, preemption.checkpoint_path)
-        return
-    final = next(c for c in callbacks if isinstance(c, reliability.FinalCheckpoint))
+    io = trainer.strategy.checkpoint_io
+    # Lightning recognises only a Stateful DataLoader as resumable and warns otherwise; the
+    # data position is restored here by FLMDataModule.state_dict (ResumableDistributedSampler),
+    # so that one warning is false and is silenced (exactly that message).
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended "
+                            r"before the epoch ended and your dataloader is not resumable",
+                            category=PossibleUserWarning)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except reliability.Preempted as stop:
+        io.wait()  # the resume checkpoint is on disk before the process ends
+        log.warning("%s; exiting with status %d", stop, stop.exit_code)
+        raise SystemExit(stop.exit_code) from None
+    final = next(c for c in callbacks if isinstance(c, FinalCheckpoint))
     last = final.checkpoint_path
-    if final.saved_step is None:  # ended before max_steps without a signal (e.g. max_steps=-1)
+    if final.saved_step is None:  # ended before max_steps without a signal (max_epochs)
         trainer.save_checkpoint(last)
+    io.wait()
     if config.sampling.print_samples > 0 and module.sharded:
         log.info("strategy=fsdp: the weights are sharded, no samples printed; run "
                  "mode=sample_eval eval.checkpoint_path=%s", last)
@@ -287,9 +354,6 @@ def main(config: DictConfig) -> None:
     config = utils.resolve_config(config)
     torch.set_float32_matmul_precision("high")
     pl.seed_everything(config.seed, workers=True)
-    if config.mode == "train":
-        path = utils.save_config(config, config.checkpointing.save_dir)
-        log.info("resolved config written to %s", path)
     log.info("mode=%s algo=%s model=%s data=%s devices=%s nodes=%s global_batch=%s "
              "batch=%s accumulate=%s", config.mode, config.algo.name, config.model.name,
              config.data.name, config.trainer.devices, config.trainer.num_nodes,

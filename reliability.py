@@ -1,15 +1,16 @@
-"""Lightning callbacks that keep long runs alive and reproducible.
+"""Lightning callbacks that keep long runs alive and reproducible (the checkpoint writers live in
+checkpointing.py).
 
 * :class:`NonFiniteGuard`: a step whose loss or gradients are not finite is skipped (no
   parameter, optimizer-state or EMA update) and counted; too many in a row stop the run with
   the last good state in ``last.ckpt``.
 * :class:`PreemptionHandler`: SIGUSR1/SIGTERM (SLURM's warning before the time limit, or a
-  preemption) write ``last.ckpt`` at the next optimizer-step boundary, requeue the SLURM job and
-  stop cleanly.
-* :class:`FinalCheckpoint`: the step that reaches ``trainer.max_steps`` writes ``last.ckpt``
-  from inside the epoch, so raising ``max_steps`` later continues that epoch exactly;
-  :class:`StepCheckpoint` (the periodic and ``last`` writers) therefore skips Lightning's own
-  end-of-training copy.
+  preemption) and SIGINT write ``last.ckpt`` at the next optimizer-step boundary, requeue the
+  SLURM job (SIGUSR1/2) and stop.
+  The process then exits with :data:`EXIT_PREEMPTED` (75, EX_TEMPFAIL: "stopped, resume me"),
+  without a validation pass; Ctrl-C (SIGINT) does the same and exits with 130 (a second
+  Ctrl-C aborts at once, without a checkpoint).
+* :class:`RunLock`: one training process per run directory (a lock file naming host and pid).
 * :class:`ResplitLoop`: resuming with another accumulation (another device count for the same
   global batch) rescales Lightning's micro-batch counters to the new accumulation.
 * :class:`RNGStates`: the global random states (python, numpy, torch CPU and CUDA) of every rank
@@ -24,6 +25,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import subprocess
 import threading
 from pathlib import Path
@@ -32,7 +34,6 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.distributed.tensor import DTensor
 
 from data.sampler import split_micro_batch_index
@@ -45,6 +46,17 @@ REQUEUE_COMMAND = "scontrol"
 
 class NonFiniteTrainingError(RuntimeError):
     """Too many consecutive optimizer steps had a non-finite loss or gradient."""
+
+
+def save_and_flush(trainer: pl.Trainer, path: Path) -> None:
+    """Save ``path`` and return once it is on disk on every rank's behalf: the writer thread
+    of rank 0 has finished and all ranks passed a barrier. Used before leaving with an error
+    status, which lets ``srun --kill-on-bad-exit`` kill rank 0 mid-write."""
+    trainer.save_checkpoint(path)
+    wait = getattr(trainer.strategy.checkpoint_io, "wait", None)
+    if wait is not None:
+        wait()
+    trainer.strategy.barrier("checkpoint flushed")
 
 
 def _any_rank(trainer: pl.Trainer, flag: bool) -> bool:
@@ -118,7 +130,7 @@ class NonFiniteGuard(pl.Callback):
         if self.consecutive < self.max_consecutive:
             return
         # at a step boundary: the saved state is that of the last good step
-        trainer.save_checkpoint(self.checkpoint_path)
+        save_and_flush(trainer, self.checkpoint_path)
         raise NonFiniteTrainingError(
             f"{self.consecutive} consecutive optimizer steps (from step {self._first_bad_step} "
             f"to {trainer.global_step - 1}) had a non-finite loss or gradient "
@@ -256,6 +268,23 @@ def _signal_number(name: str) -> signal.Signals:
                          "SIGUSR1, SIGTERM") from None
 
 
+EXIT_PREEMPTED = 75  # exit status after a checkpoint signal (EX_TEMPFAIL: resume me)
+EXIT_INTERRUPTED = 130  # exit status after Ctrl-C (128 + SIGINT), checkpoint written
+
+
+class Preempted(Exception):
+    """Training stopped by a signal at a step boundary, after ``checkpoint_path`` was saved."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint_path: Path) -> None:
+        super().__init__(f"stopped by {signal_name} at step {step}; {checkpoint_path} holds the "
+                         "resume point")
+        self.signal_name, self.step, self.checkpoint_path = signal_name, step, checkpoint_path
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_INTERRUPTED if self.signal_name == "SIGINT" else EXIT_PREEMPTED
+
+
 class PreemptionHandler(pl.Callback):
     """On one of ``signals``: save ``checkpoint_path`` at the next optimizer-step boundary, stop
     training, and requeue the SLURM job if the signal is one of ``requeue_signals``.
@@ -263,7 +292,8 @@ class PreemptionHandler(pl.Callback):
     The handler only records the signal; the work happens in ``on_train_batch_end`` once the
     optimizer step has completed, so the checkpoint is an exact resume point. Lightning's own
     SIGTERM handling (which would exit without a checkpoint) is replaced while training runs.
-    After ``trainer.fit`` returns, ``stopped_by`` names the signal (None if not preempted).
+    Training then stops by raising :class:`Preempted` out of ``trainer.fit`` (no validation
+    pass); ``stopped_by`` names the signal. A second SIGINT raises KeyboardInterrupt at once.
     """
 
     def __init__(self, checkpoint_path: str | os.PathLike,
@@ -281,6 +311,8 @@ class PreemptionHandler(pl.Callback):
         # async-signal context: record only (no logging, no I/O)
         if self.received is None:
             self.received = signal.Signals(signum)
+        elif signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
 
     def _install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -315,11 +347,12 @@ class PreemptionHandler(pl.Callback):
         name = self.received.name if self.received is not None else "a signal on another rank"
         log.warning("received %s: saving %s at step %d and stopping", name,
                     self.checkpoint_path, trainer.global_step)
-        trainer.save_checkpoint(self.checkpoint_path)
+        save_and_flush(trainer, self.checkpoint_path)
         if requeue and trainer.is_global_zero:
             requeue_slurm_job()
         self.stopped_by = name
-        trainer.should_stop = True
+        # leave fit at once: trainer.should_stop would run a validation pass first
+        raise Preempted(name, trainer.global_step, self.checkpoint_path)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._uninstall()
@@ -327,39 +360,6 @@ class PreemptionHandler(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
         self._uninstall()
-
-
-class FinalCheckpoint(pl.Callback):
-    """Write ``checkpoint_path`` when the optimizer step that reaches ``trainer.max_steps`` ends.
-
-    A checkpoint saved after ``trainer.fit`` returns records the epoch as finished, so a run
-    continued from it with a larger ``max_steps`` would start a new epoch (a new data order)
-    instead of the next unseen batch. Saved here, at the same point as the periodic
-    checkpoints, it is an exact resume point. ``saved_step`` is the step written (or None).
-    """
-
-    def __init__(self, checkpoint_path: str | os.PathLike) -> None:
-        self.checkpoint_path = Path(checkpoint_path)
-        self.saved_step: int | None = None
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
-        if 0 < trainer.max_steps <= step and self.saved_step != step:
-            trainer.save_checkpoint(self.checkpoint_path)
-            self.saved_step = step
-
-
-class StepCheckpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint, saving only at optimizer steps (every_n_train_steps).
-
-    Lightning also writes ``last`` when training ends if this callback has not yet written it
-    during the run; that copy records the epoch as finished (a continued run would start a new
-    epoch) and, next to an existing last.ckpt, lands in ``last-v1.ckpt``. The final state is
-    written by :class:`FinalCheckpoint` instead, from inside the epoch."""
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        return
 
 
 class ResplitLoop(pl.Callback):
@@ -395,3 +395,82 @@ class ResplitLoop(pl.Callback):
             for key in self.COUNTERS:  # keep each counter's lag behind `ready`
                 counts[key] = scaled - (ready - counts[key])
         log.info("accumulation %d -> %d: Lightning's micro-batch counters rescaled", saved, now)
+
+
+# --------------------------------------------------------------------------- run directory lock
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLockedError(RuntimeError):
+    """Another live process holds the run directory's lock."""
+
+
+class RunLock:
+    """``<directory>/.lock``: created atomically (O_EXCL) with ``host pid [slurm job]`` in it.
+
+    A second process on the same directory refuses with the holder's host and pid. A lock left
+    by a dead process on this host (stale), or by an earlier run of the same SLURM job (a
+    requeue), is reported and taken over; a lock held from another host cannot be checked and
+    is refused (delete the file if that run is gone).
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.path = Path(directory) / self.NAME
+        self.held = False
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        job = slurm_job_id()
+        me = f"{socket.gethostname()} {os.getpid()}{'' if job is None else ' ' + job}\n"
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self.path.read_text().split() if self.path.exists() else []
+                if len(holder) not in (2, 3) or not holder[1].isdigit():
+                    raise RunLockedError(f"{self.path} exists but is unreadable ({holder}); if "
+                                         "no run uses this directory, delete it") from None
+                host, pid = holder[0], int(holder[1])
+                if len(holder) == 3 and job is not None and holder[2] == job:
+                    # a requeued SLURM job whose previous run died (maybe on another node)
+                    log.warning("%s was left by this SLURM job's previous run (host %s, pid %d): "
+                                "taking it over", self.path, host, pid)
+                    self.path.unlink(missing_ok=True)
+                    continue
+                if host != socket.gethostname() or _pid_alive(pid):
+                    raise RunLockedError(
+                        f"{self.path.parent} is in use by another run (host {host}, pid {pid}); "
+                        "wait for it to end, or use another checkpointing.save_dir. If that "
+                        f"process is gone, delete {self.path}") from None
+                log.warning("%s was left by pid %d on this host, which is no longer running: "
+                            "taking it over", self.path, pid)
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            self.held = True
+            return
+        raise RunLockedError(f"could not take {self.path}: other processes keep taking it")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

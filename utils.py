@@ -39,6 +39,7 @@ def resolve_config(config: DictConfig) -> DictConfig:
     """
     if config.mode not in MODES:
         raise ConfigError(f"mode={config.mode!r}; expected one of {MODES}")
+    _check_values(config)
     devices = device_count(config)
     nodes = int(config.trainer.num_nodes)
     world = devices * nodes
@@ -82,6 +83,30 @@ def resolve_config(config: DictConfig) -> DictConfig:
                           "integers, e.g. sampling.steps=[1,2,4]")
     _check_distributed_and_reliability(config)
     return config
+
+
+def _check_values(config: DictConfig) -> None:
+    """Values that would fail (or silently do nothing) deep inside Lightning or PyTorch."""
+    loader, tc = config.loader, config.trainer
+    for key in ("global_batch_size", "eval_global_batch_size"):
+        if int(loader[key]) < 1:
+            raise ConfigError(f"loader.{key}={loader[key]}: must be a positive number of "
+                              "sequences")
+    for key in ("batch_size", "eval_batch_size"):
+        if loader[key] is not None and int(loader[key]) < 1:
+            raise ConfigError(f"loader.{key}={loader[key]}: must be a positive per-device batch "
+                              "or null (derived from the global batch)")
+    interval = tc.val_check_interval
+    if interval is not None and (interval <= 0 or (isinstance(interval, float) and interval > 1)):
+        raise ConfigError(f"trainer.val_check_interval={interval}: give a positive number of "
+                          "optimizer steps (int) or a fraction of an epoch in (0, 1]")
+    if int(tc.max_steps) < 0:
+        raise ConfigError(f"trainer.max_steps={tc.max_steps}: must be >= 0 (optimizer steps)")
+    if not float(config.optim.lr) > 0:
+        raise ConfigError(f"optim.lr={config.optim.lr}: the learning rate must be > 0")
+    warmup = config.get("lr_scheduler", {}).get("num_warmup_steps")
+    if warmup is not None and int(warmup) < 0:
+        raise ConfigError(f"lr_scheduler.num_warmup_steps={warmup}: must be >= 0")
 
 
 STRATEGIES = ("ddp", "fsdp")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import algo
+import reliability
 from data import ResumableDistributedSampler
 from tests.helpers import compose_config
 from tests.test_resume import load, run_main, run_until_signal
@@ -154,7 +155,7 @@ def test_sigusr1_on_one_rank_checkpoints_requeues_once_and_stops_all_ranks(tmp_p
     run_dir = tmp_path / "run"
     result, output = run_until_signal(run_dir, signal.SIGUSR1, "step00000002.ckpt", env,
                                       "model.dropout=0", "trainer.devices=2", "strategy=ddp")
-    assert result.returncode == 0, output[-4000:]
+    assert result.returncode == reliability.EXIT_PREEMPTED, output[-4000:]
     assert "stopped by SIGUSR1" in output
     assert calls.read_text().splitlines() == ["requeue 4242"]
     last = run_dir / "checkpoints" / "last.ckpt"

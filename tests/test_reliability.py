@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import shlex
+import signal
 import subprocess
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import algo
 import reliability
-from checkpointing import load_checkpoint_file
+from checkpointing import AtomicCheckpointIO, load_checkpoint_file
 from tests.helpers import compose_config
 from utils import ConfigError, resolve_config
 
@@ -125,6 +126,48 @@ def test_too_many_nonfinite_steps_stop_with_last_good_state(tmp_path):
         assert torch.equal(saved["state_dict"][f"backbone.{key}"], value), key
 
 
+class SignalAt(pl.Callback):
+    """Send ``sig`` to this process after optimizer step ``step``; count validation passes."""
+
+    def __init__(self, sig: signal.Signals, step: int) -> None:
+        self.sig, self.step, self.validations = sig, step, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.sig)
+
+    def on_validation_start(self, trainer, pl_module):
+        self.validations.append(trainer.global_step)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, reliability.EXIT_PREEMPTED),
+                                       (signal.SIGINT, reliability.EXIT_INTERRUPTED)])
+def test_signal_saves_at_the_step_boundary_and_stops_without_validation(tmp_path, sig, code):
+    """Validation runs after every step; the signal's step is checkpointed and training leaves
+    at once (Preempted), with no validation pass after the checkpoint."""
+    config = resolve_config(compose_config(
+        ["model.length=8", "model.hidden_size=16", "model.n_heads=2", "model.n_blocks=1",
+         "model.cond_dim=16", "loader.global_batch_size=8"], run_dir=str(tmp_path)))
+    pl.seed_everything(0)
+    module = algo.FLM(config, vocab_size=VOCAB)
+    last = tmp_path / "last.ckpt"
+    handler = reliability.PreemptionHandler(last, ("SIGTERM", "SIGINT"), ())
+    sender = SignalAt(sig, 3)
+    trainer = pl.Trainer(max_steps=50, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, val_check_interval=1,
+                         check_val_every_n_epoch=None, limit_val_batches=1,
+                         num_sanity_val_steps=0, callbacks=[sender, handler],
+                         plugins=[AtomicCheckpointIO()])
+    loader = DataLoader(RandomTokens(256), batch_size=8)
+    with pytest.raises(reliability.Preempted) as stop:
+        trainer.fit(module, loader, loader)
+    assert stop.value.exit_code == code and stop.value.signal_name == sig.name
+    assert load_checkpoint_file(last)["global_step"] == 3  # the signal's step boundary
+    assert sender.validations == [1, 2]  # none after the step-3 checkpoint
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
 def test_rng_state_round_trip():
     torch.manual_seed(1)
     state = reliability.collect_rng_state(torch.device("cpu"))
@@ -155,7 +198,16 @@ def test_requeue_without_slurm_only_logs(monkeypatch, caplog):
     (["reliability.max_consecutive_nonfinite=0"], "max_consecutive_nonfinite=0"),
     (["reliability.checkpoint_signals=[SIGFOO]"], "unknown signal names \\['SIGFOO'\\]"),
     (["reliability.checkpoint_signals=[SIGTERM]"], "requeue_signals \\['SIGUSR1', 'SIGUSR2'\\] must also"),
-    (["callbacks.checkpoint_last.every_n_train_steps=500"], "make them differ"),
+    (["callbacks.checkpoint_last.every_n_train_steps=10000"], "make them differ"),
+    (["loader.batch_size=0"], "loader.batch_size=0: must be a positive"),
+    (["loader.global_batch_size=0"], "loader.global_batch_size=0: must be a positive"),
+    (["loader.global_batch_size=-8"], "loader.global_batch_size=-8: must be a positive"),
+    (["trainer.val_check_interval=0"], "trainer.val_check_interval=0: give a positive"),
+    (["trainer.val_check_interval=1.5"], "trainer.val_check_interval=1.5"),
+    (["optim.lr=0"], "optim.lr=0: the learning rate must be > 0"),
+    (["optim.lr=-1e-4"], "optim.lr=-0.0001"),
+    (["trainer.max_steps=-1"], "trainer.max_steps=-1: must be >= 0"),
+    (["lr_scheduler.num_warmup_steps=-5"], "lr_scheduler.num_warmup_steps=-5: must be >= 0"),
 ])
 def test_bad_configs_fail_before_training(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -1,0 +1,370 @@
+"""Checkpoint home: background atomic writes, the resume config check and its overrides, the
+run identity, the run-directory lock and stale temporaries."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import checkpointing
+from checkpointing import (
+    AtomicCheckpointIO,
+    CheckpointWriteError,
+    ResumeOverrides,
+    check_resume_config,
+    find_resume_checkpoint,
+    remove_stale_temporaries,
+    snapshot_to_cpu,
+    write_run_id,
+)
+from reliability import RunLock, RunLockedError
+from tests.helpers import compose_config
+from utils import ConfigError, resolve_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _model_state() -> dict:
+    """A checkpoint-like dict: tied weights, a view, Adam state, plain leaves."""
+    lin = torch.nn.Linear(8, 8)
+    emb = torch.nn.Embedding(8, 8)
+    emb.weight = lin.weight  # tied: one storage, two entries
+    opt = torch.optim.AdamW(lin.parameters())
+    lin(torch.randn(3, 8)).sum().backward()
+    opt.step()
+    return {"state_dict": {**lin.state_dict(), **{"emb." + k: v for k, v in
+                                                  emb.state_dict().items()}},
+            "view": lin.weight.detach()[2:5], "optimizer_states": [opt.state_dict()],
+            "global_step": 7, "loops": {"a": [1, (2, "x")]}}
+
+
+def _bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def test_snapshot_is_independent_and_serialises_identically():
+    state = _model_state()
+    snap = snapshot_to_cpu(state)
+    assert _bytes(snap) == _bytes(state)
+    assert snap["state_dict"]["weight"].untyped_storage().data_ptr() == \
+        snap["state_dict"]["emb.weight"].untyped_storage().data_ptr()  # sharing kept
+    before = _bytes(snap)
+    with torch.no_grad():  # training goes on changing the live tensors
+        state["state_dict"]["weight"].add_(1.0)
+        state["optimizer_states"][0]["state"][0]["exp_avg"].mul_(3.0)
+    assert _bytes(snap) == before
+
+
+def test_background_write_equals_synchronous_write_bit_for_bit(tmp_path):
+    state = _model_state()
+    AtomicCheckpointIO(background=False).save_checkpoint(state, tmp_path / "sync.ckpt")
+    background = AtomicCheckpointIO(background=True)
+    background.save_checkpoint(state, tmp_path / "bg.ckpt")
+    with torch.no_grad():
+        state["state_dict"]["weight"].zero_()  # after the save returned: must not leak in
+    background.wait()
+    a, b = (tmp_path / "sync.ckpt").read_bytes(), (tmp_path / "bg.ckpt").read_bytes()
+    assert a == b
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bg.ckpt", "sync.ckpt"]
+
+
+def test_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        io_ = AtomicCheckpointIO()
+        io_.save_checkpoint({"x": torch.zeros(2)}, tmp_path / "a.ckpt")
+        io_.wait()
+        os.umask(0o027)
+        io_ = AtomicCheckpointIO()
+        io_.save_checkpoint({"x": torch.zeros(2)}, tmp_path / "b.ckpt")
+        io_.wait()
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.ckpt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.ckpt").stat().st_mode & 0o777 == 0o640
+
+
+def test_writer_error_surfaces_at_next_save_and_at_wait(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    io_ = AtomicCheckpointIO()
+    io_.save_checkpoint({"global_step": 1}, path)
+    io_.wait()
+
+    real_save = torch.save
+
+    def full_disk(obj, f):  # the disk fills up for steps 2 and 4
+        if obj["global_step"] in (2, 4):
+            f.write(b"PK partial")
+            raise OSError(28, "No space left on device")
+        real_save(obj, f)
+
+    monkeypatch.setattr(checkpointing.torch, "save", full_disk)
+    io_.save_checkpoint({"global_step": 2}, path)  # returns: the write runs in the thread
+    with pytest.raises(CheckpointWriteError, match="No space left on device"):
+        io_.save_checkpoint({"global_step": 3}, path)  # the next save reports it, saves nothing
+    assert torch.load(path, weights_only=False)["global_step"] == 1  # previous file intact
+    io_.save_checkpoint({"global_step": 4}, path)
+    with pytest.raises(CheckpointWriteError, match=str(path)):
+        io_.wait()  # what the entry point calls before exiting
+    io_.wait()  # reported once
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_one_write_in_flight(tmp_path, monkeypatch):
+    release = threading.Event()
+    started = []
+    real_save = torch.save
+
+    def slow(obj, f):
+        started.append(obj["global_step"])
+        release.wait(5)
+        real_save(obj, f)
+
+    monkeypatch.setattr(checkpointing.torch, "save", slow)
+    io_ = AtomicCheckpointIO()
+    io_.save_checkpoint({"global_step": 1}, tmp_path / "a.ckpt")
+    second = threading.Thread(target=io_.save_checkpoint,
+                              args=({"global_step": 2}, tmp_path / "b.ckpt"))
+    second.start()
+    second.join(0.5)
+    assert second.is_alive() and started == [1]  # the second save waits for the first write
+    release.set()
+    second.join(5)
+    io_.wait()
+    assert started == [1, 2]
+
+
+KILL_SCRIPT = """
+import os, signal, sys, torch
+sys.path.insert(0, {repo!r})
+from checkpointing import AtomicCheckpointIO
+io = AtomicCheckpointIO()
+path = {path!r}
+io.save_checkpoint({{"global_step": 1, "w": torch.ones(10)}}, path)
+io.wait()
+io.save_checkpoint({{"global_step": 2, "w": torch.randn(4_000_000)}}, path)
+os.kill(os.getpid(), signal.SIGKILL)  # killed while the background write runs
+"""
+
+
+def test_kill_right_after_a_save_leaves_the_previous_file_loadable(tmp_path, caplog):
+    path = tmp_path / "last.ckpt"
+    script = KILL_SCRIPT.format(repo=str(REPO), path=str(path))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    ckpt = torch.load(path, weights_only=False)
+    # either the old file or the complete new one, never a partial file
+    assert ckpt["global_step"] in (1, 2) and ckpt["w"].numel() in (10, 4_000_000)
+    with caplog.at_level(logging.WARNING):
+        removed = remove_stale_temporaries(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert all(str(p) in caplog.text for p in removed)
+
+
+def test_stale_temporaries_are_removed_and_logged(tmp_path, caplog):
+    (tmp_path / "last.ckpt").write_bytes(b"keep")
+    stale = tmp_path / ".last.ckpt.abc123.tmp"
+    stale.write_bytes(b"partial")
+    (tmp_path / "other.tmp").write_bytes(b"not ours")
+    with caplog.at_level(logging.WARNING):
+        assert remove_stale_temporaries(tmp_path) == [stale]
+    assert not stale.exists() and (tmp_path / "other.tmp").exists()
+    assert str(stale) in caplog.text
+
+
+# --------------------------------------------------------------------------- resume config
+
+
+def _ckpt(config, step: int = 4) -> dict:
+    return {"global_step": step, "hyper_parameters": {
+        "config": OmegaConf.to_container(config, resolve=True), "vocab_size": 10}}
+
+
+def _config(*overrides: str):
+    return resolve_config(compose_config(["trainer.accelerator=cpu", *overrides]))
+
+
+def test_resume_refuses_changes_that_change_the_run():
+    saved = _ckpt(_config("trainer.max_steps=10"))
+    for overrides, keys in [
+        (["optim.lr=1e-3"], ["optim.lr: 0.0003 -> 0.001"]),
+        (["training.ema=0.5", "seed=3"], ["seed: 1 -> 3", "training.ema: 0.9999 -> 0.5"]),
+        (["lr_scheduler.num_warmup_steps=7"], ["lr_scheduler.num_warmup_steps: 2500 -> 7"]),
+        (["model.dropout=0.3"], ["model.dropout: "]),
+        (["loader.global_batch_size=16"], ["loader.global_batch_size: 32 -> 16"]),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            check_resume_config(saved, _config("trainer.max_steps=20", *overrides), "x.ckpt")
+        for key in keys:
+            assert key in str(err.value)
+        assert "resume.allow_changes=[" in str(err.value)
+
+
+def test_resume_passes_allowed_and_named_changes():
+    saved = _ckpt(_config("trainer.max_steps=10"))
+    changes = check_resume_config(saved, _config(
+        "trainer.max_steps=20", "trainer.val_check_interval=7", "loader.batch_size=16",
+        "wandb.project=other", "checkpointing.save_dir=/elsewhere", "eval.num_samples=3",
+        "sampling.print_samples=0", "callbacks.checkpoint_last.every_n_train_steps=50"),
+        "x.ckpt")
+    assert changes["trainer.max_steps"] == (10, 20)
+    assert changes["trainer.accumulate_grad_batches"] == (1, 2)  # same global batch
+    changes = check_resume_config(saved, _config(
+        "trainer.max_steps=20", "optim.lr=1e-3", "training.ema=0.5",
+        "resume.allow_changes=[optim.lr,training.ema]"), "x.ckpt")
+    assert changes["optim.lr"] == (3e-4, 1e-3) and changes["training.ema"] == (0.9999, 0.5)
+
+
+@pytest.mark.parametrize("max_steps", [3, 4])
+def test_resume_with_nothing_to_train_is_an_error(max_steps):
+    saved = _ckpt(_config("trainer.max_steps=4"), step=4)
+    with pytest.raises(ConfigError, match="at step 4: there is nothing to train"):
+        check_resume_config(saved, _config(f"trainer.max_steps={max_steps}"), "x.ckpt")
+
+
+def test_allowed_changes_take_effect_on_the_restored_optimizer_scheduler_and_ema():
+    old = _config("optim.lr=1e-3", "lr_scheduler.num_warmup_steps=10")
+    new = _config("optim.lr=2e-3", "lr_scheduler.num_warmup_steps=4", "optim.weight_decay=0.1",
+                  "training.ema=0.5")
+    param = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.AdamW([param], lr=old.optim.lr)
+    warmup = 4  # the lambda the new config builds (algo.FlowLM.configure_optimizers)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    for _ in range(2):
+        optimizer.step()
+        scheduler.step()
+    # what Lightning restores: the old run's param groups and base lrs
+    optimizer.param_groups[0].update(lr=old.optim.lr * 0.3, initial_lr=old.optim.lr)
+    scheduler.base_lrs = [old.optim.lr]
+    trainer = SimpleNamespace(optimizers=[optimizer],
+                              lr_scheduler_configs=[SimpleNamespace(scheduler=scheduler)])
+    module = SimpleNamespace(ema=SimpleNamespace(decay=0.9999))
+    ResumeOverrides(new, ["optim.lr", "optim.weight_decay", "lr_scheduler.num_warmup_steps",
+                          "training.ema"]).on_train_start(trainer, module)
+    group = optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(2e-3 * min(1.0, 3 / 4))  # step 2 of a 4-step warm-up
+    assert group["weight_decay"] == 0.1 and scheduler.base_lrs == [2e-3]
+    assert module.ema.decay == 0.5
+    scheduler.step()
+    assert group["lr"] == pytest.approx(2e-3)  # the schedule goes on from the new base
+
+
+# --------------------------------------------------------------------------- run id, lock
+
+
+def _fake(path: Path, step: int, run_id: str | None) -> None:
+    torch.save({"global_step": step, "run_id": run_id}, path)
+
+
+def test_fallback_only_takes_the_same_runs_checkpoints(tmp_path, caplog):
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    _fake(ckpts / "step00000077.ckpt", 77, "older")  # another run's file in the same directory
+    _fake(ckpts / "step00000004.ckpt", 4, "ours")
+    last = ckpts / "last.ckpt"
+    last.write_bytes(b"truncated")
+    with pytest.raises(RuntimeError, match="no run_id file"):
+        find_resume_checkpoint(last, fallback_to_previous=True)
+    write_run_id(ckpts, "ours")
+    with caplog.at_level(logging.WARNING):
+        path, ckpt = find_resume_checkpoint(last, fallback_to_previous=True)
+    assert path == ckpts / "step00000004.ckpt" and ckpt["global_step"] == 4
+    assert "skipping" in caplog.text and "older" in caplog.text
+    write_run_id(ckpts, "third")
+    with pytest.raises(RuntimeError, match="no periodic checkpoint of run third"):
+        find_resume_checkpoint(last, fallback_to_previous=True)
+
+
+def test_run_lock_refuses_a_second_holder_and_takes_over_a_stale_one(tmp_path, caplog,
+                                                                     monkeypatch):
+    for var in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(var, raising=False)
+    first = RunLock(tmp_path)
+    first.acquire()
+    host, pid = (tmp_path / ".lock").read_text().split()
+    assert host == socket.gethostname() and int(pid) == os.getpid()
+    with pytest.raises(RunLockedError, match=f"host {host}, pid {pid}"):
+        RunLock(tmp_path).acquire()
+    first.release()
+    assert not (tmp_path / ".lock").exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid is no longer running
+    (tmp_path / ".lock").write_text(f"{socket.gethostname()} {dead.pid}\n")
+    with caplog.at_level(logging.WARNING), RunLock(tmp_path):
+        assert (tmp_path / ".lock").read_text().split()[1] == str(os.getpid())
+    assert f"pid {dead.pid}" in caplog.text and "taking it over" in caplog.text
+    (tmp_path / ".lock").write_text(f"another-host-{socket.gethostname()} {dead.pid} 77\n")
+    with pytest.raises(RunLockedError, match="another-host"):
+        RunLock(tmp_path).acquire()  # cannot check a pid on another host
+    monkeypatch.setenv("SLURM_JOB_ID", "77")  # ... unless it is this SLURM job's earlier run
+    with caplog.at_level(logging.WARNING), RunLock(tmp_path):
+        assert (tmp_path / ".lock").read_text().split() == [socket.gethostname(),
+                                                            str(os.getpid()), "77"]
+    assert "this SLURM job's previous run" in caplog.text
+
+
+# --------------------------------------------------------------------------- config keys
+
+# keys read by Hydra, Lightning or OmegaConf interpolation rather than by name in our code
+READ_OUTSIDE_THE_SOURCES = {"defaults", "hydra"}
+
+
+def _config_files() -> list[Path]:
+    return sorted((REPO / "configs").rglob("*.yaml"))
+
+
+def _sources() -> str:
+    files = [p for p in REPO.rglob("*.py") if "tests" not in p.parts and ".venv" not in p.parts]
+    scripts = [p for p in (REPO / "scripts").rglob("*") if p.is_file()]
+    return "\n".join(p.read_text(errors="replace") for p in files + sorted(scripts))
+
+
+def _leaf_keys(tree, prefix=()):
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _leaf_keys(value, (*prefix, str(key)))
+    else:
+        yield prefix
+
+
+def unread_keys(paths: list[Path], sources: str) -> list[str]:
+    """A static scan: each key's last name must appear in the code as an attribute or a quoted
+    name (``.key``, ``"key"`` or ``'key'``)."""
+    unread = []
+    for path in paths:
+        text = path.read_text()
+        if path.parent.name in ("experiment", "launcher") or "# @package _global_" in text:
+            continue  # overrides of keys defined elsewhere
+        for key in _leaf_keys(OmegaConf.to_container(OmegaConf.load(path), resolve=False)):
+            if not key or key[0] in READ_OUTSIDE_THE_SOURCES:
+                continue
+            name = key[-1]
+            if not any(form in sources for form in (f".{name}", f'"{name}"', f"'{name}'")):
+                unread.append(f"{path.name}: {'.'.join(key)}")
+    return unread
+
+
+def test_every_config_key_is_read_somewhere():
+    unread = unread_keys(_config_files(), _sources())
+    assert not unread, "config keys read nowhere:\n" + "\n".join(unread)
+
+
+def test_the_scan_catches_a_dead_key(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("sampling:\n  steps: [4]\n  num_sample_batches: 1  # read nowhere\n")
+    assert unread_keys([config], "steps = config.sampling.steps\n") == [
+        "config.yaml: sampling.num_sample_batches"]
+    assert unread_keys([config], 'n = sampling["num_sample_batches"]; config.sampling.steps') == []
