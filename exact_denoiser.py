@@ -54,39 +54,50 @@ def observation_log_likelihood(z: torch.Tensor, gamma: torch.Tensor) -> torch.Te
     return scale * z.to(torch.float64)
 
 
-def scatter_logsumexp(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
-    """out[..., c] = logsumexp of values[..., n] over n with index[n] = c: (..., N) -> (..., size).
+def inverse_index(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Padded inverse lists of a map n -> index[n] in [0, size): (N,) -> (size, m) long,
+    row c holding every n with index[n] = c, padded with N (m = the largest count)."""
+    count = index.numel()
+    order = torch.argsort(index, stable=True)
+    counts = torch.bincount(index, minlength=size)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(count) - starts[index[order]]
+    out = torch.full((size, max(int(counts.max()), 1)), count, dtype=torch.long)
+    out[index[order], rank] = order
+    return out
 
-    -inf where no entry (or only -inf entries) lands; finite inputs give no nan.
-    """
-    idx = index.expand(values.shape)
-    shape = (*values.shape[:-1], size)
-    peak = torch.full(shape, -math.inf, dtype=values.dtype, device=values.device)
-    peak = peak.scatter_reduce(-1, idx, values, reduce="amax", include_self=True)
-    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    total = torch.zeros(shape, dtype=values.dtype, device=values.device)
-    total = total.scatter_add(-1, idx, torch.exp(values - peak.gather(-1, idx)))
-    return torch.log(total) + peak
+
+def gathered_logsumexp(values: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """out[..., c] = logsumexp of values[..., n] over the n of row c of ``inverse``
+    (``inverse_index``): (..., N) -> (..., size); -inf where a row is all padding."""
+    pad = torch.full((*values.shape[:-1], 1), -math.inf, dtype=values.dtype,
+                     device=values.device)
+    return torch.logsumexp(torch.cat([values, pad], dim=-1)[..., inverse], dim=-1)
 
 
 def chain_posteriors(log_obs: torch.Tensor, log_initial: torch.Tensor, successors: torch.Tensor,
-                     log_successor_probs: torch.Tensor) -> torch.Tensor:
+                     log_successor_probs: torch.Tensor, predecessors: torch.Tensor,
+                     ) -> torch.Tensor:
     """Forward-backward on a Markov chain with sparse rows, in log space.
 
     log_obs (B, L, S): log-likelihood of each position's observation per state;
-    log_initial (S,); successors, log_successor_probs (S, k). Returns the normalised
-    log p(state_i = s | all observations), float64 (B, L, S).
+    log_initial (S,); successors, log_successor_probs (S, k); predecessors: the
+    ``inverse_index`` (S, m) of the flattened successors. Returns the normalised
+    log p(state_i = s | all observations), float64 (B, L, S). Every sum is a logsumexp
+    (exact for any spread of the log-likelihoods, e.g. γ near 1 at off-source states).
     """
-    batch, length, states = log_obs.shape
-    flat_successors = successors.reshape(-1)  # (S k,)
+    length, states = log_obs.shape[1], log_obs.shape[2]
+    dense = successors.shape[1] == states  # full rows, sorted: log_successor_probs is log P
     forward = [log_initial[None] + log_obs[:, 0]]
     for i in range(1, length):
         moved = forward[-1][:, :, None] + log_successor_probs[None]  # (B, S, k)
-        forward.append(scatter_logsumexp(moved.reshape(batch, -1), flat_successors, states)
-                       + log_obs[:, i])
+        summed = (torch.logsumexp(moved, dim=1) if dense
+                  else gathered_logsumexp(moved.flatten(1), predecessors))
+        forward.append(summed + log_obs[:, i])
     backward = [torch.zeros_like(forward[0])]
     for i in range(length - 2, -1, -1):
-        ahead = (log_obs[:, i + 1] + backward[-1])[:, successors]  # (B, S, k)
+        ahead = log_obs[:, i + 1] + backward[-1]  # (B, S)
+        ahead = ahead[:, None, :] if dense else ahead[:, successors]  # (B, S or 1, k)
         backward.append(torch.logsumexp(ahead + log_successor_probs[None], dim=-1))
     backward.reverse()
     joint = torch.stack(forward, 1) + torch.stack(backward, 1)  # (B, L, S)
@@ -118,10 +129,14 @@ class ExactDenoiser(torch.nn.Module):
         self.register_buffer("log_successor_probs",
                              torch.from_numpy(_log(source.successor_probs)))
         self.register_buffer("log_initial", torch.from_numpy(_log(source.initial_np)))
+        self.register_buffer("predecessors", inverse_index(self.successors.reshape(-1),
+                                                           source.num_states))
         if source.source_kind == "hmm":
             self.register_buffer("emission_tokens", torch.from_numpy(source.emission_tokens))
             self.register_buffer("log_emission_probs",
                                  torch.from_numpy(_log(source.emission_probs)))
+            self.register_buffer("emitters", inverse_index(self.emission_tokens.reshape(-1),
+                                                           vocab))
         self.table = AlphaGammaTable(vocab)
 
     @classmethod
@@ -136,16 +151,15 @@ class ExactDenoiser(torch.nn.Module):
         obs = observation_log_likelihood(z, gamma)  # (B, L, V)
         if self.source_kind == "markov":
             post = chain_posteriors(obs, self.log_initial, self.successors,
-                                    self.log_successor_probs)
+                                    self.log_successor_probs, self.predecessors)
         else:
-            tokens = self.emission_tokens.reshape(-1)  # (H m,)
             # per hidden state and emitted token: log E[h, v] + ℓ(v): (B, L, H, m)
             joint = self.log_emission_probs + obs[..., self.emission_tokens]
             hidden_obs = torch.logsumexp(joint, dim=-1)  # (B, L, H)
             hidden_post = chain_posteriors(hidden_obs, self.log_initial, self.successors,
-                                           self.log_successor_probs)
+                                           self.log_successor_probs, self.predecessors)
             weights = hidden_post[..., None] + joint - hidden_obs[..., None]  # (B, L, H, m)
-            post = scatter_logsumexp(weights.flatten(-2), tokens, self.vocab_size)
+            post = gathered_logsumexp(weights.flatten(-2), self.emitters)  # (B, L, V)
         return post.clamp_min(LOG_PROB_FLOOR)
 
     # ---- the network interface (flow/sampling.py, flow/flow_map.py) -----------------
@@ -190,6 +204,16 @@ def _log(values: np.ndarray) -> np.ndarray:
 # The training gap: model cross-entropy minus the Bayes-optimal one (val/gap)
 
 
+def gap_denoiser(data_cfg: Mapping[str, Any]) -> ExactDenoiser | None:
+    """The exact denoiser behind val/gap, or None (logged) when the vocabulary is too large
+    for its (B, L, V) states."""
+    if int(data_cfg["vocab_size"]) > MAX_ORACLE_VOCAB:
+        log.warning("val/gap is not logged: data.vocab_size=%s exceeds MAX_ORACLE_VOCAB=%d "
+                    "(exact_denoiser.py)", data_cfg["vocab_size"], MAX_ORACLE_VOCAB)
+        return None
+    return ExactDenoiser.from_data_config(data_cfg)
+
+
 def gap_metrics(backbone: torch.nn.Module, oracle: ExactDenoiser, tokens: torch.Tensor,
                 t: torch.Tensor, gamma: torch.Tensor, generator: torch.Generator | None,
                 ) -> dict[str, tuple[torch.Tensor, int]]:
@@ -226,3 +250,68 @@ def gap_metrics(backbone: torch.nn.Module, oracle: ExactDenoiser, tokens: torch.
 def gap_time_bin_centres() -> list[float]:
     """Centre of each t bin of ``val/gap_bin<k>``."""
     return [(k + 0.5) / GAP_TIME_BINS for k in range(GAP_TIME_BINS)]
+
+
+# --------------------------------------------------------------------------------------
+# mode=sample_eval eval.denoiser=oracle: the samplers driven by the exact denoiser
+
+DENOISERS = ("network", ORACLE)  # values of eval.denoiser
+
+
+class OracleSampler(torch.nn.Module):
+    """What ``evaluation/sample_eval.run_from_config`` samples when eval.denoiser=oracle:
+    Euler (flow/sampling.py, docs/math.md §4) with the exact denoiser as the network."""
+
+    network_calls_per_step = 1
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.denoiser = ExactDenoiser.from_data_config(config.data)
+
+    @torch.no_grad()
+    def generate(self, num_samples: int, steps: int, generator: torch.Generator | None = None,
+                 state_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Tokens (num_samples, model.length) from ``steps`` Euler steps."""
+        from flow.sampling import initial_state, sample_euler  # sampling imports flow_map
+
+        sc = self.config.sampling
+        noise = initial_state(self.denoiser, num_samples, int(self.config.model.length),
+                              generator, dtype=state_dtype)
+        return sample_euler(self.denoiser, self.denoiser.table, noise, steps,
+                            sc.denominator_eps, position_chunk=sc.position_chunk)
+
+
+def check_denoiser_choice(config: Any) -> None:
+    """eval.denoiser: one of ``DENOISERS``; oracle needs data=synthetic and no checkpoint."""
+    from utils import ConfigError  # utils imports ORACLE from here
+
+    choice = config.eval.denoiser
+    if choice not in DENOISERS:
+        raise ConfigError(f"eval.denoiser={choice!r}; use one of {DENOISERS}")
+    if choice != ORACLE:
+        return
+    if config.data.name != "synthetic":
+        raise ConfigError(f"eval.denoiser={ORACLE} needs data=synthetic (or synthetic-hmm, "
+                          f"synthetic-ladder): the exact denoiser is the source's; got "
+                          f"data={config.data.name}. Use eval.denoiser=network")
+    if config.eval.checkpoint_path:
+        raise ConfigError(f"eval.denoiser={ORACLE} samples the exact denoiser, not the "
+                          f"checkpoint eval.checkpoint_path={config.eval.checkpoint_path}: "
+                          "unset it (the data config defines the source)")
+    if int(config.data.vocab_size) > MAX_ORACLE_VOCAB:
+        raise ConfigError(f"eval.denoiser={ORACLE}: data.vocab_size={config.data.vocab_size} "
+                          f"exceeds MAX_ORACLE_VOCAB={MAX_ORACLE_VOCAB} (exact_denoiser.py)")
+
+
+def oracle_sampling_module(config: Any) -> tuple[OracleSampler, Any]:
+    """(sampler module on the GPU when there is one, data tokenizer) for eval.denoiser=oracle;
+    model.length from the current config."""
+    import dataloader
+
+    check_denoiser_choice(config)
+    tokenizer = dataloader.get_tokenizer(config)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    log.info("sample_eval with the exact denoiser of the %s source (Euler sampler)",
+             config.data.source_kind)
+    return OracleSampler(config).to(device).eval(), tokenizer

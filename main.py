@@ -26,6 +26,7 @@ from checkpointing import (
     find_resume_checkpoint,
     load_checkpoint_file,
 )
+from exact_denoiser import ORACLE, check_denoiser_choice, oracle_sampling_module
 
 log = logging.getLogger("main")
 
@@ -212,7 +213,11 @@ def ppl_eval(config: DictConfig) -> None:
 
 def sample_eval(config: DictConfig) -> None:
     from evaluation.sample_eval import run_from_config
-    module, tokenizer = load_for_eval(config)
+    check_denoiser_choice(config)
+    if config.eval.denoiser == ORACLE:  # the exact denoiser of data=synthetic, no checkpoint
+        module, tokenizer = oracle_sampling_module(config)
+    else:
+        module, tokenizer = load_for_eval(config)
     run_from_config(module.config, module, tokenizer)  # model settings from the checkpoint
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from exact_denoiser import ORACLE
+
 log = logging.getLogger(__name__)
 
 MODES = ("train", "ppl_eval", "sample_eval")
@@ -107,9 +109,10 @@ def _check_distributed_and_reliability(config: DictConfig) -> None:
             "teachers fit on one GPU for DiT small/medium)")
     for key in TEACHER_KEYS:
         path = config.algo.get(key)
-        if path is not None and not Path(path).expanduser().is_file():
+        if path is not None and path != ORACLE and not Path(path).expanduser().is_file():
             raise ConfigError(f"algo.{key}={path}: no such file; point it to a trained "
-                              "checkpoint (<save_dir>/checkpoints/last.ckpt of the teacher run)")
+                              "checkpoint (<save_dir>/checkpoints/last.ckpt of the teacher run), "
+                              f"or {ORACLE} (the exact denoiser of data=synthetic)")
     cb = config.get("callbacks", {})
     if ("checkpoint_every_n_steps" in cb and "checkpoint_last" in cb
             and cb.checkpoint_every_n_steps.every_n_train_steps

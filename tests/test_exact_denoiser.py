@@ -11,7 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from exact_denoiser import ExactDenoiser, observation_log_likelihood, scatter_logsumexp
+from exact_denoiser import (
+    ExactDenoiser,
+    gathered_logsumexp,
+    inverse_index,
+    observation_log_likelihood,
+)
 from flow.sampling import initial_state, sample_euler
 from synthetic import SyntheticSource, all_sequences
 from tests.helpers import total_variation
@@ -104,12 +109,12 @@ def test_observation_log_likelihood_is_the_gaussian_up_to_a_constant_in_v():
     torch.testing.assert_close(diff - diff[..., :1], torch.zeros_like(diff), atol=1e-9, rtol=0)
 
 
-def test_scatter_logsumexp_matches_a_loop():
+def test_gathered_logsumexp_matches_a_loop():
     gen = torch.Generator().manual_seed(1)
     values = torch.randn(3, 7, generator=gen, dtype=torch.float64)
     values[0, 2] = -math.inf
     index = torch.tensor([0, 2, 2, 0, 4, 2, 0])
-    got = scatter_logsumexp(values, index, 5)
+    got = gathered_logsumexp(values, inverse_index(index, 5))
     for c in range(5):
         sel = values[:, index == c]
         want = (torch.logsumexp(sel, -1) if sel.shape[1]
