@@ -396,6 +396,11 @@ class SyntheticSource:
 
     def prefix_log_probs(self, tokens: torch.Tensor) -> torch.Tensor:
         """Exact log p(x_1..x_t) for every prefix: LongTensor (n, L) -> float64 (n, L)."""
+        return self.conditional_log_probs(tokens).cumsum(dim=1)
+
+    def conditional_log_probs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Exact log p(x_t | x_<t) for every position: LongTensor (n, L) -> float64 (n, L);
+        -inf for an impossible token (and, for hmm, every token after an impossible prefix)."""
         tokens = tokens.detach().to("cpu", torch.long)
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (n, L); got shape {tuple(tokens.shape)}")
@@ -413,8 +418,7 @@ class SyntheticSource:
             terms[:, 1:] = self.log_transition_probs(safe[:, :-1], safe[:, 1:])
         else:
             terms = self._hmm_conditional_log_probs(safe)
-        terms = terms.masked_fill(~in_range, -math.inf)
-        return terms.cumsum(dim=1)
+        return terms.masked_fill(~in_range, -math.inf)
 
     def log_transition_probs(self, previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
         """log P[a, b] from the sparse rows: LongTensors (...), (...) -> float64 (...);
