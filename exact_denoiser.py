@@ -169,7 +169,8 @@ class ExactDenoiser(torch.nn.Module):
         if t2 is not None:
             raise ValueError("the exact denoiser is an FLM denoiser (one time): it cannot be "
                              "a two-time flow map (FMLM student or stage-1 map)")
-        return self.log_posterior(h, t), None
+        with torch.autocast(device_type=h.device.type, enabled=False):  # float64 throughout
+            return self.log_posterior(h, t), None
 
     def head(self, hidden: torch.Tensor, c: None) -> torch.Tensor:
         """The posterior log-probabilities of a chunk of positions, unchanged."""

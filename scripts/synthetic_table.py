@@ -94,6 +94,7 @@ class Preset:
     distill_steps: int  # optimizer steps of each distillation stage
     flm_sampling_steps: tuple[int, ...]
     distilled_sampling_steps: tuple[int, ...]
+    oracle_sampling_steps: tuple[int, ...] | None = None  # exact-denoiser rows (None: FLM's)
     baselines: tuple[str, ...] = ()  # algos run when algo.ALGORITHMS has them
     baseline_steps: int | None = None  # optimizer steps of a baseline (None: flm_steps)
 
@@ -107,7 +108,8 @@ PRESETS = {
                    "trainer.limit_val_batches=1", "eval.num_samples=32",
                    "sampling.batch_size=32", "data.valid_size=128", "training.ema=0.9"),
         flm_steps=60, distill_steps=20, flm_sampling_steps=FLM_SAMPLING_STEPS,
-        distilled_sampling_steps=DISTILLED_SAMPLING_STEPS),
+        distilled_sampling_steps=DISTILLED_SAMPLING_STEPS,
+        oracle_sampling_steps=(1, 2, 4, 8, 16, 64)),  # its forward-backward is slow on a CPU
     # 2-core CPU, ~30 min: the experiment config as it is
     "cpu": Preset(overrides=(), flm_steps=6000, distill_steps=1500,
                   flm_sampling_steps=FLM_SAMPLING_STEPS,
@@ -134,7 +136,8 @@ def models(preset: Preset, length: int, available: Sequence[str]) -> tuple[Model
     """The ladder's rows for a preset; ``available``: algo.ALGORITHMS' names."""
     flm_steps, distilled = preset.flm_sampling_steps, preset.distilled_sampling_steps
     rows = [Model("FLM", "flm", "flm", flm_steps),
-            Model("exact denoiser", ORACLE, "flm", flm_steps, train=None),
+            Model("exact denoiser", ORACLE, "flm", preset.oracle_sampling_steps or flm_steps,
+                  train=None),
             Model("stage-1 map", "stage1", "flm_distill", distilled, calls_per_step=2),
             Model("FMLM", "fmlm", "flm_distill_second", distilled),
             Model("stage-1 map (exact teacher)", "stage1_oracle", "flm_distill", distilled,

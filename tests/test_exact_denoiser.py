@@ -13,6 +13,7 @@ import torch
 
 from exact_denoiser import (
     ExactDenoiser,
+    gap_metrics,
     gathered_logsumexp,
     inverse_index,
     observation_log_likelihood,
@@ -138,3 +139,90 @@ def test_euler_with_the_exact_denoiser_reaches_the_source():
     assert tv < 4 * reference, (tv, reference)
     # and a denoiser that ignores the chain (a uniform source) is far off
     assert total_variation(torch.randint(0, 3, (n, 3), generator=gen), probs, 3) > 4 * reference
+
+
+# ---- the training gap, the oracle teacher and eval.denoiser ---------------------------
+
+
+class UniformNetwork(torch.nn.Module):
+    """Constant logits: its cross-entropy is log V whatever the input."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+
+    def embed_state(self, z):
+        return z
+
+    def forward(self, h, t):
+        return torch.zeros(*h.shape[:2], self.vocab)
+
+
+def test_gap_is_zero_for_the_exact_denoiser_and_log_v_minus_bayes_for_a_uniform_one():
+    source = tiny("markov", 4, 7, k=2)
+    oracle = ExactDenoiser(source)
+    tokens = source.sample(40, 4, torch.Generator().manual_seed(0))
+    t = (torch.arange(40, dtype=torch.float64) + 0.5) / 40
+    gamma = oracle.table.gamma_of_alpha(t)
+    same = gap_metrics(oracle, oracle, tokens, t.float(), gamma, torch.Generator().manual_seed(1))
+    assert abs(float(same["val/gap"][0])) < 1e-6  # float32 draw of x_γ, float64 posteriors
+    assert {f"val/gap_bin{k}" for k in range(10)} <= set(same)
+    assert sum(same[f"val/gap_bin{k}"][1] for k in range(10)) == 40
+    uniform = gap_metrics(UniformNetwork(4), oracle, tokens, t.float(), gamma,
+                          torch.Generator().manual_seed(1))
+    bayes = float(uniform["val/ce_bayes"][0])
+    assert float(uniform["val/ce_model"][0]) == pytest.approx(math.log(4), rel=1e-6)
+    assert float(uniform["val/gap"][0]) == pytest.approx(math.log(4) - bayes, rel=1e-6)
+    # Bayes CE falls from the prior marginal's entropy (t ~ 0) to ~0 (t ~ 1): the uniform
+    # model's gap grows across the bins
+    assert uniform["val/gap_bin0"][0] < uniform["val/gap_bin9"][0]
+
+
+def synthetic_overrides(**extra) -> list[str]:
+    base = {"data": "synthetic", "model.length": 4, "model.hidden_size": 32, "model.n_heads": 2,
+            "model.n_blocks": 1, "model.cond_dim": 16, "data.vocab_size": 6,
+            "data.valid_size": 16, "loader.global_batch_size": 8}
+    base.update(extra)
+    if base["data"] != "synthetic":
+        base = {k: v for k, v in base.items() if not k.startswith("data.")}
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def test_oracle_teacher_drives_stage1_and_fmlm_losses_and_samplers():
+    import algo
+    from tests.helpers import compose_config
+    from utils import resolve_config
+
+    config = resolve_config(compose_config(synthetic_overrides(
+        algo="flm_distill", **{"algo.teacher_path": "oracle"})))
+    module = algo.FLMDistill(config, vocab_size=6)
+    teacher = module.teacher("flm")
+    assert isinstance(teacher, ExactDenoiser) and teacher.input_embedding.shape == (6, 6)
+    tokens = SyntheticSource.from_config(config.data).sample(8, 4)
+    batch = {"input_ids": tokens, "attention_mask": torch.ones_like(tokens)}
+    loss = module.compute_loss(batch, step=0, batch_idx=0)
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in module.backbone.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    samples = module.generate(5, 3, torch.Generator().manual_seed(0))
+    assert samples.shape == (5, 4) and int(samples.max()) < 6
+    with pytest.raises(Exception, match="algo=flm_distill checkpoint"):
+        module._add_teacher("map", "algo.teacher_path", "flm_distill")
+
+
+def test_eval_denoiser_choice_errors_name_the_key():
+    from exact_denoiser import check_denoiser_choice
+    from tests.helpers import compose_config
+    from utils import ConfigError
+
+    ok = compose_config(synthetic_overrides(**{"eval.denoiser": "oracle"}))
+    check_denoiser_choice(ok)
+    for overrides, match in (({"eval.denoiser": "exact"}, "eval.denoiser='exact'"),
+                             ({"eval.denoiser": "oracle", "eval.checkpoint_path": "/x.ckpt"},
+                              "eval.checkpoint_path"),
+                             ({"eval.denoiser": "oracle", "data": "embedded"},
+                              "needs data=synthetic")):
+        with pytest.raises(ConfigError, match=match):
+            check_denoiser_choice(compose_config(synthetic_overrides(**overrides)))

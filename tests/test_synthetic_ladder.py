@@ -21,10 +21,15 @@ from tests.helpers import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "synthetic_table.sh"
-EXPECTED_STEPS = {"FLM": [1, 2, 4, 8, 16, 64, 256], "stage-1 map": [1, 2, 4, 8],
-                  "FMLM": [1, 2, 4, 8]}
-CALLS_PER_STEP = {"FLM": 1, "stage-1 map": 2, "FMLM": 1}  # flm-math §4-6
-RUNS = {"FLM": "flm", "stage-1 map": "stage1", "FMLM": "fmlm"}
+EXPECTED_STEPS = {"FLM": [1, 2, 4, 8, 16, 64, 256], "exact denoiser": [1, 2, 4, 8, 16, 64],
+                  "stage-1 map": [1, 2, 4, 8], "FMLM": [1, 2, 4, 8],
+                  "stage-1 map (exact teacher)": [1, 2, 4, 8],
+                  "FMLM (exact teacher)": [1, 2, 4, 8]}
+CALLS_PER_STEP = {"FLM": 1, "exact denoiser": 1, "stage-1 map": 2, "FMLM": 1,  # docs/math.md §4-6
+                  "stage-1 map (exact teacher)": 2, "FMLM (exact teacher)": 1}
+RUNS = {"FLM": "flm", "exact denoiser": "oracle", "stage-1 map": "stage1", "FMLM": "fmlm",
+        "stage-1 map (exact teacher)": "stage1_oracle", "FMLM (exact teacher)": "fmlm_oracle"}
+TRAINED = [run for run in RUNS.values() if run != "oracle"]
 
 
 def load_driver():
@@ -49,7 +54,7 @@ def ladder(tmp_path_factory) -> Path:
 def ladder_source() -> tuple[SyntheticSource, int]:
     """The source and window length the --quick ladder trains on, from the same config."""
     driver = load_driver()
-    config = compose_config([driver.EXPERIMENT, *driver.QUICK_OVERRIDES])
+    config = compose_config([driver.EXPERIMENT, *driver.PRESETS["quick"].overrides])
     return SyntheticSource.from_config(config.data), int(config.model.length)
 
 
@@ -81,8 +86,14 @@ def test_quick_ladder_table_has_every_row(ladder):
     assert rows[-1]["model"].startswith("source")
     markdown = (ladder / "table.md").read_text()
     assert markdown.count("\n| FLM |") == 7 and markdown.count("\n| FMLM |") == 4
+    assert markdown.count("\n| exact denoiser |") == 6
     assert (ladder / "oracle_nll_vs_steps.png").stat().st_size > 5000
-    for run in RUNS.values():  # every stage in its own run dir, through the real CLI
+    # FLM validated at steps 30 and 60: its rows carry the last val/gap, and the gap plot
+    gaps = table["training_gaps"]["flm"]
+    assert {f"val/gap_bin{k}" for k in range(10)} <= set(gaps)
+    assert all(r["training_gap"] == gaps["val/gap"] for r in rows if r["model"] == "FLM")
+    assert (ladder / "gap_vs_t.png").stat().st_size > 5000
+    for run in TRAINED:  # every stage in its own run dir, through the real CLI
         assert (ladder / run / "checkpoints" / "last.ckpt").is_file()
         assert (ladder / run / "config_resolved.yaml").is_file()
 
@@ -108,7 +119,10 @@ def test_quick_ladder_numbers_match_independent_computations(ladder):
             assert all(len(x) == length for x in ids)
             nll = sum(loop_nll(source.transition_np, source.initial_np, x) for x in ids)
             expected_nll = nll / (len(ids) * length)
-            reported = by_key[(label, int(steps))]["oracle_nll_per_token"]
+            row = by_key[(label, int(steps))]
+            low = [source.transition_np[a, b] < 1e-3 for x in ids for a, b in zip(x[:-1], x[1:])]
+            assert row["oracle_near_impossible_fraction"] == pytest.approx(np.mean(low), abs=1e-12)
+            reported = row["oracle_nll_per_token"]
             if math.isfinite(expected_nll):
                 assert reported == pytest.approx(expected_nll, rel=1e-9)
             else:
@@ -132,8 +146,9 @@ def test_infinite_nll_rows_carry_their_reason(tmp_path):
     summary = {"num_samples": 4, "seed": 1, "rows": [inf_row],
                "reference": {**inf_row, "oracle_nll_per_token": 1.5, "oracle_gen_ppl": 4.48,
                              "entropy_gap": 0.0, "oracle_impossible_fraction": 0.0}}
-    summaries = {m.run: summary for m in driver.MODELS}
-    result = driver.write_outputs(tmp_path, summaries, {"num_samples": 4, "seed": 1})
+    ladder = driver.models(driver.PRESETS["quick"], 16, ["flm"])
+    summaries = {m.run: summary for m in ladder}
+    result = driver.write_outputs(tmp_path, summaries, {"num_samples": 4, "seed": 1}, ladder)
     note = result["rows"][0]["note"]
     assert "25.0% of samples impossible" in note and "2.000" in note
     stored = json.loads((tmp_path / "table.json").read_text())  # strict JSON: inf -> null
