@@ -8,11 +8,16 @@ known exactly, so samples of a trained model can be judged exactly (see
   ``k`` allowed successors with Dirichlet-random probabilities ``P[i]``; the
   first token follows ``initial_distribution``. One successor of every state
   lies on a random cycle through all states, so the chain is irreducible and
-  its stationary distribution ``pi`` is unique.
+  its stationary distribution ``pi`` is unique. The rows are kept sparse:
+  ``successors`` and ``successor_probs``, both (S, k); sampling, ``log_prob``
+  and the entropies read that form, so V = 50258 sets up in seconds
+  (``transition_np`` builds the dense (S, S) matrix on request, small S only).
 * ``hmm``: a hidden Markov model. The hidden chain is built as above over
   ``num_hidden`` states; each hidden state emits one of ``num_emissions``
-  tokens with Dirichlet-random probabilities. ``log p(x)`` is the forward
-  algorithm in log-space.
+  tokens with Dirichlet-random probabilities (sparse: ``emission_tokens`` and
+  ``emission_probs``, (H, m)). ``log p(x)`` is the forward algorithm in log-space.
+
+The Bayes-optimal FLM denoiser of this source is ``exact_denoiser.ExactDenoiser``.
 
 Conventions (the data hooks at the bottom follow them):
 

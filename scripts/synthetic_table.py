@@ -114,20 +114,22 @@ PRESETS = {
     "cpu": Preset(overrides=(), flm_steps=6000, distill_steps=1500,
                   flm_sampling_steps=FLM_SAMPLING_STEPS,
                   distilled_sampling_steps=DISTILLED_SAMPLING_STEPS),
-    # one H100, < 10 min (sized by estimate, see the README of this script's preset): a
-    # 4-block DiT of width 256 at L=32, batch 256, bf16; 12k FLM steps at ~5-8 ms each
+    # one H100, < 10 min, sized by estimate (not yet timed): a 4-block DiT of width 256 at
+    # L=32, batch 256, bf16, ~8 ms per FLM step (launch-bound) -> ~80 s for FLM, ~40 s per
+    # distillation stage (3 to 5 network passes per step; the exact teacher's forward-backward
+    # is ~2L small kernels), ~40 s per baseline, ~15 s of sampling for the exact denoiser up
+    # to 1024 steps, and ~10-15 s of start-up for each of the 16 subprocesses
     "gpu": Preset(
         overrides=("model.hidden_size=256", "model.n_blocks=4", "model.n_heads=4",
                    "model.cond_dim=128", "loader.global_batch_size=256",
                    "lr_scheduler.num_warmup_steps=500", "training.ema=0.999",
                    "trainer.precision=bf16", "trainer.val_check_interval=2000",
                    "trainer.limit_val_batches=4", "trainer.log_every_n_steps=200",
-                   "eval.num_samples=512", "sampling.batch_size=512",
-                   "loader.num_workers=4"),
-        flm_steps=12000, distill_steps=2000,
+                   "eval.num_samples=512", "sampling.batch_size=512"),
+        flm_steps=10000, distill_steps=2000,
         flm_sampling_steps=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024),
         distilled_sampling_steps=(1, 2, 4, 8, 16),
-        baselines=("mdlm", "ar"), baseline_steps=8000),
+        baselines=("mdlm", "ar"), baseline_steps=5000),
 }
 BASELINE_OVERRIDES = {"ar": ("algo.first_token=start",)}  # synthetic data has no BOS
 
