@@ -222,9 +222,9 @@ def gap_metrics(backbone: torch.nn.Module, oracle: ExactDenoiser, tokens: torch.
     draw of x_γ = (1 - γ)ε + γ e(x) (materialised: (B, L, V)).
 
     tokens (B, L), t and γ (B,) -> {"val/gap": (mean, n sequences), "val/gap_bin<k>": ...
-    for the ``GAP_TIME_BINS`` bins of t holding sequences}, plus "val/ce_model" and
-    "val/ce_bayes". The backbone sees ``embed_state(x_γ)``; every position counts (the
-    synthetic source has no padding).
+    for each of the ``GAP_TIME_BINS`` bins of t (count 0, value 0 when empty)}, plus
+    "val/ce_model" and "val/ce_bayes". The backbone sees ``embed_state(x_γ)``; every
+    position counts (the synthetic source has no padding).
     """
     vocab = oracle.vocab_size
     eps = torch.randn(*tokens.shape, vocab, generator=generator, device=tokens.device)
@@ -241,10 +241,12 @@ def gap_metrics(backbone: torch.nn.Module, oracle: ExactDenoiser, tokens: torch.
            "val/ce_bayes": (bayes_ce.mean(), gap.numel())}
     bins = (t.double() * GAP_TIME_BINS).long().clamp(0, GAP_TIME_BINS - 1)
     for k in range(GAP_TIME_BINS):
+        # every bin every batch (the same keys on every rank for sync_dist); an empty bin
+        # weighs 0 in Lightning's batch-size-weighted mean
         members = bins == k
         count = int(members.sum())
-        if count:
-            out[f"val/gap_bin{k}"] = (gap[members].mean(), count)
+        value = gap[members].mean() if count else gap.new_zeros(())
+        out[f"val/gap_bin{k}"] = (value, count)
     return out
 
 
