@@ -160,3 +160,31 @@ def test_nonempty_out_is_refused(tmp_path):
     (tmp_path / "old.txt").write_text("x")
     with pytest.raises(SystemExit, match="not empty"):
         load_driver().main(["--out", str(tmp_path), "--quick"])
+
+
+@pytest.mark.parametrize("size", ["gpu", "cpu"])
+def test_presets_compose_for_every_stage(tmp_path, size):
+    """Every stage of a preset is a valid Hydra composition (no unknown key or group), the
+    exact-denoiser row samples without a checkpoint, and baselines appear only when
+    algo.ALGORITHMS has them."""
+    driver = load_driver()
+    preset = driver.PRESETS[size]
+    ladder = driver.models(preset, 32, ["flm", "flm_distill", "flm_distill_second", "mdlm"])
+    labels = [m.label for m in ladder]
+    assert "exact denoiser" in labels and "FMLM (exact teacher)" in labels
+    assert ("MDLM" in labels) == ("mdlm" in preset.baselines) and "AR" not in labels
+    shared = ["trainer.accelerator=cpu", *preset.overrides]
+    commands = driver.stage_commands(tmp_path, preset, preset.flm_steps, preset.distill_steps,
+                                     shared, ladder)
+    assert len(commands) == 2 * len(ladder) - 1  # the exact denoiser is not trained
+    for name, overrides in commands:
+        if name == "sample_eval oracle":
+            assert "eval.denoiser=oracle" in overrides
+            assert not any(o.startswith("eval.checkpoint_path") for o in overrides)
+        algo_name = next(o for o in overrides if o.startswith("algo=")).split("=")[1]
+        if not (ROOT / "configs" / "algo" / f"{algo_name}.yaml").is_file():
+            continue  # a baseline of another branch: its row logic is checked above
+        config = compose_config([o for o in overrides if not o.startswith("hydra.")])
+        assert config.data.name == "synthetic"
+        if size == "gpu" and name.startswith("train"):
+            assert config.trainer.precision == "bf16" and config.model.n_blocks == 4
