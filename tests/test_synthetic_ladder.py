@@ -46,7 +46,7 @@ def ladder(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ladder") / "out"
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
     proc = subprocess.run(["bash", str(SCRIPT), "--out", str(out), "--quick"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=900)
+                          env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
