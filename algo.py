@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor
 
 import utils
 from data.sampler import global_batch_slot
+from exact_denoiser import ORACLE, gap_denoiser, gap_metrics
 from flow import masked
 from flow.autoregressive import (
     FIRST_TOKEN_MODES,
@@ -47,7 +48,7 @@ from flow.schedule import AlphaGammaTable
 from models.dit import build_backbone
 from models.ema import EMA
 from models.loss_weight import LossWeighting
-from models.teacher import initialise_student, load_teacher
+from models.teacher import initialise_student, load_teacher, oracle_teacher
 
 log = logging.getLogger(__name__)
 
@@ -321,6 +322,27 @@ class FLM(FlowLM):
         log_weight = self.loss_weighting(t) if self.loss_weighting is not None else None
         return masked_token_mean(weighted_loss(per_token, log_weight), mask)
 
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = super().validation_step(batch, batch_idx)
+        if self.config.data.name == "synthetic":  # gap to the Bayes-optimal denoiser
+            self._log_bayes_gap(batch["input_ids"], batch_idx)
+        return loss
+
+    def _log_bayes_gap(self, tokens: torch.Tensor, batch_idx: int) -> None:
+        """val/gap, val/gap_bin<k>: this model's cross-entropy minus the exact denoiser's on
+        the same x_γ (exact_denoiser.gap_metrics), times drawn like val/loss's."""
+        if "_bayes" not in self.__dict__:  # a plain attribute: not a child module, not saved
+            self.__dict__["_bayes"] = gap_denoiser(self.config.data)
+        if self.__dict__["_bayes"] is None:
+            return
+        step = -1 - batch_idx
+        t = self.draw_times(tokens.shape[0], step, 0)
+        generator = self.noise_generator(step, self._slot(0)[0], stream=3)
+        metrics = gap_metrics(self.backbone, self.__dict__["_bayes"], tokens, t,
+                              self.table.gamma_of_alpha(t), generator)
+        for key, (value, count) in metrics.items():
+            self.log(key, value.float(), sync_dist=True, batch_size=count)
+
 
 class FlowMapDistillation(FlowLM):
     """Shared glue of both distillation stages: frozen teachers and interval draws.
@@ -344,8 +366,12 @@ class FlowMapDistillation(FlowLM):
         self._teachers: dict[str, torch.nn.Module] = {}
 
     def _add_teacher(self, name: str, path_key: str, expected_algo: str) -> torch.nn.Module:
-        teacher = load_teacher(OmegaConf.select(self.config, path_key), path_key,
-                               self.config.model, self.vocab_size, expected_algo)
+        path = OmegaConf.select(self.config, path_key)
+        if path == ORACLE:  # the exact denoiser of data=synthetic: distillation in isolation
+            teacher = oracle_teacher(self.config.data, path_key, self.vocab_size, expected_algo)
+        else:
+            teacher = load_teacher(path, path_key, self.config.model, self.vocab_size,
+                                   expected_algo)
         if compile_requested(self.config):
             teacher.compile()
         self._teachers[name] = teacher

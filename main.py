@@ -38,6 +38,7 @@ from checkpointing import (
     remove_stale_temporaries,
     write_run_id,
 )
+from exact_denoiser import ORACLE, check_denoiser_choice, oracle_sampling_module
 
 log = logging.getLogger("main")
 
@@ -280,7 +281,11 @@ def sample_eval(config: DictConfig) -> None:
     from evaluation import protocol
     from evaluation.sample_eval import run_from_config
     protocol.validate(config)  # eval.protocol / sampling.autocast, before loading anything
-    module, tokenizer = load_for_eval(config)
+    check_denoiser_choice(config)
+    if config.eval.denoiser == ORACLE:  # the exact denoiser of data=synthetic, no checkpoint
+        module, tokenizer = oracle_sampling_module(config)
+    else:
+        module, tokenizer = load_for_eval(config)
     run_from_config(module.config, module, tokenizer)  # model settings from the checkpoint
 
 

@@ -8,11 +8,16 @@ known exactly, so samples of a trained model can be judged exactly (see
   ``k`` allowed successors with Dirichlet-random probabilities ``P[i]``; the
   first token follows ``initial_distribution``. One successor of every state
   lies on a random cycle through all states, so the chain is irreducible and
-  its stationary distribution ``pi`` is unique.
+  its stationary distribution ``pi`` is unique. The rows are kept sparse:
+  ``successors`` and ``successor_probs``, both (S, k); sampling, ``log_prob``
+  and the entropies read that form, so V = 50258 sets up in seconds
+  (``transition_np`` builds the dense (S, S) matrix on request, small S only).
 * ``hmm``: a hidden Markov model. The hidden chain is built as above over
   ``num_hidden`` states; each hidden state emits one of ``num_emissions``
-  tokens with Dirichlet-random probabilities. ``log p(x)`` is the forward
-  algorithm in log-space.
+  tokens with Dirichlet-random probabilities (sparse: ``emission_tokens`` and
+  ``emission_probs``, (H, m)). ``log p(x)`` is the forward algorithm in log-space.
+
+The Bayes-optimal FLM denoiser of this source is ``exact_denoiser.ExactDenoiser``.
 
 Conventions (the data hooks at the bottom follow them):
 
@@ -64,7 +69,10 @@ ENTROPY_RATE_BURN_IN = 256  # hmm entropy-rate estimator: positions skipped befo
 ENTROPY_RATE_SEQUENCES = 256  # hmm entropy-rate estimator: number of sampled sequences
 ENTROPY_MC_SEED_OFFSET = 7919  # entropy estimators draw from source_seed + this offset
 FORWARD_ELEMENT_BUDGET = 2**23  # float64 elements per forward-algorithm chunk (64 MiB)
-STATIONARY_RESIDUAL_TOL = 1e-9  # max |pi P - pi| accepted from the linear solve
+STATIONARY_RESIDUAL_TOL = 1e-9  # max |pi P - pi| accepted for the stationary law
+DENSE_SOLVE_LIMIT = 4096  # states up to which pi comes from a dense solve (else power iteration)
+POWER_ITERATIONS = 100_000  # most lazy-chain power iterations for pi beyond DENSE_SOLVE_LIMIT
+DENSE_ELEMENT_LIMIT = 2**26  # largest dense matrix (elements) ``densify`` builds on request
 UNBOUNDED_DATASET_LENGTH = 2**31 - 1  # len() of the train set when train_size is null
 SPLIT_STREAMS = {"train": 0, "valid": 1}  # counter-RNG stream per split
 
@@ -83,59 +91,106 @@ def _row_probabilities(rng: np.random.Generator, support: int, alpha: float | No
     return rng.dirichlet(np.full(support, alpha))
 
 
-def _sparse_transition_matrix(
+def _sparse_transition_rows(
     rng: np.random.Generator, num_states: int, num_successors: int, alpha: float | None
-) -> np.ndarray:
-    """(S, S) row-stochastic matrix; row i has ``num_successors`` non-zeros, one on a random
-    Hamiltonian cycle (keeps the chain irreducible)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sparse row-stochastic matrix as (S, k) successor ids (sorted per row) and their (S, k)
+    probabilities; one successor of row i is on a random Hamiltonian cycle (keeps the chain
+    irreducible). No (S, S) array is made: O(S k) time and memory."""
     order = rng.permutation(num_states)
     cycle_next = np.empty(num_states, dtype=np.int64)
     cycle_next[order] = np.roll(order, -1)
-    matrix = np.zeros((num_states, num_states))
+    successors = np.empty((num_states, num_successors), dtype=np.int64)
+    probabilities = np.empty((num_states, num_successors))
     for state in range(num_states):
-        others = np.delete(np.arange(num_states), cycle_next[state])
-        extra = rng.choice(others, size=num_successors - 1, replace=False)
-        successors = np.concatenate([[cycle_next[state]], extra])
-        matrix[state, successors] = _row_probabilities(rng, num_successors, alpha)
-    return matrix
+        # k - 1 distinct states other than cycle_next: draw from 0..S-2 and skip cycle_next
+        extra = rng.choice(num_states - 1, size=num_successors - 1, replace=False)
+        extra = extra + (extra >= cycle_next[state])
+        successors[state, 0] = cycle_next[state]
+        successors[state, 1:] = extra
+        probabilities[state] = _row_probabilities(rng, num_successors, alpha)
+    return _sorted_rows(successors, probabilities)
 
 
-def _sparse_emission_matrix(
+def _sorted_rows(columns: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort each sparse row by column id (then inverse-CDF draws match the dense rows')."""
+    order = np.argsort(columns, axis=1, kind="stable")
+    return np.take_along_axis(columns, order, 1), np.take_along_axis(values, order, 1)
+
+
+def _sparse_emission_rows(
     rng: np.random.Generator, num_hidden: int, vocab_size: int, num_emissions: int,
     alpha: float | None,
-) -> np.ndarray:
-    """(H, V) row-stochastic matrix; each hidden state emits one of ``num_emissions`` tokens."""
-    matrix = np.zeros((num_hidden, vocab_size))
+) -> tuple[np.ndarray, np.ndarray]:
+    """(H, m) emitted token ids (sorted per row) and their (H, m) probabilities."""
+    tokens = np.empty((num_hidden, num_emissions), dtype=np.int64)
+    probabilities = np.empty((num_hidden, num_emissions))
     for state in range(num_hidden):
-        tokens = rng.choice(vocab_size, size=num_emissions, replace=False)
-        matrix[state, tokens] = _row_probabilities(rng, num_emissions, alpha)
-    return matrix
+        tokens[state] = rng.choice(vocab_size, size=num_emissions, replace=False)
+        probabilities[state] = _row_probabilities(rng, num_emissions, alpha)
+    return _sorted_rows(tokens, probabilities)
 
 
-def stationary_distribution(transition: np.ndarray) -> np.ndarray:
-    """pi with pi P = pi, sum(pi) = 1, of an irreducible chain: (S, S) -> (S,)."""
-    num_states = transition.shape[0]
-    system = transition.T - np.eye(num_states)
-    system[-1, :] = 1.0  # replace one (redundant) balance equation by the normalisation
-    rhs = np.zeros(num_states)
-    rhs[-1] = 1.0
-    pi = np.linalg.solve(system, rhs)
-    residual = np.abs(pi @ transition - pi).max()
+def densify(columns: np.ndarray, values: np.ndarray, num_columns: int) -> np.ndarray:
+    """(R, k) sparse rows -> dense (R, num_columns) (small sizes only: tests, small HMMs)."""
+    rows = columns.shape[0]
+    if rows * num_columns > DENSE_ELEMENT_LIMIT:
+        raise ValueError(
+            f"a dense ({rows}, {num_columns}) matrix exceeds DENSE_ELEMENT_LIMIT="
+            f"{DENSE_ELEMENT_LIMIT} (synthetic.py); use the sparse (rows, k) form"
+        )
+    dense = np.zeros((rows, num_columns))
+    np.put_along_axis(dense, columns, values, axis=1)
+    return dense
+
+
+def sparse_vector_matrix(
+    vector: np.ndarray, columns: np.ndarray, values: np.ndarray, num_columns: int
+) -> np.ndarray:
+    """v @ M for a sparse (R, k) matrix M: (R,) -> (num_columns,)."""
+    weights = (vector[:, None] * values).ravel()
+    return np.bincount(columns.ravel(), weights=weights, minlength=num_columns)
+
+
+def stationary_distribution(successors: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """pi with pi P = pi, sum(pi) = 1, of an irreducible chain in sparse (S, k) form -> (S,).
+
+    Up to ``DENSE_SOLVE_LIMIT`` states: a dense linear solve. Beyond: power iteration on the
+    lazy chain (P + I) / 2 (same pi, aperiodic), until the residual is below
+    ``STATIONARY_RESIDUAL_TOL``.
+    """
+    num_states = successors.shape[0]
+    if num_states <= DENSE_SOLVE_LIMIT:
+        transition = densify(successors, probabilities, num_states)
+        system = transition.T - np.eye(num_states)
+        system[-1, :] = 1.0  # replace one (redundant) balance equation by the normalisation
+        rhs = np.zeros(num_states)
+        rhs[-1] = 1.0
+        pi = np.linalg.solve(system, rhs)
+    else:
+        pi = np.full(num_states, 1.0 / num_states)
+        for _ in range(POWER_ITERATIONS):
+            step = sparse_vector_matrix(pi, successors, probabilities, num_states)
+            if np.abs(step - pi).max() <= STATIONARY_RESIDUAL_TOL / 2:
+                break
+            pi = 0.5 * (pi + step)
+    residual = np.abs(sparse_vector_matrix(pi, successors, probabilities, num_states) - pi).max()
     if pi.min() < -STATIONARY_RESIDUAL_TOL or residual > STATIONARY_RESIDUAL_TOL:
         raise ValueError(
-            f"stationary distribution is ill-conditioned (min {pi.min():.3g}, residual "
-            f"{residual:.3g}); raise data.dirichlet_alpha or change data.source_seed"
+            f"stationary distribution is ill-conditioned or unconverged (min {pi.min():.3g}, "
+            f"residual {residual:.3g}); raise data.dirichlet_alpha or data.num_successors, or "
+            "change data.source_seed"
         )
     pi = np.clip(pi, 0.0, None)
     return pi / pi.sum()
 
 
 def _initial_distribution(
-    rng: np.random.Generator, kind: str, transition: np.ndarray, alpha: float | None
+    rng: np.random.Generator, kind: str, stationary: np.ndarray, alpha: float | None
 ) -> np.ndarray:
-    num_states = transition.shape[0]
+    num_states = stationary.shape[0]
     if kind == "stationary":
-        return stationary_distribution(transition)
+        return stationary.copy()
     if kind == "random":
         return _row_probabilities(rng, num_states, alpha)
     return np.full(num_states, 1.0 / num_states)
@@ -242,16 +297,22 @@ class SyntheticSource:
         self._sequence_entropy_cache: dict[int, float] = {}
 
         rng = np.random.default_rng(source_seed)
-        transition = _sparse_transition_matrix(rng, num_states, num_successors, dirichlet_alpha)
-        initial = _initial_distribution(rng, initial_distribution, transition, dirichlet_alpha)
-        self.transition_np = transition  # (S, S): hidden chain for hmm, token chain for markov
-        self.initial_np = initial  # (S,)
-        self.stationary_np = stationary_distribution(transition)  # (S,)
-        self.transition = torch.from_numpy(transition)
-        self.initial = torch.from_numpy(initial)
-        self._transition_cdf = _cumulative(self.transition)
+        successors, probabilities = _sparse_transition_rows(
+            rng, num_states, num_successors, dirichlet_alpha
+        )
+        # sparse rows: row i of the (S, S) transition matrix has P[i, successors[i, j]] =
+        # successor_probs[i, j]; no (S, S) array is kept (``transition_np`` densifies on demand)
+        self.successors = successors  # (S, k) int64, sorted per row
+        self.successor_probs = probabilities  # (S, k) float64, rows sum to 1
+        self.stationary_np = stationary_distribution(successors, probabilities)  # (S,)
+        self.initial_np = _initial_distribution(
+            rng, initial_distribution, self.stationary_np, dirichlet_alpha
+        )  # (S,)
+        self.initial = torch.from_numpy(self.initial_np)
+        self._successors = torch.from_numpy(successors)
+        self._successor_cdf = _cumulative(torch.from_numpy(probabilities))  # (S, k)
+        self._log_successor_probs = torch.from_numpy(np.log(probabilities))  # (S, k)
         self._initial_cdf = _cumulative(self.initial)
-        self._log_transition = torch.log(self.transition)
         self._log_initial = torch.log(self.initial)
         if source_kind == "hmm":
             num_emissions = vocab_size if num_emissions is None else num_emissions
@@ -259,13 +320,31 @@ class SyntheticSource:
                 raise ValueError(
                     f"data.num_emissions={num_emissions}; use 1..{vocab_size} or null (all)"
                 )
-            emission = _sparse_emission_matrix(
+            tokens, emission_probs = _sparse_emission_rows(
                 rng, num_hidden, vocab_size, num_emissions, dirichlet_alpha
             )
-            self.emission_np = emission  # (H, V)
-            self.emission = torch.from_numpy(emission)
-            self._emission_cdf = _cumulative(self.emission)
-            self._log_emission_t = torch.log(self.emission).T.contiguous()  # (V, H); log 0 = -inf
+            self.emission_tokens = tokens  # (H, m) int64, sorted per row
+            self.emission_probs = emission_probs  # (H, m) float64, rows sum to 1
+            self._emission_tokens = torch.from_numpy(tokens)
+            self._emission_cdf = _cumulative(torch.from_numpy(emission_probs))  # (H, m)
+            log_emission_t = torch.full((vocab_size, num_hidden), -math.inf, dtype=torch.float64)
+            log_emission_t[torch.from_numpy(tokens), torch.arange(num_hidden)[:, None]] = (
+                torch.from_numpy(np.log(emission_probs))
+            )
+            self._log_emission_t = log_emission_t  # (V, H); log 0 = -inf
+            self._log_transition = torch.log(torch.from_numpy(self.transition_np))  # (H, H)
+
+    @property
+    def transition_np(self) -> np.ndarray:
+        """Dense (S, S) transition matrix, built on request (small S only, ``densify``)."""
+        return densify(self.successors, self.successor_probs, self.num_states)
+
+    @property
+    def emission_np(self) -> np.ndarray:
+        """hmm: dense (H, V) emission matrix, built on request (small sizes, ``densify``)."""
+        if self.source_kind != "hmm":
+            raise AttributeError("emission_np: a markov source has no emissions")
+        return densify(self.emission_tokens, self.emission_probs, self.vocab_size)
 
     @classmethod
     def from_config(cls, data_cfg: Mapping[str, Any]) -> SyntheticSource:
@@ -287,7 +366,8 @@ class SyntheticSource:
 
     @property
     def num_states(self) -> int:
-        return self.transition.shape[0]
+        """S: tokens for markov, hidden states for hmm."""
+        return self.successors.shape[0]
 
     # ---- sampling ---------------------------------------------------------------------
 
@@ -308,17 +388,24 @@ class SyntheticSource:
         state = torch.searchsorted(self._initial_cdf, uniforms[:, 0, 0].contiguous(), right=True)
         states[:, 0] = state
         for position in range(1, length):
-            state = _inverse_cdf(self._transition_cdf[state], uniforms[:, position, 0])
+            slot = _inverse_cdf(self._successor_cdf[state], uniforms[:, position, 0])
+            state = self._successors[state, slot]
             states[:, position] = state
         if self.source_kind == "markov":
             return states
-        emission_cdf = self._emission_cdf[states.reshape(-1)]  # (n*L, V)
-        return _inverse_cdf(emission_cdf, uniforms[..., 1].reshape(-1)).reshape(n, length)
+        flat = states.reshape(-1)
+        slot = _inverse_cdf(self._emission_cdf[flat], uniforms[..., 1].reshape(-1))  # (n*L,)
+        return self._emission_tokens[flat, slot].reshape(n, length)
 
     # ---- likelihood -------------------------------------------------------------------
 
     def prefix_log_probs(self, tokens: torch.Tensor) -> torch.Tensor:
         """Exact log p(x_1..x_t) for every prefix: LongTensor (n, L) -> float64 (n, L)."""
+        return self.conditional_log_probs(tokens).cumsum(dim=1)
+
+    def conditional_log_probs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Exact log p(x_t | x_<t) for every position: LongTensor (n, L) -> float64 (n, L);
+        -inf for an impossible token (and, for hmm, every token after an impossible prefix)."""
         tokens = tokens.detach().to("cpu", torch.long)
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (n, L); got shape {tuple(tokens.shape)}")
@@ -333,11 +420,18 @@ class SyntheticSource:
         if self.source_kind == "markov":
             terms = torch.empty(tokens.shape, dtype=torch.float64)
             terms[:, 0] = self._log_initial[safe[:, 0]]
-            terms[:, 1:] = self._log_transition[safe[:, :-1], safe[:, 1:]]
+            terms[:, 1:] = self.log_transition_probs(safe[:, :-1], safe[:, 1:])
         else:
             terms = self._hmm_conditional_log_probs(safe)
-        terms = terms.masked_fill(~in_range, -math.inf)
-        return terms.cumsum(dim=1)
+        return terms.masked_fill(~in_range, -math.inf)
+
+    def log_transition_probs(self, previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+        """log P[a, b] from the sparse rows: LongTensors (...), (...) -> float64 (...);
+        -inf where b is not a successor of a."""
+        rows = self._successors[previous]  # (..., k)
+        match = rows == current[..., None]
+        logs = self._log_successor_probs[previous].masked_fill(~match, -math.inf)
+        return logs.max(dim=-1).values  # at most one match per row
 
     def log_prob(self, tokens: torch.Tensor) -> torch.Tensor:
         """Exact natural-log probability: LongTensor (n, L) -> float64 (n,); -inf if impossible."""
@@ -376,7 +470,7 @@ class SyntheticSource:
     def entropy_rate(self) -> float:
         """Entropy rate in nats/token (markov: exact; hmm: estimate, see module docstring)."""
         if self.source_kind == "markov":
-            return float(self.stationary_np @ _entropy(self.transition_np))
+            return float(self.stationary_np @ _entropy(self.successor_probs))
         return self.entropy_rate_estimate()[0]
 
     def entropy_rate_estimate(self) -> tuple[float, float]:
@@ -401,11 +495,12 @@ class SyntheticSource:
             return self._sequence_entropy_cache[length]
         if self.source_kind == "markov":
             law = self.initial_np.copy()
-            row_entropy = _entropy(self.transition_np)
+            row_entropy = _entropy(self.successor_probs)
             value = float(_entropy(law))
             for _ in range(length - 1):
                 value += float(law @ row_entropy)
-                law = law @ self.transition_np
+                law = sparse_vector_matrix(law, self.successors, self.successor_probs,
+                                           self.num_states)
         elif self.entropy_is_exact(length):
             value = self.enumerated_sequence_entropy(length)
         else:

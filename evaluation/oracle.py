@@ -14,6 +14,10 @@ The oracle scores a generated token sequence with the synthetic source's exact
   the source give a gap of 0 in expectation. The gap is a cross-entropy difference, not a
   KL divergence: it is negative when a model concentrates on the source's likely
   sequences (low diversity), just as a low generative perplexity can be.
+* ``oracle_near_impossible_fraction``: the fraction of transitions (positions 2..L) whose
+  conditional probability ``p(x_t | x_<t)`` under the source is below
+  ``NEAR_IMPOSSIBLE_PROBABILITY``: a finite NLL on a dense chain can hide samples built of
+  transitions the source almost never makes.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from synthetic import SyntheticSource
 log = logging.getLogger(__name__)
 
 ORACLE_JUDGE_NAME = "oracle"
+NEAR_IMPOSSIBLE_PROBABILITY = 1e-3  # a transition less likely than this counts as near-impossible
 
 
 class OracleJudge:
@@ -53,7 +58,19 @@ class OracleJudge:
     def report(self, token_ids: torch.Tensor) -> dict[str, float]:
         """Score (N, L) samples and summarise them with ``oracle_report``."""
         nll_sum, n_tokens = self.score(token_ids, None)
-        return oracle_report(nll_sum, n_tokens, self.source, token_ids.shape[1])
+        report = oracle_report(nll_sum, n_tokens, self.source, token_ids.shape[1])
+        report["oracle_near_impossible_fraction"] = near_impossible_fraction(self.source,
+                                                                             token_ids)
+        return report
+
+
+def near_impossible_fraction(source: SyntheticSource, token_ids: torch.Tensor) -> float:
+    """Fraction of transitions (positions 2..L of (N, L) samples) with p(x_t | x_<t) below
+    ``NEAR_IMPOSSIBLE_PROBABILITY`` under the source; nan for length-1 samples."""
+    terms = source.conditional_log_probs(token_ids)[:, 1:]
+    if terms.numel() == 0:
+        return math.nan
+    return float((terms < math.log(NEAR_IMPOSSIBLE_PROBABILITY)).double().mean())
 
 
 def oracle_report(

@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from checkpointing import ARCHITECTURE_KEYS
+from exact_denoiser import ORACLE, ExactDenoiser
 from models.dit import DiT
 from models.load import load_backbone
 from utils import ConfigError
@@ -58,14 +59,44 @@ def load_teacher(path, key: str, student_model: DictConfig, vocab_size: int,
     return teacher
 
 
+def oracle_teacher(data_cfg: DictConfig, key: str, vocab_size: int,
+                   expected_algo: str) -> ExactDenoiser:
+    """``algo.<key>=oracle``: the exact (Bayes-optimal) denoiser of ``data=synthetic*`` as a
+    frozen FLM teacher, so that a distilled model measures distillation alone."""
+    if expected_algo != "flm":
+        raise ConfigError(f"{key}={ORACLE}: the exact denoiser stands in for an algo=flm "
+                          f"teacher only; {key} needs an algo={expected_algo} checkpoint")
+    if data_cfg.get("name") != "synthetic":
+        raise ConfigError(f"{key}={ORACLE} needs data=synthetic (or synthetic-hmm, "
+                          f"synthetic-ladder), whose source defines the exact denoiser; got "
+                          f"data.name={data_cfg.get('name')!r}")
+    try:
+        teacher = ExactDenoiser.from_data_config(data_cfg)
+    except ValueError as err:
+        raise ConfigError(f"{key}={ORACLE}: {err}") from err
+    if teacher.vocab_size != vocab_size:
+        raise ConfigError(f"{key}={ORACLE}: the source has {teacher.vocab_size} tokens but the "
+                          f"student {vocab_size}")
+    teacher.requires_grad_(False)
+    teacher.eval()
+    log.info("frozen teacher %s=%s: the exact denoiser of the %s source", key, ORACLE,
+             teacher.source_kind)
+    return teacher
+
+
 @torch.no_grad()
 def initialise_student(student: DiT, teacher: DiT, zero_output_layer: bool) -> None:
     """Copy the teacher's weights into a double-time-embedding student (docs/math.md §5-6).
 
     The second time embedding keeps its fresh first layer and gets a zeroed last
     layer, so it adds nothing at start; ``zero_output_layer`` zeroes the student's
-    output layer (stage 1: g = 0, the student starts as Euler).
+    output layer (stage 1: g = 0, the student starts as Euler). An exact-denoiser teacher
+    (``oracle_teacher``) has no weights: the student keeps its fresh initialisation, whose
+    output layer is zero already (models/dit.py).
     """
+    if getattr(teacher, "is_oracle", False):
+        log.info("teacher is the exact denoiser: the student starts from a fresh initialisation")
+        return
     if student.second_time_embedding is None:
         raise ConfigError("flow-map students need algo.double_temb=true")
     state = {k: v for k, v in teacher.state_dict().items()

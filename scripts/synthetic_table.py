@@ -1,32 +1,39 @@
 """Miniature of the paper's step-count table on the exact-likelihood synthetic source.
 
-    python scripts/synthetic_table.py --out runs/ladder            # ~30 min on a 2-core CPU
-    python scripts/synthetic_table.py --out /tmp/ladder --quick    # ~2-3 min (CI)
+    python scripts/synthetic_table.py --out runs/ladder               # ~30 min, 2-core CPU
+    python scripts/synthetic_table.py --out /tmp/ladder --size quick  # ~3-5 min (CI)
+    python scripts/synthetic_table.py --out runs/ladder --size gpu    # < 10 min, one H100
     python scripts/synthetic_table.py --out runs/ladder -- data.source_seed=3
 
 Every stage is a ``python -m main`` subprocess with Hydra overrides (the real CLI), in its
 own run directory under ``--out``:
 
-    flm/          FLM trained on the source (algo=flm)
-    flm/eval/     FLM sampled at 1, 2, 4, 8, 16, 64, 256 steps, judged by the oracle
-    stage1/       stage-1 flow map distilled from it (algo=flm_distill, flm-math §5)
-    stage1/eval/  sampled at 1, 2, 4, 8 steps
-    fmlm/         FMLM (algo=flm_distill_second, flm-math §6)
-    fmlm/eval/    sampled at 1, 2, 4, 8 steps
+    flm/            FLM trained on the source (algo=flm), validation logs val/gap
+    flm/eval/       FLM sampled at every step count of the preset, judged by the oracle
+    oracle/eval/    the same Euler sampler driven by the exact denoiser (eval.denoiser=oracle)
+    stage1/         stage-1 flow map distilled from FLM (algo=flm_distill, docs/math.md §5)
+    fmlm/           FMLM (algo=flm_distill_second, docs/math.md §6)
+    stage1_oracle/  stage 1 with the exact denoiser as teacher (algo.teacher_path=oracle)
+    fmlm_oracle/    FMLM from it (algo.teacher_f_path=oracle): distillation in isolation
+    <algo>/         baselines of the preset (e.g. mdlm, ar) when algo.ALGORITHMS has them
 
 Then one table, rows model x steps, columns: exact NLL per token under the source, its
-exp (oracle gen PPL), the samples' mean unigram entropy, the gap of the NLL to the
-source's entropy per token, and network calls per sample. Written to ``--out`` as
-``table.md``, ``table.json`` and ``oracle_nll_vs_steps.png``.
+exp (oracle gen PPL), the fraction of near-impossible transitions (p < 1e-3 under the
+source), the samples' mean unigram entropy, the gap of the NLL to the source's entropy per
+token, network calls per sample, and for FLM the training gap (its validation
+cross-entropy minus the exact denoiser's on the same noisy inputs, val/gap at the last
+validation). Written to ``--out`` as ``table.md``, ``table.json``,
+``oracle_nll_vs_steps.png`` and ``gap_vs_t.png`` (FLM's val/gap per tenth of t).
 
 Shared settings come from ``+experiment=synthetic_ladder`` (configs/experiment/); the
-``--quick`` sizes and the stage-specific keys are added on top; extra overrides after the
-options go to every stage.
+``--size`` preset's overrides and the stage-specific keys are added on top; extra
+overrides after the options go to every stage.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import math
@@ -43,47 +50,109 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evaluation.plots import plot_metric_vs_steps  # noqa: E402 - after the repo-root path insert
+from exact_denoiser import GAP_TIME_BINS, ORACLE  # noqa: E402
 
 logger = logging.getLogger("synthetic_table")
 
 EXPERIMENT = "+experiment=synthetic_ladder"
 FLM_SAMPLING_STEPS = (1, 2, 4, 8, 16, 64, 256)
 DISTILLED_SAMPLING_STEPS = (1, 2, 4, 8)
-DEFAULT_FLM_STEPS = 6000  # FLM optimizer steps (default size)
-DEFAULT_DISTILL_STEPS = 1500  # optimizer steps of each distillation stage (default size)
-QUICK_FLM_STEPS = 60
-QUICK_DISTILL_STEPS = 20
-QUICK_OVERRIDES = (  # CI size: one-block DiT, short sequences, few samples
-    "model.length=16", "model.hidden_size=32", "model.n_heads=2", "model.n_blocks=1",
-    "model.cond_dim=16", "loader.global_batch_size=16", "lr_scheduler.num_warmup_steps=5",
-    "trainer.val_check_interval=1000", "trainer.limit_val_batches=1", "eval.num_samples=32",
-    "sampling.batch_size=32", "data.valid_size=128", "training.ema=0.9",
-)
 DEVICE_ACCELERATORS = {"cpu": "cpu", "gpu": "gpu", "auto": "auto"}
 TABLE_COLUMNS = (  # (key in a table row, markdown header, format)
     ("model", "model", "{}"), ("steps", "steps", "{}"),
     ("oracle_nll_per_token", "oracle NLL/token", "{:.3f}"),
     ("oracle_gen_ppl", "oracle gen PPL", "{:.2f}"),
+    ("oracle_near_impossible_fraction", "near-impossible transitions", "{:.4f}"),
     ("entropy_mean", "sample entropy", "{:.3f}"),
     ("entropy_gap", "gap to source entropy", "{:+.3f}"),
     ("network_calls_per_sample", "network calls/sample", "{}"),
+    ("training_gap", "training gap (val/gap)", "{:.4f}"),
     ("note", "note", "{}"),
 )
+ROW_KEYS = tuple(key for key, _, _ in TABLE_COLUMNS[2:-2])  # copied from summary.json rows
 
 
 @dataclass(frozen=True)
 class Model:
-    """One model of the ladder: its row label, run directory and sampling sweep."""
+    """One model of the ladder: its row label, run directory, algorithm, sampling sweep,
+    training overrides (None: nothing to train, the exact denoiser) and calls per step."""
 
     label: str
     run: str
     algo: str
     sampling_steps: tuple[int, ...]
+    train: tuple[str, ...] | None = ()
+    calls_per_step: int = 1
 
 
-MODELS = (Model("FLM", "flm", "flm", FLM_SAMPLING_STEPS),
-          Model("stage-1 map", "stage1", "flm_distill", DISTILLED_SAMPLING_STEPS),
-          Model("FMLM", "fmlm", "flm_distill_second", DISTILLED_SAMPLING_STEPS))
+@dataclass(frozen=True)
+class Preset:
+    """A ``--size``: shared overrides, optimizer steps and sampling sweeps."""
+
+    overrides: tuple[str, ...]
+    flm_steps: int  # FLM (and baseline) optimizer steps
+    distill_steps: int  # optimizer steps of each distillation stage
+    flm_sampling_steps: tuple[int, ...]
+    distilled_sampling_steps: tuple[int, ...]
+    oracle_sampling_steps: tuple[int, ...] | None = None  # exact-denoiser rows (None: FLM's)
+    baselines: tuple[str, ...] = ()  # algos run when algo.ALGORITHMS has them
+    baseline_steps: int | None = None  # optimizer steps of a baseline (None: flm_steps)
+
+
+PRESETS = {
+    # CI size: one-block DiT, short sequences, few samples; a validation at step 30 and 60
+    "quick": Preset(
+        overrides=("model.length=16", "model.hidden_size=32", "model.n_heads=2",
+                   "model.n_blocks=1", "model.cond_dim=16", "loader.global_batch_size=16",
+                   "lr_scheduler.num_warmup_steps=5", "trainer.val_check_interval=30",
+                   "trainer.limit_val_batches=1", "eval.num_samples=32",
+                   "sampling.batch_size=32", "data.valid_size=128", "training.ema=0.9"),
+        flm_steps=60, distill_steps=20, flm_sampling_steps=FLM_SAMPLING_STEPS,
+        distilled_sampling_steps=DISTILLED_SAMPLING_STEPS,
+        oracle_sampling_steps=(1, 2, 4, 8, 16, 64)),  # its forward-backward is slow on a CPU
+    # 2-core CPU, ~30 min: the experiment config as it is
+    "cpu": Preset(overrides=(), flm_steps=6000, distill_steps=1500,
+                  flm_sampling_steps=FLM_SAMPLING_STEPS,
+                  distilled_sampling_steps=DISTILLED_SAMPLING_STEPS),
+    # one H100, < 10 min, sized by estimate (not yet timed): a 4-block DiT of width 256 at
+    # L=32, batch 256, bf16, ~8 ms per FLM step (launch-bound) -> ~80 s for FLM, ~40 s per
+    # distillation stage (3 to 5 network passes per step; the exact teacher's forward-backward
+    # is ~2L small kernels), ~40 s per baseline, ~15 s of sampling for the exact denoiser up
+    # to 1024 steps, and ~10-15 s of start-up for each of the 16 subprocesses
+    "gpu": Preset(
+        overrides=("model.hidden_size=256", "model.n_blocks=4", "model.n_heads=4",
+                   "model.cond_dim=128", "loader.global_batch_size=256",
+                   "lr_scheduler.num_warmup_steps=500", "training.ema=0.999",
+                   "trainer.precision=bf16", "trainer.val_check_interval=2000",
+                   "trainer.limit_val_batches=4", "trainer.log_every_n_steps=200",
+                   "eval.num_samples=512", "sampling.batch_size=512"),
+        flm_steps=10000, distill_steps=2000,
+        flm_sampling_steps=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024),
+        distilled_sampling_steps=(1, 2, 4, 8, 16),
+        baselines=("mdlm", "ar"), baseline_steps=5000),
+}
+BASELINE_OVERRIDES = {"ar": ("algo.first_token=start",)}  # synthetic data has no BOS
+
+
+def models(preset: Preset, length: int, available: Sequence[str]) -> tuple[Model, ...]:
+    """The ladder's rows for a preset; ``available``: algo.ALGORITHMS' names."""
+    flm_steps, distilled = preset.flm_sampling_steps, preset.distilled_sampling_steps
+    rows = [Model("FLM", "flm", "flm", flm_steps),
+            Model("exact denoiser", ORACLE, "flm", preset.oracle_sampling_steps or flm_steps,
+                  train=None),
+            Model("stage-1 map", "stage1", "flm_distill", distilled, calls_per_step=2),
+            Model("FMLM", "fmlm", "flm_distill_second", distilled),
+            Model("stage-1 map (exact teacher)", "stage1_oracle", "flm_distill", distilled,
+                  calls_per_step=2),
+            Model("FMLM (exact teacher)", "fmlm_oracle", "flm_distill_second", distilled)]
+    for name in preset.baselines:
+        if name not in available:
+            logger.info("algo=%s is not in algo.ALGORITHMS: no %s row", name, name)
+            continue
+        steps = (length,) if name == "ar" else flm_steps  # AR: one call per token
+        rows.append(Model(name.upper(), name, name, steps, train=BASELINE_OVERRIDES.get(
+            name, ())))
+    return tuple(rows)
 
 
 def quoted(path: Path) -> str:
@@ -102,27 +171,39 @@ def eval_dir(out: Path, run: str) -> Path:
     return out / run / "eval"
 
 
-def stage_commands(out: Path, flm_steps: int, distill_steps: int,
-                   shared: Sequence[str]) -> list[tuple[str, list[str]]]:
+def stage_commands(out: Path, preset: Preset, flm_steps: int, distill_steps: int,
+                   shared: Sequence[str], ladder: Sequence[Model],
+                   ) -> list[tuple[str, list[str]]]:
     """(stage name, main.py overrides) in run order; ``shared`` goes to every stage."""
     base = [EXPERIMENT, *shared]
     flm, stage1 = quoted(checkpoint(out, "flm")), quoted(checkpoint(out, "stage1"))
+    stage1_oracle = quoted(checkpoint(out, "stage1_oracle"))
+    baseline_steps = preset.baseline_steps or flm_steps
     train = {
         "flm": [f"trainer.max_steps={flm_steps}"],
         "stage1": [f"algo.teacher_path={flm}", f"trainer.max_steps={distill_steps}"],
         "fmlm": [f"algo.teacher_f_path={flm}", f"algo.teacher_g_path={stage1}",
                  f"trainer.max_steps={distill_steps}"],
+        "stage1_oracle": [f"algo.teacher_path={ORACLE}", f"trainer.max_steps={distill_steps}"],
+        "fmlm_oracle": [f"algo.teacher_f_path={ORACLE}", f"algo.teacher_g_path={stage1_oracle}",
+                        f"trainer.max_steps={distill_steps}"],
     }
     commands = []
-    for model in MODELS:
+    for model in ladder:
         algo = f"algo={model.algo}"  # sample_eval too: the saved algo keys merge into this group
-        commands.append((f"train {model.run}", [*base, algo, *train[model.run],
-                                                f"hydra.run.dir={quoted(out / model.run)}"]))
+        extra = [*model.train] if model.train else []
+        if model.train is not None:
+            stage = train.get(model.run, [f"trainer.max_steps={baseline_steps}"])
+            commands.append((f"train {model.run}", [*base, algo, *extra, *stage,
+                                                    f"hydra.run.dir={quoted(out / model.run)}"]))
+            source = [f"eval.checkpoint_path={quoted(checkpoint(out, model.run))}"]
+        else:
+            source = [f"eval.denoiser={ORACLE}"]
         steps = ",".join(str(s) for s in model.sampling_steps)
         commands.append((f"sample_eval {model.run}", [
-            *base, algo, "mode=sample_eval", "eval.judge=oracle", "eval.compute_mauve=false",
-            f"eval.checkpoint_path={quoted(checkpoint(out, model.run))}",
-            f"sampling.steps=[{steps}]", f"eval.output_dir={quoted(eval_dir(out, model.run))}",
+            *base, algo, *extra, "mode=sample_eval", "eval.judge=oracle",
+            "eval.compute_mauve=false", *source, f"sampling.steps=[{steps}]",
+            f"eval.output_dir={quoted(eval_dir(out, model.run))}",
             f"hydra.run.dir={quoted(out / model.run / 'eval_run')}"]))
     return commands
 
@@ -160,23 +241,66 @@ def row_note(row: dict[str, Any]) -> str:
     return note
 
 
-def ladder_rows(summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Table rows from each model's summary.json (keyed by run name), then a source row."""
+def read_gap(run_dir: Path) -> dict[str, float]:
+    """val/gap and val/gap_bin<k> of the last validation in a run's CSV log
+    (``<run>/csv/version_*/metrics.csv``); {} when the run never validated."""
+    last: dict[str, float] = {}
+    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
+        with open(path, newline="") as f:
+            for record in csv.DictReader(f):
+                if record.get("val/gap"):
+                    last = {k: float(v) for k, v in record.items()
+                            if k.startswith("val/gap") and v}
+    return last
+
+
+def ladder_rows(summaries: dict[str, dict[str, Any]], ladder: Sequence[Model],
+                gaps: dict[str, dict[str, float]] | None = None) -> list[dict[str, Any]]:
+    """Table rows from each model's summary.json (keyed by run name), then a source row.
+    ``gaps``: ``read_gap`` per run; a model's rows carry its last val/gap."""
+    gaps = gaps or {}
     rows = []
-    for model in MODELS:
+    for model in ladder:
         for row in summaries[model.run]["rows"]:
             rows.append({"model": model.label, "steps": int(row["steps"]),
-                         **{key: row.get(key) for key, _, _ in TABLE_COLUMNS[2:-1]},
+                         **{key: row.get(key) for key in ROW_KEYS},
+                         "training_gap": gaps.get(model.run, {}).get("val/gap"),
                          "oracle_impossible_fraction": row.get("oracle_impossible_fraction"),
                          "seconds_per_sample": row.get("seconds_per_sample"),
                          "note": row_note(row)})
-    reference = summaries[MODELS[0].run]["reference"]
+    reference = summaries[ladder[0].run]["reference"]
     rows.append({"model": "source (held-out data)", "steps": None,
-                 **{key: reference.get(key) for key, _, _ in TABLE_COLUMNS[2:-1]},
-                 "network_calls_per_sample": None,
+                 **{key: reference.get(key) for key in ROW_KEYS},
+                 "network_calls_per_sample": None, "training_gap": None,
                  "oracle_impossible_fraction": reference.get("oracle_impossible_fraction"),
                  "seconds_per_sample": None, "note": "samples of the source itself"})
     return rows
+
+
+def plot_gap_vs_t(gap: dict[str, float], out_path: Path) -> bool:
+    """FLM's last val/gap_bin<k> against the bin centres of t; False when there is none."""
+    points = sorted(((k + 0.5) / GAP_TIME_BINS, value) for key, value in gap.items()
+                    if (k := _bin_index(key)) is not None)
+    if not points:
+        return False
+    import matplotlib.pyplot as plt  # evaluation.plots has chosen the Agg backend
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.plot(*zip(*points), marker="o", label="FLM (last validation)")
+    ax.axhline(0.0, color="black", linestyle="--", label="exact denoiser")
+    ax.set_xlabel("model time t (alpha)")
+    ax.set_ylabel("cross-entropy gap to the exact denoiser (nats/token)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _bin_index(key: str) -> int | None:
+    prefix = "val/gap_bin"
+    return int(key[len(prefix):]) if key.startswith(prefix) else None
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -206,28 +330,35 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_outputs(out: Path, summaries: dict[str, dict[str, Any]], settings: dict[str, Any],
+                  ladder: Sequence[Model], gaps: dict[str, dict[str, float]] | None = None,
                   ) -> dict[str, Any]:
-    """table.md, table.json, oracle_nll_vs_steps.png under ``out``; returns the JSON."""
-    rows = ladder_rows(summaries)
-    first = summaries[MODELS[0].run]["rows"][0]
+    """table.md, table.json, oracle_nll_vs_steps.png and (with FLM's val/gap) gap_vs_t.png
+    under ``out``; returns the JSON."""
+    gaps = gaps or {}
+    rows = ladder_rows(summaries, ladder, gaps)
+    first = summaries[ladder[0].run]["rows"][0]
     source_entropy = float(first["source_entropy_per_token"])
     header = (f"Synthetic source (exact likelihood): entropy {source_entropy:.4f} nats/token "
               f"over the window (entropy rate {float(first['source_entropy_rate']):.4f}); "
               f"{settings['num_samples']} samples per row, seed {settings['seed']}. "
-              "Gap = oracle NLL/token - source entropy/token; sample entropy = mean unigram "
-              "entropy of a sample (nats).")
+              "Gap = oracle NLL/token - source entropy/token; near-impossible = fraction of "
+              "transitions with probability < 1e-3 under the source; training gap = the "
+              "model's validation cross-entropy minus the exact denoiser's on the same noisy "
+              "inputs (nats/token); sample entropy = mean unigram entropy of a sample (nats).")
     table = markdown_table(rows)
     (out / "table.md").write_text(f"{header}\n\n{table}\n")
     result = {"source_entropy_per_token": source_entropy,
               "source_entropy_rate": float(first["source_entropy_rate"]),
-              "settings": settings, "rows": rows}
+              "settings": settings, "training_gaps": gaps, "rows": rows}
     (out / "table.json").write_text(json.dumps(_json_safe(result), indent=2))
-    plot_summaries = [{"model_name": m.label, "rows": summaries[m.run]["rows"]} for m in MODELS]
+    plot_summaries = [{"model_name": m.label, "rows": summaries[m.run]["rows"]} for m in ladder]
     plot_metric_vs_steps(plot_summaries, "oracle_nll_per_token", "oracle NLL per token (nats)",
                          str(out / "oracle_nll_vs_steps.png"),
                          {"source entropy per token": source_entropy})
-    logger.info("%s\n\n%s\n\nwrote %s, %s, %s", header, table, out / "table.md",
-                out / "table.json", out / "oracle_nll_vs_steps.png")
+    plotted = plot_gap_vs_t(gaps.get("flm", {}), out / "gap_vs_t.png")
+    logger.info("%s\n\n%s\n\nwrote %s, %s, %s%s", header, table, out / "table.md",
+                out / "table.json", out / "oracle_nll_vs_steps.png",
+                f", {out / 'gap_vs_t.png'}" if plotted else " (no val/gap: no gap plot)")
     return result
 
 
@@ -243,23 +374,39 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path, help="directory of the stage runs, "
-                   "table.md, table.json and the plot (must be new or empty)")
-    p.add_argument("--quick", action="store_true", help="CI sizes (~2-3 minutes on a CPU)")
-    p.add_argument("--device", choices=sorted(DEVICE_ACCELERATORS), default="cpu",
-                   help="trainer.accelerator of every stage; cpu also hides CUDA from sampling")
-    p.add_argument("--flm-steps", type=int, default=None, help="FLM optimizer steps "
-                   f"(default {DEFAULT_FLM_STEPS}, --quick {QUICK_FLM_STEPS})")
-    p.add_argument("--distill-steps", type=int, default=None, help="optimizer steps of each "
-                   f"distillation stage (default {DEFAULT_DISTILL_STEPS}, --quick "
-                   f"{QUICK_DISTILL_STEPS})")
+                   "table.md, table.json and the plots (must be new or empty)")
+    p.add_argument("--size", choices=sorted(PRESETS), default=None,
+                   help="preset: quick (CI, a few minutes on a CPU), cpu (default, ~30 min on "
+                   "2 cores), gpu (< 10 min on one H100; implies --device gpu)")
+    p.add_argument("--quick", action="store_true", help="alias of --size quick")
+    p.add_argument("--device", choices=sorted(DEVICE_ACCELERATORS), default=None,
+                   help="trainer.accelerator of every stage; cpu also hides CUDA from sampling "
+                   "(default: gpu for --size gpu, else cpu)")
+    p.add_argument("--flm-steps", type=int, default=None,
+                   help="FLM optimizer steps (default: the preset's)")
+    p.add_argument("--distill-steps", type=int, default=None,
+                   help="optimizer steps of each distillation stage (default: the preset's)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every stage, e.g. "
                    "data.source_seed=3 seed=2 (after the options, or after --)")
     args = p.parse_args(argv)
+    if args.quick and args.size not in (None, "quick"):
+        p.error(f"--quick and --size {args.size} disagree: pass one of them")
+    args.size = "quick" if args.quick else (args.size or "cpu")
+    args.device = args.device or ("gpu" if args.size == "gpu" else "cpu")
     for name in ("flm_steps", "distill_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')}={value}: use a positive number of steps")
     return args
+
+
+def ladder_length(shared: Sequence[str]) -> int:
+    """model.length the stages will use (experiment config + shared overrides)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        config = compose(config_name="config", overrides=[EXPERIMENT, *shared])
+    return int(config.model.length)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -270,25 +417,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"--out {out} is not empty: the stages resume from and overwrite "
                          "what is there; pass a new directory")
     out.mkdir(parents=True, exist_ok=True)
-    flm_steps = args.flm_steps or (QUICK_FLM_STEPS if args.quick else DEFAULT_FLM_STEPS)
-    distill_steps = args.distill_steps or (QUICK_DISTILL_STEPS if args.quick
-                                           else DEFAULT_DISTILL_STEPS)
+    preset = PRESETS[args.size]
+    flm_steps = args.flm_steps or preset.flm_steps
+    distill_steps = args.distill_steps or preset.distill_steps
     shared = [f"trainer.accelerator={DEVICE_ACCELERATORS[args.device]}",
               *(["trainer.devices=1"] if args.device == "gpu" else []),
-              *(QUICK_OVERRIDES if args.quick else ()), *args.overrides]
+              *preset.overrides, *args.overrides]
+    from algo import ALGORITHMS  # the baselines present in this checkout
+
+    ladder = models(preset, ladder_length(shared), list(ALGORITHMS))
     env = stage_env(args.device)
     seconds = {}
-    for name, overrides in stage_commands(out, flm_steps, distill_steps, shared):
+    for name, overrides in stage_commands(out, preset, flm_steps, distill_steps, shared, ladder):
         run = name.split()[-1]
         log_path = out / run / f"{name.split()[0]}.log"
         seconds[name] = run_stage(name, overrides, log_path, env)
     summaries = {m.run: json.loads((eval_dir(out, m.run) / "summary.json").read_text())
-                 for m in MODELS}
-    settings = {"quick": args.quick, "device": args.device, "flm_steps": flm_steps,
+                 for m in ladder}
+    gaps = {m.run: gap for m in ladder if (gap := read_gap(out / m.run))}
+    settings = {"size": args.size, "device": args.device, "flm_steps": flm_steps,
                 "distill_steps": distill_steps, "shared_overrides": [EXPERIMENT, *shared],
                 "num_samples": summaries["flm"]["num_samples"], "seed": summaries["flm"]["seed"],
                 "stage_seconds": seconds, "total_seconds": sum(seconds.values())}
-    return write_outputs(out, summaries, settings)
+    return write_outputs(out, summaries, settings, ladder, gaps)
 
 
 if __name__ == "__main__":

@@ -422,3 +422,86 @@ def test_tokenizer_round_trip_and_oracle_factory():
     tokens = judge.source.sample(8, 16, torch.Generator().manual_seed(0))
     nll_sum, _ = judge.score(tokens, tokenizer.batch_decode(tokens))
     torch.testing.assert_close(nll_sum, -SyntheticSource.from_config(cfg).log_prob(tokens))
+
+
+# ----------------------------------------------------------------------------- sparse form
+
+
+def test_sparse_rows_agree_with_an_independent_dense_computation(monkeypatch):
+    """Sampling, log_prob, entropies and the stationary law read the (S, k) rows; check
+    them against dense numpy built from those rows by a plain loop (eigenvector pi,
+    per-sequence products, law @ P), on a sparse and a dense-row chain."""
+    for source in (tiny_markov(vocab_size=7, num_successors=3, source_seed=11),
+                   tiny_markov(vocab_size=5, num_successors=None, source_seed=12)):
+        s, k = source.successors.shape
+        dense = np.zeros((s, s))
+        for i in range(s):
+            for j in range(k):
+                dense[i, source.successors[i, j]] += source.successor_probs[i, j]
+        np.testing.assert_allclose(dense.sum(1), 1.0, atol=EXACT_TOL)
+        np.testing.assert_array_equal(source.transition_np, dense)
+        values, vectors = np.linalg.eig(dense.T)
+        pi = np.real(vectors[:, np.argmin(np.abs(values - 1))])
+        pi /= pi.sum()
+        np.testing.assert_allclose(source.stationary_np, pi, atol=1e-10)
+        seqs = every_sequence(s, 3)
+        expected = np.array([source.initial_np[a] * dense[a, b] * dense[b, c]
+                             for a, b, c in seqs.tolist()])
+        got = source.log_prob(seqs).exp().numpy()
+        np.testing.assert_allclose(got, expected, atol=EXACT_TOL)
+        row_h = -np.where(dense > 0, dense * np.log(np.where(dense > 0, dense, 1)), 0).sum(1)
+        assert source.entropy_rate() == pytest.approx(pi @ row_h, rel=1e-10)
+        law, value = source.initial_np.copy(), entropy_of(source.initial_np)
+        for _ in range(5):
+            value += law @ row_h
+            law = law @ dense
+        assert source.sequence_entropy(6) == pytest.approx(value, rel=1e-10)
+    # the power-iteration path (used beyond DENSE_SOLVE_LIMIT states) gives the same pi
+    import synthetic
+
+    monkeypatch.setattr(synthetic, "DENSE_SOLVE_LIMIT", 2)
+    iterated = tiny_markov(vocab_size=7, num_successors=3, source_seed=11)
+    monkeypatch.undo()
+    solved = tiny_markov(vocab_size=7, num_successors=3, source_seed=11)
+    np.testing.assert_allclose(iterated.stationary_np, solved.stationary_np, atol=1e-9)
+
+
+def test_gpt2_sized_source_sets_up_without_a_dense_matrix():
+    """V = 50258 (GPT-2's vocabulary + 1): every array the source keeps is O(V k) at most,
+    and it samples, scores and reports entropies from that form."""
+    vocab = 50258
+    source = SyntheticSource(vocab_size=vocab, num_successors=4, source_seed=0)
+    arrays = {name: value for name, value in vars(source).items()
+              if isinstance(value, (np.ndarray, torch.Tensor))}
+    assert arrays, "the source keeps its parameters as arrays"
+    for name, value in arrays.items():
+        assert np.prod(value.shape) <= 4 * vocab, (name, tuple(value.shape))
+    tokens = source.sample(4, 32, torch.Generator().manual_seed(0))
+    log_p = source.log_prob(tokens)
+    # independent: sum of log P[a, b] looked up row by row in the sparse form
+    for row, value in zip(tokens.tolist(), log_p.tolist()):
+        expected = math.log(source.initial_np[row[0]])
+        for a, b in zip(row[:-1], row[1:]):
+            hit = np.nonzero(source.successors[a] == b)[0]
+            assert hit.size == 1
+            expected += math.log(source.successor_probs[a, hit[0]])
+        assert value == pytest.approx(expected, rel=1e-12)
+    pi = source.stationary_np
+    step = np.bincount(source.successors.ravel(), (pi[:, None] * source.successor_probs).ravel(),
+                       minlength=vocab)
+    assert np.abs(step - pi).max() < 1e-9
+    assert 0 < source.entropy_rate() < math.log(4)
+
+
+def test_near_impossible_fraction_counts_transitions_below_the_threshold():
+    from evaluation.oracle import NEAR_IMPOSSIBLE_PROBABILITY, near_impossible_fraction
+
+    source = tiny_markov(vocab_size=6, num_successors=None, dirichlet_alpha=0.1, source_seed=4)
+    dense = source.transition_np
+    tokens = torch.randint(0, 6, (50, 9), generator=torch.Generator().manual_seed(1))
+    low = [dense[a, b] < NEAR_IMPOSSIBLE_PROBABILITY for row in tokens.tolist()
+           for a, b in zip(row[:-1], row[1:])]
+    assert 0 < sum(low) < len(low)  # the check below can fail both ways
+    assert near_impossible_fraction(source, tokens) == pytest.approx(np.mean(low), abs=1e-12)
+    report = OracleJudge(source).report(tokens)
+    assert report["oracle_near_impossible_fraction"] == pytest.approx(np.mean(low), abs=1e-12)
