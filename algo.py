@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor
 
 import utils
 from data.sampler import global_batch_slot
@@ -48,6 +45,7 @@ from flow.schedule import AlphaGammaTable
 from models.dit import build_backbone
 from models.ema import EMA
 from models.loss_weight import LossWeighting
+from models.parallelize import compile_network, compile_requested, shard_fsdp
 from models.teacher import initialise_student, load_teacher, oracle_teacher
 
 log = logging.getLogger(__name__)
@@ -64,11 +62,6 @@ def draw_seed(seed: int, step: int, slot: int, stream: int) -> int:
     draws on 1 GPU with accumulation as on N GPUs, and after a resume.
     """
     return ((((seed * _SEED_STRIDE) + step) * _SEED_STRIDE + slot) * 4 + stream) % (2**63 - 1)
-
-
-def compile_requested(config: DictConfig) -> bool:
-    env = os.environ.get("DIT_USE_COMPILE", "").upper()
-    return bool(config.training.compile) or env == "TRUE"
 
 
 class FlowLM(pl.LightningModule):
@@ -93,7 +86,7 @@ class FlowLM(pl.LightningModule):
         self.ema = EMA(self.backbone, config.training.ema)
         self.sharded = utils.fsdp_training(config)  # configure_model shards under the trainer
         if compile_requested(config) and not self.sharded:
-            self.backbone.compile()  # under FSDP, configure_model compiles block by block
+            compile_network(self.backbone)  # under FSDP, configure_model compiles block by block
         self._noise_generator: torch.Generator | None = None
 
     def build_network(self, config: DictConfig, vocab_size: int) -> torch.nn.Module:
@@ -105,24 +98,12 @@ class FlowLM(pl.LightningModule):
         time MLPs, output layer) and the loss weighting, over all ranks; the EMA is sharded
         alike. Weights read outside a forward would be shards: the FLM input is therefore built
         inside the backbone's forward (models/dit.py)."""
-        if not self.sharded or isinstance(self.backbone, FSDPModule):
+        if not self.sharded:
             return
-        mesh = self.device_mesh["data_parallel"]
-        reshard = bool(self.config.strategy.reshard_after_forward)
-        for block in self.backbone.blocks:
-            if compile_requested(self.config):
-                block.compile()
-            fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
-        fully_shard(self.backbone, mesh=mesh, reshard_after_forward=reshard)
-        if self.loss_weighting is not None:
-            fully_shard(self.loss_weighting, mesh=mesh, reshard_after_forward=reshard)
-        left = [n for n, p in self.named_parameters() if not isinstance(p, DTensor)]
-        if left:  # their gradients would not be reduced across ranks
-            raise RuntimeError(f"strategy=fsdp left parameters unsharded: {left[:5]}")
-        self.ema.shard_like(self.backbone)
-        log.info("strategy=fsdp: %d blocks + the backbone's remaining weights sharded over %d "
-                 "ranks (reshard_after_forward=%s)", len(self.backbone.blocks), mesh.size(),
-                 reshard)
+        extra = [self.loss_weighting] if self.loss_weighting is not None else []
+        shard_fsdp(self.backbone, extra, self.ema, self.device_mesh["data_parallel"],
+                   bool(self.config.strategy.reshard_after_forward),
+                   compile_blocks=compile_requested(self.config))
 
     loss_weight_times = 1  # times the learnable loss weighting reads (0: none applied)
 
@@ -373,7 +354,7 @@ class FlowMapDistillation(FlowLM):
             teacher = load_teacher(path, path_key, self.config.model, self.vocab_size,
                                    expected_algo)
         if compile_requested(self.config):
-            teacher.compile()
+            compile_network(teacher)
         self._teachers[name] = teacher
         return teacher
 

@@ -8,11 +8,16 @@ Prints one table.
 from __future__ import annotations
 
 import logging
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from models.dit import DiT, attention, math_attention
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+
+from models.dit import DiT, attention, math_attention  # noqa: E402
+from models.parallelize import compile_network  # noqa: E402
 
 
 def check(dtype: torch.dtype, causal: bool, b=4, h=12, length=1024, hd=64) -> dict:
@@ -56,7 +61,7 @@ def dit_check() -> dict:
     t, t2 = torch.rand(2), torch.rand(2)
     ref = net.double().logits_from_state(z.double(), t, t2)
     gpu = net.float().cuda()
-    gpu.compile()
+    compile_network(gpu)
     out = gpu.logits_from_state(z.cuda(), t.cuda(), t2.cuda())
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out_bf16 = gpu.logits_from_state(z.cuda(), t.cuda(), t2.cuda())

@@ -47,6 +47,7 @@ from flow.flow_map import (  # noqa: E402
 )
 from flow.path import joint_gaussian_projection  # noqa: E402
 from flow.schedule import AlphaGammaTable  # noqa: E402
+from models.parallelize import compile_network  # noqa: E402
 from models.teacher import initialise_student  # noqa: E402
 
 BOUNDARY_PROB = 64
@@ -105,7 +106,7 @@ def networks(args, stage: int, compiled: bool) -> list[torch.nn.Module]:
     nets.append(student.train())
     if compiled:
         for net in nets:
-            net.compile()
+            compile_network(net)
     return nets
 
 

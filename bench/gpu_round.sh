@@ -19,7 +19,7 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 STAGES="${STAGES:-attention train}"
 stage() { local name="$1"; shift; local t0; t0=$(date +%s)
   echo "== $name: $*"; "$@" > "$OUT/$name.log" 2>&1; local rc=$?

@@ -85,7 +85,7 @@ def make_net(args, double_temb: bool, compiled: bool):
     with torch.no_grad():
         net.output_layer.linear.weight.normal_(0, 0.02)
     if compiled:  # the samplers call features() and head() directly, not forward()
-        net.features = torch.compile(net.features)
+        net.features = torch.compile(net.features, dynamic=False)
         net.head = torch.compile(net.head, dynamic=False)
     return net
 

@@ -44,6 +44,7 @@ from flow.losses import (  # noqa: E402
 )
 from flow.path import noisy_input  # noqa: E402
 from flow.schedule import AlphaGammaTable  # noqa: E402
+from models.parallelize import compile_network  # noqa: E402
 
 
 def make_step(model, table, variant: str, fused_ce: str, device: torch.device):
@@ -89,7 +90,7 @@ def measure(model_cfg, vocab: int, variant: str, batch: int, compiled: bool, fus
     model = backbone(model_cfg, vocab, device=device)
     try:
         if compiled:
-            model.compile()
+            compile_network(model)
         table = AlphaGammaTable(vocab).to(device)
         step, row["ce"] = make_step(model, table, variant, fused_ce, device)
         tokens = torch.randint(0, vocab, (batch, model_cfg.length), device=device)
