@@ -40,7 +40,7 @@ for s in $STAGES; do
     sampling) stage sampling python bench/sampling_step.py ;;
     distill) stage distill python bench/distill_step.py --modes compiled ;;
     e2e) stage e2e python bench/end_to_end.py ;;
-    ladder) stage ladder bash scripts/synthetic_table.sh --size gpu --out /tmp/runs/ladder; cp /tmp/runs/ladder/table.md "$OUT/ladder_table.md" ;;
+    ladder) stage ladder bash scripts/synthetic_table.sh --size gpu --out /tmp/runs/ladder; cp /tmp/runs/ladder/table.md "$OUT/ladder_table.md"; cp /tmp/runs/ladder/table.json "$OUT/ladder_table.json" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done
