@@ -14,8 +14,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import utils
+from data.exact_denoiser import ORACLE, gap_denoiser, gap_metrics
 from data.sampler import global_batch_slot
-from exact_denoiser import ORACLE, gap_denoiser, gap_metrics
 from flow import masked
 from flow.autoregressive import (
     FIRST_TOKEN_MODES,

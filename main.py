@@ -38,7 +38,7 @@ from checkpointing import (
     remove_stale_temporaries,
     write_run_id,
 )
-from exact_denoiser import ORACLE, check_denoiser_choice, oracle_sampling_module
+from data.exact_denoiser import ORACLE, check_denoiser_choice, oracle_sampling_module
 
 log = logging.getLogger("main")
 

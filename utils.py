@@ -9,8 +9,6 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from exact_denoiser import ORACLE
-
 log = logging.getLogger(__name__)
 
 MODES = ("train", "ppl_eval", "sample_eval", "generate")
@@ -134,6 +132,7 @@ def _check_distributed_and_reliability(config: DictConfig) -> None:
             "teachers fit on one GPU for DiT small/medium)")
     for key in TEACHER_KEYS:
         path = config.algo.get(key)
+        from data.exact_denoiser import ORACLE  # here: data imports utils
         if path is not None and path != ORACLE:
             from models.load import check_location  # a file, a Hugging Face folder or repo id
             check_location(path, f"algo.{key}")

@@ -6,7 +6,7 @@ collate stacks them to (B, L).
 
 Datasets (``data.name``):
   embedded   public-domain Shakespeare shipped in assets/ (no network), tokenised in memory
-  synthetic  the exact-likelihood source of ``synthetic.py``
+  synthetic  the exact-likelihood source of ``data/synthetic.py``
   other      a Hugging Face Hub dataset (``data.hf_path``), tokenised once into a cache under
              ``data.cache_dir`` and read back (:mod:`data.hub`)
 """
@@ -48,7 +48,7 @@ def get_datasets(config: DictConfig, tokenizer: Any) -> tuple[Any, Any]:
     """(train, valid) datasets of ``{"input_ids", "attention_mask"}`` items of length model.length."""
     data, length = config.data, config.model.length
     if data.name == "synthetic":
-        import synthetic
+        from data import synthetic
 
         return synthetic.make_datasets(data, length)
     if data.name == "embedded":

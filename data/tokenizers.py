@@ -90,7 +90,7 @@ def get_tokenizer(config: DictConfig) -> Any:
     ``<data.cache_dir>/tokenizers/``, where ``scripts/prepare_data.py`` saves it)."""
     data = config.data
     if data.name == "synthetic":
-        import synthetic
+        from data import synthetic
 
         return synthetic.make_tokenizer(data)
     from transformers import PreTrainedTokenizerFast

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from synthetic import SyntheticSource
+from data.synthetic import SyntheticSource
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from checkpointing import ARCHITECTURE_KEYS
-from exact_denoiser import ORACLE, ExactDenoiser
+from data.exact_denoiser import ORACLE, ExactDenoiser
 from models.dit import DiT
 from models.load import load_backbone
 from utils import ConfigError

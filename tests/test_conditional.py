@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from data.synthetic import SyntheticSource, all_sequences
 from flow.losses import denoiser_cross_entropy
 from flow.path import noisy_input
 from flow.sampling import (
@@ -23,7 +24,6 @@ from flow.sampling import (
 )
 from flow.schedule import AlphaGammaTable
 from models.dit import DiT
-from synthetic import SyntheticSource, all_sequences
 from tests.helpers import ExactDenoiser
 
 EPS = 1e-5

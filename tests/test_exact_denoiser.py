@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from exact_denoiser import (
+from data.exact_denoiser import (
     ExactDenoiser,
     gap_metrics,
     gathered_logsumexp,
     inverse_index,
     observation_log_likelihood,
 )
+from data.synthetic import SyntheticSource, all_sequences
 from flow.sampling import initial_state, sample_euler
-from synthetic import SyntheticSource, all_sequences
 from tests.helpers import total_variation
 
 
@@ -213,7 +213,7 @@ def test_oracle_teacher_drives_stage1_and_fmlm_losses_and_samplers():
 
 
 def test_eval_denoiser_choice_errors_name_the_key():
-    from exact_denoiser import check_denoiser_choice
+    from data.exact_denoiser import check_denoiser_choice
     from tests.helpers import compose_config
     from utils import ConfigError
 

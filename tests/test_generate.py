@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import data
+from data.synthetic import SyntheticTokenizer
 from flow.sampling import initial_state, sample_euler
 from flow.schedule import AlphaGammaTable
 from models import generate
 from models.dit import DiT
 from models.generate import infill_known, parse_infill, prompt_known
-from synthetic import SyntheticTokenizer
 from tests.helpers import compose_config
 from tests.test_main import TINY, run_main
 from utils import ConfigError

@@ -15,14 +15,14 @@ from omegaconf import OmegaConf
 from scipy import stats
 from torch.utils.data import DataLoader
 
-from evaluation.oracle import OracleJudge, build_oracle_judge, oracle_report
-from synthetic import (
+from data.synthetic import (
     SyntheticSequences,
     SyntheticSource,
     SyntheticTokenizer,
     make_datasets,
     make_tokenizer,
 )
+from evaluation.oracle import OracleJudge, build_oracle_judge, oracle_report
 
 MC_SIGMAS = 4.0  # Monte Carlo tolerance in standard errors (two-sided p ~ 6e-5)
 CHI2_MIN_P_VALUE = 1e-4  # smallest accepted p-value of a goodness-of-fit test
@@ -457,7 +457,7 @@ def test_sparse_rows_agree_with_an_independent_dense_computation(monkeypatch):
             law = law @ dense
         assert source.sequence_entropy(6) == pytest.approx(value, rel=1e-10)
     # the power-iteration path (used beyond DENSE_SOLVE_LIMIT states) gives the same pi
-    import synthetic
+    from data import synthetic
 
     monkeypatch.setattr(synthetic, "DENSE_SOLVE_LIMIT", 2)
     iterated = tiny_markov(vocab_size=7, num_successors=3, source_seed=11)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from synthetic import SyntheticSource
+from data.synthetic import SyntheticSource
 from tests.helpers import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -137,7 +137,7 @@ def densify(columns: np.ndarray, values: np.ndarray, num_columns: int) -> np.nda
     if rows * num_columns > DENSE_ELEMENT_LIMIT:
         raise ValueError(
             f"a dense ({rows}, {num_columns}) matrix exceeds DENSE_ELEMENT_LIMIT="
-            f"{DENSE_ELEMENT_LIMIT} (synthetic.py); use the sparse (rows, k) form"
+            f"{DENSE_ELEMENT_LIMIT} (data/synthetic.py); use the sparse (rows, k) form"
         )
     dense = np.zeros((rows, num_columns))
     np.put_along_axis(dense, columns, values, axis=1)
@@ -518,7 +518,7 @@ class SyntheticSource:
         if total > ENUMERATION_LIMIT:
             raise ValueError(
                 f"enumerating {self.vocab_size}**{length} sequences exceeds ENUMERATION_LIMIT="
-                f"{ENUMERATION_LIMIT} (synthetic.py); use monte_carlo_sequence_entropy"
+                f"{ENUMERATION_LIMIT} (data/synthetic.py); use monte_carlo_sequence_entropy"
             )
         entropy = 0.0
         chunk = max(1, FORWARD_ELEMENT_BUDGET // (self.num_states**2))
@@ -551,7 +551,7 @@ def all_sequences(
 
 
 # --------------------------------------------------------------------------------------
-# Data hooks called by dataloader.py
+# Data hooks called by data/module.py and data/tokenizers.py
 
 
 class SyntheticTokenizer:

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data.synthetic import SyntheticSource
 from flow.schedule import AlphaGammaTable
-from synthetic import SyntheticSource
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class ExactDenoiser(torch.nn.Module):
         if vocab > MAX_ORACLE_VOCAB:
             raise ValueError(f"the exact denoiser keeps (B, L, V) states and a (V, V) identity "
                              f"embedding; data.vocab_size={vocab} exceeds MAX_ORACLE_VOCAB="
-                             f"{MAX_ORACLE_VOCAB} (exact_denoiser.py): use a smaller source")
+                             f"{MAX_ORACLE_VOCAB} (data/exact_denoiser.py): use a smaller source")
         self.vocab_size = vocab
         self.source_kind = source.source_kind
         self.input_embedding = torch.nn.Parameter(torch.eye(vocab, dtype=torch.float64),
@@ -210,7 +210,7 @@ def gap_denoiser(data_cfg: Mapping[str, Any]) -> ExactDenoiser | None:
     for its (B, L, V) states."""
     if int(data_cfg["vocab_size"]) > MAX_ORACLE_VOCAB:
         log.warning("val/gap is not logged: data.vocab_size=%s exceeds MAX_ORACLE_VOCAB=%d "
-                    "(exact_denoiser.py)", data_cfg["vocab_size"], MAX_ORACLE_VOCAB)
+                    "(data/exact_denoiser.py)", data_cfg["vocab_size"], MAX_ORACLE_VOCAB)
         return None
     return ExactDenoiser.from_data_config(data_cfg)
 
@@ -304,16 +304,16 @@ def check_denoiser_choice(config: Any) -> None:
                           "unset it (the data config defines the source)")
     if int(config.data.vocab_size) > MAX_ORACLE_VOCAB:
         raise ConfigError(f"eval.denoiser={ORACLE}: data.vocab_size={config.data.vocab_size} "
-                          f"exceeds MAX_ORACLE_VOCAB={MAX_ORACLE_VOCAB} (exact_denoiser.py)")
+                          f"exceeds MAX_ORACLE_VOCAB={MAX_ORACLE_VOCAB} (data/exact_denoiser.py)")
 
 
 def oracle_sampling_module(config: Any) -> tuple[OracleSampler, Any]:
     """(sampler module on the GPU when there is one, data tokenizer) for eval.denoiser=oracle;
     model.length from the current config."""
-    import dataloader
+    import data
 
     check_denoiser_choice(config)
-    tokenizer = dataloader.get_tokenizer(config)
+    tokenizer = data.get_tokenizer(config)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     log.info("sample_eval with the exact denoiser of the %s source (Euler sampler)",
              config.data.source_kind)
