@@ -248,8 +248,10 @@ class FlowLM(pl.LightningModule):
                                    STATE_DTYPES[sc.state_dtype])
         self.train(was_training)
         texts = self.tokenizer.batch_decode(tokens.cpu(), skip_special_tokens=True)
-        for i, text in enumerate(texts):
-            log.info("sample %d %s (%d steps): %s", i, label, int(sc.steps[0]), text)
+        for i, (text, ids) in enumerate(zip(texts, tokens.tolist())):
+            shown = text if text.strip() else (  # e.g. an untrained model: all one special token
+                "(only special tokens) " + self.tokenizer.decode(ids[:16]) + " ...")
+            log.info("sample %d %s (%d steps): %s", i, label, int(sc.steps[0]), shown)
         return texts
 
     @torch.no_grad()
