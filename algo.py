@@ -257,7 +257,7 @@ class FlowLM(pl.LightningModule):
     @torch.no_grad()
     def generate(self, num_samples: int, steps: int, generator: torch.Generator | None = None,
                  state_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Tokens (num_samples, L) with the current backbone weights: Euler (flm-math §4),
+        """Tokens (num_samples, L) with the current backbone weights: Euler (docs/math.md §4),
         or the FMLM sampler when the backbone is a flow map f(z, t_i, t_{i+1}) (§6)."""
         sc = self.config.sampling
         noise = initial_state(self.backbone, num_samples, self.config.model.length, generator,
@@ -371,7 +371,7 @@ class FlowMapDistillation(FlowLM):
         self.ema = EMA(self.backbone, self.config.training.ema)
 
     def draw_interval(self, n: int, step: int, batch_idx: int) -> Interval:
-        """(s, u, t) per sequence (flm-math §5): d like FLM's times, s and the boundary seeded."""
+        """(s, u, t) per sequence (docs/math.md §5): d like FLM's times, s and the boundary seeded."""
         ac = self.config.algo
         length = self.draw_times(n, step, batch_idx)
         slot, _ = self._slot(batch_idx)
@@ -398,7 +398,7 @@ class FlowMapDistillation(FlowLM):
 
 
 class FLMDistill(FlowMapDistillation):
-    """algo=flm_distill: stage-1 flow map X = x + Δ·v_T + ½Δ²·g_θ (flm-math §5)."""
+    """algo=flm_distill: stage-1 flow map X = x + Δ·v_T + ½Δ²·g_θ (docs/math.md §5)."""
 
     network_calls_per_step = 2  # teacher and student at every sampling step
 
@@ -430,7 +430,7 @@ class FLMDistill(FlowMapDistillation):
 
 
 class FLMDistillSecond(FlowMapDistillation):
-    """algo=flm_distill_second (FMLM): one network regressed on the stage-1 map (flm-math §6)."""
+    """algo=flm_distill_second (FMLM): one network regressed on the stage-1 map (docs/math.md §6)."""
 
     sampler_two_times = True  # FMLM: p = softmax(f(z, t_i, t_{i+1}))
     loss_weight_times = 0  # the paper's stage-2 loss is unweighted (its weighting is never applied)

@@ -291,7 +291,7 @@ def sample_eval(config: DictConfig) -> None:
 
 def generate_text(config: DictConfig) -> None:
     """mode=generate: prompt continuation or infilling from ``eval.checkpoint_path``
-    (docs/conditional.md); prints the texts and writes them with the settings to
+    (docs/math.md §9); prints the texts and writes them with the settings to
     ``generate.output_path``."""
     from models.generate import generate, infill_known, parse_infill, prompt_known
     gc, sc = config.generate, config.sampling

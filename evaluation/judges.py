@@ -1,4 +1,4 @@
-"""Judges: models that score generated text (flm-math §8).
+"""Judges: models that score generated text (docs/math.md §8).
 
 A judge turns N samples into a per-sample negative log-likelihood sum and a
 per-sample count of scored tokens; generative perplexity over a sample set is

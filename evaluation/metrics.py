@@ -1,7 +1,7 @@
 """Sample-quality metrics that need no model: entropy, distinct-n, generative perplexity.
 
 Entropy and distinct-n are per sample, over the tokens the caller passes (the clean
-protocol drops BOS/EOS/PAD, the paper protocol keeps all L ids); low entropy with low perplexity means repetitive text (flm-math §8).
+protocol drops BOS/EOS/PAD, the paper protocol keeps all L ids); low entropy with low perplexity means repetitive text (docs/math.md §8).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Flow-map algebra and the two distillation objectives (flm-math §5-6).
+"""Flow-map algebra and the two distillation objectives (docs/math.md §5-6).
 
 The flow map ``X_{s,t}`` sends a state at time ``s`` to time ``t``. With
 ``Δ = γ_t - γ_s`` and the teacher velocity ``v_s(x) = (p_T(x, s) - x) / (1 - γ_s)``:
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from flow.schedule import AlphaGammaTable
 
-MIN_INTERVAL = 1e-6  # d = t - s is clamped below at this (flm-math §5)
+MIN_INTERVAL = 1e-6  # d = t - s is clamped below at this (docs/math.md §5)
 
 
 # ---- times ----------------------------------------------------------------------
@@ -55,7 +55,7 @@ class Interval:
 def interval_endpoints(length_draw: torch.Tensor, position_draw: torch.Tensor,
                        boundary_draw: torch.Tensor, boundary_prob: float, add_boundary: bool,
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, t) from three U[0, 1) draws per sequence (B,) (flm-math §5).
+    """(s, t) from three U[0, 1) draws per sequence (B,) (docs/math.md §5).
 
     ``d = max(length_draw, MIN_INTERVAL)``, ``s = position_draw·(1 - d)``,
     ``t = s + d``; with ``add_boundary``, ``(s, t) = (0, 1)`` where
@@ -88,7 +88,7 @@ def teacher_velocity(x: torch.Tensor, p: torch.Tensor, gamma_s: torch.Tensor,
 
 def flow_map(x: torch.Tensor, p: torch.Tensor, g: torch.Tensor | None, gamma_s: torch.Tensor,
              gamma_t: torch.Tensor, denominator_eps: float = 0.0) -> torch.Tensor:
-    """X_{s,t}(x) = x + Δ·v_s(x) + ½Δ²·g (flm-math §5); g = None is one Euler step.
+    """X_{s,t}(x) = x + Δ·v_s(x) + ½Δ²·g (docs/math.md §5); g = None is one Euler step.
 
     Affine in (x, p, g): pass ``x @ E``, ``p @ E``, ``g @ E`` to get ``X_{s,t}(x) @ E``.
     """
@@ -156,7 +156,7 @@ def clean_projection(networks, tokens: torch.Tensor) -> torch.Tensor:
 
 def noisy_projection(networks, tokens: torch.Tensor, gamma: torch.Tensor,
                      noise_projection: torch.Tensor) -> torch.Tensor:
-    """x_γ @ [E_1 | ...] = (1 - γ)·(eps @ [E_1 | ...]) + γ·e(x) @ [E_1 | ...] (flm-math §3)."""
+    """x_γ @ [E_1 | ...] = (1 - γ)·(eps @ [E_1 | ...]) + γ·e(x) @ [E_1 | ...] (docs/math.md §3)."""
     g = _per_sequence(gamma, noise_projection)
     clean = clean_projection(networks, tokens).to(noise_projection.dtype)
     return (1 - g) * noise_projection + g * clean
@@ -168,7 +168,7 @@ def _project(v: torch.Tensor, embeddings: list[torch.Tensor]) -> torch.Tensor:
         return v @ torch.cat([e.detach() for e in embeddings], dim=1).to(v.dtype)
 
 
-# ---- stage 1: self-consistency of the flow map (flm-math §5) --------------------------
+# ---- stage 1: self-consistency of the flow map (docs/math.md §5) --------------------------
 def semigroup_loss(teacher, student, tokens: torch.Tensor, interval: Interval,
                    noise_projection: torch.Tensor) -> torch.Tensor:
     """Stage-1 loss per token Σ_V (x̂_1 - x̃_1)² (B, L), from D-space inputs only.
@@ -231,7 +231,7 @@ def noisy_projection_reference(tokens: torch.Tensor, gamma: torch.Tensor, noise:
     return (1 - g) * noise + g * F.one_hot(tokens, vocab).to(noise.dtype)
 
 
-# ---- stage 2: regression of a one-network map on the stage-1 map (flm-math §6) --------
+# ---- stage 2: regression of a one-network map on the stage-1 map (docs/math.md §6) --------
 def flow_map_matching_loss(teacher, map_model, student, tokens: torch.Tensor,
                            interval: Interval, noise_projection: torch.Tensor) -> torch.Tensor:
     """Stage-2 loss per token Σ_V (X_{s,t}(x_s) - X̃_{s,t}(x_s))² (B, L), D-space inputs.

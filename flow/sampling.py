@@ -43,7 +43,7 @@ def check_known(known_tokens: torch.Tensor | None, known_mask: torch.Tensor | No
 
 def clamp_known(h: torch.Tensor, clean: torch.Tensor | None, mask: torch.Tensor | None,
                 ) -> torch.Tensor:
-    """Known positions of the state set to their clean one-hot through E (docs/conditional.md).
+    """Known positions of the state set to their clean one-hot through E (docs/math.md §9).
 
     h: (B, L, D) state; clean: (B, L, D) = E[known_tokens]; mask: (B, L). No-op without a mask.
     """
@@ -128,7 +128,7 @@ def sample_euler(network, table: AlphaGammaTable, noise: torch.Tensor, steps: in
     (FMLM, docs/math.md §6): the same update with p = softmax(f(z, t_i, t_{i+1})).
     ``known_tokens``/``known_mask`` (B, L): the known positions are clamped to their
     clean one-hot (through E) at the start and after every step, and returned as given
-    (docs/conditional.md).
+    (docs/math.md §9).
     """
     mask = check_known(known_tokens, known_mask, tuple(noise.shape[:2]),
                        network.input_embedding.shape[0])

@@ -1,4 +1,4 @@
-"""The alpha <-> gamma time table (flm-math §2).
+"""The alpha <-> gamma time table (docs/math.md §2).
 
 The model's time ``t`` is the discrete signal level ``alpha``: the probability,
 rescaled to [0, 1], that the argmax of ``x_gamma = (1 - gamma)·eps + gamma·e(x)``

@@ -1,4 +1,4 @@
-"""Conditional generation: prompts and infilling for FLM, stage 1 and FMLM (docs/conditional.md).
+"""Conditional generation: prompts and infilling for FLM, stage 1 and FMLM (docs/math.md §9).
 
 ``generate`` is the Python entry point; ``main.py mode=generate`` uses the same function with
 the text helpers below (``prompt_known``, ``parse_infill``, ``infill_known``). Known positions
@@ -62,7 +62,7 @@ def generate(backbone, prompt_ids: Sequence[int] | torch.Tensor | None = None,
     Example (``tok``: the data tokenizer; stage 1: also pass ``teacher=``)::
 
         from models import generate; from models.load import load_backbone
-        backbone = load_backbone("last.ckpt").cuda().eval()
+        backbone, settings = load_backbone("last.ckpt"); backbone = backbone.cuda()
         prompt = [tok.bos_token_id, *tok("The city of", add_special_tokens=False)["input_ids"]]
         tokens = generate(backbone, prompt, steps=128, num_samples=4,
                           generator=torch.Generator("cuda").manual_seed(0))  # (4, L)

@@ -1,4 +1,4 @@
-"""Learnable loss weighting w_phi(t) or w_phi(s, t) (flm-math §3, §5)."""
+"""Learnable loss weighting w_phi(t) or w_phi(s, t) (docs/math.md §3, §5)."""
 
 from __future__ import annotations
 

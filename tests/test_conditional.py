@@ -1,4 +1,4 @@
-"""Conditioning by clamping (docs/conditional.md) against exact conditional laws.
+"""Conditioning by clamping (docs/math.md §9) against exact conditional laws.
 
 The source is a small synthetic Markov chain (synthetic.SyntheticSource), whose law over all
 V**L sequences is enumerated; the conditional law of the unknown positions given the known

@@ -1,4 +1,4 @@
-"""Distillation modules end to end on the CPU: FLM -> stage 1 -> stage 2 (flm-math §5-6)."""
+"""Distillation modules end to end on the CPU: FLM -> stage 1 -> stage 2 (docs/math.md §5-6)."""
 
 import logging
 

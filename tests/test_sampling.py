@@ -1,4 +1,4 @@
-"""Euler sampler: exact denoiser convergence, D-space vs V-space (flm-math §4)."""
+"""Euler sampler: exact denoiser convergence, D-space vs V-space (docs/math.md §4)."""
 
 import torch
 

@@ -1,4 +1,4 @@
-"""alpha <-> gamma table against Monte Carlo and its own inverse (flm-math §2)."""
+"""alpha <-> gamma table against Monte Carlo and its own inverse (docs/math.md §2)."""
 
 import math
 
