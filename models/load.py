@@ -78,6 +78,8 @@ class BackboneSettings:
     causal: bool
     source: str  # project | paper-lightning | paper-hub
     global_step: int | None = None
+    network_vocab: int | None = None  # the backbone's own rows when they differ from the data
+    # vocabulary (vocab_size): the MDLM mask token, the AR start token
     saved_config: Any = field(default=None, compare=False, repr=False)  # ours: the run's config
 
     def model_config(self) -> dict[str, Any]:
@@ -88,7 +90,7 @@ class BackboneSettings:
 
 
 def build_from_settings(settings: BackboneSettings) -> DiT:
-    return DiT(vocab_size=settings.vocab_size, length=settings.length,
+    return DiT(vocab_size=settings.network_vocab or settings.vocab_size, length=settings.length,
                hidden_size=settings.hidden_size, n_blocks=settings.n_blocks,
                n_heads=settings.n_heads, cond_dim=settings.cond_dim, dropout=settings.dropout,
                mlp_ratio=settings.mlp_ratio, double_temb=settings.double_temb,
@@ -249,6 +251,12 @@ def _select(config: Any, key: str) -> Any:
     return OmegaConf.select(config, key, default=None, throw_on_resolution_failure=False)
 
 
+def _network_vocab(state_dict: dict) -> int | None:
+    """Rows of the saved backbone's input embedding (None when it is not saved)."""
+    embedding = state_dict.get("backbone.input_embedding")
+    return None if embedding is None else int(embedding.shape[0])
+
+
 def _project_settings(source: _Source, what: str) -> tuple[BackboneSettings, DictConfig]:
     hyper = source.checkpoint.get("hyper_parameters") or {}
     if "config" not in hyper or "vocab_size" not in hyper:
@@ -269,7 +277,8 @@ def _project_settings(source: _Source, what: str) -> tuple[BackboneSettings, Dic
         algo=str(saved.algo.name), dropout=float(model.dropout),
         attn_softcap=None if model.attn_softcap is None else float(model.attn_softcap),
         causal=str(saved.algo.name) in CAUSAL_ALGOS, source="project",
-        global_step=source.checkpoint.get("global_step"), saved_config=saved)
+        global_step=source.checkpoint.get("global_step"), saved_config=saved,
+        network_vocab=_network_vocab(source.checkpoint.get("state_dict") or {}))
     return settings, saved
 
 

@@ -320,6 +320,8 @@ def test_run_lock_refuses_a_second_holder_and_takes_over_a_stale_one(tmp_path, c
 
 # keys read by Hydra, Lightning or OmegaConf interpolation rather than by name in our code
 READ_OUTSIDE_THE_SOURCES = {"defaults", "hydra"}
+# keys whose value is a mapping of data (split name -> size), read as a whole
+DATA_MAPPINGS = {"hf_split_sizes"}
 
 
 def _config_files() -> list[Path]:
@@ -333,7 +335,7 @@ def _sources() -> str:
 
 
 def _leaf_keys(tree, prefix=()):
-    if isinstance(tree, dict):
+    if isinstance(tree, dict) and not (prefix and prefix[-1] in DATA_MAPPINGS):
         for key, value in tree.items():
             yield from _leaf_keys(value, (*prefix, str(key)))
     else:
