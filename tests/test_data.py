@@ -209,7 +209,8 @@ def test_synthetic_branch_dispatches_lazily(tmp_path, monkeypatch):
     fake = types.ModuleType("synthetic")
     fake.make_tokenizer = lambda data: calls.append(("tok", data.name)) or "TOKENIZER"
     fake.make_datasets = lambda data, length: calls.append(("ds", length)) or ("TRAIN", "VALID")
-    monkeypatch.setitem(sys.modules, "synthetic", fake)
+    monkeypatch.setitem(sys.modules, "data.synthetic", fake)
+    monkeypatch.setattr(D, "synthetic", fake, raising=False)
     config = make_config(tmp_path, name="synthetic")
     assert D.get_tokenizer(config) == "TOKENIZER"
     assert D.get_datasets(config, "TOKENIZER") == ("TRAIN", "VALID")
