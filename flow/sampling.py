@@ -98,8 +98,8 @@ def denoised_projection(network, h: torch.Tensor, t: torch.Tensor, t2: torch.Ten
     """x1 prediction through E: (B, L, D) -> (softmax(f) @ E (B, L, D), argmax f (B, L)).
 
     The (B, chunk, V) logits exist for one chunk of positions at a time. The
-    softmax and ``p @ E`` are float32 with autocast off (TF32 matmuls where
-    enabled), as the paper's sampler keeps its state float32 under a bf16
+    softmax and ``p @ E`` run with autocast off in float32 (float64 for a float64
+    network), as the paper's sampler keeps its state float32 under a bf16
     backbone. ``project=False`` (the last step, where z = p and
     argmax z = argmax p = argmax f) returns ``(None, argmax f)`` without ``p @ E``.
     """
@@ -107,11 +107,12 @@ def denoised_projection(network, h: torch.Tensor, t: torch.Tensor, t2: torch.Ten
     e = network.input_embedding
     proj, tokens = [], []
     for start in range(0, hidden.shape[1], position_chunk):
-        logits = network.head(hidden[:, start:start + position_chunk], c).float()
+        logits = network.head(hidden[:, start:start + position_chunk], c)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> float32
         tokens.append(logits.argmax(dim=-1))
         if project:
             with _no_autocast(logits):  # the state update stays in the state's precision
-                proj.append(torch.softmax(logits, dim=-1) @ e.float())
+                proj.append(torch.softmax(logits, dim=-1) @ e.to(logits.dtype))
     return (torch.cat(proj, dim=1) if project else None), torch.cat(tokens, dim=1)
 
 
