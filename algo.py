@@ -251,7 +251,7 @@ class FlowLM(pl.LightningModule):
         for i, (text, ids) in enumerate(zip(texts, tokens.tolist())):
             shown = text if text.strip() else (  # e.g. an untrained model: all one special token
                 "(only special tokens) " + self.tokenizer.decode(ids[:16]) + " ...")
-            log.info("sample %d %s (%d steps): %s", i, label, int(sc.steps[0]), shown)
+            log.info("sample %d (%d steps), %s: %s", i, int(sc.steps[0]), label, shown)
         return texts
 
     @torch.no_grad()
