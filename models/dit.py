@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 TIME_FREQUENCY_DIM = 256  # sinusoidal features fed to the time MLP
@@ -201,11 +202,12 @@ class DiTBlock(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor,
                 rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=-1)
-        q, k, v = self.qkv(modulate(self.norm1(x), shift1, scale1)).chunk(3, dim=-1)
-        q, k, v = (y.unflatten(-1, (self.heads, -1)).transpose(1, 2) for y in (q, k, v))
+        # the paper's qkv layout: rows (three, heads, head_dim)
+        q, k, v = rearrange(self.qkv(modulate(self.norm1(x), shift1, scale1)),
+                            "b l (three h d) -> three b h l d", three=3, h=self.heads)
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         a = attention(q, k, v, self.attn_softcap, self.causal)
-        a = self.attn_out(a.transpose(1, 2).flatten(-2))
+        a = self.attn_out(rearrange(a, "b h l d -> b l (h d)"))
         x = x + gate1[:, None] * self.dropout(a)
         m = self.mlp(modulate(self.norm2(x), shift2, scale2))
         return x + gate2[:, None] * self.dropout(m)
