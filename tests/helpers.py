@@ -12,6 +12,9 @@ from omegaconf import DictConfig
 from flow.schedule import AlphaGammaTable
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+# the tiny DiT of the end-to-end tests (a run of main takes seconds on a CPU)
+TINY_MODEL = ["model.length=32", "model.hidden_size=32", "model.n_heads=2", "model.n_blocks=1",
+              "model.cond_dim=16"]
 
 
 def compose_config(overrides: list[str] | None = None, run_dir: str = "/tmp/flm-test-run",

@@ -10,12 +10,11 @@ import pytest
 import torch
 from hydra.errors import MissingConfigException
 
-from tests.helpers import CONFIG_DIR, compose_config
+from tests.helpers import CONFIG_DIR, TINY_MODEL, compose_config
 from utils import ConfigError, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.length=32", "model.hidden_size=32", "model.n_heads=2", "model.n_blocks=1",
-        "model.cond_dim=16", "loader.global_batch_size=8", "trainer.limit_val_batches=2",
+TINY = [*TINY_MODEL, "loader.global_batch_size=8", "trainer.limit_val_batches=2",
         "trainer.val_check_interval=4", "lr_scheduler.num_warmup_steps=2",
         "trainer.enable_progress_bar=false", "sampling.steps=[4]", "sampling.print_samples=2"]
 

@@ -17,12 +17,11 @@ import torch
 import checkpointing
 import reliability
 from checkpointing import AtomicCheckpointIO, check_compatible, find_resume_checkpoint
-from tests.helpers import compose_config
+from tests.helpers import TINY_MODEL, compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 # a tiny model over the embedded corpus; dropout on, so the resume must restore RNG states
-TINY = ["model=tiny", "model.length=32", "model.hidden_size=32", "model.n_heads=2",
-        "model.n_blocks=1", "model.cond_dim=16", "model.dropout=0.1", "loader.global_batch_size=8",
+TINY = ["model=tiny", *TINY_MODEL, "model.dropout=0.1", "loader.global_batch_size=8",
         "loader.batch_size=4", "trainer.accelerator=cpu", "trainer.limit_val_batches=2",
         "trainer.val_check_interval=3", "trainer.enable_progress_bar=false",
         "trainer.log_every_n_steps=1", "sampling.print_samples=0", "training.ema=0.9",
