@@ -25,11 +25,7 @@ from flow.autoregressive import (
 )
 from flow.flow_map import (
     Interval,
-    flow_map_matching_loss,
-    flow_map_matching_loss_reference,
     interval_endpoints,
-    semigroup_loss,
-    semigroup_loss_reference,
 )
 from flow.losses import (
     check_fused_ce,
@@ -39,7 +35,13 @@ from flow.losses import (
     resolve_fused_ce,
     weighted_loss,
 )
-from flow.path import joint_gaussian_projection, noisy_input, stratified_times, uniform_times
+from flow.objectives import distillation_objective
+from flow.path import (
+    distillation_noise,
+    noisy_input,
+    stratified_times,
+    uniform_times,
+)
 from flow.sampling import initial_joint_state, initial_state, sample_euler, sample_flow_map
 from flow.schedule import AlphaGammaTable
 from models.dit import build_backbone
@@ -347,6 +349,7 @@ class FlowMapDistillation(FlowLM):
                                     ">= 1 (the interval (0, 1) has probability 1/boundary_prob)")
         super().__init__(config, vocab_size, tokenizer)
         self._teachers: dict[str, torch.nn.Module] = {}
+        self.objective  # noqa: B018  (an unknown algo / input path fails here, before any work)
 
     def _add_teacher(self, name: str, path_key: str, expected_algo: str) -> torch.nn.Module:
         path = OmegaConf.select(self.config, path_key)
@@ -386,15 +389,17 @@ class FlowMapDistillation(FlowLM):
                       if self.loss_weighting is not None else None)
         return masked_token_mean(weighted_loss(per_token, log_weight), mask)
 
+    @property
+    def objective(self):
+        """The per-token loss of this stage and input path (flow/objectives.py)."""
+        return distillation_objective(self.config.algo.name, self.config.training.input_path)
+
     def _noise(self, networks, tokens: torch.Tensor, step: int, batch_idx: int) -> torch.Tensor:
-        """eps @ [E_1 | ...] (dspace) or eps itself (B, L, V) (reference)."""
+        """eps @ [E_1 | ...] (dspace) or eps itself (B, L, V) (reference), keyed by slot."""
         slot, _ = self._slot(batch_idx)
-        generator = self.noise_generator(step, slot)
-        if self.config.training.input_path == "reference":
-            return torch.randn(*tokens.shape, self.vocab_size, generator=generator,
-                               device=tokens.device)
-        return joint_gaussian_projection([n.input_embedding for n in networks],
-                                         tuple(tokens.shape), generator)
+        return distillation_noise(networks, tokens, self.vocab_size,
+                                  self.config.training.input_path,
+                                  self.noise_generator(step, slot))
 
 
 class FLMDistill(FlowMapDistillation):
@@ -414,9 +419,8 @@ class FLMDistill(FlowMapDistillation):
         interval = self.draw_interval(tokens.shape[0], step, batch_idx)
         teacher = self.teacher("flm")
         noise = self._noise([teacher, self.backbone], tokens, step, batch_idx)
-        loss_fn = (semigroup_loss_reference if self.config.training.input_path == "reference"
-                   else semigroup_loss)
-        return self.reduce(loss_fn(teacher, self.backbone, tokens, interval, noise), interval, mask)
+        return self.reduce(self.objective(teacher, self.backbone, tokens, interval, noise),
+                           interval, mask)
 
     @torch.no_grad()
     def generate(self, num_samples: int, steps: int, generator: torch.Generator | None = None,
@@ -456,9 +460,7 @@ class FLMDistillSecond(FlowMapDistillation):
         interval = self.draw_interval(tokens.shape[0], step, batch_idx)
         networks = [self.teacher("flm"), self.teacher("map"), self.backbone]
         noise = self._noise(networks, tokens, step, batch_idx)
-        loss_fn = (flow_map_matching_loss_reference
-                   if self.config.training.input_path == "reference" else flow_map_matching_loss)
-        return self.reduce(loss_fn(*networks, tokens, interval, noise), interval, mask)
+        return self.reduce(self.objective(*networks, tokens, interval, noise), interval, mask)
 
 
 # ---- baselines in the same harness (backbone, data, EMA, checkpoints, sample_eval) ----------

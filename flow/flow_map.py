@@ -22,8 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from flow.path import noisy_projection, noisy_projection_reference
 from flow.schedule import AlphaGammaTable
 
 MIN_INTERVAL = 1e-6  # d = t - s is clamped below at this (docs/math.md §5)
@@ -149,19 +149,6 @@ def _embeddings(*networks) -> list[torch.Tensor]:
     return [n.input_embedding for n in networks]
 
 
-def clean_projection(networks, tokens: torch.Tensor) -> torch.Tensor:
-    """e(x) @ [E_1 | E_2 | ...] = rows of each E: (B, L) -> (B, L, ΣD_i)."""
-    return torch.cat([F.embedding(tokens, e) for e in _embeddings(*networks)], dim=-1)
-
-
-def noisy_projection(networks, tokens: torch.Tensor, gamma: torch.Tensor,
-                     noise_projection: torch.Tensor) -> torch.Tensor:
-    """x_γ @ [E_1 | ...] = (1 - γ)·(eps @ [E_1 | ...]) + γ·e(x) @ [E_1 | ...] (docs/math.md §3)."""
-    g = _per_sequence(gamma, noise_projection)
-    clean = clean_projection(networks, tokens).to(noise_projection.dtype)
-    return (1 - g) * noise_projection + g * clean
-
-
 def _project(v: torch.Tensor, embeddings: list[torch.Tensor]) -> torch.Tensor:
     """(B, L, V) -> (B, L, ΣD) through the detached embeddings, in v's dtype."""
     with torch.autocast(device_type=v.device.type, enabled=False):
@@ -222,13 +209,6 @@ def semigroup_loss_reference(teacher, student, tokens: torch.Tensor, interval: I
     x1_student = student_clean_estimate(p_s, _logits(student, h_student, interval.s,
                                                      interval.t), interval)
     return (x1_bootstrap - x1_student).square().sum(-1)
-
-
-def noisy_projection_reference(tokens: torch.Tensor, gamma: torch.Tensor, noise: torch.Tensor,
-                               vocab: int) -> torch.Tensor:
-    """x_γ = (1 - γ)·eps + γ·e(x) in V-space (B, L, V)."""
-    g = _per_sequence(gamma, noise)
-    return (1 - g) * noise + g * F.one_hot(tokens, vocab).to(noise.dtype)
 
 
 # ---- stage 2: regression of a one-network map on the stage-1 map (docs/math.md §6) --------

@@ -156,17 +156,49 @@ def joint_gaussian_projection(embeddings: list[torch.Tensor], batch_shape: tuple
                                               generator).to(dtype)
 
 
+# ---- the noisy input seen through one or several embeddings (docs/math.md §1, §3, §5) ----
+def clean_projection(networks, tokens: torch.Tensor) -> torch.Tensor:
+    """e(x) @ [E_1 | E_2 | ...] = rows of each E: (B, L) -> (B, L, ΣD_i)."""
+    return torch.cat([F.embedding(tokens, e) for e in (n.input_embedding for n in networks)], dim=-1)
+
+
+def noisy_projection(networks, tokens: torch.Tensor, gamma: torch.Tensor,
+                     noise_projection: torch.Tensor) -> torch.Tensor:
+    """x_γ @ [E_1 | ...] = (1 - γ)·(eps @ [E_1 | ...]) + γ·e(x) @ [E_1 | ...] (docs/math.md §3)."""
+    g = gamma.to(noise_projection.dtype).view(-1, 1, 1)  # (B,) -> (B, 1, 1)
+    clean = clean_projection(networks, tokens).to(noise_projection.dtype)
+    return (1 - g) * noise_projection + g * clean
+
+
+def noisy_projection_reference(tokens: torch.Tensor, gamma: torch.Tensor, noise: torch.Tensor,
+                               vocab: int) -> torch.Tensor:
+    """x_γ = (1 - γ)·eps + γ·e(x) in V-space (B, L, V)."""
+    g = gamma.to(noise.dtype).view(-1, 1, 1)  # (B,) -> (B, 1, 1)
+    return (1 - g) * noise + g * F.one_hot(tokens, vocab).to(noise.dtype)
+
+
+def distillation_noise(networks, tokens: torch.Tensor, vocab_size: int, input_path: str,
+                       generator: torch.Generator | None) -> torch.Tensor:
+    """The noise of one distillation step: ``eps @ [E_1 | ...]`` (B, L, ΣD) drawn jointly in
+    D-space (``dspace``), or ``eps`` itself (B, L, V) (``reference``)."""
+    if input_path == "reference":
+        return torch.randn(*tokens.shape, vocab_size, generator=generator, device=tokens.device)
+    if input_path == "dspace":
+        return joint_gaussian_projection([n.input_embedding for n in networks],
+                                         tuple(tokens.shape), generator)
+    raise ValueError(f"training.input_path={input_path!r}; expected one of {INPUT_PATHS}")
+
+
 def noisy_input(backbone, tokens: torch.Tensor, gamma: torch.Tensor, input_path: str,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """``x_gamma @ E`` for clean tokens (B, L) at per-sequence gamma (B,) -> (B, L, D)."""
-    g = gamma.float()[:, None, None]
     if input_path == "dspace":
         noise = gaussian_projection(backbone.input_embedding, tuple(tokens.shape), generator)
-        return (1 - g) * noise + g * backbone.embed_tokens(tokens).float()
+        return noisy_projection([backbone], tokens, gamma.float(), noise)
     if input_path == "reference":
-        vocab = backbone.vocab_size
-        eps = torch.randn(*tokens.shape, vocab, generator=generator, device=tokens.device)
-        z = (1 - g) * eps + g * F.one_hot(tokens, vocab).float()
+        eps = torch.randn(*tokens.shape, backbone.vocab_size, generator=generator,
+                          device=tokens.device)
+        z = noisy_projection_reference(tokens, gamma.float(), eps, backbone.vocab_size)
         with torch.autocast(device_type=tokens.device.type, enabled=False):
             return backbone.embed_state(z)
     raise ValueError(f"training.input_path={input_path!r}; expected one of {INPUT_PATHS}")
