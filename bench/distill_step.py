@@ -16,7 +16,6 @@ Teachers are random-init backbones (timing only). bf16 autocast on GPU.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from common import (  # noqa: E402
     backbone,
     device_name,
     forward_flops_per_token,
+    gpu_bf16_autocast,
     mfu,
     model_config,
     peak_gib,
@@ -80,12 +80,6 @@ def parse_args() -> argparse.Namespace:
     return a
 
 
-def autocast(args):
-    if args.device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def draw_interval(table: AlphaGammaTable, batch: int, device: torch.device) -> Interval:
     d, pos, bnd = torch.rand(3, batch, device=device, dtype=torch.float64)
     s, t = interval_endpoints(d, pos, bnd, BOUNDARY_PROB, add_boundary=True)
@@ -121,7 +115,7 @@ def time_stage(args, stage: int, compiled: bool, table: AlphaGammaTable) -> dict
 
     def step() -> None:
         interval = draw_interval(table, args.batch, args.device)
-        with autocast(args):
+        with gpu_bf16_autocast(args.device):
             noise = joint_gaussian_projection([n.input_embedding for n in nets],
                                               (args.batch, args.length))
             loss_fn = semigroup_loss if stage == 1 else flow_map_matching_loss

@@ -19,7 +19,6 @@ output layer is randomised so that the logits are not all equal.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from common import (  # noqa: E402
     backbone,
     device_name,
     forward_flops_per_token,
+    gpu_bf16_autocast,
     model_config,
     peak_gib,
     reset_memory,
@@ -73,12 +73,6 @@ def parse_args() -> argparse.Namespace:
     return a
 
 
-def autocast(args):
-    if args.device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def make_net(args, double_temb: bool, compiled: bool):
     torch.manual_seed(0)
     net = backbone(args.model_cfg, args.vocab, double_temb, device=args.device).eval()
@@ -96,7 +90,7 @@ def fmlm_row(args, net, table, batch: int, steps: int, state_dtype) -> dict:
     gen = torch.Generator(device=args.device).manual_seed(0)
 
     def run():
-        with autocast(args):
+        with gpu_bf16_autocast(args.device):
             noise = initial_state(net, batch, args.length, gen, dtype=state_dtype)
             return sample_euler(net, table, noise, steps, EPS, two_times=True,
                                 position_chunk=args.chunk)
@@ -120,13 +114,13 @@ def euler_vs_forward(args, net, table, state_dtype) -> dict:
     t_now = t[1].float().expand(batch)
 
     def euler_step():
-        with autocast(args):
+        with gpu_bf16_autocast(args.device):
             p_proj, _ = denoised_projection(net, h, t_now, None, args.chunk)
             return flow_map(h, p_proj.to(h.dtype), None, gamma[1].expand(batch),
                             gamma[2].expand(batch), EPS)
 
     def forward():
-        with autocast(args):
+        with gpu_bf16_autocast(args.device):
             return net(h.to(net.input_embedding.dtype), t_now)
 
     try:
