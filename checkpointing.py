@@ -297,6 +297,14 @@ def find_resume_checkpoint(resume_path: str | os.PathLike, fallback_to_previous:
                        "with a new checkpointing.save_dir")
 
 
+def architecture_differences(saved_model, model) -> list[tuple[str, Any, Any]]:
+    """(key, saved, current) for each architecture key (``ARCHITECTURE_KEYS``) on which a saved
+    model config and the current one disagree: the one shape check of resume (here) and of
+    teacher loading (models/teacher.py)."""
+    return [(key, saved_model[key], model[key]) for key in ARCHITECTURE_KEYS
+            if key in saved_model and saved_model[key] != model[key]]
+
+
 def check_compatible(checkpoint: dict[str, Any], config, vocab_size: int, path: str | os.PathLike,
                      what: str = "resume checkpoint") -> None:
     """Raise if the model in ``checkpoint`` cannot be continued with ``config`` and the data's
@@ -308,11 +316,10 @@ def check_compatible(checkpoint: dict[str, Any], config, vocab_size: int, path: 
                          f"tokenizer (data={config.data.name}) has {vocab_size}: use the data it "
                          "was trained on, or a new checkpointing.save_dir")
     saved_model = hparams.get("config", {}).get("model", {})
-    for key in ARCHITECTURE_KEYS:
-        if key in saved_model and saved_model[key] != config.model[key]:
-            raise ValueError(f"{what} {path} has model.{key}={saved_model[key]} but the config "
-                             f"has model.{key}={config.model[key]}: pass the same model "
-                             "settings, or a new checkpointing.save_dir")
+    for key, saved, now in architecture_differences(saved_model, config.model):
+        raise ValueError(f"{what} {path} has model.{key}={saved} but the config "
+                         f"has model.{key}={now}: pass the same model "
+                         "settings, or a new checkpointing.save_dir")
     saved_algo = hparams.get("config", {}).get("algo", {}).get("name")
     if saved_algo is not None and saved_algo != config.algo.name:
         raise ValueError(f"{what} {path} was trained with algo={saved_algo} but the config has "

@@ -14,7 +14,7 @@ import logging
 import torch
 from omegaconf import DictConfig
 
-from checkpointing import ARCHITECTURE_KEYS
+from checkpointing import architecture_differences
 from data.exact_denoiser import ORACLE, ExactDenoiser
 from models.dit import DiT
 from models.load import load_backbone
@@ -46,8 +46,8 @@ def load_teacher(path, key: str, student_model: DictConfig, vocab_size: int,
                           f"the data tokenizer has {vocab_size}: use the data=... it was "
                           "trained on")
     saved = settings.model_config()
-    mismatched = [f"model.{k}: teacher {saved[k]} vs student {student_model[k]}"
-                  for k in ARCHITECTURE_KEYS if saved[k] != student_model[k]]
+    mismatched = [f"model.{k}: teacher {old} vs student {new}"
+                  for k, old, new in architecture_differences(saved, student_model)]
     if mismatched:
         raise ConfigError(f"{key}={path} does not match the student's model config ("
                           + "; ".join(mismatched) + "): pass the teacher's model=... and "
