@@ -114,11 +114,9 @@ PRESETS = {
     "cpu": Preset(overrides=(), flm_steps=6000, distill_steps=1500,
                   flm_sampling_steps=FLM_SAMPLING_STEPS,
                   distilled_sampling_steps=DISTILLED_SAMPLING_STEPS),
-    # one H100, < 10 min, sized by estimate (not yet timed): a 4-block DiT of width 256 at
-    # L=32, batch 256, bf16, ~8 ms per FLM step (launch-bound) -> ~80 s for FLM, ~40 s per
-    # distillation stage (3 to 5 network passes per step; the exact teacher's forward-backward
-    # is ~2L small kernels), ~40 s per baseline, ~15 s of sampling for the exact denoiser up
-    # to 1024 steps, and ~10-15 s of start-up for each of the 16 subprocesses
+    # one H100, meant to fit < 10 min but not yet calibrated: timed once, the FLM stage alone took
+    # 470 s for 10,000 eager steps (47 ms/step, not the ~8 ms estimated), so the whole ladder
+    # runs well over 10 min as sized; the other stages have not been timed on a GPU
     "gpu": Preset(
         # attn_softcap=null: plain SDPA, so the 16 stages do not each compile FlexAttention
         overrides=("model.hidden_size=256", "model.n_blocks=4", "model.n_heads=4",
@@ -379,7 +377,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "table.md, table.json and the plots (must be new or empty)")
     p.add_argument("--size", choices=sorted(PRESETS), default=None,
                    help="preset: quick (CI, a few minutes on a CPU), cpu (default, ~30 min on "
-                   "2 cores), gpu (< 10 min on one H100; implies --device gpu)")
+                   "2 cores), gpu (one H100, not yet calibrated; implies --device gpu)")
     p.add_argument("--quick", action="store_true", help="alias of --size quick")
     p.add_argument("--device", choices=sorted(DEVICE_ACCELERATORS), default=None,
                    help="trainer.accelerator of every stage; cpu also hides CUDA from sampling "
