@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from flow.flow_map import flow_map
-from flow.path import gaussian_projection, joint_gaussian_projection
+from flow.path import clean_projection, gaussian_projection, joint_gaussian_projection
 from flow.schedule import AlphaGammaTable
 
 DEFAULT_POSITION_CHUNK = 256  # positions per output-layer chunk: bounds the (B, chunk, V) logits
@@ -52,12 +52,14 @@ def clamp_known(h: torch.Tensor, clean: torch.Tensor | None, mask: torch.Tensor 
     return torch.where(mask[..., None], clean.to(h.dtype), h)
 
 
-def _clean_projection(embedding: torch.Tensor, known_tokens: torch.Tensor | None,
+def _clean_projection(networks, known_tokens: torch.Tensor | None,
                       mask: torch.Tensor | None) -> torch.Tensor | None:
-    """e(x_known) @ E = E[x_known]: (B, L) -> (B, L, D), or None without conditioning."""
+    """e(x_known) @ [E_1 | ...] (flow/path.clean_projection): (B, L) -> (B, L, ΣD), or None
+    without conditioning; ids at unknown positions are only clamped into the vocabulary."""
     if mask is None:
         return None
-    return F.embedding(known_tokens.clamp(0, embedding.shape[0] - 1), embedding.detach())
+    vocab = networks[0].input_embedding.shape[0]
+    return clean_projection(networks, known_tokens.clamp(0, vocab - 1))
 
 
 def _final_tokens(tokens: torch.Tensor, known_tokens: torch.Tensor | None,
@@ -133,7 +135,7 @@ def sample_euler(network, table: AlphaGammaTable, noise: torch.Tensor, steps: in
     """
     mask = check_known(known_tokens, known_mask, tuple(noise.shape[:2]),
                        network.input_embedding.shape[0])
-    clean = _clean_projection(network.input_embedding, known_tokens, mask)
+    clean = _clean_projection([network], known_tokens, mask)
     h = clamp_known(noise, clean, mask)
     batch = h.shape[0]
     t, gamma = step_grid(table, steps, h.device, dtype=h.dtype)
@@ -204,7 +206,7 @@ def sample_flow_map(teacher, student, table: AlphaGammaTable, noise: torch.Tenso
     batch, dim_teacher = noise.shape[0], teacher.input_embedding.shape[1]
     joint = torch.cat([teacher.input_embedding, student.input_embedding], dim=1).float()
     mask = check_known(known_tokens, known_mask, tuple(noise.shape[:2]), joint.shape[0])
-    clean = _clean_projection(joint, known_tokens, mask)
+    clean = _clean_projection([teacher, student], known_tokens, mask)
     h = clamp_known(noise, clean, mask)
     t, gamma = step_grid(table, steps, h.device, dtype=h.dtype)
     for i in range(steps):
