@@ -127,8 +127,8 @@ class FlowLM(pl.LightningModule):
         slot, num_slots = self._slot(batch_idx)
         if tc.antithetic_sampling:
             offset_gen = torch.Generator().manual_seed(draw_seed(self.config.seed, step, 0, 1))
-            offset = torch.rand(1, generator=offset_gen, dtype=torch.float64).to(self.device)
-            return stratified_times(n, slot, num_slots, offset, tc.t_min, tc.t_max)
+            offset = torch.rand(1, generator=offset_gen, dtype=torch.float64)  # on the host
+            return stratified_times(n, slot, num_slots, offset, tc.t_min, tc.t_max, self.device)
         return uniform_times(n, tc.t_min, tc.t_max, self.noise_generator(step, slot, 2),
                              self.device)
 
@@ -138,7 +138,10 @@ class FlowLM(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch, self.global_step, batch_idx)
-        self.log("train/loss", loss, prog_bar=True, sync_dist=False)
+        # on the progress bar only when there is one: Lightning reads progress-bar values
+        # every step, a host sync that would otherwise stall each step
+        self.log("train/loss", loss, prog_bar=bool(self.config.trainer.enable_progress_bar),
+                 sync_dist=False)
         return loss
 
     step_skipped = False  # set per optimizer step by reliability.NonFiniteGuard

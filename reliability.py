@@ -104,10 +104,11 @@ class NonFiniteGuard(pl.Callback):
         # this rank's shard under FSDP (DTensor); the verdict is reduced over ranks below
         grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
                  for p in params if p.grad is not None]
-        bad = bool(self._loss_nonfinite)
-        if grads and not bad:
+        flag = self._loss_nonfinite
+        if grads:
             norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
-            bad = not bool(torch.isfinite(norms).all())
+            flag = ~torch.isfinite(norms).all() | flag
+        bad = bool(flag)  # the step's one host sync: loss and gradients read together
         self._loss_nonfinite = False
         bad = _any_rank(trainer, bad)
         pl_module.step_skipped = bad

@@ -82,7 +82,34 @@ def resolve_config(config: DictConfig) -> DictConfig:
         raise ConfigError(f"sampling.steps={steps}: give a non-empty list of positive "
                           "integers, e.g. sampling.steps=[1,2,4]")
     _check_distributed_and_reliability(config)
+    workers, pin = resolve_loader_workers(config)
+    with open_dict(config):
+        loader.num_workers, loader.pin_memory = workers, pin
     return config
+
+
+AUTO_WORKERS = 4  # loader.num_workers=auto on CUDA (the paper's code uses 4 with pinned memory)
+
+
+def resolve_loader_workers(config: DictConfig) -> tuple[int, bool]:
+    """(worker processes, pinned memory) from ``loader.num_workers`` and ``loader.pin_memory``.
+
+    ``auto`` is ``AUTO_WORKERS`` workers and pinned memory when the run uses CUDA, so batches
+    are made while the GPU computes and copied without stalling the step, and 0 / false on
+    the CPU. Anything but ``auto``, a count >= 0 or a boolean is a ConfigError."""
+    loader, accelerator = config.loader, str(config.trainer.accelerator)
+    cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto"
+                                              and torch.cuda.is_available())
+    workers, pin = loader.num_workers, loader.pin_memory
+    if workers == "auto":
+        workers = AUTO_WORKERS if cuda else 0
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ConfigError(f"loader.num_workers={loader.num_workers!r}: use auto or a count >= 0")
+    if pin == "auto":
+        pin = cuda
+    if not isinstance(pin, bool):
+        raise ConfigError(f"loader.pin_memory={loader.pin_memory!r}: use auto, true or false")
+    return workers, pin
 
 
 def _check_values(config: DictConfig) -> None:

@@ -102,13 +102,20 @@ class FLMDataModule(pl.LightningDataModule):
         # so building an iterator (e.g. after a resume) does not shift dropout's random stream
         return torch.Generator().manual_seed(int(self.config.seed))
 
+    def _worker_settings(self) -> dict[str, Any]:
+        """DataLoader keyword arguments from ``loader.num_workers`` / ``loader.pin_memory``
+        (as utils.resolve_config resolved them: ``auto`` is 4 workers and pinned memory on
+        CUDA); workers live across epochs and validation runs."""
+        loader = self.config.loader
+        workers = int(loader.num_workers)
+        return {"num_workers": workers, "pin_memory": bool(loader.pin_memory),
+                "persistent_workers": workers > 0}
+
     def _loader(self, dataset: Any, sampler: ResumableDistributedSampler,
                 batch_size: int) -> torch.utils.data.DataLoader:
-        loader = self.config.loader
         return torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, num_workers=loader.num_workers,
-            pin_memory=loader.pin_memory, drop_last=True,
-            persistent_workers=False, generator=self._loader_generator())
+            dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+            generator=self._loader_generator(), **self._worker_settings())
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         self.setup()
@@ -131,11 +138,9 @@ class FLMDataModule(pl.LightningDataModule):
         # fixed order, every sample seen; with several ranks the last few samples repeat
         sampler = ResumableDistributedSampler(len(self.valid_dataset), num_replicas=world,
                                               rank=rank, shuffle=False, drop_last=False)
-        loader = self.config.loader
         return torch.utils.data.DataLoader(
-            self.valid_dataset, batch_size=loader.eval_batch_size, sampler=sampler,
-            num_workers=loader.num_workers, pin_memory=loader.pin_memory, drop_last=False,
-            generator=self._loader_generator())
+            self.valid_dataset, batch_size=self.config.loader.eval_batch_size, sampler=sampler,
+            drop_last=False, generator=self._loader_generator(), **self._worker_settings())
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.trainer is not None and self.trainer.training and self.train_sampler is not None:

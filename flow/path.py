@@ -204,18 +204,21 @@ def noisy_input(backbone, tokens: torch.Tensor, gamma: torch.Tensor, input_path:
     raise ValueError(f"training.input_path={input_path!r}; expected one of {INPUT_PATHS}")
 
 
-def stratified_times(n_local: int, slot: int, num_slots: int, offset: torch.Tensor,
-                     t_min: float = 0.0, t_max: float = 1.0) -> torch.Tensor:
+def stratified_times(n_local: int, slot: int, num_slots: int, offset: float | torch.Tensor,
+                     t_min: float = 0.0, t_max: float = 1.0,
+                     device: torch.device | str | None = None) -> torch.Tensor:
     """Antithetic (stratified) times over a batch split into ``num_slots`` parts.
 
     The global batch of ``n_local * num_slots`` draws is ``(offset + k / n) mod 1``
     for k = 0..n-1 with one shared ``offset ~ U[0, 1)``; this returns the part
-    owned by ``slot`` (slot = micro-batch index * world size + rank).
+    owned by ``slot`` (slot = micro-batch index * world size + rank), on ``device``.
+    ``offset`` is a host number (a one-element tensor is read as one): the times are
+    built on the device from it, so no host-to-device copy stalls the step.
     """
+    offset = float(offset)
     total = n_local * num_slots
-    k = torch.arange(slot * n_local, (slot + 1) * n_local, device=offset.device,
-                     dtype=torch.float64)
-    u = torch.remainder(offset.double() + k / total, 1.0)
+    k = torch.arange(slot * n_local, (slot + 1) * n_local, device=device, dtype=torch.float64)
+    u = torch.remainder(k / total + offset, 1.0)
     return (t_min + (t_max - t_min) * u).float()
 
 

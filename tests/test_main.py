@@ -65,6 +65,20 @@ def test_gradient_accumulation_is_derived_from_the_global_batch():
     assert config.loader.batch_size == 64 and config.trainer.accumulate_grad_batches == 1
 
 
+def test_loader_workers_auto_follow_the_accelerator():
+    cpu = resolve_config(compose_config(["trainer.accelerator=cpu"]))
+    assert (cpu.loader.num_workers, cpu.loader.pin_memory) == (0, False)
+    # resolution only reads the accelerator named: no GPU is needed to check the CUDA choice
+    gpu = resolve_config(compose_config(["trainer.accelerator=gpu", "trainer.devices=1"]))
+    assert (gpu.loader.num_workers, gpu.loader.pin_memory) == (4, True)
+    given = resolve_config(compose_config(["trainer.accelerator=gpu", "trainer.devices=1",
+                                           "loader.num_workers=2", "loader.pin_memory=false"]))
+    assert (given.loader.num_workers, given.loader.pin_memory) == (2, False)
+    for bad in ("loader.num_workers=-1", "loader.num_workers=many", "loader.pin_memory=maybe"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            resolve_config(compose_config(["trainer.accelerator=cpu", bad]))
+
+
 def tiny_judge(directory: Path) -> Path:
     """A small GPT-2 with the embedded tokenizer, saved like scripts/train_judge.py does."""
     from transformers import GPT2Config, GPT2LMHeadModel
