@@ -39,6 +39,7 @@ from checkpointing import (
     write_run_id,
 )
 from data.exact_denoiser import ORACLE, check_denoiser_choice, oracle_sampling_module
+from monitoring import Throughput
 
 log = logging.getLogger("main")
 
@@ -74,7 +75,8 @@ def build_callbacks(config: DictConfig) -> list[pl.Callback]:
         # Ctrl-C too: a checkpoint at the next step boundary, exit 130
         reliability.PreemptionHandler(last, (*rc.checkpoint_signals, "SIGINT"),
                                       tuple(rc.requeue_signals)),
-        reliability.RNGStates(), FinalCheckpoint(last), reliability.ResplitLoop()]
+        reliability.RNGStates(), FinalCheckpoint(last), reliability.ResplitLoop(),
+        Throughput(int(config.loader.global_batch_size) * int(config.model.length))]
     if "checkpoint_every_n_steps" in cb:
         callbacks.append(StepCheckpoint(
             dirpath=ckpt_dir, filename=PERIODIC_PREFIX + "{step:08d}",

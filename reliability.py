@@ -37,6 +37,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from data.sampler import split_micro_batch_index
+from monitoring import device_scalar
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,8 @@ class NonFiniteGuard(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        pl_module.log("train/nonfinite_steps", float(self.skipped_total), sync_dist=False)
+        pl_module.log("train/nonfinite_steps",
+                      device_scalar(self.skipped_total, pl_module.device), sync_dist=False)
         if self.consecutive < self.max_consecutive:
             return
         # at a step boundary: the saved state is that of the last good step

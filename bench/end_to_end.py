@@ -3,11 +3,12 @@
     python bench/end_to_end.py                 # GPU: the OWT FLM settings on synthetic data
     python bench/end_to_end.py --quick         # CPU smoke run, tiny sizes
 
-Runs `python -m main` as a subprocess at scripts/train_owt_flm.sh's settings (DiT
-small, L=1024, bf16, compiled, its checkpoint / validation / logging cadence) on
-data=synthetic with data.vocab_size=50258 (V of GPT-2 + [PAD]) for --steps optimizer
-steps, per-GPU batch --batch without accumulation (the OWT script accumulates
-512 / 32; accumulation only lowers the per-token share of the optimizer step).
+Runs `python -m main +experiment=owt_flm` (scripts/train_owt_flm.sh's preset: DiT
+small, L=1024, bf16, its checkpoint / validation / logging cadence and loader workers),
+compiled, on data=synthetic with data.vocab_size=50258 (V of GPT-2 + [PAD]) for --steps
+optimizer steps, per-GPU batch --batch without accumulation (the OWT script accumulates
+512 / 32; accumulation only lowers the per-token share of the optimizer step). Extra
+Hydra overrides after the options (e.g. trainer.val_check_interval=500) go to main.
 Post-training sample printing is off (sampling.print_samples=0): it is not training.
 
 Steady state: the CSV logger (main.py) writes metrics.csv every 100 steps; this
@@ -42,19 +43,16 @@ POLL_S = 0.05
 
 
 def owt_overrides(args, run_dir: Path) -> list[str]:
-    """scripts/train_owt_flm.sh's settings, with synthetic data and a bench-sized run."""
+    """scripts/train_owt_flm.sh's preset (+experiment=owt_flm: its validation, checkpoint and
+    logging cadence, loader workers) with synthetic data and a bench-sized run."""
     quick = args.quick
     return [
-        f"hydra.run.dir={run_dir}",
+        "+experiment=owt_flm", f"hydra.run.dir={run_dir}",
         "data=synthetic", f"data.vocab_size={args.vocab}",
-        f"model={'tiny' if quick else 'small'}", "algo=flm", f"model.length={args.length}",
+        *(["model=tiny"] if quick else []), f"model.length={args.length}",
         f"loader.global_batch_size={args.batch}", f"loader.batch_size={args.batch}",
-        "sampling.steps=[1024]", "sampling.print_samples=0",
-        f"trainer.max_steps={args.steps}",
-        f"trainer.precision={'32' if quick else 'bf16'}",
-        "optim.lr=3e-4", "lr_scheduler.num_warmup_steps=2500",
-        "trainer.val_check_interval=5000", "algo.double_temb=False",
-        "callbacks.checkpoint_every_n_steps.every_n_train_steps=20000",
+        "sampling.print_samples=0", f"trainer.max_steps={args.steps}",
+        *(["trainer.precision=32", "trainer.accelerator=cpu"] if quick else []),
         "wandb.mode=disabled", "trainer.enable_progress_bar=false",
         f"training.compile={'false' if quick else 'true'}", f"training.fused_ce={args.fused_ce}",
     ] + args.extra

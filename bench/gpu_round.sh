@@ -9,6 +9,8 @@
 #   distill     bench/distill_step.py
 #   e2e         bench/end_to_end.py
 #   ladder      scripts/synthetic_table.sh --size gpu
+#   calib       the GPU ladder at LADDER_CALIB steps (timing of every stage), with prep beside it
+#   prep        bench/prepare_data_speed.py: OWT stand-in on 1 / 4 / 8 worker processes
 # Run directories go to /tmp/runs; only logs (at most 8 files) go to $OUT. Wheels the machine
 # lacks (hydra-core, omegaconf, antlr4, datasets, liger-kernel, cut-cross-entropy) travel in .whl/.
 set -uo pipefail
@@ -39,8 +41,16 @@ for s in $STAGES; do
         trainer.enable_progress_bar=false "hydra.run.dir=/tmp/runs/quickgpu" ;;
     sampling) stage sampling python bench/sampling_step.py ;;
     distill) stage distill python bench/distill_step.py --modes compiled ;;
-    e2e) stage e2e python bench/end_to_end.py ;;
-    ladder) stage ladder bash scripts/synthetic_table.sh --size gpu --out /tmp/runs/ladder; cp /tmp/runs/ladder/table.md "$OUT/ladder_table.md"; cp /tmp/runs/ladder/table.json "$OUT/ladder_table.json" ;;
+    e2e) stage e2e python bench/end_to_end.py ${E2E_ARGS:-} ;;
+    ladder) stage ladder bash scripts/synthetic_table.sh --size gpu --out /tmp/runs/ladder; cp /tmp/runs/ladder/table.md "$OUT/ladder_table.md"; cp /tmp/runs/ladder/table.json "$OUT/ladder_table.json"; python bench/ladder_timing.py /tmp/runs/ladder > "$OUT/ladder_timing.txt" 2>&1 ;;
+    calib) # the prep bench on cores 8-15 beside the ladder on cores 0-7
+      taskset -c 8-15 python bench/prepare_data_speed.py --corpus owt --num-docs "${PREP_DOCS:-2000}" \
+        --num-proc 1 4 8 --out "$OUT/prep_owt.json" > "$OUT/prep.log" 2>&1 &
+      stage calib taskset -c 0-7 bash scripts/synthetic_table.sh --size gpu --out /tmp/runs/calib \
+        ${LADDER_CALIB:---flm-steps 200 --distill-steps 50 --baseline-steps 200}
+      python bench/ladder_timing.py /tmp/runs/calib > "$OUT/calib_timing.txt" 2>&1; wait ;;
+    prep) stage prep python bench/prepare_data_speed.py --corpus owt --num-docs "${PREP_DOCS:-2000}" \
+        --num-proc 1 4 8 16 --out "$OUT/prep_owt.json" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done

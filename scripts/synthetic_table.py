@@ -114,22 +114,21 @@ PRESETS = {
     "cpu": Preset(overrides=(), flm_steps=6000, distill_steps=1500,
                   flm_sampling_steps=FLM_SAMPLING_STEPS,
                   distilled_sampling_steps=DISTILLED_SAMPLING_STEPS),
-    # one H100, meant to fit < 10 min but not yet calibrated: timed once, the FLM stage alone took
-    # 470 s for 10,000 eager steps (47 ms/step, not the ~8 ms estimated), so the whole ladder
-    # runs well over 10 min as sized; the other stages have not been timed on a GPU
+    # one H100 or H200, < 10 min: eager steps cost ~40-50 ms of launch overhead whatever the
+    # width (16 short stages, each a python -m main), so the budget goes into wide batches of a
+    # wider DiT and few steps; plain attention (each stage would compile FlexAttention)
     "gpu": Preset(
-        # attn_softcap=null: plain SDPA, so the 16 stages do not each compile FlexAttention
-        overrides=("model.hidden_size=256", "model.n_blocks=4", "model.n_heads=4",
-                   "model.attn_softcap=null",
-                   "model.cond_dim=128", "loader.global_batch_size=256",
-                   "lr_scheduler.num_warmup_steps=500", "training.ema=0.999",
-                   "trainer.precision=bf16", "trainer.val_check_interval=2000",
-                   "trainer.limit_val_batches=4", "trainer.log_every_n_steps=200",
-                   "eval.num_samples=512", "sampling.batch_size=512"),
-        flm_steps=10000, distill_steps=2000,
+        overrides=("model.hidden_size=384", "model.n_blocks=6", "model.n_heads=6",
+                   "model.attn_softcap=null", "model.cond_dim=128",
+                   "loader.global_batch_size=1024", "lr_scheduler.num_warmup_steps=200",
+                   "training.ema=0.999", "trainer.precision=bf16",
+                   "trainer.val_check_interval=1000", "trainer.limit_val_batches=4",
+                   "trainer.log_every_n_steps=100", "eval.num_samples=512",
+                   "sampling.batch_size=512"),
+        flm_steps=2500, distill_steps=400,
         flm_sampling_steps=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024),
         distilled_sampling_steps=(1, 2, 4, 8, 16),
-        baselines=("mdlm", "ar"), baseline_steps=5000),
+        baselines=("mdlm", "ar"), baseline_steps=2500),
 }
 BASELINE_OVERRIDES = {"ar": ("algo.first_token=start",)}  # synthetic data has no BOS
 
@@ -173,12 +172,12 @@ def eval_dir(out: Path, run: str) -> Path:
 
 def stage_commands(out: Path, preset: Preset, flm_steps: int, distill_steps: int,
                    shared: Sequence[str], ladder: Sequence[Model],
-                   ) -> list[tuple[str, list[str]]]:
+                   baseline_steps: int | None = None) -> list[tuple[str, list[str]]]:
     """(stage name, main.py overrides) in run order; ``shared`` goes to every stage."""
     base = [EXPERIMENT, *shared]
     flm, stage1 = quoted(checkpoint(out, "flm")), quoted(checkpoint(out, "stage1"))
     stage1_oracle = quoted(checkpoint(out, "stage1_oracle"))
-    baseline_steps = preset.baseline_steps or flm_steps
+    baseline_steps = baseline_steps or preset.baseline_steps or flm_steps
     train = {
         "flm": [f"trainer.max_steps={flm_steps}"],
         "stage1": [f"algo.teacher_path={flm}", f"trainer.max_steps={distill_steps}"],
@@ -377,7 +376,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "table.md, table.json and the plots (must be new or empty)")
     p.add_argument("--size", choices=sorted(PRESETS), default=None,
                    help="preset: quick (CI, a few minutes on a CPU), cpu (default, ~30 min on "
-                   "2 cores), gpu (one H100, not yet calibrated; implies --device gpu)")
+                   "2 cores), gpu (one H100 / H200, < 10 min; implies --device gpu)")
     p.add_argument("--quick", action="store_true", help="alias of --size quick")
     p.add_argument("--device", choices=sorted(DEVICE_ACCELERATORS), default=None,
                    help="trainer.accelerator of every stage; cpu also hides CUDA from sampling "
@@ -386,6 +385,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="FLM optimizer steps (default: the preset's)")
     p.add_argument("--distill-steps", type=int, default=None,
                    help="optimizer steps of each distillation stage (default: the preset's)")
+    p.add_argument("--baseline-steps", type=int, default=None,
+                   help="optimizer steps of each baseline (default: the preset's, else FLM's)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every stage, e.g. "
                    "data.source_seed=3 seed=2 (after the options, or after --)")
     args = p.parse_args(argv)
@@ -393,7 +394,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--quick and --size {args.size} disagree: pass one of them")
     args.size = "quick" if args.quick else (args.size or "cpu")
     args.device = args.device or ("gpu" if args.size == "gpu" else "cpu")
-    for name in ("flm_steps", "distill_steps"):
+    for name in ("flm_steps", "distill_steps", "baseline_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')}={value}: use a positive number of steps")
@@ -428,7 +429,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ladder = models(preset, ladder_length(shared), list(ALGORITHMS))
     env = stage_env(args.device)
     seconds = {}
-    for name, overrides in stage_commands(out, preset, flm_steps, distill_steps, shared, ladder):
+    baseline_steps = args.baseline_steps or preset.baseline_steps or flm_steps
+    for name, overrides in stage_commands(out, preset, flm_steps, distill_steps, shared, ladder,
+                                          baseline_steps):
         run = name.split()[-1]
         log_path = out / run / f"{name.split()[0]}.log"
         seconds[name] = run_stage(name, overrides, log_path, env)
@@ -436,7 +439,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                  for m in ladder}
     gaps = {m.run: gap for m in ladder if (gap := read_gap(out / m.run))}
     settings = {"size": args.size, "device": args.device, "flm_steps": flm_steps,
-                "distill_steps": distill_steps, "shared_overrides": [EXPERIMENT, *shared],
+                "distill_steps": distill_steps, "baseline_steps": baseline_steps,
+                "shared_overrides": [EXPERIMENT, *shared],
                 "num_samples": summaries["flm"]["num_samples"], "seed": summaries["flm"]["seed"],
                 "stage_seconds": seconds, "total_seconds": sum(seconds.values())}
     return write_outputs(out, summaries, settings, ladder, gaps)

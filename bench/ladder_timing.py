@@ -1,0 +1,47 @@
+"""Where a synthetic ladder's time went: per stage, its wall time (the driver's log), optimizer
+steps and training ms/step (train/ms_per_step, last logged value), and the rest (start-up,
+validation, sampling). Reads a ``scripts/synthetic_table.py --out`` directory.
+
+    python bench/ladder_timing.py runs/ladder
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+
+def last_logged(run: Path, key: str) -> float | None:
+    value = None
+    for path in sorted(run.glob("csv/version_*/metrics.csv")):
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get(key):
+                    value = float(row[key])
+    return value
+
+
+def main(out: Path) -> None:
+    table = json.loads((out / "table.json").read_text()) if (out / "table.json").exists() else {}
+    seconds = table.get("settings", {}).get("stage_seconds", {})
+    print(f"| stage | wall s | train ms/step | steps | training s | rest s |")
+    print("|---|---|---|---|---|---|")
+    for name, wall in seconds.items():
+        kind, run = name.split()
+        ms = last_logged(out / run, "train/ms_per_step") if kind == "train" else None
+        steps = None
+        if kind == "train":
+            for path in (out / run).glob("csv/version_*/metrics.csv"):
+                with open(path, newline="") as f:
+                    steps = max([int(r["step"]) for r in csv.DictReader(f) if r.get("step")] or [0])
+        train_s = ms * steps / 1e3 if ms and steps else None
+        rest = wall - train_s if train_s is not None else wall
+        print(f"| {name} | {wall:.1f} | {ms if ms is None else round(ms, 1)} | {steps} | "
+              f"{'' if train_s is None else round(train_s, 1)} | {rest:.1f} |")
+    print(f"\ntotal {sum(seconds.values()):.1f} s")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,60 @@
+"""Throughput in the training logs: ``train/tokens_per_s`` and ``train/ms_per_step``.
+
+Wall time per optimizer step, measured between step ends over a window of the last
+``window`` optimizer steps, so validation runs, checkpoint stalls and data waits are in it:
+the rate a run really gets, comparable with the isolated step of ``bench/train_step.py``.
+Values are logged as device tensors made by a fill (``device_scalar``), never copied from
+the host, so logging them adds no host-device synchronisation to the step.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+
+def device_scalar(value: float, device: torch.device) -> torch.Tensor:
+    """A 0-d float tensor on ``device`` filled with ``value``: a fill kernel, whereas
+    ``torch.tensor(value, device=...)`` (what ``LightningModule.log`` does with a Python number)
+    is a copy from pageable host memory, which waits for the device to finish its queue."""
+    return torch.full((), float(value), device=device)
+
+
+class Throughput(pl.Callback):
+    """Logs the training rate: tokens per second and milliseconds per optimizer step.
+
+    ``tokens_per_step``: tokens of one global batch (``loader.global_batch_size`` x
+    ``model.length``), so the rate counts all devices. The first value appears once
+    ``window`` optimizer steps have ended (start-up and compilation are left out of it)."""
+
+    def __init__(self, tokens_per_step: int, window: int = 50) -> None:
+        if window < 1:
+            raise ValueError(f"window={window}: must be >= 1 optimizer steps")
+        self.tokens_per_step = int(tokens_per_step)
+        self.window = window
+        self._ends: collections.deque[tuple[float, int]] = collections.deque(maxlen=window + 1)
+        self._last_step: int | None = None  # the step count at the last recorded step end
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self._last_step:
+            return  # a micro-batch inside gradient accumulation: no optimizer step has ended
+        self._last_step = step
+        self._ends.append((time.perf_counter(), step))
+        if len(self._ends) <= self.window:
+            return
+        (t0, s0), (t1, s1) = self._ends[0], self._ends[-1]
+        seconds_per_step = (t1 - t0) / (s1 - s0)
+        pl_module.log("train/tokens_per_s",
+                      device_scalar(self.tokens_per_step / seconds_per_step, pl_module.device))
+        pl_module.log("train/ms_per_step",
+                      device_scalar(1e3 * seconds_per_step, pl_module.device))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._ends.clear()  # a resumed run starts a new window
+        self._last_step = trainer.global_step

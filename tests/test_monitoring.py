@@ -1,0 +1,55 @@
+"""The throughput callback against a clock whose readings are known."""
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import monitoring
+
+
+class Linear(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+        self.logged: list[dict[str, float]] = []
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).pow(2).mean()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        metrics = self.trainer.callback_metrics
+        if "train/ms_per_step" in metrics:
+            self.logged.append({"step": self.trainer.global_step,
+                                **{k: float(metrics[k]) for k in
+                                   ("train/ms_per_step", "train/tokens_per_s")}})
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_throughput_is_wall_time_per_optimizer_step(monkeypatch, accumulate):
+    # each reading of the clock advances it by 0.25 s: only optimizer-step ends read it, so a
+    # step is 250 ms whatever the accumulation, and 64 tokens per step make 256 tokens/s
+    readings = iter(0.25 * k for k in range(10_000))
+    monkeypatch.setattr(monitoring.time, "perf_counter", lambda: next(readings))
+    module, window, steps = Linear(), 4, 12
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accumulate_grad_batches=accumulate,
+                         callbacks=[monitoring.Throughput(tokens_per_step=64, window=window)])
+    data = TensorDataset(torch.randn(steps * accumulate * 2, 4))
+    trainer.fit(module, DataLoader(data, batch_size=2))
+    # the first value once `window` steps have ended after the first step's end
+    assert module.logged[0]["step"] == window + 1
+    assert len({round(v["train/ms_per_step"], 9) for v in module.logged}) == 1
+    assert module.logged[-1]["train/ms_per_step"] == pytest.approx(250.0)
+    assert module.logged[-1]["train/tokens_per_s"] == pytest.approx(256.0)
+
+
+def test_device_scalar_is_the_value():
+    value = monitoring.device_scalar(3.5, torch.device("cpu"))
+    assert value.shape == () and value.dtype == torch.float32 and float(value) == 3.5
+    with pytest.raises(ValueError, match="window"):
+        monitoring.Throughput(10, window=0)
