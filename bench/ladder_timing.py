@@ -26,7 +26,7 @@ def last_logged(run: Path, key: str) -> float | None:
 def main(out: Path) -> None:
     table = json.loads((out / "table.json").read_text()) if (out / "table.json").exists() else {}
     seconds = table.get("settings", {}).get("stage_seconds", {})
-    print(f"| stage | wall s | train ms/step | steps | training s | rest s |")
+    print("| stage | wall s | train ms/step | steps | training s | rest s |")
     print("|---|---|---|---|---|---|")
     for name, wall in seconds.items():
         kind, run = name.split()

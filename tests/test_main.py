@@ -1,7 +1,6 @@
 """The CLI end to end (train, resume, sample_eval, ppl_eval) and config checks."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +19,8 @@ TINY = [*TINY_MODEL, "loader.global_batch_size=8", "trainer.limit_val_batches=2"
 
 
 def run_main(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
-    proc = subprocess.run([sys.executable, "-m", "main", *args], cwd=cwd, env=env,
+    # offline, wandb disabled: the session's environment (tests/conftest.py)
+    proc = subprocess.run([sys.executable, "-m", "main", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=900)
     return proc
 

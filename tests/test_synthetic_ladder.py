@@ -8,7 +8,6 @@ entropy by an eigenvector stationary law, and the held-out reference row by Mont
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,9 +43,9 @@ def load_driver():
 @pytest.fixture(scope="module")
 def ladder(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ladder") / "out"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    # offline, wandb disabled: the session's environment (tests/conftest.py)
     proc = subprocess.run(["bash", str(SCRIPT), "--out", str(out), "--quick"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=1500)
+                          capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
