@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
@@ -289,9 +290,24 @@ def _write_manifest(path: Path, settings: dict[str, Any], stats: dict[str, int])
 def split_stats(num_documents: int, tokenized: Any) -> dict[str, int]:
     """Documents read, blocks written and real (attention-mask 1) tokens in them."""
     tokens = 0
-    for batch in tokenized.with_format("numpy", columns=["attention_mask"]).iter(batch_size=65536):
-        tokens += int(batch["attention_mask"].sum())
+    for batch in tokenized.with_format("arrow", columns=["attention_mask"]).iter(batch_size=65536):
+        tokens += int(_block_columns(batch, ("attention_mask",))["attention_mask"].sum())
     return {"documents": int(num_documents), "blocks": len(tokenized), "tokens": tokens}
+
+
+def _block_columns(table: Any, columns: tuple[str, ...] = BATCH_COLUMNS,
+                   ) -> dict[str, torch.Tensor]:
+    """Rows of equal-length integer list columns of a pyarrow table -> {name: int64 (n, L)}.
+
+    Read through Arrow, not through a ``datasets`` numpy / torch formatter: with some
+    ``datasets`` 3.x and torchvision pairs those formatters fail importing torchvision's
+    removed ``VideoReader`` (seen with torchvision on a CUDA image)."""
+    out = {}
+    for name in columns:
+        column = table.column(name).combine_chunks()
+        flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+        out[name] = torch.from_numpy(flat.reshape(len(column), -1))
+    return out
 
 
 # --------------------------------------------------------------------------- split
@@ -302,17 +318,20 @@ class CachedBlocks(torch.utils.data.Dataset):
     (B, L) for a slice), read from the int32/int8 columns on disk."""
 
     def __init__(self, dataset: Any):
-        self.dataset = dataset.with_format("torch", columns=list(BATCH_COLUMNS))
+        self.dataset = dataset.with_format("arrow", columns=list(BATCH_COLUMNS))
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, key: Any) -> dict[str, torch.Tensor]:
-        return {k: v.long() for k, v in self.dataset[key].items()}
+        rows = _block_columns(self.dataset[key])
+        if isinstance(key, (int, np.integer)):
+            return {k: v[0] for k, v in rows.items()}
+        return rows
 
     def __getitems__(self, keys: list[int]) -> list[dict[str, torch.Tensor]]:
-        batch = self.dataset[keys]  # one columnar read for the whole batch
-        return [{k: batch[k][i].long() for k in BATCH_COLUMNS} for i in range(len(keys))]
+        batch = _block_columns(self.dataset[keys])  # one columnar read for the whole batch
+        return [{k: batch[k][i] for k in BATCH_COLUMNS} for i in range(len(keys))]
 
 
 def hub_split(data: DictConfig, split: str, tokenizer: Any, length: int) -> Any:

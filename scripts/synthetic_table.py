@@ -114,9 +114,11 @@ PRESETS = {
     "cpu": Preset(overrides=(), flm_steps=6000, distill_steps=1500,
                   flm_sampling_steps=FLM_SAMPLING_STEPS,
                   distilled_sampling_steps=DISTILLED_SAMPLING_STEPS),
-    # one H100 or H200, < 10 min: eager steps cost ~40-50 ms of launch overhead whatever the
-    # width (16 short stages, each a python -m main), so the budget goes into wide batches of a
-    # wider DiT and few steps; plain attention (each stage would compile FlexAttention)
+    # one H100 or H200, < 10 min. Timed on an H200 (bench/results/ladder_calibration_h200.txt):
+    # each of the 15 stages costs ~16-20 s of start-up (python -m main) and sampling; eager
+    # steps are launch-bound, ~40 ms (FLM, MDLM, AR), ~80 ms (stage 1), ~65 ms (FMLM) at any
+    # width, so the budget goes into wide batches of a wider DiT and few steps; plain attention
+    # (each stage would compile FlexAttention)
     "gpu": Preset(
         overrides=("model.hidden_size=384", "model.n_blocks=6", "model.n_heads=6",
                    "model.attn_softcap=null", "model.cond_dim=128",
@@ -125,10 +127,10 @@ PRESETS = {
                    "trainer.val_check_interval=1000", "trainer.limit_val_batches=4",
                    "trainer.log_every_n_steps=100", "eval.num_samples=512",
                    "sampling.batch_size=512"),
-        flm_steps=2500, distill_steps=400,
+        flm_steps=2000, distill_steps=250,
         flm_sampling_steps=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024),
         distilled_sampling_steps=(1, 2, 4, 8, 16),
-        baselines=("mdlm", "ar"), baseline_steps=2500),
+        baselines=("mdlm", "ar"), baseline_steps=1000),
 }
 BASELINE_OVERRIDES = {"ar": ("algo.first_token=start",)}  # synthetic data has no BOS
 

@@ -9,6 +9,7 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 import data as D
@@ -107,6 +108,27 @@ def test_split_slicing_pad_layout_one_block_per_document(tmp_path, parquet_hub, 
     assert train[:15]["input_ids"].tolist() == expected_blocks(texts[5:20], tokenizer, 4, False)
     assert valid[:3]["input_ids"].tolist() == expected_blocks(texts[-3:], tokenizer, 4, False)
     assert all(c[3] == D.PARQUET_REVISION for c in parquet_hub)  # no failed first attempt
+
+
+def test_cached_blocks_items_batches_and_token_count(tmp_path, parquet_hub, tokenizer):
+    """Items, slices and batched reads of a cache agree, as int64; the manifest's token count is
+    the number of attention-mask ones (padded blocks: fewer than blocks x length)."""
+    config = make_config(tmp_path, wrap=False, train="train[5:20]", valid="train[-3:]",
+                         hf_revision=D.PARQUET_REVISION)
+    train, _ = D.get_datasets(config, tokenizer)
+    whole = train[: len(train)]
+    assert all(v.dtype == torch.int64 and v.shape == (len(train), LENGTH) for v in whole.values())
+    item = train[3]
+    assert item["input_ids"].shape == (LENGTH,)
+    batch = train.__getitems__([3, 1])
+    for key in ("input_ids", "attention_mask"):
+        assert torch.equal(item[key], whole[key][3])
+        assert torch.equal(batch[0][key], whole[key][3]) and torch.equal(batch[1][key],
+                                                                        whole[key][1])
+    manifest = json.loads(D.manifest_path(D.cache_path(config.data, config.data.train, LENGTH))
+                          .read_text())
+    assert manifest["stats"]["tokens"] == int(whole["attention_mask"].sum())
+    assert manifest["stats"]["tokens"] < len(train) * LENGTH  # some blocks are padded
 
 
 def test_parse_split_rejects_percent_slices():
