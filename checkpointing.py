@@ -18,6 +18,7 @@ import os
 import tempfile
 import threading
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -299,10 +300,33 @@ def find_resume_checkpoint(resume_path: str | os.PathLike, fallback_to_previous:
 
 def architecture_differences(saved_model, model) -> list[tuple[str, Any, Any]]:
     """(key, saved, current) for each architecture key (``ARCHITECTURE_KEYS``) on which a saved
-    model config and the current one disagree: the one shape check of resume (here) and of
-    teacher loading (models/teacher.py)."""
+    model config and the current one disagree."""
     return [(key, saved_model[key], model[key]) for key in ARCHITECTURE_KEYS
             if key in saved_model and saved_model[key] != model[key]]
+
+
+@dataclass(frozen=True)
+class Compatibility:
+    """What a saved model and the current run disagree on: the one check of resume
+    (:func:`check_compatible`), teacher loading (models/teacher.py) and evaluation
+    (main.load_for_eval). Each field is ``(saved, current)`` or None when they agree (or the
+    checkpoint does not record it); ``model`` lists ``(key, saved, current)``."""
+
+    vocab_size: tuple[int, int] | None
+    algo: tuple[str, str] | None
+    model: tuple[tuple[str, Any, Any], ...]
+
+
+def compatibility(saved_vocab: int | None, saved_model, saved_algo: str | None,
+                  vocab_size: int, model=None, algo: str | None = None) -> Compatibility:
+    """Compare a checkpoint's vocabulary, model config and algorithm with the run's
+    (``model`` / ``algo`` None: not compared, e.g. evaluation builds the checkpoint's own)."""
+    vocab = (None if saved_vocab is None or saved_vocab == vocab_size
+             else (int(saved_vocab), int(vocab_size)))
+    algos = (None if algo is None or saved_algo is None or saved_algo == algo
+             else (saved_algo, algo))
+    shape = tuple(architecture_differences(saved_model, model)) if model is not None else ()
+    return Compatibility(vocab, algos, shape)
 
 
 def check_compatible(checkpoint: dict[str, Any], config, vocab_size: int, path: str | os.PathLike,
@@ -310,19 +334,20 @@ def check_compatible(checkpoint: dict[str, Any], config, vocab_size: int, path: 
     """Raise if the model in ``checkpoint`` cannot be continued with ``config`` and the data's
     vocabulary (``vocab_size = len(tokenizer)``)."""
     hparams = checkpoint.get("hyper_parameters", {})
-    saved_vocab = hparams.get("vocab_size")
-    if saved_vocab is not None and saved_vocab != vocab_size:
-        raise ValueError(f"{what} {path} has a model over {saved_vocab} tokens but the data's "
-                         f"tokenizer (data={config.data.name}) has {vocab_size}: use the data it "
-                         "was trained on, or a new checkpointing.save_dir")
-    saved_model = hparams.get("config", {}).get("model", {})
-    for key, saved, now in architecture_differences(saved_model, config.model):
+    saved_config = hparams.get("config", {})
+    found = compatibility(hparams.get("vocab_size"), saved_config.get("model", {}),
+                          saved_config.get("algo", {}).get("name"), vocab_size, config.model,
+                          config.algo.name)
+    if found.vocab_size is not None:
+        raise ValueError(f"{what} {path} has a model over {found.vocab_size[0]} tokens but the "
+                         f"data's tokenizer (data={config.data.name}) has {vocab_size}: use the "
+                         "data it was trained on, or a new checkpointing.save_dir")
+    for key, saved, now in found.model:
         raise ValueError(f"{what} {path} has model.{key}={saved} but the config "
                          f"has model.{key}={now}: pass the same model "
                          "settings, or a new checkpointing.save_dir")
-    saved_algo = hparams.get("config", {}).get("algo", {}).get("name")
-    if saved_algo is not None and saved_algo != config.algo.name:
-        raise ValueError(f"{what} {path} was trained with algo={saved_algo} but the config has "
+    if found.algo is not None:
+        raise ValueError(f"{what} {path} was trained with algo={found.algo[0]} but the config has "
                          f"algo={config.algo.name}")
 
 

@@ -32,6 +32,7 @@ from checkpointing import (
     StepCheckpoint,
     check_compatible,
     check_resume_config,
+    compatibility,
     find_resume_checkpoint,
     new_run_id,
     record_launch,
@@ -250,7 +251,9 @@ def load_for_eval(config: DictConfig) -> tuple[algo.FlowLM, object]:
         log.info("model.length=%s comes from the checkpoint (the config had %s)",
                  merged.model.length, config.model.length)
     tokenizer = data.get_tokenizer(merged)
-    if len(tokenizer) != settings.vocab_size:
+    # the model is the checkpoint's own (merged above): only the vocabulary can disagree
+    if compatibility(settings.vocab_size, saved_model, settings.algo,
+                     len(tokenizer)).vocab_size is not None:
         raise utils.ConfigError(
             f"the data tokenizer has {len(tokenizer)} tokens but the checkpoint's model has "
             f"{settings.vocab_size}: pass the data=... it was trained on")

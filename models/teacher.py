@@ -14,7 +14,7 @@ import logging
 import torch
 from omegaconf import DictConfig
 
-from checkpointing import architecture_differences
+from checkpointing import compatibility
 from data.exact_denoiser import ORACLE, ExactDenoiser
 from models.dit import DiT
 from models.load import load_backbone
@@ -38,16 +38,16 @@ def load_teacher(path, key: str, student_model: DictConfig, vocab_size: int,
     if settings.algo is None:
         log.warning("%s=%s does not record its algorithm: taken as algo=%s", key, path,
                     expected_algo)
-    elif settings.algo != expected_algo:
+    found = compatibility(settings.vocab_size, settings.model_config(), settings.algo,
+                          vocab_size, student_model, expected_algo)
+    if found.algo is not None:
         raise ConfigError(f"{key}={path} was trained with algo={settings.algo}; "
                           f"this key needs an algo={expected_algo} checkpoint")
-    if settings.vocab_size != vocab_size:
+    if found.vocab_size is not None:
         raise ConfigError(f"{key}={path} has a vocabulary of {settings.vocab_size} tokens but "
                           f"the data tokenizer has {vocab_size}: use the data=... it was "
                           "trained on")
-    saved = settings.model_config()
-    mismatched = [f"model.{k}: teacher {old} vs student {new}"
-                  for k, old, new in architecture_differences(saved, student_model)]
+    mismatched = [f"model.{k}: teacher {old} vs student {new}" for k, old, new in found.model]
     if mismatched:
         raise ConfigError(f"{key}={path} does not match the student's model config ("
                           + "; ".join(mismatched) + "): pass the teacher's model=... and "

@@ -113,12 +113,15 @@ PRESETS = {
     # 2-core CPU, ~30 min: the experiment config as it is
     "cpu": Preset(overrides=(), flm_steps=6000, distill_steps=1500,
                   flm_sampling_steps=FLM_SAMPLING_STEPS,
-                  distilled_sampling_steps=DISTILLED_SAMPLING_STEPS),
-    # one H100 or H200, < 10 min. Timed on an H200 (bench/results/ladder_calibration_h200.txt):
+                  distilled_sampling_steps=DISTILLED_SAMPLING_STEPS,
+                  baselines=("mdlm", "ar")),  # at FLM's budget
+    # one H100 or H200, meant for < 10 min. Timed on an H200 (bench/results/ladder_*_h200.txt):
     # each of the 15 stages costs ~16-20 s of start-up (python -m main) and sampling; eager
-    # steps are launch-bound, ~40 ms (FLM, MDLM, AR), ~80 ms (stage 1), ~65 ms (FMLM) at any
-    # width, so the budget goes into wide batches of a wider DiT and few steps; plain attention
-    # (each stage would compile FlexAttention)
+    # steps are launch-bound at any width, ~40-56 ms (FLM, MDLM, AR), ~80-160 ms (stage 1),
+    # ~65-125 ms (FMLM) with validation, so the budget goes into wide batches of a wider DiT and
+    # few steps; plain attention (each stage would compile FlexAttention). At 2000 / 250 / 1000
+    # steps the run took ~640 s (cut at 600 s during the MDLM stage); these counts are sized
+    # from that run (~530 s) and have not yet been run whole
     "gpu": Preset(
         overrides=("model.hidden_size=384", "model.n_blocks=6", "model.n_heads=6",
                    "model.attn_softcap=null", "model.cond_dim=128",
@@ -127,10 +130,10 @@ PRESETS = {
                    "trainer.val_check_interval=1000", "trainer.limit_val_batches=4",
                    "trainer.log_every_n_steps=100", "eval.num_samples=512",
                    "sampling.batch_size=512"),
-        flm_steps=2000, distill_steps=250,
+        flm_steps=1500, distill_steps=150,
         flm_sampling_steps=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024),
         distilled_sampling_steps=(1, 2, 4, 8, 16),
-        baselines=("mdlm", "ar"), baseline_steps=1000),
+        baselines=("mdlm", "ar"), baseline_steps=700),
 }
 BASELINE_OVERRIDES = {"ar": ("algo.first_token=start",)}  # synthetic data has no BOS
 

@@ -23,6 +23,7 @@ from checkpointing import (
     CheckpointWriteError,
     ResumeOverrides,
     check_resume_config,
+    compatibility,
     find_resume_checkpoint,
     remove_stale_temporaries,
     snapshot_to_cpu,
@@ -370,3 +371,18 @@ def test_the_scan_catches_a_dead_key(tmp_path):
     assert unread_keys([config], "steps = config.sampling.steps\n") == [
         "config.yaml: sampling.num_sample_batches"]
     assert unread_keys([config], 'n = sampling["num_sample_batches"]; config.sampling.steps') == []
+
+
+def test_compatibility_flags_each_disagreement_alone():
+    model = {"length": 32, "hidden_size": 64, "n_blocks": 2, "n_heads": 4, "cond_dim": 16,
+             "mlp_ratio": 4}
+    same = compatibility(100, model, "flm", 100, dict(model), "flm")
+    assert same.vocab_size is None and same.algo is None and same.model == ()
+    other = compatibility(100, model, "flm", 50, {**model, "hidden_size": 32, "n_heads": 2},
+                          "mdlm")
+    assert other.vocab_size == (100, 50) and other.algo == ("flm", "mdlm")
+    assert other.model == (("hidden_size", 64, 32), ("n_heads", 4, 2))
+    # unrecorded entries and entries not asked about are not compared
+    unknown = compatibility(None, {"length": 8}, None, 50, {**model, "length": 8}, "flm")
+    assert unknown.vocab_size is None and unknown.algo is None and unknown.model == ()
+    assert compatibility(100, model, "flm", 100).model == ()  # model=None: evaluation
