@@ -20,6 +20,15 @@ from tests.test_resume import load, run_main, run_until_signal
 from utils import resolve_config
 
 
+@pytest.fixture(autouse=True)
+def one_thread_per_process(monkeypatch):
+    """Every run of this file on one intra-op thread per process. Lightning's CPU DDP sets
+    ``torch.set_num_threads(cores // world)`` unless OMP_NUM_THREADS is set, so 2 processes
+    would run their kernels on another thread count (another summation order) than 1 process;
+    with equal thread counts the N-process and 1-process runs compute the same sums."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
 def slot_batches(n: int, world: int, accumulate: int, batch: int, seed: int = 3,
                  epoch: int = 0) -> dict[tuple[int, int], list[int]]:
     """{(global batch, slot): sample indices} as the ranks' samplers hand them out."""
