@@ -95,6 +95,10 @@ class FlowLM(pl.LightningModule):
         """The trained backbone (a hook: the baselines change its vocabulary / attention)."""
         return build_backbone(config.model, vocab_size, config.algo.double_temb)
 
+    def sampling_networks(self) -> list[torch.nn.Module]:
+        """The networks ``generate`` runs (compiled for sampling by main.load_for_eval)."""
+        return [self.backbone]
+
     def configure_model(self) -> None:
         """strategy=fsdp (FSDP2): shard each DiT block, then the rest of the backbone (embedding,
         time MLPs, output layer) and the loss weighting, over all ranks; the EMA is sharded
@@ -424,6 +428,9 @@ class FLMDistill(FlowMapDistillation):
         noise = self._noise([teacher, self.backbone], tokens, step, batch_idx)
         return self.reduce(self.objective(teacher, self.backbone, tokens, interval, noise),
                            interval, mask)
+
+    def sampling_networks(self) -> list[torch.nn.Module]:
+        return [self.teacher("flm"), self.backbone]  # v from the teacher, g from the student
 
     @torch.no_grad()
     def generate(self, num_samples: int, steps: int, generator: torch.Generator | None = None,

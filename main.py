@@ -40,6 +40,7 @@ from checkpointing import (
     write_run_id,
 )
 from data.exact_denoiser import ORACLE, check_denoiser_choice, oracle_sampling_module
+from models.parallelize import compile_for_sampling
 from monitoring import Throughput
 
 log = logging.getLogger("main")
@@ -267,6 +268,9 @@ def load_for_eval(config: DictConfig) -> tuple[algo.FlowLM, object]:
     else:  # the paper's: the backbone only, its EMA (or live) weights already chosen
         module.backbone.load_state_dict(backbone.state_dict())
         module.ema = EMA(module.backbone, merged.training.ema)
+    if config.sampling.compile:  # the samplers call features() / head(), not forward()
+        compiled = sum(compile_for_sampling(net) for net in module.sampling_networks())
+        log.info("sampling.compile=true: %d network(s) compiled for sampling", compiled)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return module.to(device).eval(), tokenizer
 

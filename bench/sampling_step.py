@@ -41,6 +41,7 @@ from common import (  # noqa: E402
 from flow.flow_map import flow_map  # noqa: E402
 from flow.sampling import denoised_projection, initial_state, sample_euler, step_grid  # noqa: E402
 from flow.schedule import AlphaGammaTable  # noqa: E402
+from models.parallelize import compile_for_sampling  # noqa: E402
 
 EPS = 1e-5
 STATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -78,9 +79,8 @@ def make_net(args, double_temb: bool, compiled: bool):
     net = backbone(args.model_cfg, args.vocab, double_temb, device=args.device).eval()
     with torch.no_grad():
         net.output_layer.linear.weight.normal_(0, 0.02)
-    if compiled:  # the samplers call features() and head() directly, not forward()
-        net.features = torch.compile(net.features, dynamic=False)
-        net.head = torch.compile(net.head, dynamic=False)
+    if compiled:  # as sample_eval / generate with sampling.compile=true
+        compile_for_sampling(net)
     return net
 
 

@@ -7,6 +7,8 @@ functions; *how* a network is compiled or sharded lives here only:
   the backbone's forward (``torch.randn`` with a generator), which dynamic-shape tracing
   cannot do for a symbolic batch size; a new batch size (validation, the last batch)
   recompiles instead.
+* ``compile_for_sampling``: the same for the samplers' entry points (``features``,
+  ``head``), which do not go through ``forward``.
 * ``shard_fsdp``: FSDP2 over a data-parallel mesh, each DiT block one unit, the rest of
   the backbone one more, then any extra modules (the loss weighting); the EMA is sharded
   like the parameters it shadows.
@@ -33,6 +35,19 @@ def compile_requested(config: DictConfig) -> bool:
 def compile_network(network: torch.nn.Module) -> None:
     """Compile ``network``'s forward in place, with static shapes."""
     network.compile(dynamic=False)
+
+
+def compile_for_sampling(network: torch.nn.Module) -> bool:
+    """Compile the two entry points the samplers call, ``features`` and ``head``
+    (flow/sampling.py calls them directly, not ``forward``), with static shapes; a network
+    without them (the exact denoiser) is left as it is. Returns whether it compiled."""
+    from models.dit import DiT  # here: models.dit is the backbone this module wraps
+
+    if not isinstance(network, DiT):
+        return False
+    network.features = torch.compile(network.features, dynamic=False)
+    network.head = torch.compile(network.head, dynamic=False)
+    return True
 
 
 def shard_fsdp(backbone: torch.nn.Module, extra: list[torch.nn.Module], ema, mesh,

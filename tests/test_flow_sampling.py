@@ -73,3 +73,35 @@ def test_two_time_network_gets_next_time():
     noise = torch.zeros(2, LENGTH, VOCAB, dtype=torch.float64)
     sample_euler(net, net.table, noise, 4, EPS, two_times=True)
     assert seen == [(0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0)]
+
+
+def test_sampling_compiled_entry_points_give_the_eager_samples():
+    """models.parallelize.compile_for_sampling compiles what the samplers call (features, head):
+    the compiled network's Euler tokens and projections equal the eager network's; the exact
+    denoiser is left alone."""
+    from models.parallelize import compile_for_sampling
+    from tests.helpers import TINY_MODEL, compose_config
+
+    config = compose_config([*TINY_MODEL, "model.length=8"])
+    from models.dit import build_backbone
+
+    torch.manual_seed(0)
+    eager = build_backbone(config.model, 16, double_temb=False).eval()
+    with torch.no_grad():  # a random output layer (it starts at zero) so samples depend on it
+        eager.output_layer.linear.weight.normal_(0, 0.5)
+    compiled = build_backbone(config.model, 16, double_temb=False).eval()
+    compiled.load_state_dict(eager.state_dict())
+    assert compile_for_sampling(compiled)
+    # the instance's entry points are replaced by the compiled functions (the class's stay)
+    assert {"features", "head"} <= set(vars(compiled)) and not {"features", "head"} & set(
+        vars(eager))
+    assert not compile_for_sampling(ExactDenoiser(toy_source(), VOCAB, LENGTH))
+    table = AlphaGammaTable(16)
+    noise = initial_state(eager, 4, 8, torch.Generator().manual_seed(1))
+    tokens = [sample_euler(net, table, noise, 3, EPS) for net in (eager, compiled)]
+    assert torch.equal(tokens[0], tokens[1])
+    t = torch.full((4,), 0.5)
+    features = [net.features(noise, t) for net in (eager, compiled)]
+    torch.testing.assert_close(features[1][0], features[0][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(compiled.head(*features[0]), eager.head(*features[0]),
+                               rtol=1e-4, atol=1e-5)
