@@ -185,5 +185,7 @@ def test_presets_compose_for_every_stage(tmp_path, size):
             continue  # a baseline of another branch: its row logic is checked above
         config = compose_config([o for o in overrides if not o.startswith("hydra.")])
         assert config.data.name == "synthetic"
-        if size == "gpu" and name.startswith("train"):
-            assert config.trainer.precision == "bf16" and config.model.n_blocks == 4
+        if size == "gpu" and name.startswith("train"):  # the preset's overrides reach it
+            blocks = next(int(o.split("=")[1]) for o in preset.overrides
+                          if o.startswith("model.n_blocks="))
+            assert config.trainer.precision == "bf16" and config.model.n_blocks == blocks
