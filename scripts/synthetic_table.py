@@ -1,8 +1,8 @@
 """Miniature of the paper's step-count table on the exact-likelihood synthetic source.
 
-    python scripts/synthetic_table.py --out runs/ladder               # ~30 min, 2-core CPU
+    python scripts/synthetic_table.py --out runs/ladder               # ~40 min, 2-core CPU
     python scripts/synthetic_table.py --out /tmp/ladder --size quick  # ~3-5 min (CI)
-    python scripts/synthetic_table.py --out runs/ladder --size gpu    # < 10 min, one H100
+    python scripts/synthetic_table.py --out runs/ladder --size gpu    # sized for < 10 min, one GPU
     python scripts/synthetic_table.py --out runs/ladder -- data.source_seed=3
 
 Every stage is a ``python -m main`` subprocess with Hydra overrides (the real CLI), in its
@@ -110,7 +110,7 @@ PRESETS = {
         flm_steps=60, distill_steps=20, flm_sampling_steps=FLM_SAMPLING_STEPS,
         distilled_sampling_steps=DISTILLED_SAMPLING_STEPS,
         oracle_sampling_steps=(1, 2, 4, 8, 16, 64)),  # its forward-backward is slow on a CPU
-    # 2-core CPU, ~30 min: the experiment config as it is
+    # 2-core CPU, ~40 min with the baselines: the experiment config as it is
     "cpu": Preset(overrides=(), flm_steps=6000, distill_steps=1500,
                   flm_sampling_steps=FLM_SAMPLING_STEPS,
                   distilled_sampling_steps=DISTILLED_SAMPLING_STEPS,
@@ -380,8 +380,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, type=Path, help="directory of the stage runs, "
                    "table.md, table.json and the plots (must be new or empty)")
     p.add_argument("--size", choices=sorted(PRESETS), default=None,
-                   help="preset: quick (CI, a few minutes on a CPU), cpu (default, ~30 min on "
-                   "2 cores), gpu (one H100 / H200, < 10 min; implies --device gpu)")
+                   help="preset: quick (CI, a few minutes on a CPU), cpu (default, ~40 min on "
+                   "2 cores), gpu (one H100 / H200, sized for < 10 min; implies --device gpu)")
     p.add_argument("--quick", action="store_true", help="alias of --size quick")
     p.add_argument("--device", choices=sorted(DEVICE_ACCELERATORS), default=None,
                    help="trainer.accelerator of every stage; cpu also hides CUDA from sampling "

@@ -3,10 +3,10 @@
 # FLM, the exact (Bayes-optimal) denoiser, stage-1 and FMLM distilled from FLM and from the
 # exact denoiser (distillation alone), and baselines, judged by the oracle; FLM's training
 # gap to the exact denoiser (val/gap) as a column and a plot.
-#   --size cpu (default): about 30 minutes on a 2-core CPU
+#   --size cpu (default): about 40 minutes on a 2-core CPU, with MDLM and AR rows
 #   --size quick (or --quick): a few minutes on a CPU (CI: tests/test_synthetic_ladder.py)
-#   --size gpu: under 10 minutes on one H100, steps 1..1024, rows for algo=mdlm / algo=ar
-#               when algo.ALGORITHMS has them
+#   --size gpu: sized for < 10 minutes on one H100 / H200 (not yet run whole), steps 1..1024,
+#               MDLM and AR rows
 #   bash scripts/synthetic_table.sh --out runs/ladder [--size quick|cpu|gpu] \
 #       [--device cpu|gpu|auto] [--flm-steps N] [--distill-steps N] [hydra.overrides=...]
 set -euo pipefail
