@@ -320,7 +320,8 @@ class Compatibility:
 def compatibility(saved_vocab: int | None, saved_model, saved_algo: str | None,
                   vocab_size: int, model=None, algo: str | None = None) -> Compatibility:
     """Compare a checkpoint's vocabulary, model config and algorithm with the run's
-    (``model`` / ``algo`` None: not compared, e.g. evaluation builds the checkpoint's own)."""
+    (``model`` / ``algo`` None: not compared, and ``saved_model`` / ``saved_algo`` unread, e.g.
+    evaluation builds the checkpoint's own)."""
     vocab = (None if saved_vocab is None or saved_vocab == vocab_size
              else (int(saved_vocab), int(vocab_size)))
     algos = (None if algo is None or saved_algo is None or saved_algo == algo

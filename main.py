@@ -252,9 +252,8 @@ def load_for_eval(config: DictConfig) -> tuple[algo.FlowLM, object]:
         log.info("model.length=%s comes from the checkpoint (the config had %s)",
                  merged.model.length, config.model.length)
     tokenizer = data.get_tokenizer(merged)
-    # the model is the checkpoint's own (merged above): only the vocabulary can disagree
-    if compatibility(settings.vocab_size, saved_model, settings.algo,
-                     len(tokenizer)).vocab_size is not None:
+    # the model and algo are the checkpoint's own (merged above): only the vocabulary is compared
+    if compatibility(settings.vocab_size, None, None, len(tokenizer)).vocab_size is not None:
         raise utils.ConfigError(
             f"the data tokenizer has {len(tokenizer)} tokens but the checkpoint's model has "
             f"{settings.vocab_size}: pass the data=... it was trained on")

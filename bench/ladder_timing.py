@@ -13,14 +13,17 @@ import sys
 from pathlib import Path
 
 
-def last_logged(run: Path, key: str) -> float | None:
-    value = None
+def training_rate(run: Path) -> tuple[float | None, int | None]:
+    """(last logged train/ms_per_step, last logged step) of a run's CSV logs, one pass."""
+    ms, steps = None, None
     for path in sorted(run.glob("csv/version_*/metrics.csv")):
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
-                if row.get(key):
-                    value = float(row[key])
-    return value
+                if row.get("train/ms_per_step"):
+                    ms = float(row["train/ms_per_step"])
+                if row.get("step"):
+                    steps = max(steps or 0, int(row["step"]))
+    return ms, steps
 
 
 def main(out: Path) -> None:
@@ -30,12 +33,7 @@ def main(out: Path) -> None:
     print("|---|---|---|---|---|---|")
     for name, wall in seconds.items():
         kind, run = name.split()
-        ms = last_logged(out / run, "train/ms_per_step") if kind == "train" else None
-        steps = None
-        if kind == "train":
-            for path in (out / run).glob("csv/version_*/metrics.csv"):
-                with open(path, newline="") as f:
-                    steps = max([int(r["step"]) for r in csv.DictReader(f) if r.get("step")] or [0])
+        ms, steps = training_rate(out / run) if kind == "train" else (None, None)
         train_s = ms * steps / 1e3 if ms and steps else None
         rest = wall - train_s if train_s is not None else wall
         print(f"| {name} | {wall:.1f} | {ms if ms is None else round(ms, 1)} | {steps} | "
