@@ -2,11 +2,12 @@
 
     python scripts/synthetic_table.py --out runs/ladder               # ~40 min, 2-core CPU
     python scripts/synthetic_table.py --out /tmp/ladder --size quick  # ~3-5 min (CI)
-    python scripts/synthetic_table.py --out runs/ladder --size gpu    # sized for < 10 min, one GPU
+    python scripts/synthetic_table.py --out runs/ladder --size gpu    # < 10 min, one GPU
     python scripts/synthetic_table.py --out runs/ladder -- data.source_seed=3
 
 Every stage is a ``python -m main`` subprocess with Hydra overrides (the real CLI), in its
-own run directory under ``--out``:
+own run directory under ``--out``; ``--jobs N`` runs up to N at a time, each once the
+checkpoints it reads exist (the gpu preset: 4):
 
     flm/            FLM trained on the source (algo=flm), validation logs val/gap
     flm/eval/       FLM sampled at every step count of the preset, judged by the oracle
@@ -23,7 +24,9 @@ source), the samples' mean unigram entropy, the gap of the NLL to the source's e
 token, network calls per sample, and for FLM the training gap (its validation
 cross-entropy minus the exact denoiser's on the same noisy inputs, val/gap at the last
 validation). Written to ``--out`` as ``table.md``, ``table.json``,
-``oracle_nll_vs_steps.png`` and ``gap_vs_t.png`` (FLM's val/gap per tenth of t).
+``oracle_nll_vs_steps.png`` and ``gap_vs_t.png`` (FLM's val/gap per tenth of t); after
+each evaluation the table of the models evaluated so far is written, marked partial, so a
+run cut short keeps what it finished.
 
 Shared settings come from ``+experiment=synthetic_ladder`` (configs/experiment/); the
 ``--size`` preset's overrides and the stage-specific keys are added on top; extra
@@ -38,6 +41,7 @@ import json
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -97,6 +101,7 @@ class Preset:
     oracle_sampling_steps: tuple[int, ...] | None = None  # exact-denoiser rows (None: FLM's)
     baselines: tuple[str, ...] = ()  # algos run when algo.ALGORITHMS has them
     baseline_steps: int | None = None  # optimizer steps of a baseline (None: flm_steps)
+    jobs: int = 1  # stages run at a time (--jobs)
 
 
 PRESETS = {
@@ -115,25 +120,24 @@ PRESETS = {
                   flm_sampling_steps=FLM_SAMPLING_STEPS,
                   distilled_sampling_steps=DISTILLED_SAMPLING_STEPS,
                   baselines=("mdlm", "ar")),  # at FLM's budget
-    # one H100 or H200, meant for < 10 min. Timed on an H200 (bench/results/ladder_*_h200.txt):
-    # each of the 15 stages costs ~16-20 s of start-up (python -m main) and sampling; eager
-    # steps are launch-bound at any width, ~40-56 ms (FLM, MDLM, AR), ~80-160 ms (stage 1),
-    # ~65-125 ms (FMLM) with validation, so the budget goes into wide batches of a wider DiT and
-    # few steps; plain attention (each stage would compile FlexAttention). At 2000 / 250 / 1000
-    # steps the run took ~640 s (cut at 600 s during the MDLM stage); these counts are sized
-    # from that run (~530 s) and have not yet been run whole
+    # one H100 or H200, < 10 min. Eager steps of this DiT are launch-bound at any width (timed
+    # on an H200, bench/results/ladder_*_h200.txt: ~40-56 ms FLM / MDLM / AR, ~80-160 ms
+    # stage 1, ~65-125 ms FMLM, each stage ~16-20 s of start-up and sampling), so the GPU is
+    # mostly idle under one process: 4 stages run at a time (--jobs), each as soon as the
+    # checkpoints it reads exist, the FLM -> stage 1 -> FMLM chain first. FLM, MDLM and AR get
+    # the same budget; the wide batches of a wider DiT cost no extra time per step
     "gpu": Preset(
         overrides=("model.hidden_size=384", "model.n_blocks=6", "model.n_heads=6",
                    "model.attn_softcap=null", "model.cond_dim=128",
-                   "loader.global_batch_size=1024", "lr_scheduler.num_warmup_steps=200",
-                   "training.ema=0.999", "trainer.precision=bf16",
-                   "trainer.val_check_interval=1000", "trainer.limit_val_batches=4",
-                   "trainer.log_every_n_steps=100", "eval.num_samples=512",
-                   "sampling.batch_size=512"),
-        flm_steps=1500, distill_steps=150,
+                   "loader.global_batch_size=1024", "loader.num_workers=2",
+                   "lr_scheduler.num_warmup_steps=200", "training.ema=0.999",
+                   "trainer.precision=bf16", "trainer.val_check_interval=1000",
+                   "trainer.limit_val_batches=4", "trainer.log_every_n_steps=100",
+                   "eval.num_samples=512", "sampling.batch_size=512"),
+        flm_steps=4000, distill_steps=250,
         flm_sampling_steps=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024),
         distilled_sampling_steps=(1, 2, 4, 8, 16),
-        baselines=("mdlm", "ar"), baseline_steps=700),
+        baselines=("mdlm", "ar"), baseline_steps=4000, jobs=4),
 }
 BASELINE_OVERRIDES = {"ar": ("algo.first_token=start",)}  # synthetic data has no BOS
 
@@ -175,10 +179,29 @@ def eval_dir(out: Path, run: str) -> Path:
     return out / run / "eval"
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One ``python -m main`` run of the ladder: its name ("train flm", "sample_eval flm"),
+    its overrides and the stages whose checkpoints it reads (run before it)."""
+
+    name: str
+    overrides: list[str]
+    needs: tuple[str, ...] = ()
+
+    @property
+    def run(self) -> str:
+        return self.name.split()[-1]
+
+
+# the checkpoints each distillation stage reads (its teachers)
+TEACHER_RUNS = {"stage1": ("flm",), "fmlm": ("flm", "stage1"), "fmlm_oracle": ("stage1_oracle",)}
+
+
 def stage_commands(out: Path, preset: Preset, flm_steps: int, distill_steps: int,
                    shared: Sequence[str], ladder: Sequence[Model],
-                   baseline_steps: int | None = None) -> list[tuple[str, list[str]]]:
-    """(stage name, main.py overrides) in run order; ``shared`` goes to every stage."""
+                   baseline_steps: int | None = None) -> list[Stage]:
+    """The ladder's stages in run order (a valid sequential order: every stage after what it
+    needs); ``shared`` goes to every stage."""
     base = [EXPERIMENT, *shared]
     flm, stage1 = quoted(checkpoint(out, "flm")), quoted(checkpoint(out, "stage1"))
     stage1_oracle = quoted(checkpoint(out, "stage1_oracle"))
@@ -198,34 +221,112 @@ def stage_commands(out: Path, preset: Preset, flm_steps: int, distill_steps: int
         extra = [*model.train] if model.train else []
         if model.train is not None:
             stage = train.get(model.run, [f"trainer.max_steps={baseline_steps}"])
-            commands.append((f"train {model.run}", [*base, algo, *extra, *stage,
-                                                    f"hydra.run.dir={quoted(out / model.run)}"]))
+            needs = tuple(f"train {run}" for run in TEACHER_RUNS.get(model.run, ()))
+            commands.append(Stage(f"train {model.run}", [
+                *base, algo, *extra, *stage, f"hydra.run.dir={quoted(out / model.run)}"], needs))
             source = [f"eval.checkpoint_path={quoted(checkpoint(out, model.run))}"]
+            evaluated_after = (f"train {model.run}",)
         else:
             source = [f"eval.denoiser={ORACLE}"]
+            evaluated_after = ()
         steps = ",".join(str(s) for s in model.sampling_steps)
-        commands.append((f"sample_eval {model.run}", [
+        commands.append(Stage(f"sample_eval {model.run}", [
             *base, algo, *extra, "mode=sample_eval", "eval.judge=oracle",
             "eval.compute_mauve=false", *source, f"sampling.steps=[{steps}]",
             f"eval.output_dir={quoted(eval_dir(out, model.run))}",
-            f"hydra.run.dir={quoted(out / model.run / 'eval_run')}"]))
+            f"hydra.run.dir={quoted(out / model.run / 'eval_run')}"], evaluated_after))
     return commands
 
 
-def run_stage(name: str, overrides: list[str], log_path: Path, env: dict[str, str]) -> float:
-    """``python -m main <overrides>`` from the repo root; output to ``log_path``. Seconds."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("[%s] python -m main %s", name, " ".join(overrides))
-    start = time.perf_counter()
-    with open(log_path, "w") as log_file:
-        proc = subprocess.run([sys.executable, "-m", "main", *overrides], cwd=ROOT, env=env,
-                              stdout=log_file, stderr=subprocess.STDOUT, text=True)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        tail = log_path.read_text()[-3000:]
-        raise SystemExit(f"stage '{name}' failed (exit {proc.returncode}); last output of "
-                         f"{log_path}:\n{tail}")
-    logger.info("[%s] done in %.1f s (log %s)", name, seconds, log_path)
+def _log_tail(log_path: Path, chars: int = 3000) -> str:
+    return log_path.read_text(errors="replace")[-chars:] if log_path.is_file() else ""
+
+
+def critical_order(stages: Sequence[Stage]) -> dict[str, int]:
+    """Stages that have the longest chain of stages waiting on them come first (the FLM ->
+    stage 1 -> FMLM chain), so the runs in parallel end as early as the chain allows; ties
+    keep the run order. Returns name -> rank (0 first)."""
+    dependents: dict[str, list[str]] = {st.name: [] for st in stages}
+    for st in stages:
+        for need in st.needs:
+            if need not in dependents:
+                raise ValueError(f"stage '{st.name}' needs '{need}', which is not a stage")
+            dependents[need].append(st.name)
+    depth: dict[str, int] = {}
+
+    def chain(name: str) -> int:
+        if name not in depth:
+            depth[name] = 1 + max((chain(d) for d in dependents[name]), default=0)
+        return depth[name]
+
+    order = sorted(range(len(stages)), key=lambda i: (-chain(stages[i].name), i))
+    return {stages[i].name: rank for rank, i in enumerate(order)}
+
+
+def stage_log(out: Path, stage: Stage) -> Path:
+    return out / stage.run / f"{stage.name.split()[0]}.log"
+
+
+def main_command(stage: Stage) -> list[str]:
+    return [sys.executable, "-m", "main", *stage.overrides]
+
+
+def run_stages(stages: Sequence[Stage], out: Path, env: dict[str, str], jobs: int,
+               on_done=None, poll_seconds: float = 0.5, command=main_command,
+               ) -> dict[str, float]:
+    """Run every stage (``command(stage)``: ``python -m main <overrides>``, from the repo
+    root, output to its log), up to ``jobs`` at a time, each once all it ``needs`` has
+    finished; ``on_done(stage)`` after each success. Seconds per stage. A failed stage stops
+    the others and is one SystemExit with the end of its log; so is any exception here
+    (SIGTERM through ``main``'s handler, Ctrl-C): no stage outlives the driver."""
+    rank = critical_order(stages)
+    pending = sorted(stages, key=lambda st: rank[st.name])
+    running: dict[str, tuple[subprocess.Popen, float, Any]] = {}
+    seconds: dict[str, float] = {}
+
+    def stop_all() -> None:
+        for proc, _, _ in running.values():
+            proc.terminate()
+        for proc, _, log_file in running.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log_file.close()
+
+    try:
+        while pending or running:
+            for st in list(pending):
+                if len(running) >= jobs:
+                    break
+                if all(need in seconds for need in st.needs):
+                    log_path = stage_log(out, st)
+                    log_path.parent.mkdir(parents=True, exist_ok=True)
+                    logger.info("[%s] python -m main %s", st.name, " ".join(st.overrides))
+                    log_file = open(log_path, "w")  # noqa: SIM115 - closed when it ends
+                    proc = subprocess.Popen(command(st), cwd=ROOT, env=env, stdout=log_file,
+                                            stderr=subprocess.STDOUT, text=True)
+                    running[st.name] = (proc, time.perf_counter(), log_file)
+                    pending.remove(st)
+            if not running:
+                raise SystemExit("the ladder's stages wait on each other: "
+                                 + ", ".join(f"{st.name} needs {st.needs}" for st in pending))
+            time.sleep(poll_seconds)
+            for name in [n for n, (proc, _, _) in running.items() if proc.poll() is not None]:
+                proc, start, log_file = running.pop(name)
+                log_file.close()
+                st = next(s for s in stages if s.name == name)
+                if proc.returncode != 0:
+                    raise SystemExit(f"stage '{name}' failed (exit {proc.returncode}); last "
+                                     f"output of {stage_log(out, st)}:\n"
+                                     f"{_log_tail(stage_log(out, st))}")
+                seconds[name] = time.perf_counter() - start
+                logger.info("[%s] done in %.1f s (log %s; %d running, %d waiting)", name,
+                            seconds[name], stage_log(out, st), len(running), len(pending))
+                if on_done is not None:
+                    on_done(st)
+    finally:
+        stop_all()
     return seconds
 
 
@@ -260,11 +361,13 @@ def read_gap(run_dir: Path) -> dict[str, float]:
 
 def ladder_rows(summaries: dict[str, dict[str, Any]], ladder: Sequence[Model],
                 gaps: dict[str, dict[str, float]] | None = None) -> list[dict[str, Any]]:
-    """Table rows from each model's summary.json (keyed by run name), then a source row.
-    ``gaps``: ``read_gap`` per run; a model's rows carry its last val/gap."""
+    """Table rows from each model's summary.json (keyed by run name; models without one are
+    left out: a partial table), then a source row. ``gaps``: ``read_gap`` per run; a
+    model's rows carry its last val/gap."""
     gaps = gaps or {}
     rows = []
-    for model in ladder:
+    evaluated = [model for model in ladder if model.run in summaries]
+    for model in evaluated:
         for row in summaries[model.run]["rows"]:
             rows.append({"model": model.label, "steps": int(row["steps"]),
                          **{key: row.get(key) for key in ROW_KEYS},
@@ -272,7 +375,7 @@ def ladder_rows(summaries: dict[str, dict[str, Any]], ladder: Sequence[Model],
                          "oracle_impossible_fraction": row.get("oracle_impossible_fraction"),
                          "seconds_per_sample": row.get("seconds_per_sample"),
                          "note": row_note(row)})
-    reference = summaries[ladder[0].run]["reference"]
+    reference = summaries[evaluated[0].run]["reference"]
     rows.append({"model": "source (held-out data)", "steps": None,
                  **{key: reference.get(key) for key in ROW_KEYS},
                  "network_calls_per_sample": None, "training_gap": None,
@@ -335,14 +438,19 @@ def _json_safe(value: Any) -> Any:
 
 def write_outputs(out: Path, summaries: dict[str, dict[str, Any]], settings: dict[str, Any],
                   ladder: Sequence[Model], gaps: dict[str, dict[str, float]] | None = None,
-                  ) -> dict[str, Any]:
+                  quiet: bool = False) -> dict[str, Any]:
     """table.md, table.json, oracle_nll_vs_steps.png and (with FLM's val/gap) gap_vs_t.png
-    under ``out``; returns the JSON."""
+    under ``out``; returns the JSON. Models without a summary yet are left out, and the
+    header says so (a partial table). ``quiet``: log the file names only."""
     gaps = gaps or {}
     rows = ladder_rows(summaries, ladder, gaps)
-    first = summaries[ladder[0].run]["rows"][0]
+    evaluated = [m for m in ladder if m.run in summaries]
+    first = summaries[evaluated[0].run]["rows"][0]
     source_entropy = float(first["source_entropy_per_token"])
-    header = (f"Synthetic source (exact likelihood): entropy {source_entropy:.4f} nats/token "
+    missing = [m.label for m in ladder if m.run not in summaries]
+    partial = (f"PARTIAL: {len(evaluated)} of {len(ladder)} models evaluated so far "
+               f"(missing: {', '.join(missing)}). " if missing else "")
+    header = (f"{partial}Synthetic source (exact likelihood): entropy {source_entropy:.4f} nats/token "
               f"over the window (entropy rate {float(first['source_entropy_rate']):.4f}); "
               f"{settings['num_samples']} samples per row, seed {settings['seed']}. "
               "Gap = oracle NLL/token - source entropy/token; near-impossible = fraction of "
@@ -355,22 +463,29 @@ def write_outputs(out: Path, summaries: dict[str, dict[str, Any]], settings: dic
               "source_entropy_rate": float(first["source_entropy_rate"]),
               "settings": settings, "training_gaps": gaps, "rows": rows}
     (out / "table.json").write_text(json.dumps(_json_safe(result), indent=2))
-    plot_summaries = [{"model_name": m.label, "rows": summaries[m.run]["rows"]} for m in ladder]
+    plot_summaries = [{"model_name": m.label, "rows": summaries[m.run]["rows"]}
+                      for m in evaluated]
     plot_metric_vs_steps(plot_summaries, "oracle_nll_per_token", "oracle NLL per token (nats)",
                          str(out / "oracle_nll_vs_steps.png"),
                          {"source entropy per token": source_entropy})
     plotted = plot_gap_vs_t(gaps.get("flm", {}), out / "gap_vs_t.png")
-    logger.info("%s\n\n%s\n\nwrote %s, %s, %s%s", header, table, out / "table.md",
+    logger.info("%s%swrote %s, %s, %s%s", "" if quiet else f"{header}\n\n{table}\n\n",
+                "(partial table) " if missing else "", out / "table.md",
                 out / "table.json", out / "oracle_nll_vs_steps.png",
                 f", {out / 'gap_vs_t.png'}" if plotted else " (no val/gap: no gap plot)")
     return result
 
 
-def stage_env(device: str) -> dict[str, str]:
+def stage_env(device: str, jobs: int = 1) -> dict[str, str]:
+    """The stages' environment: offline, wandb off; ``device=cpu`` hides CUDA (sample_eval
+    picks it whenever it is visible); with ``jobs`` stages at a time each gets its share of
+    the cores as intra-op threads (unless OMP_NUM_THREADS is set already)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled",
                PYTHONUNBUFFERED="1")
-    if device == "cpu":  # sample_eval picks CUDA whenever it is visible
+    if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
     return env
 
 
@@ -392,6 +507,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="optimizer steps of each distillation stage (default: the preset's)")
     p.add_argument("--baseline-steps", type=int, default=None,
                    help="optimizer steps of each baseline (default: the preset's, else FLM's)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="stages run at a time, each once the checkpoints it reads exist "
+                   "(default: the preset's; gpu: 4 processes share the GPU, whose eager steps "
+                   "are launch-bound)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every stage, e.g. "
                    "data.source_seed=3 seed=2 (after the options, or after --)")
     args = p.parse_args(argv)
@@ -399,10 +518,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--quick and --size {args.size} disagree: pass one of them")
     args.size = "quick" if args.quick else (args.size or "cpu")
     args.device = args.device or ("gpu" if args.size == "gpu" else "cpu")
-    for name in ("flm_steps", "distill_steps", "baseline_steps"):
+    for name in ("flm_steps", "distill_steps", "baseline_steps", "jobs"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')}={value}: use a positive number of steps")
+            p.error(f"--{name.replace('_', '-')}={value}: use a positive number")
     return args
 
 
@@ -415,8 +534,14 @@ def ladder_length(shared: Sequence[str]) -> int:
     return int(config.model.length)
 
 
+def _terminated(signum, frame) -> None:
+    raise SystemExit(f"stopped by signal {signum}: the running stages are stopped; table.md "
+                     "holds the models evaluated so far")
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    signal.signal(signal.SIGTERM, _terminated)  # e.g. `timeout`: stop the stages too
     args = parse_args(argv)
     out = args.out.resolve()
     if out.exists() and any(out.iterdir()):
@@ -432,23 +557,45 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from algo import ALGORITHMS  # the baselines present in this checkout
 
     ladder = models(preset, ladder_length(shared), list(ALGORITHMS))
-    env = stage_env(args.device)
-    seconds = {}
+    jobs = args.jobs or preset.jobs
+    env = stage_env(args.device, jobs)
     baseline_steps = args.baseline_steps or preset.baseline_steps or flm_steps
-    for name, overrides in stage_commands(out, preset, flm_steps, distill_steps, shared, ladder,
-                                          baseline_steps):
-        run = name.split()[-1]
-        log_path = out / run / f"{name.split()[0]}.log"
-        seconds[name] = run_stage(name, overrides, log_path, env)
-    summaries = {m.run: json.loads((eval_dir(out, m.run) / "summary.json").read_text())
-                 for m in ladder}
-    gaps = {m.run: gap for m in ladder if (gap := read_gap(out / m.run))}
-    settings = {"size": args.size, "device": args.device, "flm_steps": flm_steps,
+    stages = stage_commands(out, preset, flm_steps, distill_steps, shared, ladder,
+                            baseline_steps)
+    settings = {"size": args.size, "device": args.device, "jobs": jobs, "flm_steps": flm_steps,
                 "distill_steps": distill_steps, "baseline_steps": baseline_steps,
-                "shared_overrides": [EXPERIMENT, *shared],
-                "num_samples": summaries["flm"]["num_samples"], "seed": summaries["flm"]["seed"],
-                "stage_seconds": seconds, "total_seconds": sum(seconds.values())}
-    return write_outputs(out, summaries, settings, ladder, gaps)
+                "shared_overrides": [EXPERIMENT, *shared]}
+    logger.info("%d stages, up to %d at a time", len(stages), jobs)
+    summaries: dict[str, dict[str, Any]] = {}
+
+    def table_so_far(stage: Stage) -> None:
+        """After each evaluation: the table of the models evaluated so far (a run cut short
+        keeps what it finished)."""
+        if stage.name.startswith("sample_eval") and len(summaries) + 1 < len(ladder):
+            summaries[stage.run] = read_summary(out, stage.run)
+            write_outputs(out, summaries, {**settings, **run_settings(summaries)}, ladder,
+                          read_gaps(out, ladder), quiet=True)
+
+    start = time.perf_counter()
+    seconds = run_stages(stages, out, env, jobs, on_done=table_so_far)
+    summaries = {m.run: read_summary(out, m.run) for m in ladder}
+    settings.update(run_settings(summaries), stage_seconds=seconds,
+                    total_seconds=time.perf_counter() - start)
+    return write_outputs(out, summaries, settings, ladder, read_gaps(out, ladder))
+
+
+def read_summary(out: Path, run: str) -> dict[str, Any]:
+    return json.loads((eval_dir(out, run) / "summary.json").read_text())
+
+
+def read_gaps(out: Path, ladder: Sequence[Model]) -> dict[str, dict[str, float]]:
+    return {m.run: gap for m in ladder if (gap := read_gap(out / m.run))}
+
+
+def run_settings(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Samples per row and the sampling seed, read off any evaluated model."""
+    first = next(iter(summaries.values()))
+    return {"num_samples": first["num_samples"], "seed": first["seed"]}
 
 
 if __name__ == "__main__":

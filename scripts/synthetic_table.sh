@@ -5,10 +5,11 @@
 # gap to the exact denoiser (val/gap) as a column and a plot.
 #   --size cpu (default): about 40 minutes on a 2-core CPU, with MDLM and AR rows
 #   --size quick (or --quick): a few minutes on a CPU (CI: tests/test_synthetic_ladder.py)
-#   --size gpu: sized for < 10 minutes on one H100 / H200 (not yet run whole), steps 1..1024,
-#               MDLM and AR rows
-#   bash scripts/synthetic_table.sh --out runs/ladder [--size quick|cpu|gpu] \
-#       [--device cpu|gpu|auto] [--flm-steps N] [--distill-steps N] [hydra.overrides=...]
+#   --size gpu: < 10 minutes on one H100 / H200, 4 stages at a time, steps 1..1024, MDLM and
+#               AR rows at FLM's budget
+#   bash scripts/synthetic_table.sh --out runs/ladder [--size quick|cpu|gpu] [--jobs N] \
+#       [--device cpu|gpu|auto] [--flm-steps N] [--distill-steps N] [--baseline-steps N] \
+#       [hydra.overrides=...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 exec python -u scripts/synthetic_table.py "$@"

@@ -8,8 +8,11 @@ entropy by an eigenvector stationary law, and the held-out reference row by Mont
 import importlib.util
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +47,9 @@ def load_driver():
 def ladder(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ladder") / "out"
     # offline, wandb disabled: the session's environment (tests/conftest.py)
-    proc = subprocess.run(["bash", str(SCRIPT), "--out", str(out), "--quick"], cwd=ROOT,
+    # two stages at a time: the scheduler of the GPU preset, on CI's two cores
+    proc = subprocess.run(["bash", str(SCRIPT), "--out", str(out), "--quick", "--jobs", "2"],
+                          cwd=ROOT,
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
@@ -176,7 +181,18 @@ def test_presets_compose_for_every_stage(tmp_path, size):
     commands = driver.stage_commands(tmp_path, preset, preset.flm_steps, preset.distill_steps,
                                      shared, ladder)
     assert len(commands) == 2 * len(ladder) - 1  # the exact denoiser is not trained
-    for name, overrides in commands:
+    seen = set()
+    for stage in commands:  # the list is a valid sequential order
+        assert set(stage.needs) <= seen, (stage.name, stage.needs)
+        seen.add(stage.name)
+    rank = driver.critical_order(commands)
+    assert min(rank, key=rank.get) == "train flm"  # the longest chain starts first
+    assert all(rank[need] < rank[st.name] for st in commands for need in st.needs)
+    by_name = {st.name: st for st in commands}
+    assert by_name["train fmlm"].needs == ("train flm", "train stage1")
+    assert by_name["train fmlm_oracle"].needs == ("train stage1_oracle",)
+    assert by_name["sample_eval oracle"].needs == ()
+    for name, overrides in ((st.name, st.overrides) for st in commands):
         if name == "sample_eval oracle":
             assert "eval.denoiser=oracle" in overrides
             assert not any(o.startswith("eval.checkpoint_path") for o in overrides)
@@ -189,3 +205,125 @@ def test_presets_compose_for_every_stage(tmp_path, size):
             blocks = next(int(o.split("=")[1]) for o in preset.overrides
                           if o.startswith("model.n_blocks="))
             assert config.trainer.precision == "bf16" and config.model.n_blocks == blocks
+
+
+# ---- the stage scheduler (--jobs), on stand-in stages --------------------------------------
+FAKE_STAGE = """
+import json, os, sys, time
+name, folder, seconds, code = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+start = time.time()
+with open(os.path.join(folder, name + ".pid"), "w") as f:
+    f.write(str(os.getpid()))
+time.sleep(seconds)
+with open(os.path.join(folder, name + ".json"), "w") as f:
+    json.dump({"start": start, "end": time.time()}, f)
+print("stand-in stage", name, "exits with", code)
+sys.exit(code)
+"""
+
+
+def fake_command(folder: Path, seconds: dict[str, float], codes: dict[str, int] | None = None):
+    codes = codes or {}
+
+    def command(stage) -> list[str]:
+        return [sys.executable, "-c", FAKE_STAGE, stage.run, str(folder),
+                str(seconds[stage.run]), str(codes.get(stage.run, 0))]
+    return command
+
+
+def test_stages_run_in_parallel_once_what_they_need_is_done(tmp_path):
+    driver = load_driver()
+    stages = [driver.Stage("train a", []), driver.Stage("train b", [], ("train a",)),
+              driver.Stage("train c", []), driver.Stage("train d", [])]
+    seconds = {"a": 1.0, "b": 0.3, "c": 1.0, "d": 1.0}
+    finished = []
+    driver.run_stages(stages, tmp_path, dict(os.environ), jobs=2, poll_seconds=0.05,
+                      on_done=lambda st: finished.append(st.name),
+                      command=fake_command(tmp_path, seconds))
+    spans = {run: json.loads((tmp_path / f"{run}.json").read_text()) for run in seconds}
+    assert spans["b"]["start"] >= spans["a"]["end"]  # b reads a's checkpoint
+    assert finished.index("train a") < finished.index("train b")
+    events = sorted([(s["start"], 1) for s in spans.values()] + [(s["end"], -1) for s in
+                                                                  spans.values()])
+    running = peak = 0
+    for _, change in events:
+        running += change
+        peak = max(peak, running)
+    assert peak == 2  # two at a time, never three
+    # a (the head of the longest chain) and c started together; d waited for a free slot
+    assert abs(spans["a"]["start"] - spans["c"]["start"]) < 0.5
+    assert spans["d"]["start"] >= min(spans["a"]["end"], spans["c"]["end"])
+    for run in seconds:
+        assert "stand-in stage" in (tmp_path / run / "train.log").read_text()
+
+
+def test_a_failed_stage_stops_the_others_and_says_why(tmp_path):
+    driver = load_driver()
+    stages = [driver.Stage("train slow", []), driver.Stage("train bad", []),
+              driver.Stage("train after", [], ("train bad",))]
+    command = fake_command(tmp_path, {"slow": 60.0, "bad": 0.2, "after": 0.1}, {"bad": 3})
+    start = time.perf_counter()
+    with pytest.raises(SystemExit, match=r"stage 'train bad' failed \(exit 3\)(.|\n)*exits "
+                                         r"with 3"):
+        driver.run_stages(stages, tmp_path, dict(os.environ), jobs=2, poll_seconds=0.05,
+                          command=command)
+    assert time.perf_counter() - start < 30  # the 60 s stage was stopped, not waited for
+    assert not process_alive(int((tmp_path / "slow.pid").read_text()))
+    assert not (tmp_path / "after.pid").exists()  # never started
+
+
+def test_sigterm_to_the_driver_stops_its_stages(tmp_path):
+    script = f"""
+import importlib.util, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+from tests.test_synthetic_ladder import fake_command, load_driver
+from pathlib import Path
+driver = load_driver()
+signal.signal(signal.SIGTERM, driver._terminated)
+folder = Path({str(tmp_path)!r})
+driver.run_stages([driver.Stage("train long", [])], folder, {{}}, jobs=1, poll_seconds=0.05,
+                  command=fake_command(folder, {{"long": 120.0}}))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    pid_file = tmp_path / "long.pid"
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.05)
+    stage_pid = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "stopped by signal 15" in output
+    assert not process_alive(stage_pid)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, counts as stopped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def test_partial_table_lists_what_is_evaluated_and_what_is_missing(tmp_path):
+    driver = load_driver()
+    row = {"steps": 4, "oracle_nll_per_token": 3.0, "oracle_gen_ppl": math.exp(3.0),
+           "entropy_gap": 0.5, "entropy_mean": 2.0, "network_calls_per_sample": 4,
+           "oracle_near_impossible_fraction": 0.01, "source_entropy_per_token": 2.5,
+           "source_entropy_rate": 2.4}
+    summary = {"num_samples": 8, "seed": 1, "rows": [row], "reference": dict(row, steps=None)}
+    ladder = driver.models(driver.PRESETS["quick"], 16, ["flm"])
+    done = {"oracle": summary, "stage1_oracle": summary}  # FLM itself not evaluated yet
+    result = driver.write_outputs(tmp_path, done, {"num_samples": 8, "seed": 1}, ladder)
+    assert [r["model"] for r in result["rows"]] == ["exact denoiser",
+                                                    "stage-1 map (exact teacher)",
+                                                    "source (held-out data)"]
+    header = (tmp_path / "table.md").read_text().splitlines()[0]
+    assert header.startswith("PARTIAL: 2 of 6 models evaluated so far")
+    assert "missing: FLM, stage-1 map, FMLM, FMLM (exact teacher)" in header
+    complete = driver.write_outputs(tmp_path, {m.run: summary for m in ladder},
+                                    {"num_samples": 8, "seed": 1}, ladder)
+    assert len(complete["rows"]) == len(ladder) + 1
+    assert not (tmp_path / "table.md").read_text().startswith("PARTIAL")
