@@ -8,7 +8,9 @@
 #   sampling    bench/sampling_step.py
 #   distill     bench/distill_step.py
 #   e2e         bench/end_to_end.py
-#   ladder      scripts/synthetic_table.sh --size gpu
+#   vocab       bench/vocab_align.py (the V-sized products at V = 50,258 and padded)
+#   ladder      scripts/synthetic_table.sh --size gpu, cut at LADDER_TIMEOUT s (default 530): the
+#               table (partial when cut), its plots, the timing and FLM's metrics.csv to $OUT
 #   calib       the GPU ladder at LADDER_CALIB steps (timing of every stage), with prep beside it
 #   prep        bench/prepare_data_speed.py: OWT stand-in on 1 / 4 / 8 worker processes
 # Run directories go to /tmp/runs; only logs (at most 8 files) go to $OUT. Wheels the machine
@@ -42,7 +44,15 @@ for s in $STAGES; do
     sampling) stage sampling python bench/sampling_step.py ;;
     distill) stage distill python bench/distill_step.py --modes compiled ;;
     e2e) stage e2e python bench/end_to_end.py ${E2E_ARGS:-} ;;
-    ladder) stage ladder bash scripts/synthetic_table.sh --size gpu --out /tmp/runs/ladder; cp /tmp/runs/ladder/table.md "$OUT/ladder_table.md"; cp /tmp/runs/ladder/table.json "$OUT/ladder_table.json"; python bench/ladder_timing.py /tmp/runs/ladder > "$OUT/ladder_timing.txt" 2>&1 ;;
+    vocab) stage vocab python bench/vocab_align.py ;;
+    ladder) L=/tmp/runs/ladder
+      stage ladder timeout "${LADDER_TIMEOUT:-530}" bash scripts/synthetic_table.sh --size gpu \
+        --out "$L" ${LADDER_ARGS:-}
+      for f in table.md table.json oracle_nll_vs_steps.png gap_vs_t.png; do
+        [ -f "$L/$f" ] && cp "$L/$f" "$OUT/ladder_$f"; done
+      cp "$(ls "$L"/flm/csv/version_*/metrics.csv | tail -n 1)" "$OUT/ladder_flm_metrics.csv"
+      python bench/ladder_timing.py "$L" > "$OUT/ladder_timing.txt" 2>&1
+      cat "$OUT/ladder_timing.txt" ;;
     calib) # the prep bench on cores 8-15 beside the ladder on cores 0-7
       taskset -c 8-15 python bench/prepare_data_speed.py --corpus owt --num-docs "${PREP_DOCS:-2000}" \
         --num-proc 1 4 8 --out "$OUT/prep_owt.json" > "$OUT/prep.log" 2>&1 &

@@ -38,7 +38,11 @@ def main(out: Path) -> None:
         rest = wall - train_s if train_s is not None else wall
         print(f"| {name} | {wall:.1f} | {ms if ms is None else round(ms, 1)} | {steps} | "
               f"{'' if train_s is None else round(train_s, 1)} | {rest:.1f} |")
-    print(f"\ntotal {sum(seconds.values()):.1f} s")
+    settings = table.get("settings", {})
+    total = settings.get("total_seconds")
+    print(f"\nstages summed {sum(seconds.values()):.1f} s; wall "
+          f"{'(not finished)' if total is None else f'{total:.1f} s'} with up to "
+          f"{settings.get('jobs', 1)} stages at a time")
 
 
 if __name__ == "__main__":

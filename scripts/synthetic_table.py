@@ -276,7 +276,7 @@ def run_stages(stages: Sequence[Stage], out: Path, env: dict[str, str], jobs: in
                ) -> dict[str, float]:
     """Run every stage (``command(stage)``: ``python -m main <overrides>``, from the repo
     root, output to its log), up to ``jobs`` at a time, each once all it ``needs`` has
-    finished; ``on_done(stage)`` after each success. Seconds per stage. A failed stage stops
+    finished; ``on_done(stage, seconds so far)`` after each success. Seconds per stage. A failed stage stops
     the others and is one SystemExit with the end of its log; so is any exception here
     (SIGTERM through ``main``'s handler, Ctrl-C): no stage outlives the driver."""
     rank = critical_order(stages)
@@ -324,7 +324,7 @@ def run_stages(stages: Sequence[Stage], out: Path, env: dict[str, str], jobs: in
                 logger.info("[%s] done in %.1f s (log %s; %d running, %d waiting)", name,
                             seconds[name], stage_log(out, st), len(running), len(pending))
                 if on_done is not None:
-                    on_done(st)
+                    on_done(st, dict(seconds))
     finally:
         stop_all()
     return seconds
@@ -568,12 +568,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logger.info("%d stages, up to %d at a time", len(stages), jobs)
     summaries: dict[str, dict[str, Any]] = {}
 
-    def table_so_far(stage: Stage) -> None:
+    def table_so_far(stage: Stage, seconds: dict[str, float]) -> None:
         """After each evaluation: the table of the models evaluated so far (a run cut short
         keeps what it finished)."""
         if stage.name.startswith("sample_eval") and len(summaries) + 1 < len(ladder):
             summaries[stage.run] = read_summary(out, stage.run)
-            write_outputs(out, summaries, {**settings, **run_settings(summaries)}, ladder,
+            write_outputs(out, summaries, {**settings, **run_settings(summaries),
+                                           "stage_seconds": seconds}, ladder,
                           read_gaps(out, ladder), quiet=True)
 
     start = time.perf_counter()

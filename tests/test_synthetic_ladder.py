@@ -238,7 +238,7 @@ def test_stages_run_in_parallel_once_what_they_need_is_done(tmp_path):
     seconds = {"a": 1.0, "b": 0.3, "c": 1.0, "d": 1.0}
     finished = []
     driver.run_stages(stages, tmp_path, dict(os.environ), jobs=2, poll_seconds=0.05,
-                      on_done=lambda st: finished.append(st.name),
+                      on_done=lambda st, seconds: finished.append(st.name),
                       command=fake_command(tmp_path, seconds))
     spans = {run: json.loads((tmp_path / f"{run}.json").read_text()) for run in seconds}
     assert spans["b"]["start"] >= spans["a"]["end"]  # b reads a's checkpoint
