@@ -307,10 +307,10 @@ class FLM(FlowLM):
 
         backend = self.fused_ce_backend()
         if backend == "liger" and self.loss_weighting is None:  # the masked mean in one pass
-            return self.backbone(noisy, t, output=lambda hidden, linear: liger_cross_entropy(
-                hidden, linear.weight, linear.bias, tokens, mask))
-        per_token = self.backbone(noisy, t, output=lambda hidden, linear: (
-            fused_token_cross_entropy(backend, hidden, linear.weight, linear.bias, tokens)))
+            return self.backbone(noisy, t, output=lambda hidden, weight, bias: (
+                liger_cross_entropy(hidden, weight, bias, tokens, mask)))
+        per_token = self.backbone(noisy, t, output=lambda hidden, weight, bias: (
+            fused_token_cross_entropy(backend, hidden, weight, bias, tokens)))
         log_weight = self.loss_weighting(t) if self.loss_weighting is not None else None
         return masked_token_mean(weighted_loss(per_token, log_weight), mask)
 

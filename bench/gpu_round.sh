@@ -13,6 +13,7 @@
 #               table (partial when cut), its plots, the timing and FLM's metrics.csv to $OUT
 #   calib       the GPU ladder at LADDER_CALIB steps (timing of every stage), with prep beside it
 #   prep        bench/prepare_data_speed.py: OWT stand-in on 1 / 4 / 8 worker processes
+# TRAIN_ARGS, SAMPLING_ARGS, DISTILL_ARGS, E2E_ARGS: extra arguments of those benches.
 # Run directories go to /tmp/runs; only logs (at most 8 files) go to $OUT. Wheels the machine
 # lacks (hydra-core, omegaconf, antlr4, datasets, liger-kernel, cut-cross-entropy) travel in .whl/.
 set -uo pipefail
@@ -37,12 +38,13 @@ fi
 for s in $STAGES; do
   case "$s" in
     attention) stage attention python bench/attention_check.py ;;
-    train) stage train python bench/train_step.py --modes compiled --fused-ce "${FUSED_CE:-auto}" ;;
+    train) stage train python bench/train_step.py --modes compiled --fused-ce "${FUSED_CE:-auto}" \
+        ${TRAIN_ARGS:-} ;;
     quickcpu) ;;  # started above
     quickgpu) stage quickgpu python -u -m main +experiment=quickstart_gpu \
         trainer.enable_progress_bar=false "hydra.run.dir=/tmp/runs/quickgpu" ;;
-    sampling) stage sampling python bench/sampling_step.py ;;
-    distill) stage distill python bench/distill_step.py --modes compiled ;;
+    sampling) stage sampling python bench/sampling_step.py ${SAMPLING_ARGS:-} ;;
+    distill) stage distill python bench/distill_step.py --modes compiled ${DISTILL_ARGS:-} ;;
     e2e) stage e2e python bench/end_to_end.py ${E2E_ARGS:-} ;;
     vocab) stage vocab python bench/vocab_align.py ;;
     ladder) L=/tmp/runs/ladder

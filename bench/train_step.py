@@ -64,10 +64,10 @@ def make_step(model, table, variant: str, fused_ce: str, device: torch.device):
                 return noisy_input(net, tokens, gamma, "dspace")
         if backend == "liger":  # the masked mean in one pass, as algo.FLM does
             mask = torch.ones_like(tokens)
-            return model(h, t, output=lambda x, lin: liger_cross_entropy(
-                x, lin.weight, lin.bias, tokens, mask))
-        return model(h, t, output=lambda x, lin: fused_token_cross_entropy(
-            backend, x, lin.weight, lin.bias, tokens)).mean()
+            return model(h, t, output=lambda x, weight, bias: liger_cross_entropy(
+                x, weight, bias, tokens, mask))
+        return model(h, t, output=lambda x, weight, bias: fused_token_cross_entropy(
+            backend, x, weight, bias, tokens)).mean()
 
     def step(tokens, t):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):

@@ -246,7 +246,8 @@ def fused_token_cross_entropy(backend: str, hidden: torch.Tensor, weight: torch.
     """Per-token CE (B, L) through ``backend`` from the output layer's input (B, L, D).
 
     ``hidden``: the modulated, normalised states that the output linear (weight (V, D),
-    bias (V,)) maps to logits.
+    bias (V,)) maps to logits; the DiT passes them over its padded vocabulary (V' rows, pads
+    zero with biases at models.dit.PAD_LOGIT, which carry no probability: the same CE).
     """
     if backend == "chunked":
         return chunked_linear_cross_entropy(hidden, weight, bias, tokens)

@@ -5,7 +5,10 @@ kept in D-space: ``h = z @ E`` evolves linearly, so ``p @ E`` replaces ``p``
 and nothing of size V outlives one chunk of positions. A network here is a
 backbone with ``input_embedding`` (V, D), ``features(h, t, t2)`` and
 ``head(hidden, c)`` (models/dit.py); an identity ``input_embedding`` makes the
-D-space state the V-space state itself (the exact-denoiser tests use that).
+D-space state the V-space state itself (the exact-denoiser tests use that). A DiT also
+has ``head(hidden, c, padded=True)`` and ``padded_embedding()``: the samplers then take
+the softmax and ``p @ E`` over the padded vocabulary, whose pads carry probability 0 and
+zero rows of E (aligned products, models/dit.py VOCAB_ALIGN), and argmax over V itself.
 """
 
 from __future__ import annotations
@@ -93,6 +96,17 @@ def _no_autocast(x: torch.Tensor):
     return torch.autocast(x.device.type, enabled=False)
 
 
+def vocab_padded(*networks) -> bool:
+    """Whether every network computes its output over the padded vocabulary (a DiT)."""
+    return all(hasattr(n, "padded_embedding") for n in networks)
+
+
+def output_logits(network, hidden: torch.Tensor, c, padded: bool) -> torch.Tensor:
+    """The network's logits for a chunk of positions: over the padded vocabulary (pads at
+    PAD_LOGIT) when ``padded``, else over V."""
+    return network.head(hidden, c, padded=True) if padded else network.head(hidden, c)
+
+
 @torch.no_grad()
 def denoised_projection(network, h: torch.Tensor, t: torch.Tensor, t2: torch.Tensor | None,
                         position_chunk: int = DEFAULT_POSITION_CHUNK, project: bool = True,
@@ -106,12 +120,13 @@ def denoised_projection(network, h: torch.Tensor, t: torch.Tensor, t2: torch.Ten
     argmax z = argmax p = argmax f) returns ``(None, argmax f)`` without ``p @ E``.
     """
     hidden, c = network.features(h.to(network.input_embedding.dtype), t, t2)
-    e = network.input_embedding
+    vocab, padded = network.input_embedding.shape[0], vocab_padded(network)
+    e = network.padded_embedding() if padded else network.input_embedding
     proj, tokens = [], []
     for start in range(0, hidden.shape[1], position_chunk):
-        logits = network.head(hidden[:, start:start + position_chunk], c)
+        logits = output_logits(network, hidden[:, start:start + position_chunk], c, padded)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> float32
-        tokens.append(logits.argmax(dim=-1))
+        tokens.append(logits[..., :vocab].argmax(dim=-1))
         if project:
             with _no_autocast(logits):  # the state update stays in the state's precision
                 proj.append(torch.softmax(logits, dim=-1) @ e.to(logits.dtype))
@@ -205,7 +220,10 @@ def sample_flow_map(teacher, student, table: AlphaGammaTable, noise: torch.Tenso
     """
     batch, dim_teacher = noise.shape[0], teacher.input_embedding.shape[1]
     joint = torch.cat([teacher.input_embedding, student.input_embedding], dim=1).float()
-    mask = check_known(known_tokens, known_mask, tuple(noise.shape[:2]), joint.shape[0])
+    vocab, padded = joint.shape[0], vocab_padded(teacher, student)
+    mask = check_known(known_tokens, known_mask, tuple(noise.shape[:2]), vocab)
+    if padded:  # [E_T | E_S] with zero rows up to the padded vocabulary
+        joint = torch.cat([teacher.padded_embedding(), student.padded_embedding()], dim=1).float()
     clean = _clean_projection([teacher, student], known_tokens, mask)
     h = clamp_known(noise, clean, mask)
     t, gamma = step_grid(table, steps, h.device, dtype=h.dtype)
@@ -220,10 +238,11 @@ def sample_flow_map(teacher, student, table: AlphaGammaTable, noise: torch.Tenso
         p_proj, g_proj, tokens = [], [], []
         for start in range(0, h.shape[1], position_chunk):
             window = slice(start, start + position_chunk)
-            p = torch.softmax(teacher.head(hidden_t[:, window], c_t).float(), dim=-1)
-            g = student.head(hidden_s[:, window], c_s).float()
+            p = torch.softmax(output_logits(teacher, hidden_t[:, window], c_t, padded).float(),
+                              dim=-1)
+            g = output_logits(student, hidden_s[:, window], c_s, padded).float()
             if last:
-                tokens.append((p + 0.5 * float(delta) ** 2 * g).argmax(dim=-1))
+                tokens.append((p + 0.5 * float(delta) ** 2 * g)[..., :vocab].argmax(dim=-1))
             else:
                 with _no_autocast(p):  # the state update stays in the state's precision
                     p_proj.append(p @ joint)

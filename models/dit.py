@@ -32,6 +32,15 @@ from einops import rearrange
 from torch import nn
 
 TIME_FREQUENCY_DIM = 256  # sinusoidal features fed to the time MLP
+# The vocabulary side of every V-sized product is padded to a multiple of VOCAB_ALIGN rows:
+# cuBLAS's fast kernels need 16-byte-aligned leading dimensions, and V = 50,258 (GPT-2 + 1)
+# has none; padded, the output layer's products ran 2.6x and the samplers' p @ E 2.8x faster
+# on an H200 (bench/vocab_align.py, bench/results/vocab_align_h200.txt). Pad rows of the
+# output weight and of E are zero and pad logits are PAD_LOGIT, so a softmax over the padded
+# logits puts exactly 0 on the pads (exp(PAD_LOGIT - max) underflows to 0 in any float dtype
+# unless every real logit is below -29,000) and nothing of a pad reaches a result.
+VOCAB_ALIGN = 128
+PAD_LOGIT = -30_000.0  # finite (no inf - inf); representable in float16, bfloat16, float32
 MAX_PERIOD = 10_000.0  # the slowest sinusoid of the time features has this period (in t units)
 ROTARY_BASE = 10_000.0
 
@@ -176,6 +185,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float 
     return _flex_attention()(q, k, v, score_mod=capped, block_mask=mask)
 
 
+def padded_vocab(vocab_size: int) -> int:
+    """V rounded up to a multiple of VOCAB_ALIGN."""
+    return -(-vocab_size // VOCAB_ALIGN) * VOCAB_ALIGN
+
+
+def pad_vocab_rows(x: torch.Tensor, value: float = 0.0) -> torch.Tensor:
+    """A (V, ...) tensor with rows appended up to ``padded_vocab(V)``, filled with ``value``;
+    differentiable (the pads' gradient is dropped). ``x`` itself when V is aligned."""
+    pad = padded_vocab(x.shape[0]) - x.shape[0]
+    if not pad:
+        return x
+    return torch.cat([x, x.new_full((pad, *x.shape[1:]), value)])
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale[:, None]) + shift[:, None]
 
@@ -228,8 +251,19 @@ class OutputLayer(nn.Module):
         shift, scale = self.modulation(c).chunk(2, dim=-1)
         return modulate(self.norm(x), shift, scale)
 
+    def padded_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The linear's weight (V', D) and bias (V',) over the padded vocabulary V' (pad rows
+        zero, pad biases PAD_LOGIT): ``x @ Wᵀ + b`` gives the logits with aligned strides."""
+        return pad_vocab_rows(self.linear.weight), pad_vocab_rows(self.linear.bias, PAD_LOGIT)
+
+    def logits(self, features: torch.Tensor, padded: bool = False) -> torch.Tensor:
+        """``features @ Wᵀ + b`` (..., V) through the padded product; ``padded=True``: the
+        (..., V') logits themselves, pads at PAD_LOGIT."""
+        out = F.linear(features, *self.padded_weights())
+        return out if padded else out[..., :self.linear.out_features]
+
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.features(x, c))
+        return self.logits(self.features(x, c))
 
 
 class DiT(nn.Module):
@@ -307,21 +341,29 @@ class DiT(nn.Module):
         """(B, L', D) -> the output linear's input (B, L', D) (modulated, normalised)."""
         return self.output_layer.features(hidden, c)
 
-    def head(self, hidden: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """(B, L', D) -> logits (B, L', V); callable on a chunk of positions."""
-        return self.output_layer.linear(self.head_features(hidden, c))
+    def head(self, hidden: torch.Tensor, c: torch.Tensor, padded: bool = False) -> torch.Tensor:
+        """(B, L', D) -> logits (B, L', V); callable on a chunk of positions. ``padded=True``:
+        over the padded vocabulary (B, L', V'), pads at PAD_LOGIT (``padded_embedding``)."""
+        return self.output_layer.logits(self.head_features(hidden, c), padded)
+
+    def padded_embedding(self) -> torch.Tensor:
+        """E with zero rows up to the padded vocabulary (V', D): ``softmax(head(padded=True))
+        @ padded_embedding()`` is ``softmax(head()) @ E`` through aligned products."""
+        return pad_vocab_rows(self.input_embedding)
 
     def forward(self, h: torch.Tensor | Callable[[DiT], torch.Tensor], t: torch.Tensor,
                 t2: torch.Tensor | None = None,
-                output: Callable[[torch.Tensor, nn.Linear], torch.Tensor] | None = None,
-                ) -> torch.Tensor:
-        """Logits (B, L, V); with ``output``, ``output(head_features (B, L, D), linear)``
-        instead (a fused linear + loss that never forms the logits: flow/losses.py)."""
+                output: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+                | None = None) -> torch.Tensor:
+        """Logits (B, L, V); with ``output``, ``output(head_features (B, L, D), weight (V', D),
+        bias (V',))`` instead, the output layer's padded weights (pads: zero rows, biases at
+        PAD_LOGIT, so a cross-entropy over V' equals the one over V): a fused linear + loss
+        that never forms the logits (flow/losses.py)."""
         if callable(h):
             h = h(self)
         hidden, c = self.features(h, t, t2)
         if output is not None:
-            return output(self.head_features(hidden, c), self.output_layer.linear)
+            return output(self.head_features(hidden, c), *self.output_layer.padded_weights())
         return self.head(hidden, c)
 
     def logits_from_state(self, z: torch.Tensor, t: torch.Tensor,
