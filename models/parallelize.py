@@ -32,8 +32,25 @@ def compile_requested(config: DictConfig) -> bool:
     return bool(config.training.compile)
 
 
+# Compiled graphs per code object. Every DiT shares one ``forward``, and each instance
+# (teacher, stage-1 map, student) under each grad mode (teachers and the student's
+# bootstrap targets without gradients) and each batch shape (validation) is one more graph:
+# a distillation step needs more than torch's default of 8, past which the forward ran eager
+# (seen on an H200: "hit config.recompile_limit (8) ... GLOBAL_STATE changed: grad_mode").
+RECOMPILE_LIMIT = 64
+
+
+def _room_for_graphs() -> None:
+    import torch._dynamo.config as dynamo_config
+
+    if dynamo_config.recompile_limit < RECOMPILE_LIMIT:
+        dynamo_config.recompile_limit = RECOMPILE_LIMIT
+
+
 def compile_network(network: torch.nn.Module) -> None:
-    """Compile ``network``'s forward in place, with static shapes."""
+    """Compile ``network``'s forward in place, with static shapes (and room for a graph per
+    network instance, grad mode and batch shape: ``RECOMPILE_LIMIT``)."""
+    _room_for_graphs()
     network.compile(dynamic=False)
 
 
@@ -45,6 +62,7 @@ def compile_for_sampling(network: torch.nn.Module) -> bool:
 
     if not isinstance(network, DiT):
         return False
+    _room_for_graphs()  # teacher and student share DiT.features' code object
     network.features = torch.compile(network.features, dynamic=False)
     network.head = torch.compile(network.head, dynamic=False)
     return True
