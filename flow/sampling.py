@@ -218,12 +218,12 @@ def sample_flow_map(teacher, student, table: AlphaGammaTable, noise: torch.Tenso
     ``z_N = p + ½Δ²·g``. Known positions (``known_tokens``/``known_mask`` (B, L)) are
     clamped to ``e(x_known) @ [E_T | E_S]`` as in ``sample_euler``.
     """
-    batch, dim_teacher = noise.shape[0], teacher.input_embedding.shape[1]
-    joint = torch.cat([teacher.input_embedding, student.input_embedding], dim=1).float()
-    vocab, padded = joint.shape[0], vocab_padded(teacher, student)
+    batch, (vocab, dim_teacher) = noise.shape[0], teacher.input_embedding.shape
+    padded = vocab_padded(teacher, student)
+    # [E_T | E_S], with zero rows up to the padded vocabulary when both pad
+    joint = torch.cat([n.padded_embedding() if padded else n.input_embedding
+                       for n in (teacher, student)], dim=1).float()
     mask = check_known(known_tokens, known_mask, tuple(noise.shape[:2]), vocab)
-    if padded:  # [E_T | E_S] with zero rows up to the padded vocabulary
-        joint = torch.cat([teacher.padded_embedding(), student.padded_embedding()], dim=1).float()
     clean = _clean_projection([teacher, student], known_tokens, mask)
     h = clamp_known(noise, clean, mask)
     t, gamma = step_grid(table, steps, h.device, dtype=h.dtype)

@@ -276,18 +276,19 @@ def run_stages(stages: Sequence[Stage], out: Path, env: dict[str, str], jobs: in
                ) -> dict[str, float]:
     """Run every stage (``command(stage)``: ``python -m main <overrides>``, from the repo
     root, output to its log), up to ``jobs`` at a time, each once all it ``needs`` has
-    finished; ``on_done(stage, seconds so far)`` after each success. Seconds per stage. A failed stage stops
-    the others and is one SystemExit with the end of its log; so is any exception here
-    (SIGTERM through ``main``'s handler, Ctrl-C): no stage outlives the driver."""
+    finished; ``on_done(stage, seconds so far)`` after each success. Seconds per stage. A
+    failed stage stops the others and is one SystemExit with the end of its log; so is any
+    exception here (SIGTERM through ``main``'s handler, Ctrl-C): no stage outlives the
+    driver."""
     rank = critical_order(stages)
     pending = sorted(stages, key=lambda st: rank[st.name])
-    running: dict[str, tuple[subprocess.Popen, float, Any]] = {}
+    running: dict[str, tuple[Stage, subprocess.Popen, float, Any]] = {}
     seconds: dict[str, float] = {}
 
     def stop_all() -> None:
-        for proc, _, _ in running.values():
+        for _, proc, _, _ in running.values():
             proc.terminate()
-        for proc, _, log_file in running.values():
+        for _, proc, _, log_file in running.values():
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -306,16 +307,15 @@ def run_stages(stages: Sequence[Stage], out: Path, env: dict[str, str], jobs: in
                     log_file = open(log_path, "w")  # noqa: SIM115 - closed when it ends
                     proc = subprocess.Popen(command(st), cwd=ROOT, env=env, stdout=log_file,
                                             stderr=subprocess.STDOUT, text=True)
-                    running[st.name] = (proc, time.perf_counter(), log_file)
+                    running[st.name] = (st, proc, time.perf_counter(), log_file)
                     pending.remove(st)
             if not running:
                 raise SystemExit("the ladder's stages wait on each other: "
                                  + ", ".join(f"{st.name} needs {st.needs}" for st in pending))
             time.sleep(poll_seconds)
-            for name in [n for n, (proc, _, _) in running.items() if proc.poll() is not None]:
-                proc, start, log_file = running.pop(name)
+            for name in [n for n, (_, proc, _, _) in running.items() if proc.poll() is not None]:
+                st, proc, start, log_file = running.pop(name)
                 log_file.close()
-                st = next(s for s in stages if s.name == name)
                 if proc.returncode != 0:
                     raise SystemExit(f"stage '{name}' failed (exit {proc.returncode}); last "
                                      f"output of {stage_log(out, st)}:\n"
