@@ -104,9 +104,9 @@ def networks(args, stage: int, compiled: bool) -> list[torch.nn.Module]:
     return nets
 
 
-def time_stage(args, stage: int, compiled: bool, table: AlphaGammaTable) -> dict:
-    row = {"task": f"stage {stage}", "compiled": compiled, "oom": False}
-    reset_memory(args.device)
+def make_stage_step(args, stage: int, compiled: bool, table: AlphaGammaTable):
+    """(step, noise_only): closures running one stage-``stage`` optimizer step, and the joint
+    noise draw alone (also used by bench/profile_step.py)."""
     nets = networks(args, stage, compiled)
     student = nets[-1]
     optimizer = torch.optim.AdamW(student.parameters(), lr=3e-4,
@@ -128,6 +128,13 @@ def time_stage(args, stage: int, compiled: bool, table: AlphaGammaTable) -> dict
     def noise_only() -> None:
         joint_gaussian_projection([n.input_embedding for n in nets], (args.batch, args.length))
 
+    return step, noise_only
+
+
+def time_stage(args, stage: int, compiled: bool, table: AlphaGammaTable) -> dict:
+    row = {"task": f"stage {stage}", "compiled": compiled, "oom": False}
+    reset_memory(args.device)
+    step, noise_only = make_stage_step(args, stage, compiled, table)
     try:
         seconds = timed(step, args.device, args.warmup, args.steps)
         row["noise_ms"] = 1e3 * timed(noise_only, args.device, 1, args.steps)

@@ -9,6 +9,8 @@
 #   distill     bench/distill_step.py
 #   e2e         bench/end_to_end.py
 #   vocab       bench/vocab_align.py (the V-sized products at V = 50,258 and padded)
+#   components  bench/components.py (attention and output layer + CE, each way we can run them)
+#   profile     bench/profile_step.py for each task of PROFILE_TASKS (default: train stage1 fmlm)
 #   ladder      scripts/synthetic_table.sh --size gpu, cut at LADDER_TIMEOUT s (default 530): the
 #               table (partial when cut), its plots, the timing and FLM's metrics.csv to $OUT
 #   calib       the GPU ladder at LADDER_CALIB steps (timing of every stage), with prep beside it
@@ -47,6 +49,9 @@ for s in $STAGES; do
     distill) stage distill python bench/distill_step.py --modes compiled ${DISTILL_ARGS:-} ;;
     e2e) stage e2e python bench/end_to_end.py ${E2E_ARGS:-} ;;
     vocab) stage vocab python bench/vocab_align.py ;;
+    components) stage components python bench/components.py ${COMPONENTS_ARGS:-} ;;
+    profile) for task in ${PROFILE_TASKS:-train stage1 fmlm}; do
+        TAIL=60 stage "profile_$task" python bench/profile_step.py --task "$task"; done ;;
     ladder) L=/tmp/runs/ladder
       stage ladder timeout "${LADDER_TIMEOUT:-530}" bash scripts/synthetic_table.sh --size gpu \
         --out "$L" ${LADDER_ARGS:-}

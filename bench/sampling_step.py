@@ -85,18 +85,22 @@ def make_net(args, double_temb: bool, compiled: bool):
 
 
 @torch.no_grad()
+def fmlm_run(args, net, table, batch: int, steps: int, state_dtype,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """One FMLM generation as sample_eval runs it: initial state, then ``steps`` steps."""
+    with gpu_bf16_autocast(args.device):
+        noise = initial_state(net, batch, args.length, generator, dtype=state_dtype)
+        return sample_euler(net, table, noise, steps, EPS, two_times=True,
+                            position_chunk=args.chunk)
+
+
+@torch.no_grad()
 def fmlm_row(args, net, table, batch: int, steps: int, state_dtype) -> dict:
     reset_memory(args.device)
     gen = torch.Generator(device=args.device).manual_seed(0)
-
-    def run():
-        with gpu_bf16_autocast(args.device):
-            noise = initial_state(net, batch, args.length, gen, dtype=state_dtype)
-            return sample_euler(net, table, noise, steps, EPS, two_times=True,
-                                position_chunk=args.chunk)
-
     try:
-        seconds = timed(run, args.device, 1, args.repeats)
+        seconds = timed(lambda: fmlm_run(args, net, table, batch, steps, state_dtype, gen),
+                        args.device, 1, args.repeats)
     except torch.OutOfMemoryError:
         return {"oom": True}
     return {"oom": False, "ms": 1e3 * seconds, "seq_per_s": batch / seconds,

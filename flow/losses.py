@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -158,6 +159,109 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         if grad_b is not None:
             grad_b = grad_b.to(bias.dtype) if ctx.needs_input_grad[2] else None
         return grad_h, grad_w, grad_b, None, None, None
+
+
+def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor,
+                         row_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of the mean CE: per-row ``lse - logit[target]`` (float32, float64 for float64
+    logits) and ``dlogits = (softmax - onehot)·row_weight`` in the logits' dtype. Written as one
+    reduction and one elementwise pass so that ``torch.compile`` fuses it (two reads of the
+    logits, one write of dlogits, nothing float32 of size (n, V) in memory)."""
+    x = logits if logits.dtype == torch.float64 else logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    target_logit = x.gather(1, targets[:, None]).squeeze(1)
+    hit = torch.arange(x.shape[1], device=x.device)[None, :] == targets[:, None]
+    d = (torch.exp(x - lse[:, None]) - hit.to(x.dtype)) * row_weight[:, None].to(x.dtype)
+    return lse - target_logit, d.to(logits.dtype)
+
+
+_compiled_chunk_loss: Callable | None = None
+
+
+def chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor,
+                        row_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_chunk_loss_and_grad``, compiled once on CUDA (static shapes: a last, shorter chunk
+    compiles once more); eager on other devices."""
+    global _compiled_chunk_loss
+    if logits.device.type != "cuda":
+        return _chunk_loss_and_grad(logits, targets, row_weight)
+    if _compiled_chunk_loss is None:
+        _compiled_chunk_loss = torch.compile(_chunk_loss_and_grad, dynamic=False)
+    return _compiled_chunk_loss(logits, targets, row_weight)
+
+
+class MeanLinearCrossEntropy(torch.autograd.Function):
+    """``Σ_n w_n·CE(h_n @ Wᵀ + b, x_n)`` over chunks of rows, gradients formed in the forward.
+
+    Each chunk's logits are computed once (in ``dtype``, the autocast dtype under mixed
+    precision, as the plain ``nn.Linear`` would), turned into the chunk's losses and
+    ``dlogits = (softmax - onehot)·w`` (``chunk_loss_and_grad``), and multiplied straight into
+    grad_h, grad_W (accumulated in float32) and grad_b; backward only scales them by the
+    upstream scalar. Three V-sized products per row instead of the four of a recompute in
+    backward, and chunks large enough for the products to run at full speed. For a weighted
+    sum / mean (the weights ``w`` are known in the forward); per-token losses with per-token
+    upstream gradients (learnable loss weighting) go through ``ChunkedLinearCrossEntropy``.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, row_weight: torch.Tensor, chunk: int,
+                dtype: torch.dtype) -> torch.Tensor:
+        w = weight.to(dtype)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            h = hidden[rows].to(dtype)
+            logits = F.linear(h, w, None if bias is None else bias.to(dtype))
+            losses, d = chunk_loss_and_grad(logits, targets[rows], row_weight[rows])
+            total += (losses.to(acc) * row_weight[rows].to(acc)).sum()
+            del logits
+            if grad_h is not None:
+                grad_h[rows] = (d @ w).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w += (d.T @ h).to(acc)
+            if grad_b is not None:
+                grad_b += d.sum(0, dtype=acc)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        scale = grad_total
+        out_h = None if grad_h is None else grad_h * scale.to(grad_h.dtype)
+        out_w = None if grad_w is None else (grad_w * scale.to(grad_w.dtype)).to(weight_dtype)
+        out_b = None if grad_b is None else (grad_b * scale.to(grad_b.dtype)).to(bias_dtype)
+        return out_h, out_w, out_b, None, None, None, None
+
+
+MEAN_CHUNK_ELEMENTS = 2**29  # logits per chunk of MeanLinearCrossEntropy (1 GiB in bf16)
+
+
+@torch.compiler.disable
+def chunked_linear_cross_entropy_mean(hidden: torch.Tensor, weight: torch.Tensor,
+                                      bias: torch.Tensor | None, tokens: torch.Tensor,
+                                      mask: torch.Tensor, chunk_tokens: int | None = None,
+                                      ) -> torch.Tensor:
+    """``masked_token_mean(CE(hidden @ weightᵀ + bias, tokens), mask)`` as one float32 scalar
+    (float64 for float64 inputs), through ``MeanLinearCrossEntropy``: (B, L, D), (V, D), (V,),
+    (B, L), (B, L) -> (). Outside torch.compile (its chunk kernel is compiled on its own)."""
+    chunk = chunk_tokens or max(1, MEAN_CHUNK_ELEMENTS // weight.shape[0])
+    dtype = matmul_dtype(hidden, weight)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    m = mask.flatten().to(acc)
+    row_weight = m / m.sum().clamp_min(1.0)
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        return MeanLinearCrossEntropy.apply(hidden.flatten(0, 1), weight, bias,
+                                            tokens.flatten(), row_weight, chunk, dtype)
 
 
 def matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
