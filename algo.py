@@ -27,10 +27,11 @@ from flow.flow_map import (
     Interval,
     interval_endpoints,
 )
+from flow.fused import use_fused_kernels
 from flow.losses import (
     check_fused_ce,
+    fused_mean_cross_entropy,
     fused_token_cross_entropy,
-    liger_cross_entropy,
     masked_token_mean,
     resolve_fused_ce,
     weighted_loss,
@@ -87,6 +88,7 @@ class FlowLM(pl.LightningModule):
                                and self.loss_weight_times else None)
         self.ema = EMA(self.backbone, config.training.ema)
         self.sharded = utils.fsdp_training(config)  # configure_model shards under the trainer
+        use_fused_kernels(compile_requested(config))  # the losses' small kernels follow it
         if compile_requested(config) and not self.sharded:
             compile_network(self.backbone)  # under FSDP, configure_model compiles block by block
         self._noise_generator: torch.Generator | None = None
@@ -306,9 +308,9 @@ class FLM(FlowLM):
             return noisy_input(network, tokens, gamma, path, generator)
 
         backend = self.fused_ce_backend()
-        if backend == "liger" and self.loss_weighting is None:  # the masked mean in one pass
+        if self.loss_weighting is None:  # the masked mean in one pass (gradients in forward)
             return self.backbone(noisy, t, output=lambda hidden, weight, bias: (
-                liger_cross_entropy(hidden, weight, bias, tokens, mask)))
+                fused_mean_cross_entropy(backend, hidden, weight, bias, tokens, mask)))
         per_token = self.backbone(noisy, t, output=lambda hidden, weight, bias: (
             fused_token_cross_entropy(backend, hidden, weight, bias, tokens)))
         log_weight = self.loss_weighting(t) if self.loss_weighting is not None else None

@@ -391,6 +391,7 @@ RESUMABLE_CHANGES = (
     "mode",
     "trainer.max_steps", "trainer.val_check_interval", "trainer.limit_val_batches",
     "trainer.log_every_n_steps", "trainer.num_sanity_val_steps", "trainer.enable_progress_bar",
+    "trainer.profiler",
     "trainer.accelerator", "trainer.devices", "trainer.num_nodes",
     "trainer.accumulate_grad_batches",  # derived from devices/nodes/batch_size
     "loader.batch_size", "loader.eval_batch_size", "loader.eval_global_batch_size",

@@ -119,7 +119,7 @@ def build_trainer(config: DictConfig, **overrides) -> pl.Trainer:
         # write a second (hpc_ckpt_*) checkpoint that resume does not read
         plugins.append(SLURMEnvironment(auto_requeue=False))
     kwargs = dict(
-        accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes,
+        profiler=tc.get("profiler"), accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes,
         precision=tc.precision, max_steps=tc.max_steps, gradient_clip_val=tc.gradient_clip_val,
         accumulate_grad_batches=tc.accumulate_grad_batches, val_check_interval=val_interval,
         # an integer interval counts optimizer steps across epochs

@@ -32,6 +32,9 @@ def device_count(config: DictConfig) -> int:
     raise ConfigError(f"trainer.devices={devices!r}: use a positive integer or 'auto'")
 
 
+PROFILERS = (None, "simple", "advanced")  # trainer.profiler
+
+
 def resolve_config(config: DictConfig) -> DictConfig:
     """Check the config and derive per-device batch sizes and gradient accumulation.
 
@@ -39,6 +42,9 @@ def resolve_config(config: DictConfig) -> DictConfig:
     """
     if config.mode not in MODES:
         raise ConfigError(f"mode={config.mode!r}; expected one of {MODES}")
+    if config.trainer.get("profiler") not in PROFILERS:
+        raise ConfigError(f"trainer.profiler={config.trainer.profiler!r}; expected one of "
+                          f"{PROFILERS} (Lightning's host-time profilers; null: none)")
     _check_values(config)
     devices = device_count(config)
     nodes = int(config.trainer.num_nodes)

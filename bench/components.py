@@ -36,7 +36,7 @@ from flow.losses import (  # noqa: E402
     fused_ce_available,
     liger_cross_entropy,
 )
-from models.dit import PAD_LOGIT, attention, pad_vocab_rows  # noqa: E402
+from models.dit import PAD_LOGIT, attention, pad_vocab_rows, softcap_score_mod  # noqa: E402
 
 SOFTCAP = 50.0
 
@@ -44,15 +44,20 @@ SOFTCAP = 50.0
 def attention_variants(device):
     from torch.nn.attention.flex_attention import flex_attention
 
-    def capped(score, b, h, q_idx, kv_idx):
+    def tanh_capped(score, b, h, q_idx, kv_idx):
         return SOFTCAP * torch.tanh(score / SOFTCAP)
 
     tuned = torch.compile(flex_attention, dynamic=False, mode="max-autotune-no-cudagraphs")
-    plain_flex = torch.compile(flex_attention, dynamic=False)
+    flex = torch.compile(flex_attention, dynamic=False)
     yield "sdpa, no softcap (reference)", lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
-    yield "flex, softcap (models/dit.py)", lambda q, k, v: attention(q, k, v, SOFTCAP, False)
-    yield "flex, softcap, max-autotune", lambda q, k, v: tuned(q, k, v, score_mod=capped)
-    yield "flex, no score_mod", lambda q, k, v: plain_flex(q, k, v)
+    yield "flex, no score_mod", lambda q, k, v: flex(q, k, v)
+    yield "flex, softcap as tanh", lambda q, k, v: flex(q, k, v, score_mod=tanh_capped)
+    yield "flex, softcap as sigmoid (models/dit.py)", lambda q, k, v: attention(
+        q, k, v, SOFTCAP, False)
+    yield "flex, softcap as tanh, max-autotune", lambda q, k, v: tuned(
+        q, k, v, score_mod=tanh_capped)
+    yield "flex, softcap as sigmoid, max-autotune", lambda q, k, v: tuned(
+        q, k, v, score_mod=softcap_score_mod(SOFTCAP))
 
 
 def attention_table(args) -> None:
@@ -61,22 +66,26 @@ def attention_table(args) -> None:
     print("\n| attention, fwd + bwd | ms | TFLOP/s | peak GiB |")
     print("|---|---|---|---|")
     for name, fn in attention_variants(args.device):
-        reset_memory(args.device)
-        q, k, v = (torch.randn(b, h, length, hd, device=args.device, dtype=args.dtype,
-                               requires_grad=True) for _ in range(3))
-
-        def run():
-            out = fn(q, k, v)
-            out.backward(torch.ones_like(out))
-
         try:
-            seconds = timed(run, args.device, 3, args.iters)
+            seconds = _time_attention(fn, args, b, h, length, hd)
         except Exception as error:  # a variant that does not run here is reported, not fatal
             print(f"| {name} | failed: {type(error).__name__}: {str(error)[:80]} | | |")
             traceback.print_exc(file=sys.stderr)
             continue
         print(f"| {name} | {1e3 * seconds:.2f} | {flops / seconds / 1e12:.0f} | "
               f"{peak_gib(args.device):.1f} |", flush=True)
+
+
+def _time_attention(fn, args, b: int, h: int, length: int, hd: int) -> float:
+    reset_memory(args.device)
+    q, k, v = (torch.randn(b, h, length, hd, device=args.device, dtype=args.dtype,
+                           requires_grad=True) for _ in range(3))
+
+    def run():
+        out = fn(q, k, v)
+        out.backward(torch.ones_like(out))
+
+    return timed(run, args.device, 3, args.iters)
 
 
 def ce_variants(device):
@@ -100,33 +109,38 @@ def ce_table(args) -> None:
     print("|---|---|---|---|---|")
     reference = None
     for name, fn in ce_variants(args.device):
-        reset_memory(args.device)
-        torch.manual_seed(0)
-        hidden = torch.randn(1, rows, d, device=args.device, requires_grad=True)
-        weight = torch.nn.Parameter(torch.randn(vocab, d, device=args.device) * 0.02)
-        bias = torch.nn.Parameter(torch.zeros(vocab, device=args.device))
-        tokens = torch.randint(0, vocab, (1, rows), device=args.device)
-        mask = torch.ones_like(tokens)
-        losses = []
-
-        def run():
-            with torch.autocast(args.device.type, dtype=args.dtype,
-                                enabled=args.device.type == "cuda"):
-                loss = fn(hidden, pad_vocab_rows(weight), pad_vocab_rows(bias, PAD_LOGIT),
-                          tokens, mask)
-            loss.backward()
-            losses.append(loss.detach())
-
         try:
-            seconds = timed(run, args.device, 3, args.iters)
+            seconds, loss = _time_ce(fn, args, rows, d, vocab)
         except Exception as error:
             print(f"| {name} | failed: {type(error).__name__}: {str(error)[:80]} | | | |")
             traceback.print_exc(file=sys.stderr)
             continue
-        loss = losses[-1].item()
         reference = loss if reference is None else reference
         print(f"| {name} | {1e3 * seconds:.2f} | {flops / seconds / 1e12:.0f} | "
               f"{peak_gib(args.device):.1f} | {loss - reference:+.2e} |", flush=True)
+
+
+def _time_ce(fn, args, rows: int, d: int, vocab: int) -> tuple[float, float]:
+    """(median seconds of forward + backward, the last loss)."""
+    reset_memory(args.device)
+    torch.manual_seed(0)
+    hidden = torch.randn(1, rows, d, device=args.device, requires_grad=True)
+    weight = torch.nn.Parameter(torch.randn(vocab, d, device=args.device) * 0.02)
+    bias = torch.nn.Parameter(torch.zeros(vocab, device=args.device))
+    tokens = torch.randint(0, vocab, (1, rows), device=args.device)
+    mask = torch.ones_like(tokens)
+    losses = []
+
+    def run():
+        with torch.autocast(args.device.type, dtype=args.dtype,
+                            enabled=args.device.type == "cuda"):
+            loss = fn(hidden, pad_vocab_rows(weight), pad_vocab_rows(bias, PAD_LOGIT), tokens,
+                      mask)
+        loss.backward()
+        losses.append(loss.detach())
+
+    seconds = timed(run, args.device, 3, args.iters)
+    return seconds, losses[-1].item()
 
 
 def main() -> None:

@@ -141,6 +141,9 @@ def main() -> None:
           f"{iso.get('tokens_per_s', float('nan')):,.0f} | 1.000 |")
     ratio = e2e / iso["tokens_per_s"] if not iso["oom"] else float("nan")
     print(f"| python -m main, steady state | {e2e:,.0f} | {ratio:.3f} (target >= 0.95) |")
+    report = log_path.read_text()
+    if "Profiler Report" in report:  # trainer.profiler=simple among the overrides
+        print("\n" + report[report.index("Profiler Report") - 20:][:6000])
 
 
 if __name__ == "__main__":

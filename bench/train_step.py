@@ -37,11 +37,7 @@ from common import (  # noqa: E402
     timed,
 )
 
-from flow.losses import (  # noqa: E402
-    fused_token_cross_entropy,
-    liger_cross_entropy,
-    resolve_fused_ce,
-)
+from flow.losses import fused_mean_cross_entropy, resolve_fused_ce  # noqa: E402
 from flow.path import noisy_input  # noqa: E402
 from flow.schedule import AlphaGammaTable  # noqa: E402
 from models.parallelize import compile_network  # noqa: E402
@@ -62,12 +58,9 @@ def make_step(model, table, variant: str, fused_ce: str, device: torch.device):
 
             def h(net):
                 return noisy_input(net, tokens, gamma, "dspace")
-        if backend == "liger":  # the masked mean in one pass, as algo.FLM does
-            mask = torch.ones_like(tokens)
-            return model(h, t, output=lambda x, weight, bias: liger_cross_entropy(
-                x, weight, bias, tokens, mask))
-        return model(h, t, output=lambda x, weight, bias: fused_token_cross_entropy(
-            backend, x, weight, bias, tokens)).mean()
+        mask = torch.ones_like(tokens)  # the masked mean in one pass, as algo.FLM does
+        return model(h, t, output=lambda x, weight, bias: fused_mean_cross_entropy(
+            backend, x, weight, bias, tokens, mask))
 
     def step(tokens, t):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):

@@ -22,7 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from flow.fused import fused_kernel
 from flow.path import noisy_projection, noisy_projection_reference
 from flow.schedule import AlphaGammaTable
 
@@ -129,30 +131,95 @@ def student_clean_estimate(p_s: torch.Tensor, g_st: torch.Tensor, interval: Inte
 
 
 # ---- network calls --------------------------------------------------------------------
+def vocab_padded(*networks) -> bool:
+    """Whether every network computes its output over the padded vocabulary (a DiT,
+    models/dit.py VOCAB_ALIGN): then V-sized tensors and products stay V' wide, with aligned
+    strides (bench/vocab_align.py), and nothing of a pad reaches a result."""
+    return all(hasattr(n, "padded_embedding") for n in networks)
+
+
 def _logits(network, h: torch.Tensor, t: torch.Tensor, t2: torch.Tensor | None = None,
-            ) -> torch.Tensor:
-    """network(h, t[, t2]) -> float32 (or float64) logits (B, L, V)."""
+            padded: bool = False, raw: bool = False) -> torch.Tensor:
+    """network(h, t[, t2]) -> logits (B, L, V) in the network's output dtype (bf16 under
+    autocast). ``padded`` (a DiT): over the padded V' instead, the pads at PAD_LOGIT (zero
+    probability after a softmax) or, with ``raw``, at 0 (for an output that enters sums
+    as it is: the stage-1 map's g)."""
     t = t.to(torch.float32)
-    out = network(h.to(network.input_embedding.dtype), t, None if t2 is None else t2.float())
-    return out.float() if out.dtype in (torch.bfloat16, torch.float16) else out
+    t2 = None if t2 is None else t2.float()
+    h = h.to(network.input_embedding.dtype)
+    if not padded:
+        return network(h, t, t2)
+    vocab = network.input_embedding.shape[0]
+
+    def head(features, weight, bias):
+        if raw:
+            bias = torch.cat([bias[:vocab], bias.new_zeros(bias.shape[0] - vocab)])
+        return F.linear(features, weight, bias)
+
+    return network(h, t, t2, output=head)
 
 
-def _probs(network, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(_logits(network, h, t), dim=-1)
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (a float64 computation stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _split(h: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
     return list(torch.split(h, sizes, dim=-1))
 
 
-def _embeddings(*networks) -> list[torch.Tensor]:
-    return [n.input_embedding for n in networks]
-
-
-def _project(v: torch.Tensor, embeddings: list[torch.Tensor]) -> torch.Tensor:
-    """(B, L, V) -> (B, L, ΣD) through the detached embeddings, in v's dtype."""
+def _project(v: torch.Tensor, networks) -> torch.Tensor:
+    """(B, L, V or V') -> (B, L, ΣD) through the detached embeddings (with their zero pad rows
+    when v is V' wide), at least float32 (TF32 products when the session allows them)."""
+    v = _wide(v)
+    rows = [n.padded_embedding() if v.shape[-1] != n.input_embedding.shape[0]
+            else n.input_embedding for n in networks]
     with torch.autocast(device_type=v.device.type, enabled=False):
-        return v @ torch.cat([e.detach() for e in embeddings], dim=1).to(v.dtype)
+        return v @ torch.cat([e.detach() for e in rows], dim=1).to(v.dtype)
+
+
+# ---- the losses' elementwise algebra over (B, L, V), one fused kernel each on CUDA -------------
+@fused_kernel
+def softmax_wide(logits: torch.Tensor) -> torch.Tensor:
+    """softmax over the last axis, at least float32."""
+    return torch.softmax(_wide(logits), dim=-1)
+
+
+@fused_kernel
+def semigroup_target(logits_ps: torch.Tensor, g_su: torch.Tensor, logits_pu: torch.Tensor,
+                     g_ut: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """x̂_1 - p_T(x_s, s) (B, L, V) from the teacher's logits at (x_s, s) and (x_u, u), the map's
+    g(x_s, s, u) and g(x_u, u, t), and ``weights`` (B, 4) = ``bootstrap_weights``: what
+    ½Δ(1 - γ_s)·g(x_s, s, t) should equal."""
+    w = weights.to(_wide(g_su).dtype)[:, None, None, :]
+    p_s, p_u = softmax_wide.eager(logits_ps), softmax_wide.eager(logits_pu)
+    return ((w[..., 0] - 1) * p_s + w[..., 1] * p_u
+            + w[..., 2] * _wide(g_su) + w[..., 3] * _wide(g_ut))
+
+
+@fused_kernel
+def scaled_residual_square_sum(target: torch.Tensor, g: torch.Tensor,
+                               scale: torch.Tensor) -> torch.Tensor:
+    """Σ_V (target - scale·g)² (B, L); scale (B,). Differentiable in g."""
+    g = _wide(g)
+    return (target - scale.to(g.dtype)[:, None, None] * g).square().sum(-1)
+
+
+@fused_kernel
+def matching_target(logits_teacher: torch.Tensor, g: torch.Tensor, velocity_scale: torch.Tensor,
+                    half_delta_sq: torch.Tensor) -> torch.Tensor:
+    """Δ/(1 - γ_s)·p_T + ½Δ²·g (B, L, V): the stage-1 map's displacement, x_s terms dropped."""
+    g = _wide(g)
+    return (velocity_scale.to(g.dtype)[:, None, None] * softmax_wide.eager(logits_teacher)
+            + half_delta_sq.to(g.dtype)[:, None, None] * g)
+
+
+@fused_kernel
+def softmax_residual_square_sum(target: torch.Tensor, logits: torch.Tensor,
+                                velocity_scale: torch.Tensor) -> torch.Tensor:
+    """Σ_V (target - Δ/(1 - γ_s)·softmax(logits))² (B, L). Differentiable in the logits."""
+    q = softmax_wide.eager(logits)
+    return (target - velocity_scale.to(q.dtype)[:, None, None] * q).square().sum(-1)
 
 
 # ---- stage 1: self-consistency of the flow map (docs/math.md §5) --------------------------
@@ -162,30 +229,32 @@ def semigroup_loss(teacher, student, tokens: torch.Tensor, interval: Interval,
 
     ``noise_projection``: eps @ [E_T | E_S] (B, L, D_T + D_S). Gradients reach the
     student (through g(x_s, s, t) and x_s @ E_S); the bootstrapped target is
-    computed without gradients. The x_s terms cancel (``bootstrap_weights``).
+    computed without gradients. The x_s terms cancel (``bootstrap_weights``). Over the
+    padded vocabulary when both networks pad (``vocab_padded``).
     """
-    sizes = [teacher.input_embedding.shape[1], student.input_embedding.shape[1]]
-    embeddings = _embeddings(teacher, student)
-    h_s = noisy_projection([teacher, student], tokens, interval.gamma_s, noise_projection)
+    networks = [teacher, student]
+    sizes = [n.input_embedding.shape[1] for n in networks]
+    padded = vocab_padded(*networks)
+    h_s = noisy_projection(networks, tokens, interval.gamma_s, noise_projection)
     h_teacher, h_student = _split(h_s, sizes)
-    w_ps, w_pu, w_gsu, w_gut = bootstrap_weights(interval)
     with torch.no_grad():
-        p_s = _probs(teacher, h_teacher, interval.s)
-        g_su = _logits(student, h_student.detach(), interval.s, interval.u)
-        h_u = flow_map(h_s.detach(), _project(p_s, embeddings), _project(g_su, embeddings),
-                       interval.gamma_s, interval.gamma_u)
-        target = _per_sequence(w_ps, p_s) * p_s + _per_sequence(w_gsu, g_su) * g_su
-        del g_su
+        logits_ps = _logits(teacher, h_teacher, interval.s, padded=padded)
+        g_su = _logits(student, h_student.detach(), interval.s, interval.u, padded, raw=True)
+        h_u = flow_map(h_s.detach(), _project(softmax_wide(logits_ps), networks),
+                       _project(g_su, networks), interval.gamma_s, interval.gamma_u)
         h_u_teacher, h_u_student = _split(h_u, sizes)
-        target += _per_sequence(w_pu, p_s) * _probs(teacher, h_u_teacher, interval.u)
-        g_ut = _logits(student, h_u_student, interval.u, interval.t)
-        target += _per_sequence(w_gut, g_ut) * g_ut
-        del g_ut
-        target -= p_s  # x̂_1 - p_s: what ½Δ(1 - γ_s)·g(x_s, s, t) should equal
-    g_st = _logits(student, h_student, interval.s, interval.t)
+        logits_pu = _logits(teacher, h_u_teacher, interval.u, padded=padded)
+        g_ut = _logits(student, h_u_student, interval.u, interval.t, padded, raw=True)
+        target = semigroup_target(logits_ps, g_su, logits_pu, g_ut,
+                                  torch.stack(bootstrap_weights(interval), dim=1))
+        del logits_ps, g_su, logits_pu, g_ut
+    g_st = _logits(student, h_student, interval.s, interval.t, padded, raw=True)
     scale = 0.5 * (interval.gamma_t - interval.gamma_s) * (1 - interval.gamma_s)
-    residual = target - _per_sequence(scale, g_st) * g_st
-    return residual.square().sum(-1)
+    return scaled_residual_square_sum(target, g_st, scale)
+
+
+def _probs(network, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(_wide(_logits(network, h, t)), dim=-1)
 
 
 def semigroup_loss_reference(teacher, student, tokens: torch.Tensor, interval: Interval,
@@ -198,16 +267,16 @@ def semigroup_loss_reference(teacher, student, tokens: torch.Tensor, interval: I
         h_teacher, h_student = teacher.embed_state(x_s), student.embed_state(x_s)
     with torch.no_grad():
         p_s = _probs(teacher, h_teacher, interval.s)
-        x_u = flow_map(x_s, p_s, _logits(student, h_student.detach(), interval.s, interval.u),
-                       gs, gu)
+        g_su = _wide(_logits(student, h_student.detach(), interval.s, interval.u))
+        x_u = flow_map(x_s, p_s, g_su, gs, gu)
         with torch.autocast(device_type=noise.device.type, enabled=False):
             hu_teacher, hu_student = teacher.embed_state(x_u), student.embed_state(x_u)
         x_t = flow_map(x_u, _probs(teacher, hu_teacher, interval.u),
-                       _logits(student, hu_student, interval.u, interval.t), gu, gt)
+                       _wide(_logits(student, hu_student, interval.u, interval.t)), gu, gt)
         average_velocity = (x_t - x_s) / _per_sequence(gt - gs, x_s)
         x1_bootstrap = x_s + _per_sequence(1 - gs, x_s) * average_velocity
-    x1_student = student_clean_estimate(p_s, _logits(student, h_student, interval.s,
-                                                     interval.t), interval)
+    x1_student = student_clean_estimate(
+        p_s, _wide(_logits(student, h_student, interval.s, interval.t)), interval)
     return (x1_bootstrap - x1_student).square().sum(-1)
 
 
@@ -218,21 +287,23 @@ def flow_map_matching_loss(teacher, map_model, student, tokens: torch.Tensor,
 
     ``noise_projection``: eps @ [E_T | E_G | E_S] for the FLM teacher, the stage-1 map
     g and the student. The x_s terms cancel: the difference is
-    Δ/(1 - γ_s)·(p_T - softmax f) + ½Δ²·g.
+    Δ/(1 - γ_s)·(p_T - softmax f) + ½Δ²·g. Over the padded vocabulary when all three pad.
     """
     networks = [teacher, map_model, student]
     sizes = [n.input_embedding.shape[1] for n in networks]
+    padded = vocab_padded(*networks)
     h_s = noisy_projection(networks, tokens, interval.gamma_s, noise_projection)
     h_teacher, h_map, h_student = _split(h_s, sizes)
     delta = interval.gamma_t - interval.gamma_s
+    velocity_scale = delta / (1 - interval.gamma_s)
     with torch.no_grad():
-        p_teacher = _probs(teacher, h_teacher, interval.s)
-        g = _logits(map_model, h_map, interval.s, interval.t)
-        velocity_scale = _per_sequence(delta / (1 - interval.gamma_s), g)
-        target = velocity_scale * p_teacher + _per_sequence(0.5 * delta ** 2, g) * g
-        del g, p_teacher
-    q = torch.softmax(_logits(student, h_student, interval.s, interval.t), dim=-1)
-    return (target - velocity_scale * q).square().sum(-1)
+        target = matching_target(_logits(teacher, h_teacher, interval.s, padded=padded),
+                                 _logits(map_model, h_map, interval.s, interval.t, padded,
+                                         raw=True),
+                                 velocity_scale, 0.5 * delta ** 2)
+    return softmax_residual_square_sum(
+        target, _logits(student, h_student, interval.s, interval.t, padded=padded),
+        velocity_scale)
 
 
 def flow_map_matching_loss_reference(teacher, map_model, student, tokens: torch.Tensor,
@@ -244,6 +315,6 @@ def flow_map_matching_loss_reference(teacher, map_model, student, tokens: torch.
         h = [n.embed_state(x_s) for n in (teacher, map_model, student)]
     with torch.no_grad():
         stage_one = flow_map(x_s, _probs(teacher, h[0], interval.s),
-                             _logits(map_model, h[1], interval.s, interval.t), gs, gt)
-    q = torch.softmax(_logits(student, h[2], interval.s, interval.t), dim=-1)
+                             _wide(_logits(map_model, h[1], interval.s, interval.t)), gs, gt)
+    q = torch.softmax(_wide(_logits(student, h[2], interval.s, interval.t)), dim=-1)
     return (stage_one - flow_map(x_s, q, None, gs, gt)).square().sum(-1)

@@ -4,25 +4,30 @@ The plain path materialises the (B, L, V) logits. ``training.fused_ce`` picks a
 fused linear + cross-entropy instead, which never holds more than one chunk of
 positions' logits:
 
-* ``chunked``: our own pure-PyTorch ``ChunkedLinearCrossEntropy`` (any device);
+* ``chunked``: our own pure-PyTorch fused CE (any device): for the masked mean
+  (the FLM loss) ``MeanLinearCrossEntropy``, gradients formed in the forward over
+  chunks of ~10k rows (its chunk kernel compiled on CUDA; 1.7x faster than liger's
+  forward + backward at B·L = 32,768, V = 50,304 on an H200, bench/components.py);
+  per-token losses (learnable loss weighting) through ``ChunkedLinearCrossEntropy``,
+  logits recomputed in backward;
 * ``liger``: liger-kernel's ``LigerFusedLinearCrossEntropyLoss`` (CUDA, Triton):
   the masked mean in one pass (gradients formed in the forward), or per-token
   losses with ``reduction='none'`` under learnable loss weighting (logged);
 * ``cce``: cut-cross-entropy's ``linear_cross_entropy`` (CUDA, Triton), per-token;
 * ``none``: the plain path;
-* ``auto``: liger, else cce, when importable on CUDA, else chunked.
+* ``auto``: ``chunked``, the fastest we measured on every device.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 import utils
+from flow.fused import fused_kernel
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +91,6 @@ def resolve_fused_ce(choice: str, device: torch.device, per_token_weights: bool)
                                 f"{device}): set training.fused_ce=auto or chunked")
     if choice == "auto":
         choice = "chunked"
-        if device.type == "cuda":
-            for backend in ("liger", "cce"):
-                if fused_ce_available(backend):
-                    choice = backend
-                    break
     if choice == "liger" and per_token_weights:
         log.info("training.fused_ce: liger with reduction='none' (per-token losses for the "
                  "learnable loss weighting; gradients recomputed in backward)")
@@ -161,8 +161,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None
 
 
-def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor,
-                         row_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+@fused_kernel
+def chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor,
+                        row_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk of the mean CE: per-row ``lse - logit[target]`` (float32, float64 for float64
     logits) and ``dlogits = (softmax - onehot)·row_weight`` in the logits' dtype. Written as one
     reduction and one elementwise pass so that ``torch.compile`` fuses it (two reads of the
@@ -173,21 +174,6 @@ def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor,
     hit = torch.arange(x.shape[1], device=x.device)[None, :] == targets[:, None]
     d = (torch.exp(x - lse[:, None]) - hit.to(x.dtype)) * row_weight[:, None].to(x.dtype)
     return lse - target_logit, d.to(logits.dtype)
-
-
-_compiled_chunk_loss: Callable | None = None
-
-
-def chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor,
-                        row_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_chunk_loss_and_grad``, compiled once on CUDA (static shapes: a last, shorter chunk
-    compiles once more); eager on other devices."""
-    global _compiled_chunk_loss
-    if logits.device.type != "cuda":
-        return _chunk_loss_and_grad(logits, targets, row_weight)
-    if _compiled_chunk_loss is None:
-        _compiled_chunk_loss = torch.compile(_chunk_loss_and_grad, dynamic=False)
-    return _compiled_chunk_loss(logits, targets, row_weight)
 
 
 class MeanLinearCrossEntropy(torch.autograd.Function):
@@ -343,6 +329,19 @@ def liger_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
                                         targets.flatten(),
                                         None if bias is None else bias.to(dtype))
     return loss.float() if mask is not None else loss.float().view(tokens.shape)
+
+
+def fused_mean_cross_entropy(backend: str, hidden: torch.Tensor, weight: torch.Tensor,
+                             bias: torch.Tensor | None, tokens: torch.Tensor,
+                             mask: torch.Tensor) -> torch.Tensor:
+    """``masked_token_mean(per-token CE, mask)`` through ``backend``, as one scalar: the
+    gradients-in-forward paths of ``chunked`` and ``liger``, else the per-token path."""
+    if backend == "chunked":
+        return chunked_linear_cross_entropy_mean(hidden, weight, bias, tokens, mask)
+    if backend == "liger":
+        return liger_cross_entropy(hidden, weight, bias, tokens, mask)
+    return masked_token_mean(fused_token_cross_entropy(backend, hidden, weight, bias, tokens),
+                             mask)
 
 
 def fused_token_cross_entropy(backend: str, hidden: torch.Tensor, weight: torch.Tensor,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flow.flow_map import flow_map
+from flow.flow_map import flow_map, vocab_padded
 from flow.path import clean_projection, gaussian_projection, joint_gaussian_projection
 from flow.schedule import AlphaGammaTable
 
@@ -96,11 +96,6 @@ def _no_autocast(x: torch.Tensor):
     return torch.autocast(x.device.type, enabled=False)
 
 
-def vocab_padded(*networks) -> bool:
-    """Whether every network computes its output over the padded vocabulary (a DiT)."""
-    return all(hasattr(n, "padded_embedding") for n in networks)
-
-
 def output_logits(network, hidden: torch.Tensor, c, padded: bool) -> torch.Tensor:
     """The network's logits for a chunk of positions: over the padded vocabulary (pads at
     PAD_LOGIT) when ``padded``, else over V."""
@@ -125,11 +120,14 @@ def denoised_projection(network, h: torch.Tensor, t: torch.Tensor, t2: torch.Ten
     proj, tokens = [], []
     for start in range(0, hidden.shape[1], position_chunk):
         logits = output_logits(network, hidden[:, start:start + position_chunk], c, padded)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> float32
+        # argmax of the network's own (bf16 under autocast) logits: the same as of their
+        # float32 copy (exact, monotone), without writing that copy
         tokens.append(logits[..., :vocab].argmax(dim=-1))
         if project:
+            wide = torch.promote_types(logits.dtype, torch.float32)
             with _no_autocast(logits):  # the state update stays in the state's precision
-                proj.append(torch.softmax(logits, dim=-1) @ e.to(logits.dtype))
+                # softmax reads the bf16 logits and writes float32 in one pass
+                proj.append(torch.softmax(logits, dim=-1, dtype=wide) @ e.to(wide))
     return (torch.cat(proj, dim=1) if project else None), torch.cat(tokens, dim=1)
 
 
@@ -238,8 +236,8 @@ def sample_flow_map(teacher, student, table: AlphaGammaTable, noise: torch.Tenso
         p_proj, g_proj, tokens = [], [], []
         for start in range(0, h.shape[1], position_chunk):
             window = slice(start, start + position_chunk)
-            p = torch.softmax(output_logits(teacher, hidden_t[:, window], c_t, padded).float(),
-                              dim=-1)
+            p = torch.softmax(output_logits(teacher, hidden_t[:, window], c_t, padded), dim=-1,
+                              dtype=torch.float32)  # one pass from the bf16 logits
             g = output_logits(student, hidden_s[:, window], c_s, padded).float()
             if last:
                 tokens.append((p + 0.5 * float(delta) ** 2 * g)[..., :vocab].argmax(dim=-1))

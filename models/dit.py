@@ -177,12 +177,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float 
                     softcap=softcap)  # flash-attn takes and returns (B, L, H, hd)
         return out.transpose(1, 2)
     _log_backend(f"flex_attention softcap={softcap} ({q.dtype})")
+    mask = _causal_block_mask(q.shape[-2], q.device) if causal else None
+    return _flex_attention()(q, k, v, score_mod=softcap_score_mod(softcap), block_mask=mask)
+
+
+def softcap_score_mod(softcap: float) -> Callable:
+    """FlexAttention score_mod ``s -> softcap·tanh(s / softcap)``, written as
+    ``softcap·(2·sigmoid(2s / softcap) - 1)`` (the same function): Triton's tanh is a long
+    libdevice routine, the sigmoid one exp and one reciprocal, in the forward and in the
+    backward's recomputation of every score (bench/components.py times both forms)."""
+    two_over_cap = 2.0 / softcap
 
     def capped(score, b, h, q_idx, kv_idx):
-        return softcap * torch.tanh(score / softcap)
+        return softcap * (2.0 * torch.sigmoid(score * two_over_cap) - 1.0)
 
-    mask = _causal_block_mask(q.shape[-2], q.device) if causal else None
-    return _flex_attention()(q, k, v, score_mod=capped, block_mask=mask)
+    return capped
 
 
 def padded_vocab(vocab_size: int) -> int:

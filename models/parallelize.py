@@ -40,7 +40,8 @@ def compile_requested(config: DictConfig) -> bool:
 RECOMPILE_LIMIT = 64
 
 
-def _room_for_graphs() -> None:
+def room_for_graphs() -> None:
+    """Raise torch's recompile limit to RECOMPILE_LIMIT (never lower it)."""
     import torch._dynamo.config as dynamo_config
 
     if dynamo_config.recompile_limit < RECOMPILE_LIMIT:
@@ -50,7 +51,7 @@ def _room_for_graphs() -> None:
 def compile_network(network: torch.nn.Module) -> None:
     """Compile ``network``'s forward in place, with static shapes (and room for a graph per
     network instance, grad mode and batch shape: ``RECOMPILE_LIMIT``)."""
-    _room_for_graphs()
+    room_for_graphs()
     network.compile(dynamic=False)
 
 
@@ -62,7 +63,7 @@ def compile_for_sampling(network: torch.nn.Module) -> bool:
 
     if not isinstance(network, DiT):
         return False
-    _room_for_graphs()  # teacher and student share DiT.features' code object
+    room_for_graphs()  # teacher and student share DiT.features' code object
     network.features = torch.compile(network.features, dynamic=False)
     network.head = torch.compile(network.head, dynamic=False)
     return True

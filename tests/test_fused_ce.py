@@ -11,6 +11,7 @@ import utils
 from flow import losses
 from flow.losses import (
     chunked_linear_cross_entropy,
+    chunked_linear_cross_entropy_mean,
     denoiser_cross_entropy,
     masked_token_mean,
     resolve_fused_ce,
@@ -52,6 +53,58 @@ def test_chunked_ce_equals_plain_ce_values_and_gradients_float64(chunk):
     for a, b in zip(fused, plain):
         assert a.abs().sum() > 0
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 64])  # one row, ragged chunks, one chunk
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_mean_ce_with_gradients_in_forward_equals_plain_float64(chunk, with_bias):
+    """MeanLinearCrossEntropy (gradients formed in the forward, then scaled by the upstream
+    scalar) against autograd through the materialised logits: value and every gradient."""
+    hidden, weight, bias, tokens, mask, _ = _problem(4)
+    bias = bias if with_bias else None
+    leaves = [x for x in (hidden, weight, bias) if x is not None]
+    upstream = 2.5  # a non-unit upstream gradient reaches every leaf
+    logits = F.linear(hidden, weight, bias)
+    plain = masked_token_mean(denoiser_cross_entropy(logits, tokens), mask)
+    fused = chunked_linear_cross_entropy_mean(hidden, weight, bias, tokens, mask,
+                                              chunk_tokens=chunk)
+    assert fused.dtype == torch.float64 and fused.dim() == 0
+    # independent closed form of the value: mean over unmasked tokens of lse - target logit
+    direct = logits.detach().logsumexp(-1) - logits.detach().gather(-1, tokens[..., None])[..., 0]
+    torch.testing.assert_close(fused.detach(), direct[mask.bool()].mean(), rtol=1e-12, atol=0)
+    for a, b in zip(torch.autograd.grad(upstream * fused, leaves),
+                    torch.autograd.grad(upstream * plain, leaves)):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_mean_ce_leaves_without_grad_get_none_and_masked_rows_nothing():
+    hidden, weight, bias, tokens, mask, _ = _problem(5)
+    weight.requires_grad_(False)
+    mask = torch.zeros_like(mask)
+    mask[0, 2] = 1  # one token counts: the loss and gradients are that token's alone
+    fused = chunked_linear_cross_entropy_mean(hidden, weight, bias, tokens, mask, chunk_tokens=3)
+    grad_h, grad_b = torch.autograd.grad(fused, (hidden, bias))
+    logits = F.linear(hidden[0, 2], weight, bias)
+    single = torch.logsumexp(logits, -1) - logits[tokens[0, 2]]
+    torch.testing.assert_close(fused, single, rtol=1e-12, atol=0)
+    assert grad_h[mask == 0].abs().max() == 0 and grad_h[0, 2].abs().sum() > 0
+    torch.testing.assert_close(grad_b, torch.autograd.grad(single, bias)[0], rtol=1e-12, atol=0)
+
+
+def test_mean_ce_under_bf16_autocast_matches_the_plain_path():
+    hidden, weight, bias, tokens, mask, _ = _problem(6, dtype=torch.float32)
+    leaves = [hidden, weight, bias]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = masked_token_mean(denoiser_cross_entropy(F.linear(hidden, weight, bias), tokens),
+                                  mask)
+        fused = chunked_linear_cross_entropy_mean(hidden, weight, bias, tokens, mask,
+                                                  chunk_tokens=5)
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused, plain, rtol=1e-3, atol=1e-3)
+    for a, b in zip(torch.autograd.grad(fused, leaves), torch.autograd.grad(plain, leaves)):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
 
 
 def test_chunked_ce_without_bias_and_with_gradcheck():
@@ -128,11 +181,10 @@ def test_backend_choice(monkeypatch, caplog):
     with pytest.raises(utils.ConfigError, match="training.fused_ce=cce"):
         _flm(**{"training.fused_ce": "cce"})
     assert resolve_fused_ce("auto", cuda, per_token_weights=False) == "chunked"
-    installed["cce"] = True
-    assert resolve_fused_ce("auto", cuda, per_token_weights=False) == "cce"
+    installed.update(liger=True, cce=True)  # installed or not, auto is our own chunked CE
+    assert resolve_fused_ce("auto", cuda, per_token_weights=False) == "chunked"
     assert resolve_fused_ce("auto", cpu, per_token_weights=False) == "chunked"
-    installed["liger"] = True
-    assert resolve_fused_ce("auto", cuda, per_token_weights=False) == "liger"
+    assert resolve_fused_ce("cce", cuda, per_token_weights=False) == "cce"
     with caplog.at_level(logging.INFO, logger="flow.losses"):
         assert resolve_fused_ce("liger", cuda, per_token_weights=True) == "liger"
     assert "reduction='none'" in caplog.text

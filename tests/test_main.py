@@ -54,6 +54,8 @@ def test_bad_overrides_fail_clearly():
         resolve_config(compose_config(["training.input_path=onehot"]))
     with pytest.raises(ConfigError, match="mode"):
         resolve_config(compose_config(["mode=serve"]))
+    with pytest.raises(ConfigError, match="trainer.profiler='pytorch'"):
+        resolve_config(compose_config(["trainer.profiler=pytorch"]))
 
 
 def test_gradient_accumulation_is_derived_from_the_global_batch():
@@ -105,9 +107,13 @@ def test_train_resume_sample_eval_ppl_eval(tmp_path):
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 6 and "ema" in ckpt
 
-    second = run_main(TINY + ["trainer.max_steps=10", f"hydra.run.dir={run}"])
+    # the resumed leg also asks for Lightning's host-time profile: its report is printed
+    second = run_main(TINY + ["trainer.max_steps=10", f"hydra.run.dir={run}",
+                              "trainer.profiler=simple"])
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming from" in second.stderr + second.stdout
+    assert "Profiler Report" in second.stderr + second.stdout
+    assert "Profiler Report" not in first.stderr + first.stdout
     resumed = torch.load(last, map_location="cpu", weights_only=False)
     assert resumed["global_step"] == 10
     # the EMA kept moving from the saved one rather than restarting from the weights
