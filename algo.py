@@ -150,12 +150,14 @@ class FlowLM(pl.LightningModule):
                  sync_dist=False)
         return loss
 
-    step_skipped = False  # set per optimizer step by reliability.NonFiniteGuard
+    # set per optimizer step by reliability.NonFiniteGuard: a bool, or a device flag when the
+    # fused AdamW skips the step on the device (no host sync)
+    step_skipped: bool | torch.Tensor = False
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        if not self.step_skipped:  # a skipped (non-finite) step leaves the EMA as it was
-            self.ema.update(self.backbone)  # once per optimizer step, after it
+        # once per optimizer step, after it; a skipped (non-finite) step leaves the EMA as it was
+        self.ema.update(self.backbone, skip=self.step_skipped)
 
     def on_fit_start(self) -> None:
         self.ema.to(self.device)

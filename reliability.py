@@ -3,7 +3,8 @@ checkpointing.py).
 
 * :class:`NonFiniteGuard`: a step whose loss or gradients are not finite is skipped (no
   parameter, optimizer-state or EMA update) and counted; too many in a row stop the run with
-  the last good state in ``last.ckpt``.
+  the last good state in ``last.ckpt``. With a fused AdamW the skip happens on the device and
+  the host reads the verdict later: no host-device sync per step.
 * :class:`PreemptionHandler`: SIGUSR1/SIGTERM (SLURM's warning before the time limit, or a
   preemption) and SIGINT write ``last.ckpt`` at the next optimizer-step boundary, requeue the
   SLURM job (SIGUSR1/2) and stop.
@@ -65,6 +66,27 @@ def _any_rank(trainer: pl.Trainer, flag: bool) -> bool:
     return bool(trainer.strategy.reduce_boolean_decision(bool(flag), all=False))
 
 
+def _any_rank_on_device(trainer: pl.Trainer, flag: torch.Tensor) -> torch.Tensor:
+    """``flag`` OR-ed over ranks on the device (an all-reduce, no host sync)."""
+    if trainer.world_size > 1 and torch.distributed.is_initialized():
+        reduced = flag.to(torch.int32)
+        torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.MAX)
+        return reduced.bool()
+    return flag
+
+
+def _readable_later(flag: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """A copy of a device flag that the host can read once the returned event has completed
+    (pinned memory, copied without waiting); a CPU flag as it is, no event."""
+    if flag.device.type != "cuda":
+        return flag, None
+    host = torch.empty((), dtype=torch.bool, pin_memory=True)
+    host.copy_(flag, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
 # --------------------------------------------------------------------------- non-finite steps
 
 
@@ -74,10 +96,18 @@ class NonFiniteGuard(pl.Callback):
     The loss of every micro-batch is checked in ``on_before_backward`` (kept on the device, no
     sync); the gradients once per optimizer step in ``on_before_optimizer_step`` (after the
     last backward, before clipping and ``optimizer.step``). The flag is reduced over ranks (with
-    FSDP each rank sees only its gradient shard). A skipped step sets every gradient to ``None``,
-    so the optimizer leaves parameters and its state untouched, and sets ``step_skipped`` on the
-    module, which skips the EMA update (``algo.FlowLM.optimizer_step``). The step counter and
-    the learning-rate schedule still advance, so the next step draws fresh noise and times.
+    FSDP each rank sees only its gradient shard). Two ways to skip, with the same result
+    (parameters, optimizer state and EMA untouched; the learning-rate schedule and the data
+    advance, so the next step draws fresh noise and times):
+
+    * on the device, when the optimizer is a fused AdamW and no loss scaler runs (the default
+      on CUDA, bf16 or fp32): the flag goes to the optimizer as ``found_inf`` (its fused kernel
+      then leaves parameters, moments and step counts as they were) and to the EMA update as a
+      device tensor. Nothing waits for the GPU: the host reads the flag once the step has run
+      (a pinned copy and an event), a step or two later, and only then counts and logs it.
+      A host sync per step made the GPU idle while Lightning's Python ran between steps;
+    * on the host otherwise: the flag is read (one sync), and a bad step's gradients are set to
+      ``None``, so the optimizer leaves parameters and state untouched.
 
     After ``max_consecutive`` skipped steps in a row the state (unchanged since the last good
     step) is saved to ``checkpoint_path`` and :class:`NonFiniteTrainingError` is raised.
@@ -93,11 +123,25 @@ class NonFiniteGuard(pl.Callback):
         self.consecutive = 0
         self._loss_nonfinite: torch.Tensor | bool = False
         self._first_bad_step: int | None = None
+        self._last_bad_step: int | None = None
+        # device-side skips not read yet: (step, flag on the host (pinned) or the CPU, event)
+        self._pending: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            loss: torch.Tensor) -> None:
         # a device tensor, OR-ed over the micro-batches of the step: no host sync here
         self._loss_nonfinite = ~torch.isfinite(loss.detach()).all() | self._loss_nonfinite
+
+    @staticmethod
+    def skips_on_device(trainer: pl.Trainer, optimizer: torch.optim.Optimizer,
+                        grads: list[torch.Tensor]) -> bool:
+        """Whether ``optimizer`` can skip a step from a device flag: a fused Adam(W) (its kernel
+        takes ``found_inf``), no loss scaler (which sets ``found_inf`` itself), no sharded
+        (DTensor) gradients."""
+        return (isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW)
+                and bool(optimizer.defaults.get("fused"))
+                and getattr(trainer.precision_plugin, "scaler", None) is None
+                and not any(isinstance(g, DTensor) for g in grads))
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
@@ -109,25 +153,62 @@ class NonFiniteGuard(pl.Callback):
         if grads:
             norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
             flag = ~torch.isfinite(norms).all() | flag
-        bad = bool(flag)  # the step's one host sync: loss and gradients read together
         self._loss_nonfinite = False
-        bad = _any_rank(trainer, bad)
+        if isinstance(flag, torch.Tensor) and self.skips_on_device(
+                trainer, optimizer, [p.grad for p in params if p.grad is not None]):
+            flag = _any_rank_on_device(trainer, flag)
+            optimizer.found_inf = flag.float()  # read by the fused kernel of this step only
+            pl_module.step_skipped = flag
+            self._pending.append((trainer.global_step, *_readable_later(flag)))
+            self._read_flags(trainer, pl_module, wait=False)
+            return
+        if hasattr(optimizer, "found_inf"):  # left by a device-side step: not this one's
+            del optimizer.found_inf
+        bad = _any_rank(trainer, bool(flag))  # the step's one host sync
         pl_module.step_skipped = bad
+        self._count(trainer.global_step, bad)
+        if bad:
+            for p in params:
+                p.grad = None  # the optimizer skips parameters without a gradient
+
+    def _count(self, step: int, bad: bool) -> None:
         if not bad:
             self.consecutive = 0
             self._first_bad_step = None
             return
-        for p in params:
-            p.grad = None  # the optimizer skips parameters without a gradient
         self.skipped_total += 1
         self.consecutive += 1
         if self._first_bad_step is None:
-            self._first_bad_step = trainer.global_step
+            self._first_bad_step = step
+        self._last_bad_step = step
         log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row, %d in "
-                    "total)", trainer.global_step, self.consecutive, self.skipped_total)
+                    "total)", step, self.consecutive, self.skipped_total)
+
+    def _read_flags(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                    wait: bool) -> None:
+        """Count the device-side verdicts whose steps have run (all of them with ``wait``)."""
+        while self._pending:
+            step, flag, event = self._pending[0]
+            if event is not None:
+                if not wait and not event.query():
+                    return
+                event.synchronize()
+            self._pending.pop(0)
+            bad = bool(flag)
+            if bad:
+                pl_module.ema.uncount()  # that update changed nothing
+            self._count(step, bad)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        self._read_flags(trainer, pl_module, wait=True)  # the counts in the file are complete
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._read_flags(trainer, pl_module, wait=True)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._read_flags(trainer, pl_module, wait=False)
         pl_module.log("train/nonfinite_steps",
                       device_scalar(self.skipped_total, pl_module.device), sync_dist=False)
         if self.consecutive < self.max_consecutive:
@@ -136,7 +217,7 @@ class NonFiniteGuard(pl.Callback):
         save_and_flush(trainer, self.checkpoint_path)
         raise NonFiniteTrainingError(
             f"{self.consecutive} consecutive optimizer steps (from step {self._first_bad_step} "
-            f"to {trainer.global_step - 1}) had a non-finite loss or gradient "
+            f"to {self._last_bad_step}) had a non-finite loss or gradient "
             f"(reliability.max_consecutive_nonfinite={self.max_consecutive}). The state of the "
             f"last good step is in {self.checkpoint_path}. Lower optim.lr, raise "
             "lr_scheduler.num_warmup_steps or check the data, then rerun with the same "

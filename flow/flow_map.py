@@ -168,21 +168,33 @@ def _split(h: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
     return list(torch.split(h, sizes, dim=-1))
 
 
-def _project(v: torch.Tensor, networks) -> torch.Tensor:
+def product_dtype(like: torch.Tensor) -> torch.dtype:
+    """The precision of the losses' ``p @ E`` products: autocast's dtype when it is on (the
+    paper's code forms ``x_u @ E`` under bf16 autocast too), else at least float32."""
+    if torch.is_autocast_enabled(like.device.type):
+        return torch.get_autocast_dtype(like.device.type)
+    return torch.promote_types(like.dtype, torch.float32)
+
+
+def _project(v: torch.Tensor, networks, dtype: torch.dtype) -> torch.Tensor:
     """(B, L, V or V') -> (B, L, ΣD) through the detached embeddings (with their zero pad rows
-    when v is V' wide), at least float32 (TF32 products when the session allows them)."""
-    v = _wide(v)
+    when v is V' wide), the product in ``dtype`` (float32 accumulation)."""
     rows = [n.padded_embedding() if v.shape[-1] != n.input_embedding.shape[0]
             else n.input_embedding for n in networks]
     with torch.autocast(device_type=v.device.type, enabled=False):
-        return v @ torch.cat([e.detach() for e in rows], dim=1).to(v.dtype)
+        return v.to(dtype) @ torch.cat([e.detach() for e in rows], dim=1).to(dtype)
 
 
 # ---- the losses' elementwise algebra over (B, L, V), one fused kernel each on CUDA -------------
-@fused_kernel
 def softmax_wide(logits: torch.Tensor) -> torch.Tensor:
-    """softmax over the last axis, at least float32."""
+    """softmax over the last axis, computed in (at least) float32."""
     return torch.softmax(_wide(logits), dim=-1)
+
+
+@fused_kernel
+def probabilities(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """softmax over the last axis computed in (at least) float32, returned in ``dtype``."""
+    return softmax_wide(logits).to(dtype)
 
 
 @fused_kernel
@@ -192,7 +204,7 @@ def semigroup_target(logits_ps: torch.Tensor, g_su: torch.Tensor, logits_pu: tor
     g(x_s, s, u) and g(x_u, u, t), and ``weights`` (B, 4) = ``bootstrap_weights``: what
     ½Δ(1 - γ_s)·g(x_s, s, t) should equal."""
     w = weights.to(_wide(g_su).dtype)[:, None, None, :]
-    p_s, p_u = softmax_wide.eager(logits_ps), softmax_wide.eager(logits_pu)
+    p_s, p_u = softmax_wide(logits_ps), softmax_wide(logits_pu)
     return ((w[..., 0] - 1) * p_s + w[..., 1] * p_u
             + w[..., 2] * _wide(g_su) + w[..., 3] * _wide(g_ut))
 
@@ -210,7 +222,7 @@ def matching_target(logits_teacher: torch.Tensor, g: torch.Tensor, velocity_scal
                     half_delta_sq: torch.Tensor) -> torch.Tensor:
     """Δ/(1 - γ_s)·p_T + ½Δ²·g (B, L, V): the stage-1 map's displacement, x_s terms dropped."""
     g = _wide(g)
-    return (velocity_scale.to(g.dtype)[:, None, None] * softmax_wide.eager(logits_teacher)
+    return (velocity_scale.to(g.dtype)[:, None, None] * softmax_wide(logits_teacher)
             + half_delta_sq.to(g.dtype)[:, None, None] * g)
 
 
@@ -218,7 +230,7 @@ def matching_target(logits_teacher: torch.Tensor, g: torch.Tensor, velocity_scal
 def softmax_residual_square_sum(target: torch.Tensor, logits: torch.Tensor,
                                 velocity_scale: torch.Tensor) -> torch.Tensor:
     """Σ_V (target - Δ/(1 - γ_s)·softmax(logits))² (B, L). Differentiable in the logits."""
-    q = softmax_wide.eager(logits)
+    q = softmax_wide(logits)
     return (target - velocity_scale.to(q.dtype)[:, None, None] * q).square().sum(-1)
 
 
@@ -240,8 +252,9 @@ def semigroup_loss(teacher, student, tokens: torch.Tensor, interval: Interval,
     with torch.no_grad():
         logits_ps = _logits(teacher, h_teacher, interval.s, padded=padded)
         g_su = _logits(student, h_student.detach(), interval.s, interval.u, padded, raw=True)
-        h_u = flow_map(h_s.detach(), _project(softmax_wide(logits_ps), networks),
-                       _project(g_su, networks), interval.gamma_s, interval.gamma_u)
+        dtype = product_dtype(h_s)
+        h_u = flow_map(h_s.detach(), _project(probabilities(logits_ps, dtype), networks, dtype),
+                       _project(g_su, networks, dtype), interval.gamma_s, interval.gamma_u)
         h_u_teacher, h_u_student = _split(h_u, sizes)
         logits_pu = _logits(teacher, h_u_teacher, interval.u, padded=padded)
         g_ut = _logits(student, h_u_student, interval.u, interval.t, padded, raw=True)

@@ -119,13 +119,16 @@ class _JointGaussianProjection(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, joint: torch.Tensor, q: torch.Tensor, r: torch.Tensor,
+    def forward(ctx, trained: torch.Tensor, q: torch.Tensor, r: torch.Tensor,
                 batch_shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+        """``trained``: the columns of A that take gradients, its last ones (the embeddings after
+        the frozen teachers); the draw itself reads only Q and R."""
         with _ieee_float32_matmuls():
             eta = torch.randn(*batch_shape, r.shape[0], generator=generator,
-                              device=joint.device, dtype=r.dtype)
+                              device=q.device, dtype=r.dtype)
             y = eta @ r
         ctx.save_for_backward(q, eta)
+        ctx.trained_columns = trained.shape[1]
         return y
 
     @staticmethod
@@ -133,7 +136,9 @@ class _JointGaussianProjection(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
         q, eta = ctx.saved_tensors
-        moment = eta.flatten(0, -2).T @ grad_y.flatten(0, -2).to(eta.dtype)  # (K', K)
+        # only the trained columns' gradient: Q·(ηᵀ·dy[..., trained]), (V, K_trained)
+        grad_trained = grad_y[..., grad_y.shape[-1] - ctx.trained_columns:]
+        moment = eta.flatten(0, -2).T @ grad_trained.flatten(0, -2).to(eta.dtype)
         return q @ moment, None, None, None, None
 
 
@@ -151,8 +156,12 @@ def joint_gaussian_projection(embeddings: list[torch.Tensor], batch_shape: tuple
     work = torch.promote_types(torch.promote_types(embeddings[0].dtype, dtype), torch.float32)
     with torch.autocast(device_type=embeddings[0].device.type, enabled=False):
         q, r = joint_qr(embeddings, work)
-        joint = torch.cat([e.to(work) for e in embeddings], dim=1)  # the autograd input
-        return _JointGaussianProjection.apply(joint, q, r, tuple(batch_shape),
+        # the autograd input: the embeddings from the first that trains on (frozen teachers
+        # lead); their columns are the last of A, and the backward forms only their gradient
+        first = next((i for i, e in enumerate(embeddings) if e.requires_grad), len(embeddings))
+        trained = torch.cat([e.to(work) for e in embeddings[first:]] or
+                            [q.new_zeros(q.shape[0], 0)], dim=1)
+        return _JointGaussianProjection.apply(trained, q, r, tuple(batch_shape),
                                               generator).to(dtype)
 
 

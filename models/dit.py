@@ -125,7 +125,9 @@ def _flex_attention() -> Callable:
     global _compiled_flex
     if _compiled_flex is None:
         from torch.nn.attention.flex_attention import flex_attention
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+
+        from models.parallelize import compile_options  # here: parallelize imports this module
+        _compiled_flex = torch.compile(flex_attention, dynamic=False, options=compile_options())
     return _compiled_flex
 
 

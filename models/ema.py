@@ -41,15 +41,29 @@ class EMA:
                        if p.requires_grad}
 
     @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
-        names, ema, live = [], [], []
+    def update(self, module: nn.Module, skip: torch.Tensor | bool = False) -> None:
+        """One update after an optimizer step. ``skip``: the step was skipped (non-finite), so
+        the shadow stays as it is; a device tensor (reliability.NonFiniteGuard's device-side
+        skip) is applied on the device, without reading it on the host, and the update is
+        counted until the guard reads the flag and calls ``uncount``."""
+        if isinstance(skip, bool) or not isinstance(skip, torch.Tensor):
+            if skip:
+                return
+            weight: float | torch.Tensor = 1.0
+        else:
+            weight = (~skip).float()
+        ema, live = [], []
         for n, p in module.named_parameters():
             if n in self.shadow:
-                names.append(n)
                 ema.append(self.shadow[n])
                 live.append(p.detach())
         self.num_updates += 1
-        torch._foreach_lerp_(ema, live, 1.0 - warmup_decay(self.decay, self.num_updates))
+        rate = 1.0 - warmup_decay(self.decay, self.num_updates)
+        torch._foreach_lerp_(ema, live, rate * weight)
+
+    def uncount(self) -> None:
+        """Take back the count of an update that a device-side skip turned into no change."""
+        self.num_updates = max(self.num_updates - 1, 0)
 
     @torch.no_grad()
     def copy_to(self, module: nn.Module) -> None:

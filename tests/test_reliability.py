@@ -77,11 +77,15 @@ class Snapshots(pl.Callback):
         self.ema[step] = {k: v.clone() for k, v in pl_module.ema.shadow.items()}
 
 
-def fit(tmp_path, nan_loss=(), nan_grad=(), max_steps=8, max_consecutive=3, accumulate=2):
+def fit(tmp_path, nan_loss=(), nan_grad=(), max_steps=8, max_consecutive=3, accumulate=2,
+        fused="false"):
+    """``fused``: optim.fused; "true" runs the fused AdamW, whose steps the guard skips on the
+    device (found_inf), the path taken on CUDA; "false" the host-side skip."""
     config = resolve_config(compose_config(
         ["model.length=8", "model.hidden_size=16", "model.n_heads=2", "model.n_blocks=1",
          "model.cond_dim=16", "loader.global_batch_size=8", "training.ema=0.5",
-         "lr_scheduler.num_warmup_steps=0", "optim.lr=1e-2"], run_dir=str(tmp_path)))
+         "lr_scheduler.num_warmup_steps=0", "optim.lr=1e-2", f"optim.fused={fused}"],
+        run_dir=str(tmp_path)))
     pl.seed_everything(0)
     module = FaultyFLM(config, vocab_size=VOCAB)
     module.nan_loss_steps, module.nan_grad_steps = set(nan_loss), set(nan_grad)
@@ -103,25 +107,46 @@ def _equal(a: dict, b: dict) -> bool:
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_nonfinite_loss_and_gradient_steps_are_skipped(tmp_path):
-    _, snaps, (skipped, logged) = fit(tmp_path, nan_loss={3}, nan_grad={5})
+@pytest.mark.parametrize("fused", ["false", "true"])
+def test_nonfinite_loss_and_gradient_steps_are_skipped(tmp_path, fused):
+    module, snaps, (skipped, logged) = fit(tmp_path, nan_loss={3}, nan_grad={5}, fused=fused)
     for step in range(1, 8):
         unchanged = _equal(snaps.params[step], snaps.params[step - 1])
         assert unchanged == (step in (3, 5)), step  # parameters and optimizer untouched
         assert _equal(snaps.ema[step], snaps.ema[step - 1]) == (step in (3, 5)), step
         assert all(torch.isfinite(v).all() for v in snaps.params[step].values())
     assert skipped == 2 and float(logged) == 2.0
+    assert module.ema.num_updates == 8 - 2  # the skipped steps are not counted as updates
+    optimizer = module.trainer.optimizers[0]
+    steps = {int(state["step"]) for state in optimizer.state.values()}
+    assert steps == {8 - 2}  # nor as optimizer steps (Adam's bias correction)
+    # the same run without the faults, minus its steps 3 and 5, is not what we compare with
+    # (their noise differs); instead: the optimizer moments are finite and were updated
+    assert all(torch.isfinite(state["exp_avg"]).all() for state in optimizer.state.values())
 
 
-def test_too_many_nonfinite_steps_stop_with_last_good_state(tmp_path):
+def test_device_side_skip_runs_on_a_fused_optimizer_only(tmp_path):
+    """The fused run took the device path (found_inf handed to the optimizer); the unfused
+    one the host path; both end in the same parameters (same draws, same skipped steps)."""
+    fused, _, _ = fit(tmp_path / "fused", nan_grad={2}, max_steps=4, fused="true")
+    plain, _, _ = fit(tmp_path / "plain", nan_grad={2}, max_steps=4, fused="false")
+    assert hasattr(fused.trainer.optimizers[0], "found_inf")
+    assert not hasattr(plain.trainer.optimizers[0], "found_inf")
+    for (name, a), b in zip(fused.backbone.state_dict().items(),
+                            plain.backbone.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("fused", ["false", "true"])
+def test_too_many_nonfinite_steps_stop_with_last_good_state(tmp_path, fused):
     with pytest.raises(reliability.NonFiniteTrainingError,
                        match=r"3 consecutive optimizer steps \(from step 2 to 4\).*max_consecutive"
                              r"_nonfinite=3.*last.ckpt"):
-        fit(tmp_path, nan_loss={2, 3, 4, 5, 6, 7}, max_consecutive=3)
+        fit(tmp_path, nan_loss={2, 3, 4, 5, 6, 7}, max_consecutive=3, fused=fused)
     saved = load_checkpoint_file(tmp_path / "last.ckpt")
     assert saved["global_step"] == 5
     # the last good state is that after step 1; rebuild it with the same seed to compare
-    _, snaps, _ = fit(tmp_path / "again", max_steps=2)
+    _, snaps, _ = fit(tmp_path / "again", max_steps=2, fused=fused)
     for key, value in snaps.params[1].items():
         assert torch.equal(saved["state_dict"][f"backbone.{key}"], value), key
 
