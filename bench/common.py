@@ -25,12 +25,14 @@ FLOP_FORMULA = ("forward FLOPs/token F = n_blocks·(24·D² + 4·L·D) + 2·D·V
                 "a training step counts 3·F per token (forward + backward)")
 
 
-def model_config(name: str, length: int, overrides: list[str] | None = None) -> DictConfig:
-    """``configs/model/<name>.yaml`` as Hydra composes it (e.g. model.attn_softcap comes along)."""
+def model_config(name: str, length: int, overrides: list[str] | None = None,
+                 full: bool = False) -> DictConfig:
+    """``configs/model/<name>.yaml`` as Hydra composes it (e.g. model.attn_softcap comes along);
+    ``full``: the whole composed config instead of its model group."""
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
         cfg = compose(config_name="config",
                       overrides=[f"model={name}", f"model.length={length}"] + (overrides or []))
-    return cfg.model
+    return cfg if full else cfg.model
 
 
 def backbone(model_cfg: DictConfig, vocab: int, double_temb: bool = False,

@@ -8,7 +8,9 @@ configs/model/<model>.yaml sets, e.g. model.attn_softcap) and the same fused
 output-layer cross-entropy (training.fused_ce, flow/losses.py):
   tokens  integer tokens through E[x]: a discrete-diffusion step, the floor an
           FLM step can approach;
-  dspace  the FLM step as algo.FLM.compute_loss runs it (training.input_path=dspace).
+  dspace  the FLM step as algo.FLM.compute_loss runs it (training.input_path=dspace);
+  module  algo.FLM itself outside Lightning (compute_loss with its seeded generator and
+          antithetic times, its AdamW, the EMA update): --variants tokens,dspace,module.
 Median step time over --steps after --warmup, tokens/s, MFU against --peak-flops,
 peak memory. bf16 autocast on GPU.
 """
@@ -74,18 +76,54 @@ def make_step(model, table, variant: str, fused_ce: str, device: torch.device):
     return step, backend
 
 
+def make_module_step(model_cfg, vocab: int, fused_ce: str, compiled: bool,
+                     device: torch.device):
+    """algo.FLM's own step outside Lightning: ``compute_loss`` (seeded noise generator,
+    antithetic times, the masked-mean fused CE), AdamW as ``configure_optimizers`` builds it,
+    grad clip, the EMA update. Against ``dspace`` it prices the production loss path; against
+    ``python -m main`` (bench/end_to_end.py), the loop around it."""
+    import algo
+    import utils
+
+    config = utils.resolve_config(model_config(model_cfg.name, model_cfg.length, [
+        f"training.compile={str(compiled).lower()}", f"training.fused_ce={fused_ce}",
+        "checkpointing.save_dir=/tmp/flm-bench", "eval.output_dir=/tmp/flm-bench/eval"],
+        full=True))
+    module = algo.FLM(config, vocab_size=vocab).to(device)
+    module.ema.to(device)
+    optimizer = module.configure_optimizers()["optimizer"]
+    amp = device.type == "cuda"
+    counter = iter(range(10**9))
+
+    def step(tokens, t):
+        batch = {"input_ids": tokens, "attention_mask": torch.ones_like(tokens)}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = module.compute_loss(batch, next(counter), 0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        module.ema.update(module.backbone)
+        return loss
+
+    return step, module.fused_ce_backend()
+
+
 def measure(model_cfg, vocab: int, variant: str, batch: int, compiled: bool, fused_ce: str,
             device: torch.device, warmup: int, steps: int, peak_flops: float) -> dict:
     """One row: step time, tokens/s, MFU and peak memory of one (variant, B, mode)."""
     row = {"variant": variant, "batch": batch, "compiled": compiled, "oom": False}
     reset_memory(device)
     torch.manual_seed(0)
-    model = backbone(model_cfg, vocab, device=device)
+    model = backbone(model_cfg, vocab, device=device) if variant != "module" else None
     try:
-        if compiled:
-            compile_network(model)
-        table = AlphaGammaTable(vocab).to(device)
-        step, row["ce"] = make_step(model, table, variant, fused_ce, device)
+        if variant == "module":
+            step, row["ce"] = make_module_step(model_cfg, vocab, fused_ce, compiled, device)
+        else:
+            if compiled:
+                compile_network(model)
+            table = AlphaGammaTable(vocab).to(device)
+            step, row["ce"] = make_step(model, table, variant, fused_ce, device)
         tokens = torch.randint(0, vocab, (batch, model_cfg.length), device=device)
         gen = torch.Generator(device=device).manual_seed(0)
         seconds = timed(lambda: step(tokens, torch.rand(batch, device=device, generator=gen)),

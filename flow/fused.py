@@ -14,7 +14,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_FUSED_KERNELS = {"enabled": True}
+_FUSED_KERNELS = {"enabled": True, "devices": ("cuda",)}  # devices whose inputs compile
 _compiled_kernels: dict[Callable, Callable] = {}
 
 
@@ -37,7 +37,7 @@ def fused_kernel(fn: Callable) -> Callable:
     it with float64 references."""
     def run(*args):
         first = next(a for a in args if isinstance(a, torch.Tensor))
-        if first.device.type != "cuda" or not _FUSED_KERNELS["enabled"]:
+        if first.device.type not in _FUSED_KERNELS["devices"] or not _FUSED_KERNELS["enabled"]:
             return fn(*args)
         if fn not in _compiled_kernels:
             from models.parallelize import room_for_graphs  # here: models imports flow

@@ -56,7 +56,14 @@ def compile_options() -> dict | None:
     None (inductor's defaults) elsewhere."""
     if not torch.cuda.is_available():
         return None
-    return {"max_autotune": True, "max_autotune_gemm_backends": "ATEN"}
+    import torch._inductor.config as inductor_config
+
+    options = {"max_autotune": True, "max_autotune_gemm_backends": "ATEN"}
+    # the search's tables would fill the training log at every compiled shape; these keys are
+    # newer than some torch versions: set those this one has
+    quiet = {"autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+    options.update({k: v for k, v in quiet.items() if hasattr(inductor_config, k)})
+    return options
 
 
 def compile_network(network: torch.nn.Module) -> None:

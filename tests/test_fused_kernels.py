@@ -1,0 +1,100 @@
+"""The losses' fused kernels (flow/fused.py) compile and give the eager results; the compile
+options of CUDA machines are options this torch knows."""
+
+import pytest
+import torch
+
+from flow import fused
+from flow.flow_map import (
+    matching_target,
+    probabilities,
+    scaled_residual_square_sum,
+    semigroup_target,
+    softmax_residual_square_sum,
+)
+from flow.losses import chunk_loss_and_grad
+from models import parallelize
+
+
+@pytest.fixture
+def compiled_on_cpu(monkeypatch):
+    """fused_kernel compiles CPU inputs too (on CUDA only, by default)."""
+    monkeypatch.setitem(fused._FUSED_KERNELS, "devices", ("cpu", "cuda"))
+    monkeypatch.setitem(fused._FUSED_KERNELS, "enabled", True)
+    monkeypatch.setattr(fused, "_compiled_kernels", {})
+    yield
+    assert fused._compiled_kernels, "nothing was compiled"
+
+
+def _inputs(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    batch, length, vocab = 2, 3, 11
+    logits = [torch.randn(batch, length, vocab, generator=gen, dtype=torch.float64) * 3 for _ in range(4)]
+    weights = torch.rand(batch, 4, generator=gen, dtype=torch.float64)
+    scale = torch.rand(batch, generator=gen, dtype=torch.float64)
+    return logits, weights, scale
+
+
+def test_fused_distillation_kernels_compile_to_the_eager_results(compiled_on_cpu):
+    logits, weights, scale = _inputs(0)
+    target = semigroup_target(*logits, weights)
+    torch.testing.assert_close(target, semigroup_target.eager(*logits, weights),
+                               rtol=1e-12, atol=1e-12)
+    # closed form of the target, written out: (w0 - 1)·p_s + w1·p_u + w2·g_su + w3·g_ut
+    w = weights[:, None, None, :]
+    p_s, p_u = (torch.softmax(x, -1) for x in (logits[0], logits[2]))
+    direct = (w[..., 0] - 1) * p_s + w[..., 1] * p_u + w[..., 2] * logits[1] + w[..., 3] * logits[3]
+    torch.testing.assert_close(target, direct, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(probabilities(logits[0], torch.float32), p_s.float())
+    torch.testing.assert_close(matching_target(logits[0], logits[1], scale, scale ** 2),
+                               matching_target.eager(logits[0], logits[1], scale, scale ** 2),
+                               rtol=1e-12, atol=1e-12)
+    # the differentiable ones: values and gradients against autograd of the eager function
+    for kernel in (scaled_residual_square_sum, softmax_residual_square_sum):
+        g = logits[3].clone().requires_grad_(True)
+        out = kernel(target, g, scale)
+        (grad,) = torch.autograd.grad(out.sum(), g)
+        g_eager = logits[3].clone().requires_grad_(True)
+        out_eager = kernel.eager(target, g_eager, scale)
+        (grad_eager,) = torch.autograd.grad(out_eager.sum(), g_eager)
+        torch.testing.assert_close(out, out_eager, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad, grad_eager, rtol=1e-10, atol=1e-12)
+        assert grad.abs().sum() > 0
+
+
+def test_fused_ce_chunk_kernel_compiles_to_the_eager_results(compiled_on_cpu):
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 13, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, 13, (5,), generator=gen)
+    row_weight = torch.rand(5, generator=gen, dtype=torch.float64)
+    losses, d = chunk_loss_and_grad(logits, targets, row_weight)
+    ref = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    torch.testing.assert_close(losses, ref, rtol=1e-12, atol=1e-12)
+    expected = (torch.softmax(logits, -1) - torch.nn.functional.one_hot(targets, 13)) \
+        * row_weight[:, None]
+    torch.testing.assert_close(d, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_kernels_stay_eager_when_compilation_is_off(monkeypatch):
+    monkeypatch.setitem(fused._FUSED_KERNELS, "devices", ("cpu", "cuda"))
+    monkeypatch.setattr(fused, "_compiled_kernels", {})
+    fused.use_fused_kernels(False)
+    try:
+        logits, weights, _ = _inputs(2)
+        semigroup_target(*logits, weights)
+        assert not fused._compiled_kernels
+    finally:
+        fused.use_fused_kernels(True)
+
+
+def test_cuda_compile_options_are_options_this_torch_knows(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert parallelize.compile_options() is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    options = parallelize.compile_options()
+    monkeypatch.undo()  # compile for this CPU machine, with the options a CUDA one gets
+    assert options["max_autotune"] is True and options["max_autotune_gemm_backends"] == "ATEN"
+    # torch.compile refuses unknown option names: a tiny function compiles and runs with them
+    fn = torch.compile(lambda x: (x @ x.T).relu().sum(), dynamic=False, options=options)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    torch.testing.assert_close(fn(x), (x @ x.T).relu().sum())
