@@ -79,8 +79,10 @@ def test_time_draws_across_ranks_are_the_global_antithetic_set():
 
 
 @pytest.mark.slow
-def test_two_process_ddp_equals_one_process_with_accumulation(tmp_path):
-    common = ["model.dropout=0", "trainer.max_steps=3", "strategy=ddp"]
+# fused=true: the non-finite verdict is reduced over ranks on the device (found_inf path)
+@pytest.mark.parametrize("fused", ["false", "true"])
+def test_two_process_ddp_equals_one_process_with_accumulation(tmp_path, fused):
+    common = ["model.dropout=0", "trainer.max_steps=3", "strategy=ddp", f"optim.fused={fused}"]
     run_main(tmp_path / "ddp", *common, "trainer.devices=2")
     run_main(tmp_path / "single", *common, "trainer.devices=1")
     ddp = load(tmp_path / "ddp" / "checkpoints" / "last.ckpt")
