@@ -183,6 +183,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float 
     return _flex_attention()(q, k, v, score_mod=softcap_score_mod(softcap), block_mask=mask)
 
 
+@functools.cache  # one function object per cap: compiled FlexAttention guards on it
 def softcap_score_mod(softcap: float) -> Callable:
     """FlexAttention score_mod ``s -> softcap·tanh(s / softcap)``, written as
     ``softcap·(2·sigmoid(2s / softcap) - 1)`` (the same function): Triton's tanh is a long
