@@ -75,12 +75,15 @@ def _any_rank_on_device(trainer: pl.Trainer, flag: torch.Tensor) -> torch.Tensor
     return flag
 
 
+SIGNAL_LAG = 2  # multi-process runs act on a signal this many optimizer steps after it arrives
+
+
 def _readable_later(flag: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-    """A copy of a device flag that the host can read once the returned event has completed
-    (pinned memory, copied without waiting); a CPU flag as it is, no event."""
+    """A copy of a device tensor that the host can read once the returned event has completed
+    (pinned memory, copied without waiting); a CPU tensor as it is, no event."""
     if flag.device.type != "cuda":
         return flag, None
-    host = torch.empty((), dtype=torch.bool, pin_memory=True)
+    host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
     host.copy_(flag, non_blocking=True)
     event = torch.cuda.Event()
     event.record()
@@ -374,7 +377,9 @@ class PreemptionHandler(pl.Callback):
     training, and requeue the SLURM job if the signal is one of ``requeue_signals``.
 
     The handler only records the signal; the work happens in ``on_train_batch_end`` once the
-    optimizer step has completed, so the checkpoint is an exact resume point. Lightning's own
+    optimizer step has completed, so the checkpoint is an exact resume point. With several
+    processes the flags are reduced over ranks on the device and acted on ``SIGNAL_LAG`` steps
+    later by every rank at the same step (no host sync per step). Lightning's own
     SIGTERM handling (which would exit without a checkpoint) is replaced while training runs.
     Training then stops by raising :class:`Preempted` out of ``trainer.fit`` (no validation
     pass); ``stopped_by`` names the signal. A second SIGINT raises KeyboardInterrupt at once.
@@ -390,6 +395,8 @@ class PreemptionHandler(pl.Callback):
         self.stopped_by: str | None = None
         self._previous: dict[signal.Signals, Any] = {}
         self._seen_step = -1
+        # multi-process runs: reduced flags per step, read SIGNAL_LAG steps later
+        self._pending: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         # async-signal context: record only (no logging, no I/O)
@@ -425,9 +432,16 @@ class PreemptionHandler(pl.Callback):
         if trainer.global_step == self._seen_step:
             return  # inside a gradient-accumulation cycle: not a resume point
         self._seen_step = trainer.global_step
-        if not _any_rank(trainer, self.received is not None):
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            verdict = self._reduced_verdict(trainer)
+            if verdict is None:
+                return
+            received, requeue = verdict
+        else:
+            received = self.received is not None
+            requeue = self.received in self.requeue_signals
+        if not received:
             return
-        requeue = _any_rank(trainer, self.received in self.requeue_signals)
         name = self.received.name if self.received is not None else "a signal on another rank"
         log.warning("received %s: saving %s at step %d and stopping", name,
                     self.checkpoint_path, trainer.global_step)
@@ -437,6 +451,28 @@ class PreemptionHandler(pl.Callback):
         self.stopped_by = name
         # leave fit at once: trainer.should_stop would run a validation pass first
         raise Preempted(name, trainer.global_step, self.checkpoint_path)
+
+    def _reduced_verdict(self, trainer: pl.Trainer) -> tuple[bool, bool] | None:
+        """(any rank received a signal, any a requeueing one), decided SIGNAL_LAG optimizer
+        steps after the flags were reduced, the same step on every rank; None before then.
+
+        The flags are all-reduced on the device each step and copied to pinned memory without
+        waiting: reading them at once (one host sync per step) would idle the GPUs while the
+        loop's Python runs; SIGNAL_LAG steps later the copy has long completed."""
+        device = trainer.strategy.root_device
+        flags = torch.stack([
+            torch.full((), int(self.received is not None), dtype=torch.int32, device=device),
+            torch.full((), int(self.received in self.requeue_signals), dtype=torch.int32,
+                       device=device)])
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        self._pending.append((trainer.global_step, *_readable_later(flags)))
+        step, host, event = self._pending[0]
+        if step > trainer.global_step - SIGNAL_LAG:
+            return None
+        self._pending.pop(0)
+        if event is not None:
+            event.synchronize()
+        return bool(host[0]), bool(host[1])
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._uninstall()
