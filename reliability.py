@@ -204,7 +204,12 @@ class NonFiniteGuard(pl.Callback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        self._read_flags(trainer, pl_module, wait=True)  # the counts in the file are complete
+        # the counts in the file are complete: read the verdicts still pending (Lightning took
+        # this callback's state_dict just before; the module's EMA state comes after this hook)
+        self._read_flags(trainer, pl_module, wait=True)
+        states = checkpoint.get("callbacks", {})
+        if self.state_key in states:
+            states[self.state_key] = self.state_dict()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._read_flags(trainer, pl_module, wait=True)
