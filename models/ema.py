@@ -46,7 +46,7 @@ class EMA:
         the shadow stays as it is; a device tensor (reliability.NonFiniteGuard's device-side
         skip) is applied on the device, without reading it on the host, and the update is
         counted until the guard reads the flag and calls ``uncount``."""
-        if isinstance(skip, bool) or not isinstance(skip, torch.Tensor):
+        if not isinstance(skip, torch.Tensor):
             if skip:
                 return
             weight: float | torch.Tensor = 1.0

@@ -82,8 +82,9 @@ def compile_for_sampling(network: torch.nn.Module) -> bool:
     if not isinstance(network, DiT):
         return False
     room_for_graphs()  # teacher and student share DiT.features' code object
-    network.features = torch.compile(network.features, dynamic=False, options=compile_options())
-    network.head = torch.compile(network.head, dynamic=False, options=compile_options())
+    options = compile_options()
+    network.features = torch.compile(network.features, dynamic=False, options=options)
+    network.head = torch.compile(network.head, dynamic=False, options=options)
     return True
 
 
