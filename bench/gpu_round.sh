@@ -8,6 +8,7 @@
 #   sampling    bench/sampling_step.py
 #   distill     bench/distill_step.py
 #   e2e         bench/end_to_end.py
+#   trace       bench/trace_loop.py (where the GPU waits inside python -m main; TRACE_ARGS)
 #   vocab       bench/vocab_align.py (the V-sized products at V = 50,258 and padded)
 #   components  bench/components.py (attention and output layer + CE, each way we can run them)
 #   profile     bench/profile_step.py for each task of PROFILE_TASKS (default: train stage1 fmlm)
@@ -40,7 +41,7 @@ fi
 for s in $STAGES; do
   case "$s" in
     attention) stage attention python bench/attention_check.py ;;
-    train) stage train python bench/train_step.py --modes compiled --fused-ce "${FUSED_CE:-auto}" \
+    train) stage "train${TRAIN_TAG:-}" python bench/train_step.py --modes compiled --fused-ce "${FUSED_CE:-auto}" \
         ${TRAIN_ARGS:-} ;;
     quickcpu) ;;  # started above
     quickgpu) stage quickgpu python -u -m main +experiment=quickstart_gpu \
@@ -48,6 +49,7 @@ for s in $STAGES; do
     sampling) stage sampling python bench/sampling_step.py ${SAMPLING_ARGS:-} ;;
     distill) stage distill python bench/distill_step.py --modes compiled ${DISTILL_ARGS:-} ;;
     e2e) stage e2e python bench/end_to_end.py ${E2E_ARGS:-} ;;
+    trace) TAIL=80 stage trace python bench/trace_loop.py ${TRACE_ARGS:-} ;;
     vocab) stage vocab python bench/vocab_align.py ;;
     components) stage components python bench/components.py ${COMPONENTS_ARGS:-} ;;
     profile) for task in ${PROFILE_TASKS:-train stage1 fmlm}; do

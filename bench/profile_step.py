@@ -3,6 +3,7 @@
     python bench/profile_step.py --task train          # FLM step, DiT small, B=32, compiled
     python bench/profile_step.py --task stage1|stage2  # distillation steps
     python bench/profile_step.py --task fmlm           # one-step FMLM sampling, B=256
+    python bench/profile_step.py --task euler          # one FLM Euler step, B=64
     python bench/profile_step.py --quick --task train  # CPU smoke run
 
 Table 1: kernels by GPU time per step (top --top), share of the summed kernel time.
@@ -71,14 +72,21 @@ def build(args):
         net = sampling_step.make_net(args, double_temb=True, compiled=not args.eager)
         table = AlphaGammaTable(args.vocab).to(device)
         return lambda: sampling_step.fmlm_run(args, net, table, args.batch, 1, torch.float32)
+    if args.task == "euler":
+        args.euler_batch, args.repeats = args.batch, 1
+        net = sampling_step.make_net(args, double_temb=False, compiled=not args.eager)
+        table = AlphaGammaTable(args.vocab).to(device)
+        step, _, _ = sampling_step.euler_closures(args, net, table, torch.float32,
+                                                  args.position_chunk)
+        return step
     raise SystemExit(f"unknown --task {args.task}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--task", default="train", help="train | stage1 | stage2 | fmlm")
+    p.add_argument("--task", default="train", help="train | stage1 | stage2 | fmlm | euler")
     p.add_argument("--quick", action="store_true", help="tiny sizes for a CPU smoke run")
-    p.add_argument("--batch", type=int, default=None, help="32 (fmlm: 256; quick: 2)")
+    p.add_argument("--batch", type=int, default=None, help="32 (fmlm: 256; euler: 64; quick: 2)")
     p.add_argument("--steps", type=int, default=3, help="profiled steps")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--top", type=int, default=30)
@@ -89,7 +97,8 @@ def main() -> None:
     args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.length = 16 if args.quick else 1024
     args.vocab = 64 if args.quick else GPT2_VOCAB
-    args.batch = args.batch or (2 if args.quick else 256 if args.task == "fmlm" else 32)
+    args.batch = args.batch or (2 if args.quick else 256 if args.task == "fmlm"
+                                                else 64 if args.task == "euler" else 32)
     args.model_cfg = model_config("tiny" if args.quick else "small", args.length)
     torch.set_float32_matmul_precision("high")
     fn = build(args)

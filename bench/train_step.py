@@ -139,6 +139,28 @@ def measure(model_cfg, vocab: int, variant: str, batch: int, compiled: bool, fus
     return row
 
 
+def override_compile_options(pairs: list[str]) -> dict:
+    """Replaces models.parallelize.compile_options (what compile_network uses) by its result
+    updated with ``KEY=VALUE`` pairs (true/false/ints parsed); returns the overrides."""
+    import models.parallelize as parallelize
+
+    extra = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--inductor {pair!r}: expected KEY=VALUE")
+        extra[key] = {"true": True, "false": False}.get(value.lower(),
+                                                        int(value) if value.isdigit() else value)
+    if extra:
+        base = parallelize.compile_options
+
+        def options():
+            return {**(base() or {}), **extra}
+
+        parallelize.compile_options = options
+    return extra
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes for a CPU smoke run")
@@ -154,7 +176,11 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peak-flops", type=float, default=H100_BF16_PEAK,
                    help="MFU denominator, FLOP/s (H100 SXM dense bf16)")
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="an inductor option over models.parallelize.compile_options() for this "
+                        "run's compiles (repeatable), e.g. max_autotune_gemm_backends=ATEN,TRITON")
     args = p.parse_args()
+    inductor = override_compile_options(args.inductor)
     vocab = args.vocab or (512 if args.quick else GPT2_VOCAB)
     length = args.length or (64 if args.quick else 1024)
     model_cfg = model_config(args.model or ("tiny" if args.quick else "small"), length)
@@ -175,7 +201,8 @@ def main() -> None:
     print(f"\nFLM train step, {device_name(device)}, torch {torch.__version__}, V={vocab}, "
           f"L={length}, model={model_cfg.name} (D={model_cfg.hidden_size}, "
           f"blocks={model_cfg.n_blocks}, attn_softcap="
-          f"{model_cfg.get('attn_softcap', None)}), bf16 autocast on GPU")
+          f"{model_cfg.get('attn_softcap', None)}), bf16 autocast on GPU"
+          + (f"; inductor options {inductor}" if inductor else ""))
     print(f"MFU: {FLOP_FORMULA}; F = {forward_flops_per_token(model_cfg, vocab) / 1e6:.1f} "
           f"MFLOP/token; peak {args.peak_flops / 1e12:.0f} TFLOP/s\n")
     print("| B | mode | fused_ce | variant | step ms | tokens/s | MFU | peak GiB | vs tokens |")
