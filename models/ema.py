@@ -46,12 +46,8 @@ class EMA:
         the shadow stays as it is; a device tensor (reliability.NonFiniteGuard's device-side
         skip) is applied on the device, without reading it on the host, and the update is
         counted until the guard reads the flag and calls ``uncount``."""
-        if not isinstance(skip, torch.Tensor):
-            if skip:
-                return
-            weight: float | torch.Tensor = 1.0
-        else:
-            weight = (~skip).float()
+        if not isinstance(skip, torch.Tensor) and skip:
+            return
         ema, live = [], []
         for n, p in module.named_parameters():
             if n in self.shadow:
@@ -59,7 +55,13 @@ class EMA:
                 live.append(p.detach())
         self.num_updates += 1
         rate = 1.0 - warmup_decay(self.decay, self.num_updates)
-        torch._foreach_lerp_(ema, live, rate * weight)
+        if isinstance(skip, torch.Tensor):
+            # one 0-d device weight per tensor: the overload taking a single weight tensor
+            # reads it on the host (a device sync at every step)
+            weight = rate * (~skip).float()
+            torch._foreach_lerp_(ema, live, [weight] * len(ema))
+        else:
+            torch._foreach_lerp_(ema, live, rate)
 
     def uncount(self) -> None:
         """Take back the count of an update that a device-side skip turned into no change."""

@@ -40,3 +40,38 @@ def test_num_updates_saved_and_old_states_take_the_global_step(caplog):
     assert fresh.num_updates == 123 and "without num_updates" in caplog.text
     fresh.load_state_dict(old)
     assert fresh.num_updates == 0
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts reads of a tensor's value by the host (``aten._local_scalar_dense``: ``.item()``,
+    ``bool(t)``, a 0-d tensor passed where a number is expected); on a GPU each one waits for
+    the device to finish its queue."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_device_skip_flag_is_applied_without_a_host_read():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    ema = EMA(net, 0.9)
+    reference = EMA(net, 0.9)
+    for skip in (False, True, False):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        with _HostReads() as mode:
+            ema.update(net, skip=torch.tensor(skip))
+        assert mode.reads == 0
+        if skip:
+            reference.num_updates += 1  # counted until the guard reads the flag (uncount)
+        else:
+            reference.update(net)  # the host-flag path: a second way to the same shadow
+    for name, value in reference.shadow.items():
+        torch.testing.assert_close(ema.shadow[name], value, rtol=1e-6, atol=1e-7)
