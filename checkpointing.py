@@ -42,9 +42,10 @@ def _umask() -> int:
 class HostBuffers:
     """Pinned CPU buffers for device -> host checkpoint copies, reused from save to save.
 
-    Allocating (and page-faulting) gigabytes of fresh host memory at each save costs more than
-    the copy itself; the buffers of the previous save are free again once its write is done
-    (one write in flight).
+    Allocating (and page-locking) gigabytes of fresh host memory costs more than the copy
+    itself (~1 s per 2.7 GB), so it is done once, in the writer thread (see
+    :class:`AtomicCheckpointIO`); the buffers of the previous save are free again once its
+    write is done (one write in flight).
     """
 
     def __init__(self) -> None:
@@ -54,6 +55,10 @@ class HostBuffers:
     def start(self) -> None:
         self._next = 0
 
+    def fit(self, sizes: list[int]) -> bool:
+        """Whether the buffers are those of storages of ``sizes`` bytes, in order."""
+        return [b.nbytes() for b in self._buffers] == sizes
+
     def copy(self, storage: torch.UntypedStorage) -> torch.UntypedStorage:
         i, self._next = self._next, self._next + 1
         if i == len(self._buffers):
@@ -61,48 +66,71 @@ class HostBuffers:
         if self._buffers[i].nbytes() != storage.nbytes():
             self._buffers[i] = torch.empty(storage.nbytes(), dtype=torch.uint8,
                                            pin_memory=True).untyped_storage()
-        self._buffers[i].copy_(storage, non_blocking=True)  # complete after a synchronize
+        self._buffers[i].copy_(storage, non_blocking=True)  # complete after the stream's work
         return self._buffers[i]
 
 
-def snapshot_to_cpu(obj: Any, _memo: dict | None = None,
-                    buffers: HostBuffers | None = None) -> Any:
-    """A copy of a checkpoint dict whose tensors live in fresh CPU storages.
+def snapshot(obj: Any, copy_storage, _memo: dict | None = None) -> Any:
+    """A copy of a checkpoint dict whose tensors live in the storages ``copy_storage(storage)``
+    returns for each distinct storage (views and tied weights keep sharing theirs).
 
-    Containers are rebuilt, tensors copied (device -> CPU, or CPU clone) with their storage
-    sharing kept (views and tied weights serialise as in the original: for CPU tensors
-    ``torch.save`` of the snapshot and of the original give the same bytes), other leaves
-    deep-copied. Training can then go on changing the live tensors while the snapshot is
-    written. With ``buffers``, device storages are copied asynchronously into reused pinned
-    buffers: call ``torch.cuda.synchronize()`` before reading the snapshot. Device tensors come
-    back as CPU tensors (the file records ``cpu`` as their location; loads map them as usual).
+    Containers are rebuilt, other leaves deep-copied, so training can go on changing the live
+    tensors while the copy is written. A tensor is rebuilt on the device of the storage it gets.
     """
     memo: dict = {} if _memo is None else _memo
     if isinstance(obj, torch.Tensor):
         storage = obj.untyped_storage()
         key = (obj.device, storage.data_ptr(), storage.nbytes())
         if key not in memo:
-            if obj.device.type == "cpu":
-                memo[key] = storage.clone()
-            elif buffers is not None:
-                memo[key] = buffers.copy(storage)
-            else:
-                memo[key] = storage.cpu()
-        copy_ = torch.empty(0, dtype=obj.dtype).set_(memo[key], obj.storage_offset(),
-                                                     obj.size(), obj.stride())
+            memo[key] = copy_storage(storage)
+        new = memo[key]
+        copy_ = torch.empty(0, dtype=obj.dtype, device=new.device).set_(
+            new, obj.storage_offset(), obj.size(), obj.stride())
         if isinstance(obj, torch.nn.Parameter):
             return torch.nn.Parameter(copy_, requires_grad=obj.requires_grad)
         return copy_
     if isinstance(obj, dict):
         out = copy.copy(obj)  # keeps the type and attributes (a state_dict's ``_metadata``)
         for k, v in obj.items():
-            out[k] = snapshot_to_cpu(v, memo, buffers)
+            out[k] = snapshot(v, copy_storage, memo)
         return out
     if isinstance(obj, list):
-        return [snapshot_to_cpu(v, memo, buffers) for v in obj]
+        return [snapshot(v, copy_storage, memo) for v in obj]
     if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(snapshot_to_cpu(v, memo, buffers) for v in obj)
+        return tuple(snapshot(v, copy_storage, memo) for v in obj)
     return copy.deepcopy(obj)
+
+
+def snapshot_to_cpu(obj: Any, buffers: HostBuffers | None = None) -> Any:
+    """:func:`snapshot` with every storage on the CPU (a clone of a CPU storage, a copy of a
+    device one: for CPU tensors ``torch.save`` of the snapshot and of the original give the
+    same bytes). With ``buffers``, device storages are copied asynchronously into reused
+    pinned buffers, complete once the current stream's work is (an event, or a synchronize).
+    Device tensors come back as CPU tensors (the file records ``cpu`` as their location;
+    loads map them as usual)."""
+    if buffers is not None:
+        buffers.start()
+
+    def to_cpu(storage: torch.UntypedStorage) -> torch.UntypedStorage:
+        if storage.device.type == "cpu":
+            return storage.clone()
+        return buffers.copy(storage) if buffers is not None else storage.cpu()
+
+    return snapshot(obj, to_cpu)
+
+
+def device_storage_sizes(obj: Any) -> list[int]:
+    """Bytes of each distinct device storage of ``obj``, in the order :func:`snapshot` meets
+    them (no copy made)."""
+    sizes: list[int] = []
+
+    def record(storage: torch.UntypedStorage) -> torch.UntypedStorage:
+        if storage.device.type != "cpu":
+            sizes.append(storage.nbytes())
+        return storage
+
+    snapshot(obj, record)
+    return sizes
 
 
 def write_atomically(checkpoint: dict[str, Any], path: Path, mode: int) -> None:
@@ -137,12 +165,20 @@ class CheckpointWriteError(RuntimeError):
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Crash-safe checkpoint files (:func:`write_atomically`), written in the background.
 
-    ``save_checkpoint`` copies the state to CPU memory (:func:`snapshot_to_cpu`, a fast copy)
-    and hands the file write to a thread, so training does not wait for the disk. At most one
-    write is in flight: a new save (or a removal) first waits for the previous write. An error
-    in the writer thread is raised as :class:`CheckpointWriteError` in the training thread at
-    the next save, at :meth:`wait` (called before the process exits) or at teardown; it is
-    never dropped. ``background=False`` writes synchronously.
+    ``save_checkpoint`` takes a snapshot of the state and hands the file write to a thread,
+    so training neither waits for the disk nor for the device: the device -> host copies
+    are queued on the current stream into reused pinned buffers (:class:`HostBuffers`) and
+    the thread waits for an event recorded after them. The queue order makes the snapshot
+    the state at the save, whatever the steps queued after it change. When the buffers do
+    not fit yet (the first save, or a state whose storages changed), the snapshot is first
+    a copy on the device (fast) and the thread allocates the pinned buffers and copies it
+    to the host on a side stream, so their slow allocation does not stall training either;
+    if the device has no room for that copy, the main thread allocates them (logged).
+
+    At most one write is in flight: a new save (or a removal) first waits for the previous
+    write. An error in the writer thread is raised as :class:`CheckpointWriteError` in the
+    training thread at the next save, at :meth:`wait` (called before the process exits) or
+    at teardown; it is never dropped. ``background=False`` writes synchronously.
     """
 
     def __init__(self, background: bool = True) -> None:
@@ -154,8 +190,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self._pending_path: Path | None = None
         self._host = HostBuffers()
 
-    def _write(self, checkpoint: dict[str, Any], path: Path) -> None:
+    def _write(self, checkpoint: dict[str, Any], path: Path, ready, on_device: bool) -> None:
         try:
+            if ready is not None:
+                ready.synchronize()  # the copies queued before the event are complete
+            if on_device:
+                device = next(t.device for t in _tensors(checkpoint) if t.device.type != "cpu")
+                with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream()) as side:
+                    checkpoint = snapshot_to_cpu(checkpoint, buffers=self._host)
+                    side.synchronize()
             write_atomically(checkpoint, path, self._mode)
             log.info("checkpoint written: %s", path)
         except BaseException as err:  # surfaced by wait() in the training thread
@@ -180,11 +223,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             write_atomically(checkpoint, path, self._mode)
             log.info("checkpoint written: %s", path)
             return
-        self._host.start()
-        snapshot = snapshot_to_cpu(checkpoint, buffers=self._host)
-        if any(t.is_cuda for t in _tensors(checkpoint)):
-            torch.cuda.synchronize()  # device -> host copies are complete before the thread reads
-        self._thread = threading.Thread(target=self._write, args=(snapshot, path),
+        sizes = device_storage_sizes(checkpoint)
+        ready, on_device = None, False
+        if not sizes or {t.device.type for t in _tensors(checkpoint)} - {"cpu", "cuda"}:
+            state = snapshot_to_cpu(checkpoint)  # CPU state, or a device without CUDA events
+            sizes = []
+        elif self._host.fit(sizes):
+            state = snapshot_to_cpu(checkpoint, buffers=self._host)
+        else:
+            try:
+                state = snapshot(checkpoint, lambda s: s.clone())  # device storages stay there
+                on_device = True
+            except torch.OutOfMemoryError:
+                log.info("no device memory to stage the checkpoint (%.1f GiB): allocating its "
+                         "pinned host buffers in the training thread", sum(sizes) / 2**30)
+                state = snapshot_to_cpu(checkpoint, buffers=self._host)
+        if sizes:
+            ready = torch.cuda.Event()
+            ready.record()
+        self._thread = threading.Thread(target=self._write, args=(state, path, ready, on_device),
                                         name="checkpoint-writer", daemon=False)
         self._thread.start()
 

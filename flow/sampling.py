@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flow.flow_map import flow_map, vocab_padded
+from flow.flow_map import flow_map, softmax_wide, vocab_padded
+from flow.fused import fused_kernel
 from flow.path import clean_projection, gaussian_projection, joint_gaussian_projection
 from flow.schedule import AlphaGammaTable
 
@@ -102,6 +103,15 @@ def output_logits(network, hidden: torch.Tensor, c, padded: bool) -> torch.Tenso
     return network.head(hidden, c, padded=True) if padded else network.head(hidden, c)
 
 
+@fused_kernel
+def probabilities_and_tokens(logits: torch.Tensor,
+                             vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax of ``logits`` (..., V') over the last axis in (at least) float32, and the argmax
+    over its first ``vocab`` entries: one pass over the logits when compiled (fused_kernel);
+    the argmax is the same as of the float32 copy (exact, monotone)."""
+    return softmax_wide(logits), logits[..., :vocab].argmax(dim=-1)
+
+
 @torch.no_grad()
 def denoised_projection(network, h: torch.Tensor, t: torch.Tensor, t2: torch.Tensor | None,
                         position_chunk: int = DEFAULT_POSITION_CHUNK, project: bool = True,
@@ -120,14 +130,13 @@ def denoised_projection(network, h: torch.Tensor, t: torch.Tensor, t2: torch.Ten
     proj, tokens = [], []
     for start in range(0, hidden.shape[1], position_chunk):
         logits = output_logits(network, hidden[:, start:start + position_chunk], c, padded)
-        # argmax of the network's own (bf16 under autocast) logits: the same as of their
-        # float32 copy (exact, monotone), without writing that copy
-        tokens.append(logits[..., :vocab].argmax(dim=-1))
-        if project:
-            wide = torch.promote_types(logits.dtype, torch.float32)
-            with _no_autocast(logits):  # the state update stays in the state's precision
-                # softmax reads the bf16 logits and writes float32 in one pass
-                proj.append(torch.softmax(logits, dim=-1, dtype=wide) @ e.to(wide))
+        if not project:
+            tokens.append(logits[..., :vocab].argmax(dim=-1))
+            continue
+        p, chunk_tokens = probabilities_and_tokens(logits, vocab)
+        tokens.append(chunk_tokens)
+        with _no_autocast(logits):  # the state update stays in the state's precision
+            proj.append(p @ e.to(p.dtype))
     return (torch.cat(proj, dim=1) if project else None), torch.cat(tokens, dim=1)
 
 

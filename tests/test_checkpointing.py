@@ -24,6 +24,7 @@ from checkpointing import (
     ResumeOverrides,
     check_resume_config,
     compatibility,
+    device_storage_sizes,
     find_resume_checkpoint,
     remove_stale_temporaries,
     snapshot_to_cpu,
@@ -80,6 +81,29 @@ def test_background_write_equals_synchronous_write_bit_for_bit(tmp_path):
     a, b = (tmp_path / "sync.ckpt").read_bytes(), (tmp_path / "bg.ckpt").read_bytes()
     assert a == b
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bg.ckpt", "sync.ckpt"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the device paths need CUDA")
+def test_background_write_of_device_state_is_the_state_at_each_save(tmp_path):
+    """First save staged on the device (the pinned buffers allocated in the writer thread),
+    later saves straight into the reused pinned buffers; work queued right after each save
+    returns must not reach its file."""
+    torch.manual_seed(0)
+    big = torch.randn(64, 2**18, device="cuda")  # 64 MiB: wide enough to race a lazy read
+    state = {"state_dict": {"big": big, "view": big[3:9], "small": torch.arange(5.0).cuda()},
+             "optimizer_states": [{"state": {0: {"exp_avg": torch.randn(1000, device="cuda")}}}],
+             "global_step": 1}
+    io_ = AtomicCheckpointIO(background=True)
+    for k in range(3):
+        expected = snapshot_to_cpu(state)  # blocking copy: the state at this save
+        io_.save_checkpoint(state, tmp_path / f"{k}.ckpt")
+        for _ in range(20):  # queued after the save's copies, before the writer reads
+            big.mul_(1.5).add_(1.0)
+        state["optimizer_states"][0]["state"][0]["exp_avg"].zero_()
+        io_.wait()
+        loaded = torch.load(tmp_path / f"{k}.ckpt", weights_only=False)
+        assert _bytes(loaded) == _bytes(expected), k
+        assert io_._host.fit(device_storage_sizes(state))
 
 
 def test_files_follow_the_umask(tmp_path):

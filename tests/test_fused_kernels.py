@@ -13,6 +13,7 @@ from flow.flow_map import (
     softmax_residual_square_sum,
 )
 from flow.losses import chunk_loss_and_grad
+from flow.sampling import probabilities_and_tokens
 from models import parallelize
 
 
@@ -73,6 +74,20 @@ def test_fused_ce_chunk_kernel_compiles_to_the_eager_results(compiled_on_cpu):
     expected = (torch.softmax(logits, -1) - torch.nn.functional.one_hot(targets, 13)) \
         * row_weight[:, None]
     torch.testing.assert_close(d, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_sampler_softmax_and_argmax_kernel_compiles_to_a_float64_reference(compiled_on_cpu):
+    gen = torch.Generator().manual_seed(3)
+    vocab, padded = 11, 16
+    logits = torch.randn(2, 5, padded, generator=gen) * 4
+    logits[..., vocab:] = -30_000.0  # the pads of the padded vocabulary (models/dit.py)
+    logits[0, 0, vocab - 1] = logits[0, 0].max() + 1  # a winner at the last real entry
+    p, tokens = probabilities_and_tokens(logits.to(torch.bfloat16), vocab)
+    reference = torch.softmax(logits.to(torch.bfloat16).double(), -1)
+    assert p.dtype == torch.float32
+    torch.testing.assert_close(p.double(), reference, rtol=1e-6, atol=1e-7)
+    assert torch.equal(tokens, logits.to(torch.bfloat16)[..., :vocab].double().argmax(-1))
+    assert tokens[0, 0] == vocab - 1 and float(p[..., vocab:].max()) == 0.0
 
 
 def test_fused_kernels_stay_eager_when_compilation_is_off(monkeypatch):
