@@ -144,8 +144,8 @@ class FlowLM(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch, self.global_step, batch_idx)
-        # on the progress bar only when there is one: Lightning reads progress-bar values
-        # every step, a host sync that would otherwise stall each step
+        # on the progress bar when there is one: monitoring.progress_bar reads it every
+        # log_every_n_steps steps (a host sync; Lightning's own bars read it at every step)
         self.log("train/loss", loss, prog_bar=bool(self.config.trainer.enable_progress_bar),
                  sync_dist=False)
         return loss

@@ -41,7 +41,7 @@ from checkpointing import (
 )
 from data.exact_denoiser import ORACLE, check_denoiser_choice, oracle_sampling_module
 from models.parallelize import compile_for_sampling
-from monitoring import Throughput
+from monitoring import Throughput, progress_bar
 
 log = logging.getLogger("main")
 
@@ -89,6 +89,8 @@ def build_callbacks(config: DictConfig) -> list[pl.Callback]:
         callbacks.append(StepCheckpoint(
             dirpath=ckpt_dir, every_n_train_steps=cb.checkpoint_last.every_n_train_steps,
             save_top_k=0, save_last=True, enable_version_counter=False))
+    if config.trainer.enable_progress_bar:  # its logged values read every log_every_n_steps
+        callbacks.append(progress_bar(int(config.trainer.log_every_n_steps)))
     if "learning_rate_monitor" in cb:
         callbacks.append(LearningRateMonitor(logging_interval=cb.learning_rate_monitor
                                              .logging_interval))

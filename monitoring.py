@@ -1,4 +1,5 @@
-"""Throughput in the training logs: ``train/tokens_per_s`` and ``train/ms_per_step``.
+"""Throughput in the training logs (``train/tokens_per_s``, ``train/ms_per_step``) and a
+progress bar that does not stall the step.
 
 Wall time per optimizer step, measured between step ends over a window of the last
 ``window`` optimizer steps, so validation runs, checkpoint stalls and data waits are in it:
@@ -58,3 +59,42 @@ class Throughput(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._ends.clear()  # a resumed run starts a new window
         self._last_step = trainer.global_step
+
+
+class _MetricsEveryNSteps:
+    """Progress-bar mixin: the logged values shown on the bar (e.g. ``train/loss``) are read
+    from the device every ``every_n_steps`` optimizer steps during training, not at every
+    refresh. Lightning's bars read them at each step, a host sync that leaves the GPU idle
+    while the host then launches the next step's kernels (~8 ms/step, bench/trace_loop.py);
+    the counter and speed still move every step. Validation reads them as usual."""
+
+    def __init__(self, every_n_steps: int, **kwargs: Any) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps={every_n_steps}: must be >= 1")
+        super().__init__(**kwargs)
+        self.every_n_steps = every_n_steps
+        self._shown: dict | None = None
+        self._next_read = 0
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        if not trainer.training:
+            return super().get_metrics(trainer, pl_module)
+        step = trainer.global_step
+        if self._shown is None or step >= self._next_read:
+            self._shown = super().get_metrics(trainer, pl_module)
+            self._next_read = step + self.every_n_steps
+        return self._shown
+
+
+def progress_bar(every_n_steps: int) -> pl.Callback:
+    """The bar Lightning would pick (Rich when ``rich`` is installed, else tqdm), reading the
+    logged values every ``every_n_steps`` optimizer steps (``_MetricsEveryNSteps``)."""
+    from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
+
+    try:
+        import rich  # noqa: F401
+        base = RichProgressBar
+    except ImportError:
+        base = TQDMProgressBar
+    bar = type(f"Step{base.__name__}", (_MetricsEveryNSteps, base), {})
+    return bar(every_n_steps)

@@ -53,7 +53,7 @@ def owt_overrides(args, run_dir: Path) -> list[str]:
         f"loader.global_batch_size={args.batch}", f"loader.batch_size={args.batch}",
         "sampling.print_samples=0", f"trainer.max_steps={args.steps}",
         *(["trainer.precision=32", "trainer.accelerator=cpu"] if quick else []),
-        "wandb.mode=disabled", "trainer.enable_progress_bar=false",
+        "wandb.mode=disabled",  # the progress bar stays on, as a user gets it
         f"training.compile={'false' if quick else 'true'}", f"training.fused_ce={args.fused_ce}",
     ] + args.extra
 

@@ -8,6 +8,7 @@
 #   sampling    bench/sampling_step.py
 #   distill     bench/distill_step.py
 #   e2e         bench/end_to_end.py
+#   cudatests   the tests that need CUDA (pytest travels in .whl/)
 #   trace       bench/trace_loop.py (where the GPU waits inside python -m main; TRACE_ARGS)
 #   vocab       bench/vocab_align.py (the V-sized products at V = 50,258 and padded)
 #   components  bench/components.py (attention and output layer + CE, each way we can run them)
@@ -49,6 +50,8 @@ for s in $STAGES; do
     sampling) stage sampling python bench/sampling_step.py ${SAMPLING_ARGS:-} ;;
     distill) stage distill python bench/distill_step.py --modes compiled ${DISTILL_ARGS:-} ;;
     e2e) stage e2e python bench/end_to_end.py ${E2E_ARGS:-} ;;
+    cudatests) stage cudatests python -m pytest -q -p no:cacheprovider -rs \
+        tests/test_checkpointing.py -k "device_state" ;;
     trace) TAIL=80 stage trace python bench/trace_loop.py ${TRACE_ARGS:-} ;;
     vocab) stage vocab python bench/vocab_align.py ;;
     components) stage components python bench/components.py ${COMPONENTS_ARGS:-} ;;

@@ -53,3 +53,33 @@ def test_device_scalar_is_the_value():
     assert value.shape == () and value.dtype == torch.float32 and float(value) == 3.5
     with pytest.raises(ValueError, match="window"):
         monitoring.Throughput(10, window=0)
+
+
+class _CountingTrainer:
+    """What a progress bar's get_metrics reads of the trainer; counts the device reads."""
+
+    def __init__(self) -> None:
+        self.training, self.global_step, self.loggers, self.reads = True, 0, [], 0
+
+    @property
+    def progress_bar_metrics(self) -> dict:
+        self.reads += 1  # Lightning converts the logged device tensors here: a host sync
+        return {"train/loss": float(self.global_step)}
+
+
+def test_progress_bar_reads_logged_values_every_n_steps_in_training():
+    bar = monitoring.progress_bar(10)
+    trainer = _CountingTrainer()
+    shown = []
+    for step in range(25):
+        trainer.global_step = step
+        for _ in range(2):  # refreshes within one step read nothing new
+            shown.append(bar.get_metrics(trainer, None)["train/loss"])
+    assert trainer.reads == 3  # steps 0, 10 and 20
+    assert shown[::2] == [float(10 * (s // 10)) for s in range(25)]
+    trainer.training = False  # validation: every refresh reads
+    for _ in range(4):
+        bar.get_metrics(trainer, None)
+    assert trainer.reads == 7
+    with pytest.raises(ValueError, match="every_n_steps=0"):
+        monitoring.progress_bar(0)
