@@ -196,8 +196,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 ready.synchronize()  # the copies queued before the event are complete
             if on_device:
                 device = next(t.device for t in _tensors(checkpoint) if t.device.type != "cpu")
-                with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream()) as side:
-                    checkpoint = snapshot_to_cpu(checkpoint, buffers=self._host)
+                with torch.cuda.device(device):
+                    side = torch.cuda.Stream()
+                    with torch.cuda.stream(side):
+                        checkpoint = snapshot_to_cpu(checkpoint, buffers=self._host)
                     side.synchronize()
             write_atomically(checkpoint, path, self._mode)
             log.info("checkpoint written: %s", path)
