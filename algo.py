@@ -144,10 +144,10 @@ class FlowLM(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch, self.global_step, batch_idx)
-        # on the progress bar when there is one: monitoring.progress_bar reads it every
-        # log_every_n_steps steps (a host sync; Lightning's own bars read it at every step)
-        self.log("train/loss", loss, prog_bar=bool(self.config.trainer.enable_progress_bar),
-                 sync_dist=False)
+        # not prog_bar: Lightning reads prog_bar values on the host at every batch end (a
+        # device sync per step); monitoring.progress_bar shows it, read every
+        # log_every_n_steps steps
+        self.log("train/loss", loss, sync_dist=False)
         return loss
 
     # set per optimizer step by reliability.NonFiniteGuard: a bool, or a device flag when the

@@ -62,17 +62,21 @@ class Throughput(pl.Callback):
 
 
 class _MetricsEveryNSteps:
-    """Progress-bar mixin: the logged values shown on the bar (e.g. ``train/loss``) are read
-    from the device every ``every_n_steps`` optimizer steps during training, not at every
-    refresh. Lightning's bars read them at each step, a host sync that leaves the GPU idle
-    while the host then launches the next step's kernels (~8 ms/step, bench/trace_loop.py);
-    the counter and speed still move every step. Validation reads them as usual."""
+    """Progress-bar mixin: during training, the values of ``keys`` (logged without
+    ``prog_bar``, e.g. ``train/loss``) are read from the trainer's callback metrics and shown,
+    every ``every_n_steps`` optimizer steps, not at every refresh.
 
-    def __init__(self, every_n_steps: int, **kwargs: Any) -> None:
+    Reading a device value on the host waits for the device to finish its queue, and the
+    GPU then idles while the host launches the next step (~10 ms/step at DiT small,
+    bench/trace_loop.py). Lightning converts every ``prog_bar=True`` value at each batch
+    end, whatever the bar shows, so the training loss is logged without it and read here.
+    The step counter and speed still move every step; validation reads as usual."""
+
+    def __init__(self, every_n_steps: int, keys: tuple[str, ...] = (), **kwargs: Any) -> None:
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps={every_n_steps}: must be >= 1")
         super().__init__(**kwargs)
-        self.every_n_steps = every_n_steps
+        self.every_n_steps, self.keys = every_n_steps, tuple(keys)
         self._shown: dict | None = None
         self._next_read = 0
 
@@ -81,14 +85,17 @@ class _MetricsEveryNSteps:
             return super().get_metrics(trainer, pl_module)
         step = trainer.global_step
         if self._shown is None or step >= self._next_read:
-            self._shown = super().get_metrics(trainer, pl_module)
-            self._next_read = step + self.every_n_steps
+            shown = super().get_metrics(trainer, pl_module)
+            logged = trainer.callback_metrics
+            shown.update({k: float(logged[k]) for k in self.keys if k in logged})
+            self._shown, self._next_read = shown, step + self.every_n_steps
         return self._shown
 
 
-def progress_bar(every_n_steps: int) -> pl.Callback:
-    """The bar Lightning would pick (Rich when ``rich`` is installed, else tqdm), reading the
-    logged values every ``every_n_steps`` optimizer steps (``_MetricsEveryNSteps``)."""
+def progress_bar(every_n_steps: int, keys: tuple[str, ...] = ("train/loss",)) -> pl.Callback:
+    """The bar Lightning would pick (Rich when ``rich`` is installed, else tqdm), showing
+    ``keys`` of the logged values, read every ``every_n_steps`` optimizer steps
+    (``_MetricsEveryNSteps``)."""
     from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
 
     try:
@@ -97,4 +104,4 @@ def progress_bar(every_n_steps: int) -> pl.Callback:
     except ImportError:
         base = TQDMProgressBar
     bar = type(f"Step{base.__name__}", (_MetricsEveryNSteps, base), {})
-    return bar(every_n_steps)
+    return bar(every_n_steps, keys)

@@ -56,15 +56,24 @@ def test_device_scalar_is_the_value():
 
 
 class _CountingTrainer:
-    """What a progress bar's get_metrics reads of the trainer; counts the device reads."""
+    """What a progress bar's get_metrics reads of the trainer; counts the host reads of the
+    logged device values (each one waits for the device)."""
 
     def __init__(self) -> None:
         self.training, self.global_step, self.loggers, self.reads = True, 0, [], 0
+        self.progress_bar_metrics: dict = {}
 
     @property
-    def progress_bar_metrics(self) -> dict:
-        self.reads += 1  # Lightning converts the logged device tensors here: a host sync
-        return {"train/loss": float(self.global_step)}
+    def callback_metrics(self) -> dict:
+        trainer = self
+
+        class Logged(torch.Tensor):
+            def __float__(self):
+                trainer.reads += 1
+                return super().__float__()
+
+        return {"train/loss": torch.tensor(float(self.global_step)).as_subclass(Logged),
+                "val/other": torch.tensor(0.0)}
 
 
 def test_progress_bar_reads_logged_values_every_n_steps_in_training():
@@ -74,12 +83,13 @@ def test_progress_bar_reads_logged_values_every_n_steps_in_training():
     for step in range(25):
         trainer.global_step = step
         for _ in range(2):  # refreshes within one step read nothing new
-            shown.append(bar.get_metrics(trainer, None)["train/loss"])
+            metrics = bar.get_metrics(trainer, None)
+            shown.append(metrics["train/loss"])
+            assert "val/other" not in metrics  # only the keys asked for
     assert trainer.reads == 3  # steps 0, 10 and 20
     assert shown[::2] == [float(10 * (s // 10)) for s in range(25)]
-    trainer.training = False  # validation: every refresh reads
-    for _ in range(4):
-        bar.get_metrics(trainer, None)
-    assert trainer.reads == 7
+    trainer.training = False  # validation: Lightning's own reading, every refresh
+    trainer.progress_bar_metrics = {"val/loss": 1.5}
+    assert bar.get_metrics(trainer, None)["val/loss"] == 1.5
     with pytest.raises(ValueError, match="every_n_steps=0"):
         monitoring.progress_bar(0)
