@@ -38,7 +38,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from data.sampler import split_micro_batch_index
-from monitoring import device_scalar
+from monitoring import device_scalar, readable_later
 
 log = logging.getLogger(__name__)
 
@@ -76,18 +76,6 @@ def _any_rank_on_device(trainer: pl.Trainer, flag: torch.Tensor) -> torch.Tensor
 
 
 SIGNAL_LAG = 2  # multi-process runs act on a signal this many optimizer steps after it arrives
-
-
-def _readable_later(flag: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-    """A copy of a device tensor that the host can read once the returned event has completed
-    (pinned memory, copied without waiting); a CPU tensor as it is, no event."""
-    if flag.device.type != "cuda":
-        return flag, None
-    host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
-    host.copy_(flag, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
-    return host, event
 
 
 # --------------------------------------------------------------------------- non-finite steps
@@ -162,7 +150,7 @@ class NonFiniteGuard(pl.Callback):
             flag = _any_rank_on_device(trainer, flag)
             optimizer.found_inf = flag.float()  # read by the fused kernel of this step only
             pl_module.step_skipped = flag
-            self._pending.append((trainer.global_step, *_readable_later(flag)))
+            self._pending.append((trainer.global_step, *readable_later(flag)))
             self._read_flags(trainer, pl_module, wait=False)
             return
         if hasattr(optimizer, "found_inf"):  # left by a device-side step: not this one's
@@ -470,7 +458,7 @@ class PreemptionHandler(pl.Callback):
             torch.full((), int(self.received in self.requeue_signals), dtype=torch.int32,
                        device=device)])
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        self._pending.append((trainer.global_step, *_readable_later(flags)))
+        self._pending.append((trainer.global_step, *readable_later(flags)))
         step, host, event = self._pending[0]
         if step > trainer.global_step - SIGNAL_LAG:
             return None
