@@ -42,6 +42,26 @@ FLUSH_EVERY = 100  # the CSV logger's flush_logs_every_n_steps (Lightning's defa
 POLL_S = 0.05
 
 
+def add_run_options(p: argparse.ArgumentParser, steps: int, quick_steps: int) -> None:
+    """The options of the `python -m main` run (this bench's and bench/trace_loop.py's)."""
+    p.add_argument("--quick", action="store_true", help="tiny sizes, CPU smoke run")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"optimizer steps ({steps}; quick: {quick_steps})")
+    p.add_argument("--batch", type=int, default=None, help="per-GPU batch (32; quick: 2)")
+    p.add_argument("--vocab", type=int, default=None, help="V (50258; quick: 64)")
+    p.add_argument("--length", type=int, default=None, help="L (1024; quick: 16)")
+    p.add_argument("--fused-ce", default="auto", help="training.fused_ce")
+    p.add_argument("extra", nargs="*", help="more Hydra overrides for main")
+
+
+def fill_run_options(args, steps: int, quick_steps: int) -> None:
+    """Defaults of ``add_run_options`` (the quick CPU sizes with --quick)."""
+    args.steps = args.steps or (quick_steps if args.quick else steps)
+    args.batch = args.batch or (2 if args.quick else 32)
+    args.vocab = args.vocab or (64 if args.quick else GPT2_VOCAB)
+    args.length = args.length or (16 if args.quick else 1024)
+
+
 def owt_overrides(args, run_dir: Path) -> list[str]:
     """scripts/train_owt_flm.sh's preset (+experiment=owt_flm: its validation, checkpoint and
     logging cadence, loader workers) with synthetic data and a bench-sized run."""
@@ -101,19 +121,10 @@ def last_step(path: Path) -> int | None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes, CPU smoke run")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (400; quick: 300)")
-    p.add_argument("--batch", type=int, default=None, help="per-GPU batch (32; quick: 2)")
-    p.add_argument("--vocab", type=int, default=None, help="V (50258; quick: 64)")
-    p.add_argument("--length", type=int, default=None, help="L (1024; quick: 16)")
-    p.add_argument("--fused-ce", default="auto", help="training.fused_ce")
+    add_run_options(p, steps=400, quick_steps=300)
     p.add_argument("--isolated-steps", type=int, default=10)
-    p.add_argument("extra", nargs="*", help="more Hydra overrides for main")
     args = p.parse_args()
-    args.steps = args.steps or (300 if args.quick else 400)
-    args.batch = args.batch or (2 if args.quick else 32)
-    args.vocab = args.vocab or (64 if args.quick else GPT2_VOCAB)
-    args.length = args.length or (16 if args.quick else 1024)
+    fill_run_options(args, steps=400, quick_steps=300)
     if args.steps < 3 * FLUSH_EVERY:
         sys.exit(f"--steps must be >= {3 * FLUSH_EVERY}: two CSV flushes after the first")
     marks, total, log_path = run_main(args)

@@ -2,7 +2,8 @@
 real run; prints three tables per window.
 
     python bench/trace_loop.py                          # GPU: end_to_end.py's OWT settings
-    python bench/trace_loop.py --window 300:310 --window 498:503 [Hydra overrides for main]
+    python bench/trace_loop.py --window 300:310 --window 495:505 \
+        callbacks.checkpoint_last.every_n_train_steps=500   # a checkpoint write in the 2nd
     python bench/trace_loop.py --quick                  # CPU smoke run, tiny sizes
 
 The run is end_to_end.py's (`+experiment=owt_flm` on synthetic data at V = 50,258,
@@ -35,7 +36,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import end_to_end  # noqa: E402
-from common import GPT2_VOCAB, ROOT  # noqa: E402
+from common import ROOT  # noqa: E402
 
 WAITS = ("Synchronize", "cudaMemcpy ", "cudaMemcpy\0")  # host calls that block on the device
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -253,23 +254,15 @@ def analyse(path: Path, min_gap_us: float, top: int) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes, CPU smoke run")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (520; quick: 40)")
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--vocab", type=int, default=None)
-    p.add_argument("--length", type=int, default=None)
-    p.add_argument("--fused-ce", default="auto")
+    end_to_end.add_run_options(p, steps=520, quick_steps=40)
     p.add_argument("--window", action="append", default=None,
                    help="first:last optimizer steps to trace (repeatable); default 300:310 and "
-                        "495:505 (the checkpoint write at 500); quick: 20:25")
+                        "495:505 (a checkpoint write at 500 with the override "
+                        "callbacks.checkpoint_last.every_n_train_steps=500); quick: 20:25")
     p.add_argument("--min-gap-us", type=float, default=50.0)
     p.add_argument("--top", type=int, default=15)
-    p.add_argument("extra", nargs="*", help="more Hydra overrides for main")
     args = p.parse_args()
-    args.steps = args.steps or (40 if args.quick else 520)
-    args.batch = args.batch or (2 if args.quick else 32)
-    args.vocab = args.vocab or (64 if args.quick else GPT2_VOCAB)
-    args.length = args.length or (16 if args.quick else 1024)
+    end_to_end.fill_run_options(args, steps=520, quick_steps=40)
     windows = [tuple(int(x) for x in w.split(":")) for w in
                (args.window or (["20:25"] if args.quick else ["300:310", "495:505"]))]
     for first, last in windows:
