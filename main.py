@@ -89,7 +89,7 @@ def build_callbacks(config: DictConfig) -> list[pl.Callback]:
         callbacks.append(StepCheckpoint(
             dirpath=ckpt_dir, every_n_train_steps=cb.checkpoint_last.every_n_train_steps,
             save_top_k=0, save_last=True, enable_version_counter=False))
-    if config.trainer.enable_progress_bar:  # its logged values read every log_every_n_steps
+    if config.trainer.enable_progress_bar:  # shows train/loss without a device sync per step
         callbacks.append(progress_bar(int(config.trainer.log_every_n_steps)))
     if "learning_rate_monitor" in cb:
         callbacks.append(LearningRateMonitor(logging_interval=cb.learning_rate_monitor

@@ -98,16 +98,18 @@ class _MetricsEveryNSteps:
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         if not trainer.training:
             return super().get_metrics(trainer, pl_module)
-        if self._shown is None:
-            self._shown = super().get_metrics(trainer, pl_module)
         if self._copies and all(e is None or e.query() for _, e in self._copies.values()):
             self._shown.update({k: float(host) for k, (host, _) in self._copies.items()})
             self._copies = {}
         step = trainer.global_step
-        if step >= self._next_copy and not self._copies:
+        if self._shown is None or (step >= self._next_copy and not self._copies):
+            # the bar's other entries (the run's version, any prog_bar value) as Lightning
+            # gives them, with the values of ``keys`` last shown
+            kept = {k: v for k, v in (self._shown or {}).items() if k in self.keys}
+            self._shown = {**super().get_metrics(trainer, pl_module), **kept}
             logged = trainer.callback_metrics
-            self._copies = {k: readable_later(logged[k].detach()) for k in self.keys
-                            if k in logged}
+            self._copies = {k: readable_later(torch.as_tensor(logged[k]).detach())
+                            for k in self.keys if k in logged}
             self._next_copy = step + self.every_n_steps
             if self._copies and all(e is None for _, e in self._copies.values()):
                 return self.get_metrics(trainer, pl_module)  # CPU values: shown at once
