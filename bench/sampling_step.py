@@ -7,10 +7,13 @@ prints one table.
 FMLM: flow.sampling.sample_euler(two_times=True) on a double-time-embedding
 backbone, sequences/s at B = 64, 128, 256 (target: >= 1,000 seq/s at 1 step).
 FLM Euler step: one step of flow.sampling.sample_euler's math (denoised_projection
-with p @ E, then the flow-map update), in ms, against one forward pass
-backbone(h, t) -> (B, L, V) logits (target ratio <= 1.1). The p @ E product costs
-as much as the output layer (2·D·V FLOPs per token), so the FLOP floor of that
-ratio is (F + 2·D·V) / F (printed). The backbone runs under bf16 autocast on GPU
+with p @ E, then the flow-map update), in ms, against two forward passes (target ratio
+<= 1.1): the network on a one-hot-space state z (B, L, V), i.e. z @ E in float32 (TF32
+under matmul precision "high") then the bf16 body, which is what the paper's sampler
+calls every step; and the body alone from a D-space state, backbone(h, t) -> (B, L, V)
+logits. The p @ E product costs as much as the output layer (2·D·V FLOPs per token), so
+the FLOP floor of the second ratio is (F + 2·D·V) / F (printed). --euler-chunks times
+the step at several position chunks. The backbone runs under bf16 autocast on GPU
 (bf16 matmuls, float32 accumulation); the D-space state is float32 or, with
 --state-dtype float64, float64. Backbones are random-init (timing only); the
 output layer is randomised so that the logits are not all equal.
