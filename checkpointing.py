@@ -121,15 +121,15 @@ def snapshot_to_cpu(obj: Any, buffers: HostBuffers | None = None) -> Any:
 
 def device_storage_sizes(obj: Any) -> list[int]:
     """Bytes of each distinct device storage of ``obj``, in the order :func:`snapshot` meets
-    them (no copy made)."""
+    them (its walk and its sharing key; nothing copied)."""
     sizes: list[int] = []
-
-    def record(storage: torch.UntypedStorage) -> torch.UntypedStorage:
-        if storage.device.type != "cpu":
+    seen: set = set()
+    for t in _tensors(obj):
+        storage = t.untyped_storage()
+        key = (t.device, storage.data_ptr(), storage.nbytes())
+        if t.device.type != "cpu" and key not in seen:
+            seen.add(key)
             sizes.append(storage.nbytes())
-        return storage
-
-    snapshot(obj, record)
     return sizes
 
 
@@ -256,12 +256,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def _tensors(obj: Any):
+    """The tensors of a checkpoint dict in :func:`snapshot`'s order (it deep-copies named
+    tuples as leaves, so they are not walked)."""
     if isinstance(obj, torch.Tensor):
         yield obj
     elif isinstance(obj, dict):
         for v in obj.values():
             yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
+    elif isinstance(obj, list) or (isinstance(obj, tuple) and not hasattr(obj, "_fields")):
         for v in obj:
             yield from _tensors(v)
 

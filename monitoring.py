@@ -95,12 +95,16 @@ class _MetricsEveryNSteps:
         self._copies: dict[str, tuple[torch.Tensor, Any]] = {}
         self._next_copy = 0
 
-    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
-        if not trainer.training:
-            return super().get_metrics(trainer, pl_module)
+    def _show_landed(self) -> None:
+        """Show the copies once all have landed (CPU values: at once)."""
         if self._copies and all(e is None or e.query() for _, e in self._copies.values()):
             self._shown.update({k: float(host) for k, (host, _) in self._copies.items()})
             self._copies = {}
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        if not trainer.training:
+            return super().get_metrics(trainer, pl_module)
+        self._show_landed()
         step = trainer.global_step
         if self._shown is None or (step >= self._next_copy and not self._copies):
             # the bar's other entries (the run's version, any prog_bar value) as Lightning
@@ -111,8 +115,7 @@ class _MetricsEveryNSteps:
             self._copies = {k: readable_later(torch.as_tensor(logged[k]).detach())
                             for k in self.keys if k in logged}
             self._next_copy = step + self.every_n_steps
-            if self._copies and all(e is None for _, e in self._copies.values()):
-                return self.get_metrics(trainer, pl_module)  # CPU values: shown at once
+            self._show_landed()
         return self._shown
 
 

@@ -176,13 +176,18 @@ def product_dtype(like: torch.Tensor) -> torch.dtype:
     return torch.promote_types(like.dtype, torch.float32)
 
 
-def _project(v: torch.Tensor, networks, dtype: torch.dtype) -> torch.Tensor:
-    """(B, L, V or V') -> (B, L, ΣD) through the detached embeddings (with their zero pad rows
-    when v is V' wide), the product in ``dtype`` (float32 accumulation)."""
-    rows = [n.padded_embedding() if v.shape[-1] != n.input_embedding.shape[0]
-            else n.input_embedding for n in networks]
+def _joint_embedding(networks, padded: bool, dtype: torch.dtype) -> torch.Tensor:
+    """[E_1 | E_2 | ...] (V or V', ΣD) detached, in ``dtype``: with ``padded``, each E with its
+    zero pad rows (``padded_embedding``)."""
+    rows = [n.padded_embedding() if padded else n.input_embedding for n in networks]
+    return torch.cat([e.detach() for e in rows], dim=1).to(dtype)
+
+
+def _project(v: torch.Tensor, joint: torch.Tensor) -> torch.Tensor:
+    """(B, L, V or V') -> (B, L, ΣD) through ``_joint_embedding``, the product in its dtype
+    (float32 accumulation), autocast off."""
     with torch.autocast(device_type=v.device.type, enabled=False):
-        return v.to(dtype) @ torch.cat([e.detach() for e in rows], dim=1).to(dtype)
+        return v.to(joint.dtype) @ joint
 
 
 # ---- the losses' elementwise algebra over (B, L, V), one fused kernel each on CUDA -------------
@@ -253,8 +258,9 @@ def semigroup_loss(teacher, student, tokens: torch.Tensor, interval: Interval,
         logits_ps = _logits(teacher, h_teacher, interval.s, padded=padded)
         g_su = _logits(student, h_student.detach(), interval.s, interval.u, padded, raw=True)
         dtype = product_dtype(h_s)
-        h_u = flow_map(h_s.detach(), _project(probabilities(logits_ps, dtype), networks, dtype),
-                       _project(g_su, networks, dtype), interval.gamma_s, interval.gamma_u)
+        joint = _joint_embedding(networks, padded, dtype)  # once for both products
+        h_u = flow_map(h_s.detach(), _project(probabilities(logits_ps, dtype), joint),
+                       _project(g_su, joint), interval.gamma_s, interval.gamma_u)
         h_u_teacher, h_u_student = _split(h_u, sizes)
         logits_pu = _logits(teacher, h_u_teacher, interval.u, padded=padded)
         g_ut = _logits(student, h_u_student, interval.u, interval.t, padded, raw=True)
@@ -267,7 +273,7 @@ def semigroup_loss(teacher, student, tokens: torch.Tensor, interval: Interval,
 
 
 def _probs(network, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(_wide(_logits(network, h, t)), dim=-1)
+    return softmax_wide(_logits(network, h, t))
 
 
 def semigroup_loss_reference(teacher, student, tokens: torch.Tensor, interval: Interval,
