@@ -44,6 +44,8 @@ SOFTCAP = 50.0
 def attention_variants(device):
     from torch.nn.attention.flex_attention import flex_attention
 
+    from models import dit, flash4
+
     def tanh_capped(score, b, h, q_idx, kv_idx):
         return SOFTCAP * torch.tanh(score / SOFTCAP)
 
@@ -52,8 +54,14 @@ def attention_variants(device):
     yield "sdpa, no softcap (reference)", lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
     yield "flex, no score_mod", lambda q, k, v: flex(q, k, v)
     yield "flex, softcap as tanh", lambda q, k, v: flex(q, k, v, score_mod=tanh_capped)
-    yield "flex, softcap as sigmoid (models/dit.py)", lambda q, k, v: attention(
-        q, k, v, SOFTCAP, False)
+    yield "flex, softcap as sigmoid (models/dit.py without flash-attn)", lambda q, k, v: (
+        dit._flex_attention()(q, k, v, score_mod=softcap_score_mod(SOFTCAP)))
+    if flash4.INSTALLED:
+        yield "flash-attn-4 (CuTe), softcap", lambda q, k, v: flash4.attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), SOFTCAP, False
+        ).transpose(1, 2)
+        yield "flash-attn-4, compiled with its layout changes", torch.compile(
+            lambda q, k, v: attention(q, k, v, SOFTCAP, False), dynamic=False)
     yield "flex, softcap as tanh, max-autotune", lambda q, k, v: tuned(
         q, k, v, score_mod=tanh_capped)
     yield "flex, softcap as sigmoid, max-autotune", lambda q, k, v: tuned(

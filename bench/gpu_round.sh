@@ -28,6 +28,17 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
+# flash-attn-4 (optional attention backend, models/flash4.py): its wheels in .fa4a/, the CUDA 13
+# libraries of nvidia-cutlass-dsl as an xz tarball of the unpacked wheel split over .fa4a/ and
+# .fa4b/ (92 MB, over one call's 64 MiB: two calls in a row on a warm machine carry a half each)
+if [ -d .fa4a ] && [ -d .fa4b ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .fa4a/*.whl \
+    && cat .fa4a/cu13.tar.xz.part* .fa4b/cu13.tar.xz.part* | xz -d | tar -x -C /tmp/site \
+    && export PYTHONPATH=/tmp/site && echo "flash-attn-4 installed in /tmp/site"
+elif [ -d .fa4a ] || [ -d .fa4b ]; then
+  echo "only one half of flash-attn-4's libraries is here ($(ls -d .fa4? | xargs)): not installed"
+fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 STAGES="${STAGES:-attention train}"
 stage() { local name="$1"; shift; local t0; t0=$(date +%s)
@@ -51,7 +62,7 @@ for s in $STAGES; do
     distill) stage distill python bench/distill_step.py --modes compiled ${DISTILL_ARGS:-} ;;
     e2e) stage e2e python bench/end_to_end.py ${E2E_ARGS:-} ;;
     cudatests) stage cudatests python -m pytest -q -p no:cacheprovider -rs \
-        tests/test_checkpointing.py -k "device_state" ;;
+        tests/test_checkpointing.py tests/test_flash4.py -k "device_state or gpu" ;;
     trace) TAIL=80 stage trace python bench/trace_loop.py ${TRACE_ARGS:-} ;;
     vocab) stage vocab python bench/vocab_align.py ;;
     components) stage components python bench/components.py ${COMPONENTS_ARGS:-} ;;

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from models import flash4
+
 TIME_FREQUENCY_DIM = 256  # sinusoidal features fed to the time MLP
 # The vocabulary side of every V-sized product is padded to a multiple of VOCAB_ALIGN rows:
 # cuBLAS's fast kernels need 16-byte-aligned leading dimensions, and V = 50,258 (GPT-2 + 1)
@@ -111,12 +113,19 @@ def _log_backend(name: str) -> None:
 
 @functools.cache
 def _flash_attn_softcap() -> Callable | None:
-    """flash_attn_func when flash-attn >= 2.6 (the version with ``softcap``) is importable."""
+    """flash_attn_func when flash-attn >= 2.6 (the version with ``softcap``) is importable.
+
+    flash-attn-4 alone also makes ``flash_attn`` importable (a namespace package holding
+    ``flash_attn.cute``, without ``flash_attn_func`` or a version): that is not flash-attn 2.
+    """
     try:
         import flash_attn
     except ImportError:
         return None
-    major, minor = (int(p) for p in flash_attn.__version__.split(".")[:2])
+    version = getattr(flash_attn, "__version__", None)
+    if version is None or not hasattr(flash_attn, "flash_attn_func"):
+        return None
+    major, minor = (int(p) for p in version.split(".")[:2])
     return flash_attn.flash_attn_func if (major, minor) >= (2, 6) else None
 
 
@@ -172,6 +181,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float 
     if q.device.type != "cuda":
         _log_backend(f"math (q k^T, softcap={softcap}, softmax) on {q.device.type}")
         return math_attention(q, k, v, softcap, causal)
+    if flash4.supports(q):
+        _log_backend(f"flash-attn-4 (CuTe) softcap={softcap}")
+        out = flash4.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                               softcap, causal)  # FA4 takes and returns (B, L, H, hd)
+        return out.transpose(1, 2)
     flash = _flash_attn_softcap()
     if flash is not None and q.dtype in (torch.bfloat16, torch.float16):
         _log_backend(f"flash-attn softcap={softcap}")
