@@ -5,7 +5,8 @@
 
 Attention (B, H=12, L, hd=64, bf16), forward + backward: SDPA without the softcap (what
 the math would cost without it; not the paper's function), FlexAttention with the softcap
-as models/dit.py runs it, with the cap but autotuned block sizes, and without a score_mod.
+as models/dit.py runs it, with the cap but autotuned block sizes, and without a score_mod;
+flash-attn-4's kernels (models/flash4.py) when that package is installed.
 Output layer + cross-entropy (B·L rows, D=768, V padded as models/dit.py pads it),
 forward + backward to the mean loss: the plain path (materialised float32 logits), liger,
 cut-cross-entropy, our chunked CE (recompute in backward) and our mean CE (gradients in
@@ -36,7 +37,7 @@ from flow.losses import (  # noqa: E402
     fused_ce_available,
     liger_cross_entropy,
 )
-from models.dit import PAD_LOGIT, attention, pad_vocab_rows, softcap_score_mod  # noqa: E402
+from models.dit import PAD_LOGIT, pad_vocab_rows, softcap_score_mod  # noqa: E402
 
 SOFTCAP = 50.0
 
@@ -61,7 +62,9 @@ def attention_variants(device):
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), SOFTCAP, False
         ).transpose(1, 2)
         yield "flash-attn-4, compiled with its layout changes", torch.compile(
-            lambda q, k, v: attention(q, k, v, SOFTCAP, False), dynamic=False)
+            lambda q, k, v: flash4.attention(q.transpose(1, 2), k.transpose(1, 2),
+                                             v.transpose(1, 2), SOFTCAP, False).transpose(1, 2),
+            dynamic=False)
     yield "flex, softcap as tanh, max-autotune", lambda q, k, v: tuned(
         q, k, v, score_mod=tanh_capped)
     yield "flex, softcap as sigmoid, max-autotune", lambda q, k, v: tuned(

@@ -35,7 +35,9 @@ if [ -d .fa4a ] && [ -d .fa4b ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .fa4a/*.whl \
     && cat .fa4a/cu13.tar.xz.part* .fa4b/cu13.tar.xz.part* | xz -d | tar -x -C /tmp/site \
-    && export PYTHONPATH=/tmp/site && echo "flash-attn-4 installed in /tmp/site"
+    && export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages \
+    && echo "flash-attn-4 installed in /tmp/site"  # (the .pth naming dsl_packages is not read
+                                                    # from a --target folder)
 elif [ -d .fa4a ] || [ -d .fa4b ]; then
   echo "only one half of flash-attn-4's libraries is here ($(ls -d .fa4? | xargs)): not installed"
 fi

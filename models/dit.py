@@ -30,8 +30,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
-
-from models import flash4
+from torch.nn.attention.flex_attention import flex_attention
 
 TIME_FREQUENCY_DIM = 256  # sinusoidal features fed to the time MLP
 # The vocabulary side of every V-sized product is padded to a multiple of VOCAB_ALIGN rows:
@@ -129,12 +128,19 @@ def _flash_attn_softcap() -> Callable | None:
     return flash_attn.flash_attn_func if (major, minor) >= (2, 6) else None
 
 
-def _flex_attention() -> Callable:
-    """torch's FlexAttention, compiled once (lazily: importing this module compiles nothing)."""
-    global _compiled_flex
-    if _compiled_flex is None:
-        from torch.nn.attention.flex_attention import flex_attention
+# resolved once at import: an import attempted inside a compiled trace is a graph break (it
+# split a compiled DiT at every attention call)
+_FLASH2 = _flash_attn_softcap()
 
+
+def _flex_attention() -> Callable:
+    """torch's FlexAttention: inside a torch.compile trace the function itself (the enclosing
+    graph compiles it, with its options); in eager code a compiled copy, made once (lazily:
+    importing this module compiles nothing)."""
+    global _compiled_flex
+    if torch.compiler.is_compiling():
+        return flex_attention
+    if _compiled_flex is None:
         from models.parallelize import compile_options  # here: parallelize imports this module
         _compiled_flex = torch.compile(flex_attention, dynamic=False, options=compile_options())
     return _compiled_flex
@@ -165,6 +171,10 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: f
     return torch.softmax(scores, dim=-1) @ v
 
 
+def _on_cuda(q: torch.Tensor) -> bool:
+    return q.device.type == "cuda"
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float | None,
               causal: bool) -> torch.Tensor:
     """Scaled dot-product attention with logit soft-capping. (B, H, L, hd) x3 -> (B, H, L, hd).
@@ -178,19 +188,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float 
     if softcap is None:
         _log_backend("sdpa (no softcap)")
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    if q.device.type != "cuda":
+    if not _on_cuda(q):
         _log_backend(f"math (q k^T, softcap={softcap}, softmax) on {q.device.type}")
         return math_attention(q, k, v, softcap, causal)
-    if flash4.supports(q):
-        _log_backend(f"flash-attn-4 (CuTe) softcap={softcap}")
-        out = flash4.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                               softcap, causal)  # FA4 takes and returns (B, L, H, hd)
-        return out.transpose(1, 2)
-    flash = _flash_attn_softcap()
-    if flash is not None and q.dtype in (torch.bfloat16, torch.float16):
+    if _FLASH2 is not None and q.dtype in (torch.bfloat16, torch.float16):
         _log_backend(f"flash-attn softcap={softcap}")
-        out = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
-                    softcap=softcap)  # flash-attn takes and returns (B, L, H, hd)
+        out = _FLASH2(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
+                      softcap=softcap)  # flash-attn takes and returns (B, L, H, hd)
         return out.transpose(1, 2)
     _log_backend(f"flex_attention softcap={softcap} ({q.dtype})")
     mask = _causal_block_mask(q.shape[-2], q.device) if causal else None

@@ -8,6 +8,12 @@ trace; wrapped here as two custom ops (forward -> (out, lse), backward -> (dq, d
 shape-only fake implementations, a compiled model keeps one graph around each call.
 
 Inputs and output are (B, L, H, hd), the layout of flash-attn's kernels.
+
+Not chosen by ``models.dit.attention``: on an H200 at DiT small's shape (hd = 64, L = 1024,
+softcap 50) these kernels took 2.80 ms forward + backward per layer against 2.22 ms for our
+compiled FlexAttention (bench/components.py, bench/results/components_h200_round8.txt).
+bench/components.py times them beside the other backends wherever the package is installed
+(Blackwell, their main target, was not measured here).
 """
 
 from __future__ import annotations
