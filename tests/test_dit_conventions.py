@@ -90,18 +90,20 @@ def test_input_embedding_init_is_kaiming_uniform():
     assert abs(e.mean()) < 5 * math.sqrt(var / n)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_soft_capped_flex_path_compiles_into_one_graph(monkeypatch, causal):
-    """The CUDA path's backend choice and FlexAttention call trace without a graph break
-    (fullgraph fails on one): an import tried inside the trace split a compiled DiT at every
-    attention call. Run on the CPU with the device check answering "cuda", against the math."""
+
+def test_attention_backend_choice_traces_without_a_graph_break(monkeypatch):
+    """The choice runs inside compiled networks: fullgraph fails on any graph break there
+    (trying to import flash-attn inside the trace was one, at every block)."""
     from models import dit
 
-    monkeypatch.setattr(dit, "_on_cuda", lambda q: True)
-    monkeypatch.setattr(dit, "_FLASH2", None)
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 2, 128, 16, generator=gen) * 6 for _ in range(3))
-    compiled = torch.compile(lambda a, b, c: dit.attention(a, b, c, 50.0, causal),
-                             fullgraph=True, dynamic=False)
-    torch.testing.assert_close(compiled(q, k, v), dit.math_attention(q, k, v, 50.0, causal),
-                               rtol=1e-4, atol=1e-4)
+    q = torch.zeros(1, 1, 4, 8, dtype=torch.bfloat16)
+    for on_cuda, flash2, softcap, expected in [(True, None, 50.0, "flex"),
+                                                (True, object(), 50.0, "flash-attn"),
+                                                (False, None, 50.0, "math"),
+                                                (True, None, None, "sdpa")]:
+        monkeypatch.setattr(dit, "_on_cuda", lambda q, answer=on_cuda: answer)
+        monkeypatch.setattr(dit, "_FLASH2", flash2)
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda x, cap=softcap: (x + 1, dit._attention_backend(x, cap)),
+                                 fullgraph=True, backend="eager")
+        assert compiled(q)[1] == expected
