@@ -144,10 +144,11 @@ class FlowLM(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch, self.global_step, batch_idx)
-        # not prog_bar: Lightning reads prog_bar values on the host at every batch end (a
-        # device sync per step); monitoring.progress_bar shows it, read every
-        # log_every_n_steps steps
-        self.log("train/loss", loss, sync_dist=False)
+        # neither prog_bar nor logger: Lightning reads prog_bar values on the host at every
+        # batch end and logger values every log_every_n_steps steps (each read waits for the
+        # device); monitoring.progress_bar shows it and monitoring.LoggedLater writes it to
+        # the loggers from copies that land without waiting
+        self.log("train/loss", loss, sync_dist=False, logger=False)
         return loss
 
     # set per optimizer step by reliability.NonFiniteGuard: a bool, or a device flag when the

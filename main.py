@@ -41,7 +41,7 @@ from checkpointing import (
 )
 from data.exact_denoiser import ORACLE, check_denoiser_choice, oracle_sampling_module
 from models.parallelize import compile_for_sampling
-from monitoring import Throughput, progress_bar
+from monitoring import LoggedLater, Throughput, progress_bar
 
 log = logging.getLogger("main")
 
@@ -78,7 +78,8 @@ def build_callbacks(config: DictConfig) -> list[pl.Callback]:
         reliability.PreemptionHandler(last, (*rc.checkpoint_signals, "SIGINT"),
                                       tuple(rc.requeue_signals)),
         reliability.RNGStates(), FinalCheckpoint(last), reliability.ResplitLoop(),
-        Throughput(int(config.loader.global_batch_size) * int(config.model.length))]
+        Throughput(int(config.loader.global_batch_size) * int(config.model.length)),
+        LoggedLater(("train/loss",))]  # written to the loggers without a device sync
     if "checkpoint_every_n_steps" in cb:
         callbacks.append(StepCheckpoint(
             dirpath=ckpt_dir, filename=PERIODIC_PREFIX + "{step:08d}",

@@ -1,28 +1,52 @@
-"""Throughput in the training logs (``train/tokens_per_s``, ``train/ms_per_step``) and a
-progress bar that does not stall the step.
+"""What the training loop logs without making the host wait for the device: throughput
+(``train/tokens_per_s``, ``train/ms_per_step``), the step's logged device values (``LoggedLater``)
+and a progress bar.
 
-Wall time per optimizer step, measured between step ends over a window of the last
+Wall time per optimizer step is measured between step ends over a window of the last
 ``window`` optimizer steps, so validation runs, checkpoint stalls and data waits are in it:
 the rate a run really gets, comparable with the isolated step of ``bench/train_step.py``.
-Values are logged as device tensors made by a fill (``device_scalar``), never copied from
-the host, so logging them adds no host-device synchronisation to the step.
+
+Lightning writes ``self.log`` values to the loggers every ``log_every_n_steps`` optimizer
+steps and converts each device tensor to a Python number there: a host read that waits for
+the device to finish its queue, after which the GPU idles while the host launches the next
+step. Host numbers are therefore written straight to the loggers at those steps
+(``write_to_loggers``), and device values are copied there without waiting and written once
+the copy has landed (``LoggedLater``).
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import time
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
+log = logging.getLogger(__name__)
 
-def device_scalar(value: float, device: torch.device) -> torch.Tensor:
-    """A 0-d float tensor on ``device`` filled with ``value``: a fill kernel, whereas
-    ``torch.tensor(value, device=...)`` (what ``LightningModule.log`` does with a Python number)
-    is a copy from pageable host memory, which waits for the device to finish its queue."""
-    return torch.full((), float(value), device=device)
+
+def logging_step(trainer: pl.Trainer) -> bool:
+    """Whether Lightning writes the training values to the loggers at this batch end: every
+    ``log_every_n_steps`` optimizer steps (and when stopping), never inside gradient
+    accumulation. Called from ``on_train_batch_end``."""
+    return (bool(trainer.loggers) and not trainer.fit_loop._should_accumulate()
+            and trainer._logger_connector.should_update_logs)
+
+
+def step_and_epoch(trainer: pl.Trainer) -> tuple[int, int]:
+    """The step and epoch Lightning writes with the values logged at this batch end."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped, trainer.current_epoch
+
+
+def write_to_loggers(trainer: pl.Trainer, metrics: dict[str, float], step: int,
+                     epoch: int) -> None:
+    """Write host numbers to every logger as Lightning's logger connector writes a step's
+    values (with the epoch, then each logger's save)."""
+    for logger in trainer.loggers:
+        logger.log_metrics({**metrics, "epoch": epoch}, step=step)
+        logger.save()
 
 
 def readable_later(value: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
@@ -41,8 +65,8 @@ class Throughput(pl.Callback):
     """Logs the training rate: tokens per second and milliseconds per optimizer step.
 
     ``tokens_per_step``: tokens of one global batch (``loader.global_batch_size`` x
-    ``model.length``), so the rate counts all devices. The first value appears once
-    ``window`` optimizer steps have ended (start-up and compilation are left out of it)."""
+    ``model.length``), so the rate counts all devices. Written at Lightning's logging steps
+    once ``window`` optimizer steps have ended (start-up and compilation are left out)."""
 
     def __init__(self, tokens_per_step: int, window: int = 50) -> None:
         if window < 1:
@@ -59,18 +83,67 @@ class Throughput(pl.Callback):
             return  # a micro-batch inside gradient accumulation: no optimizer step has ended
         self._last_step = step
         self._ends.append((time.perf_counter(), step))
-        if len(self._ends) <= self.window:
+        if len(self._ends) <= self.window or not logging_step(trainer):
             return
         (t0, s0), (t1, s1) = self._ends[0], self._ends[-1]
         seconds_per_step = (t1 - t0) / (s1 - s0)
-        pl_module.log("train/tokens_per_s",
-                      device_scalar(self.tokens_per_step / seconds_per_step, pl_module.device))
-        pl_module.log("train/ms_per_step",
-                      device_scalar(1e3 * seconds_per_step, pl_module.device))
+        write_to_loggers(trainer, {"train/tokens_per_s": self.tokens_per_step / seconds_per_step,
+                                   "train/ms_per_step": 1e3 * seconds_per_step},
+                         *step_and_epoch(trainer))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._ends.clear()  # a resumed run starts a new window
         self._last_step = trainer.global_step
+
+
+class LoggedLater(pl.Callback):
+    """Writes the training step's logged device values of ``keys`` (logged with
+    ``logger=False``) to the loggers without a host wait: at each of Lightning's logging
+    steps they are copied without waiting (``readable_later``) and written, with the step
+    and epoch Lightning would have written, once the copy has landed (on a GPU a step or two
+    later, on the CPU at once); the copies still in flight are written at the end of
+    training, before a validation run and when the run fails."""
+
+    def __init__(self, keys: tuple[str, ...] = ("train/loss",)) -> None:
+        self.keys = tuple(keys)
+        self._pending: collections.deque[tuple[int, int, dict]] = collections.deque()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if logging_step(trainer):
+            logged = trainer.callback_metrics
+            copies = {k: readable_later(torch.as_tensor(logged[k]).detach())
+                      for k in self.keys if k in logged}
+            if copies:
+                self._pending.append((*step_and_epoch(trainer), copies))
+        self._write(trainer, wait=False)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write(trainer, wait=True)  # validation reads its own values on the host anyway
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write(trainer, wait=True)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        try:
+            self._write(trainer, wait=True)
+        except Exception as error:  # a failed device may not give its values back
+            log.warning("training values of %d logging steps not written: %s",
+                        len(self._pending), error)
+
+    def _write(self, trainer: pl.Trainer, wait: bool) -> None:
+        """Write the pending copies in step order, up to the first still in flight."""
+        while self._pending:
+            step, epoch, copies = self._pending[0]
+            events = [e for _, e in copies.values() if e is not None]
+            if not wait and not all(e.query() for e in events):
+                return
+            for event in events:
+                event.synchronize()
+            self._pending.popleft()
+            write_to_loggers(trainer, {k: float(host) for k, (host, _) in copies.items()},
+                             step, epoch)
 
 
 class _MetricsEveryNSteps:

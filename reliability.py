@@ -38,7 +38,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from data.sampler import split_micro_batch_index
-from monitoring import device_scalar, readable_later
+from monitoring import logging_step, readable_later, step_and_epoch, write_to_loggers
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +205,9 @@ class NonFiniteGuard(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         self._read_flags(trainer, pl_module, wait=False)
-        pl_module.log("train/nonfinite_steps",
-                      device_scalar(self.skipped_total, pl_module.device), sync_dist=False)
+        if logging_step(trainer):  # a host number, written as Lightning would write it
+            write_to_loggers(trainer, {"train/nonfinite_steps": float(self.skipped_total)},
+                             *step_and_epoch(trainer))
         if self.consecutive < self.max_consecutive:
             return
         # at a step boundary: the saved state is that of the last good step

@@ -68,3 +68,29 @@ def total_variation(samples: torch.Tensor, probs: torch.Tensor, vocab: int) -> f
     index = (samples * (vocab ** torch.arange(length - 1, -1, -1))).sum(1)
     counts = torch.bincount(index, minlength=vocab ** length).double()
     return 0.5 * float((counts / counts.sum() - probs.double()).abs().sum())
+
+
+class RecordingLogger:
+    """A Lightning logger that keeps every ``log_metrics`` call as (step, metrics)."""
+
+    def __new__(cls):
+        from pytorch_lightning.loggers.logger import Logger
+
+        class Recording(Logger):
+            def __init__(self):
+                super().__init__()
+                self.rows: list[tuple[int, dict]] = []
+
+            name, version = "recording", 0
+
+            def log_hyperparams(self, params, *args, **kwargs):
+                pass
+
+            def log_metrics(self, metrics, step=None):
+                self.rows.append((step, dict(metrics)))
+
+            def values(self, key: str) -> list[tuple[int, float]]:
+                """(step, value) of every row holding ``key``, in writing order."""
+                return [(s, float(m[key])) for s, m in self.rows if key in m]
+
+        return Recording()

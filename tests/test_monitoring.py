@@ -1,4 +1,4 @@
-"""The throughput callback against a clock whose readings are known."""
+"""Throughput, the values written to the loggers later, and the progress bar."""
 
 import pytest
 import pytorch_lightning as pl
@@ -6,26 +6,36 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import monitoring
+from tests.helpers import RecordingLogger
 
 
 class Linear(pl.LightningModule):
-    def __init__(self):
+    def __init__(self, log_loss: str = "none"):
         super().__init__()
+        torch.manual_seed(0)
         self.layer = torch.nn.Linear(4, 1)
-        self.logged: list[dict[str, float]] = []
+        self.log_loss = log_loss
 
     def training_step(self, batch, batch_idx):
-        return self.layer(batch[0]).pow(2).mean()
-
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        metrics = self.trainer.callback_metrics
-        if "train/ms_per_step" in metrics:
-            self.logged.append({"step": self.trainer.global_step,
-                                **{k: float(metrics[k]) for k in
-                                   ("train/ms_per_step", "train/tokens_per_s")}})
+        loss = self.layer(batch[0]).pow(2).mean()
+        if self.log_loss != "none":  # "lightning": Lightning writes it; "later": LoggedLater
+            self.log("train/loss", loss, logger=self.log_loss == "lightning")
+        return loss
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit(module, steps, accumulate=1, every=1, callbacks=()):
+    logger = RecordingLogger()
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=logger,
+                         log_every_n_steps=every, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         accumulate_grad_batches=accumulate, callbacks=list(callbacks))
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(steps * accumulate * 2, 4))
+    trainer.fit(module, DataLoader(data, batch_size=2))
+    return logger
 
 
 @pytest.mark.parametrize("accumulate", [1, 3])
@@ -34,25 +44,63 @@ def test_throughput_is_wall_time_per_optimizer_step(monkeypatch, accumulate):
     # step is 250 ms whatever the accumulation, and 64 tokens per step make 256 tokens/s
     readings = iter(0.25 * k for k in range(10_000))
     monkeypatch.setattr(monitoring.time, "perf_counter", lambda: next(readings))
-    module, window, steps = Linear(), 4, 12
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accumulate_grad_batches=accumulate,
-                         callbacks=[monitoring.Throughput(tokens_per_step=64, window=window)])
-    data = TensorDataset(torch.randn(steps * accumulate * 2, 4))
-    trainer.fit(module, DataLoader(data, batch_size=2))
-    # the first value once `window` steps have ended after the first step's end
-    assert module.logged[0]["step"] == window + 1
-    assert len({round(v["train/ms_per_step"], 9) for v in module.logged}) == 1
-    assert module.logged[-1]["train/ms_per_step"] == pytest.approx(250.0)
-    assert module.logged[-1]["train/tokens_per_s"] == pytest.approx(256.0)
-
-
-def test_device_scalar_is_the_value():
-    value = monitoring.device_scalar(3.5, torch.device("cpu"))
-    assert value.shape == () and value.dtype == torch.float32 and float(value) == 3.5
+    window, steps = 4, 12
+    logger = fit(Linear(), steps, accumulate,
+                 callbacks=[monitoring.Throughput(tokens_per_step=64, window=window)])
+    ms, rate = logger.values("train/ms_per_step"), logger.values("train/tokens_per_s")
+    # the first value once `window` steps have ended after the first step's end; Lightning
+    # numbers the rows from 0 (the step count before the increment)
+    assert ms[0][0] == window and [s for s, _ in ms] == list(range(window, steps))
+    assert {round(v, 9) for _, v in ms} == {250.0} and {round(v, 9) for _, v in rate} == {256.0}
     with pytest.raises(ValueError, match="window"):
         monitoring.Throughput(10, window=0)
+
+
+class LateEvent:
+    """A copy's event that completes only after ``lands_after`` queries (a busy GPU)."""
+
+    def __init__(self, lands_after):
+        self.left = lands_after
+
+    def query(self):
+        self.left -= 1
+        return self.left < 0
+
+    def synchronize(self):
+        self.left = -1
+
+
+@pytest.mark.parametrize("accumulate,every,lands_after", [(1, 1, 0), (1, 3, 0), (2, 2, 0),
+                                                          (1, 1, 3), (2, 3, 5)])
+def test_logged_later_writes_what_lightning_writes(monkeypatch, accumulate, every, lands_after):
+    """The same values at the same steps and epochs as Lightning's own writing (a second code
+    path), also when each copy lands only some batches later; none left at the end."""
+    lightning = fit(Linear("lightning"), 10, accumulate, every)
+    if lands_after:
+        monkeypatch.setattr(monitoring, "readable_later",
+                            lambda value: (value.clone(), LateEvent(lands_after)))
+    later = fit(Linear("later"), 10, accumulate, every, [monitoring.LoggedLater(("train/loss",))])
+    rows = [(s, m) for s, m in lightning.rows if "train/loss" in m]
+    assert len(rows) >= 3
+    assert [(s, m) for s, m in later.rows if "train/loss" in m] == rows
+
+
+def test_logged_later_writes_in_flight_copies_before_validation_and_on_failure(monkeypatch):
+    monkeypatch.setattr(monitoring, "readable_later",
+                        lambda value: (value.clone(), LateEvent(10**6)))  # never lands alone
+    callback, logger = monitoring.LoggedLater(("train/loss",)), RecordingLogger()
+
+    class Trainer:
+        loggers = [logger]
+
+    callback._pending.append((4, 0, {"train/loss": monitoring.readable_later(torch.tensor(2.5))}))
+    callback._write(Trainer, wait=False)
+    assert logger.rows == []
+    callback.on_validation_start(Trainer, None)
+    assert logger.rows == [(4, {"train/loss": 2.5, "epoch": 0})]
+    callback._pending.append((9, 1, {"train/loss": monitoring.readable_later(torch.tensor(1.0))}))
+    callback.on_exception(Trainer, None, RuntimeError("crash"))
+    assert logger.rows[-1] == (9, {"train/loss": 1.0, "epoch": 1})
 
 
 class _CountingTrainer:

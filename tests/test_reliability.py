@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 import algo
 import reliability
 from checkpointing import AtomicCheckpointIO, load_checkpoint_file
-from tests.helpers import compose_config
+from tests.helpers import RecordingLogger, compose_config
 from utils import ConfigError, resolve_config
 
 VOCAB, LENGTH = 16, 8
@@ -91,15 +91,18 @@ def fit(tmp_path, nan_loss=(), nan_grad=(), max_steps=8, max_consecutive=3, accu
     module.nan_loss_steps, module.nan_grad_steps = set(nan_loss), set(nan_grad)
     guard = reliability.NonFiniteGuard(max_consecutive, tmp_path / "last.ckpt")
     snaps = Snapshots()
-    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, gradient_clip_val=1.0,
-                         accumulate_grad_batches=accumulate, callbacks=[guard, snaps])
+    logger = RecordingLogger()
+    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=logger,
+                         log_every_n_steps=1, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         gradient_clip_val=1.0, accumulate_grad_batches=accumulate,
+                         callbacks=[guard, snaps])
     loader = DataLoader(RandomTokens(256), batch_size=4)
     try:
         trainer.fit(module, loader)
     finally:
-        guard_state = (guard.skipped_total, trainer.callback_metrics.get("train/nonfinite_steps"))
+        logged = logger.values("train/nonfinite_steps")
+        guard_state = (guard.skipped_total, logged[-1][1] if logged else None)
     return module, snaps, guard_state
 
 
