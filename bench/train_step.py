@@ -126,6 +126,9 @@ def measure(model_cfg, vocab: int, variant: str, batch: int, compiled: bool, fus
             step, row["ce"] = make_step(model, table, variant, fused_ce, device)
         tokens = torch.randint(0, vocab, (batch, model_cfg.length), device=device)
         gen = torch.Generator(device=device).manual_seed(0)
+        # the first step alone: what compiling costs a run at start-up (one timed call)
+        row["first_s"] = timed(
+            lambda: step(tokens, torch.rand(batch, device=device, generator=gen)), device, 0, 1)
         seconds = timed(lambda: step(tokens, torch.rand(batch, device=device, generator=gen)),
                         device, warmup, steps)
     except torch.OutOfMemoryError:
@@ -179,8 +182,14 @@ def main() -> None:
     p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                    help="an inductor option over models.parallelize.compile_options() for this "
                         "run's compiles (repeatable), e.g. max_autotune_gemm_backends=ATEN,TRITON")
+    p.add_argument("--flex-inline", action="store_true",
+                   help="trace FlexAttention into the compiled network's graph instead of "
+                        "calling it through a graph break (models.dit.FLEX_INLINE)")
     args = p.parse_args()
     inductor = override_compile_options(args.inductor)
+    if args.flex_inline:
+        import models.dit
+        models.dit.FLEX_INLINE = True
     vocab = args.vocab or (512 if args.quick else GPT2_VOCAB)
     length = args.length or (64 if args.quick else 1024)
     model_cfg = model_config(args.model or ("tiny" if args.quick else "small"), length)
@@ -202,22 +211,25 @@ def main() -> None:
           f"L={length}, model={model_cfg.name} (D={model_cfg.hidden_size}, "
           f"blocks={model_cfg.n_blocks}, attn_softcap="
           f"{model_cfg.get('attn_softcap', None)}), bf16 autocast on GPU"
-          + (f"; inductor options {inductor}" if inductor else ""))
+          + (f"; inductor options {inductor}" if inductor else "")
+          + ("; FlexAttention inlined into the network's graph" if args.flex_inline else ""))
     print(f"MFU: {FLOP_FORMULA}; F = {forward_flops_per_token(model_cfg, vocab) / 1e6:.1f} "
           f"MFLOP/token; peak {args.peak_flops / 1e12:.0f} TFLOP/s\n")
-    print("| B | mode | fused_ce | variant | step ms | tokens/s | MFU | peak GiB | vs tokens |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| B | mode | fused_ce | variant | first step s | step ms | tokens/s | MFU | peak GiB "
+          "| vs tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     floor = {(r["fused_ce"], r["batch"], r["compiled"]): r for r in rows
              if r["variant"] == "tokens"}
     for r in rows:
         mode = "compiled" if r["compiled"] else "eager"
         ce = f"{r['fused_ce']} -> {r.get('ce', '?')}"
         if r["oom"]:
-            print(f"| {r['batch']} | {mode} | {ce} | {r['variant']} | out of memory | | | | |")
+            print(f"| {r['batch']} | {mode} | {ce} | {r['variant']} | out of memory | | | | | |")
             continue
         f = floor.get((r["fused_ce"], r["batch"], r["compiled"]))
         ratio = f"{r['tokens_per_s'] / f['tokens_per_s']:.3f}" if f and not f["oom"] else ""
-        print(f"| {r['batch']} | {mode} | {ce} | {r['variant']} | {r['ms']:.1f} | "
+        print(f"| {r['batch']} | {mode} | {ce} | {r['variant']} | {r['first_s']:.1f} | "
+              f"{r['ms']:.1f} | "
               f"{r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {r['peak_gib']:.1f} | {ratio} |")
 
 

@@ -132,6 +132,9 @@ def _flash_attn_softcap() -> Callable | None:
 _FLASH2 = _flash_attn_softcap()
 
 
+FLEX_INLINE = False  # see _flex_attention
+
+
 def _flex_attention() -> Callable:
     """torch's FlexAttention, compiled once (lazily: importing this module compiles nothing).
 
@@ -140,8 +143,11 @@ def _flex_attention() -> Callable:
     on an H200 (376,765 vs 363,840 tokens/s at B = 32), but compiling took far longer
     (`python -m main` had not finished 400 steps in 250 s, where it ran 700 steps and the
     isolated bench in 175 s before): kept separate until that start-up cost is measured.
+    ``FLEX_INLINE = True`` (``bench/train_step.py --flex-inline``) inlines it, to measure.
     """
     global _compiled_flex
+    if FLEX_INLINE and torch.compiler.is_compiling():
+        return flex_attention
     if _compiled_flex is None:
         from models.parallelize import compile_options  # here: parallelize imports this module
         _compiled_flex = torch.compile(flex_attention, dynamic=False, options=compile_options())
