@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flow.flow_map import flow_map, softmax_wide, vocab_padded
+from flow.flow_map import flow_map, probabilities, softmax_wide, vocab_padded
 from flow.fused import fused_kernel
 from flow.path import clean_projection, gaussian_projection, joint_gaussian_projection
 from flow.schedule import AlphaGammaTable
@@ -110,6 +110,17 @@ def probabilities_and_tokens(logits: torch.Tensor,
     over its first ``vocab`` entries: one pass over the logits when compiled (fused_kernel);
     the argmax is the same as of the float32 copy (exact, monotone)."""
     return softmax_wide(logits), logits[..., :vocab].argmax(dim=-1)
+
+
+@fused_kernel
+def flow_map_tokens(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
+                    coefficient: torch.Tensor, vocab: int) -> torch.Tensor:
+    """argmax over the first ``vocab`` entries of ``softmax(teacher_logits) + coefficient ·
+    student_logits`` in (at least) float32: the tokens of a flow-map sampler's last step
+    (``z_N = p + ½Δ²·g``, ``coefficient`` = ½Δ² as a 0-d tensor), one pass when compiled."""
+    wide = softmax_wide(teacher_logits)
+    value = wide + coefficient.to(wide.dtype) * student_logits.to(wide.dtype)
+    return value[..., :vocab].argmax(dim=-1)
 
 
 @torch.no_grad()
@@ -245,12 +256,13 @@ def sample_flow_map(teacher, student, table: AlphaGammaTable, noise: torch.Tenso
         p_proj, g_proj, tokens = [], [], []
         for start in range(0, h.shape[1], position_chunk):
             window = slice(start, start + position_chunk)
-            p = torch.softmax(output_logits(teacher, hidden_t[:, window], c_t, padded), dim=-1,
-                              dtype=torch.float32)  # one pass from the bf16 logits
-            g = output_logits(student, hidden_s[:, window], c_s, padded).float()
-            if last:
-                tokens.append((p + 0.5 * float(delta) ** 2 * g)[..., :vocab].argmax(dim=-1))
+            logits_t = output_logits(teacher, hidden_t[:, window], c_t, padded)
+            logits_s = output_logits(student, hidden_s[:, window], c_s, padded)
+            if last:  # one pass over both logits, nothing (B, chunk, V) in float32 stored
+                tokens.append(flow_map_tokens(logits_t, logits_s, torch.full(
+                    (), 0.5 * float(delta) ** 2, dtype=torch.float64, device=h.device), vocab))
             else:
+                p, g = probabilities(logits_t, torch.float32), logits_s.float()
                 with _no_autocast(p):  # the state update stays in the state's precision
                     p_proj.append(p @ joint)
                     g_proj.append(g @ joint)

@@ -13,7 +13,7 @@ from flow.flow_map import (
     softmax_residual_square_sum,
 )
 from flow.losses import chunk_loss_and_grad
-from flow.sampling import probabilities_and_tokens
+from flow.sampling import flow_map_tokens, probabilities_and_tokens
 from models import parallelize
 
 
@@ -88,6 +88,21 @@ def test_sampler_softmax_and_argmax_kernel_compiles_to_a_float64_reference(compi
     torch.testing.assert_close(p.double(), reference, rtol=1e-6, atol=1e-7)
     assert torch.equal(tokens, logits.to(torch.bfloat16)[..., :vocab].double().argmax(-1))
     assert tokens[0, 0] == vocab - 1 and float(p[..., vocab:].max()) == 0.0
+
+
+def test_flow_map_last_step_tokens_kernel_compiles_to_a_float64_reference(compiled_on_cpu):
+    gen = torch.Generator().manual_seed(4)
+    vocab, padded = 11, 16
+    teacher, student = (torch.randn(3, 7, padded, generator=gen) * 3 for _ in range(2))
+    teacher[..., vocab:], student[..., vocab:] = -30_000.0, 0.0  # pads: p = 0, g = 0
+    teacher, student = teacher.to(torch.bfloat16), student.to(torch.bfloat16)
+    coefficient = 0.37
+    tokens = flow_map_tokens(teacher, student, torch.tensor(coefficient, dtype=torch.float64),
+                             vocab)
+    value = torch.softmax(teacher.double(), -1) + coefficient * student.double()
+    assert torch.equal(tokens, value[..., :vocab].argmax(-1))
+    # the student's term decides some tokens: without it the argmax differs somewhere
+    assert not torch.equal(tokens, torch.softmax(teacher.double(), -1)[..., :vocab].argmax(-1))
 
 
 def test_fused_kernels_stay_eager_when_compilation_is_off(monkeypatch):
