@@ -28,9 +28,12 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
-# flash-attn-4 (optional attention backend, models/flash4.py): its wheels in .fa4a/, the CUDA 13
-# libraries of nvidia-cutlass-dsl as an xz tarball of the unpacked wheel split over .fa4a/ and
-# .fa4b/ (92 MB, over one call's 64 MiB: two calls in a row on a warm machine carry a half each)
+# flash-attn-4 (models/flash4.py, benchmarked in bench/components.py): its wheels in .fa4a/, the
+# CUDA 13 libraries of nvidia-cutlass-dsl as an xz tarball of the unpacked wheel split over
+# .fa4a/ and .fa4b/ (92 MB, over one call's 64 MiB). Two calls on a warm machine (< 30 s
+# apart): the first carries .fa4a and copies it to /tmp/fa4parts (a carried folder does not
+# stay in the tree for the next call), the second carries .fa4b and starts with
+# `mkdir -p .fa4a && cp /tmp/fa4parts/* .fa4a/`.
 if [ -d .fa4a ] && [ -d .fa4b ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .fa4a/*.whl \
