@@ -57,7 +57,7 @@ def attention_variants(device):
     yield "flex, softcap as tanh", lambda q, k, v: flex(q, k, v, score_mod=tanh_capped)
     yield "flex, softcap as sigmoid (models/dit.py without flash-attn)", lambda q, k, v: (
         dit._flex_attention()(q, k, v, score_mod=softcap_score_mod(SOFTCAP)))
-    if flash4.INSTALLED:
+    if flash4.supports(torch.empty(0, device=device, dtype=torch.bfloat16)):  # SM90+, installed
         yield "flash-attn-4 (CuTe), softcap", lambda q, k, v: flash4.attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), SOFTCAP, False
         ).transpose(1, 2)

@@ -135,8 +135,8 @@ def test_supports_needs_the_package_a_cuda_tensor_and_half_precision(monkeypatch
 
 
 needs_fa4 = pytest.mark.skipif(
-    not (torch.cuda.is_available() and flash4.INSTALLED
-         and torch.cuda.get_device_capability() >= flash4.MIN_CAPABILITY),
+    not (torch.cuda.is_available()
+         and flash4.supports(torch.empty(0, device="cuda", dtype=torch.bfloat16))),
     reason="needs flash-attn-4 and an SM90+ GPU")
 
 
