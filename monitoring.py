@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytorch_lightning as pl
@@ -59,6 +60,35 @@ def readable_later(value: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event 
     event = torch.cuda.Event()
     event.record()
     return host, event
+
+
+def copy_logged(metrics: dict, keys: tuple[str, ...]) -> tuple | None:
+    """``(names, host copy, event)``: the values of those ``keys`` in ``metrics`` (device or
+    CPU tensors, or numbers), stacked in float64 (exact for them) and copied without waiting
+    (``readable_later``); None when none of the keys is there."""
+    names = tuple(k for k in keys if k in metrics)
+    if not names:
+        return None
+    values = torch.stack([torch.as_tensor(metrics[k]).detach().double() for k in names])
+    return (names, *readable_later(values))
+
+
+def landed_values(names: tuple[str, ...], host: torch.Tensor) -> dict[str, float]:
+    """The numbers of a landed ``copy_logged`` copy, by name."""
+    return {k: float(v) for k, v in zip(names, host)}
+
+
+def pop_landed(pending: collections.deque, wait: bool) -> Iterator[tuple]:
+    """Pop and yield, oldest first, the entries ``(..., host copy, event)`` of ``pending``
+    (copies from ``readable_later``) whose copy has landed; with ``wait`` all of them,
+    waiting for each. Stops at the first still in flight."""
+    while pending:
+        event = pending[0][-1]
+        if event is not None:
+            if not wait and not event.query():
+                return
+            event.synchronize()
+        yield pending.popleft()
 
 
 class Throughput(pl.Callback):
@@ -106,16 +136,15 @@ class LoggedLater(pl.Callback):
 
     def __init__(self, keys: tuple[str, ...] = ("train/loss",)) -> None:
         self.keys = tuple(keys)
-        self._pending: collections.deque[tuple[int, int, dict]] = collections.deque()
+        # (step, epoch, names, host copy, event) per logging step, oldest first
+        self._pending: collections.deque[tuple] = collections.deque()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         if logging_step(trainer):
-            logged = trainer.callback_metrics
-            copies = {k: readable_later(torch.as_tensor(logged[k]).detach())
-                      for k in self.keys if k in logged}
-            if copies:
-                self._pending.append((*step_and_epoch(trainer), copies))
+            copied = copy_logged(trainer.callback_metrics, self.keys)
+            if copied is not None:
+                self._pending.append((*step_and_epoch(trainer), *copied))
         self._write(trainer, wait=False)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -134,16 +163,8 @@ class LoggedLater(pl.Callback):
 
     def _write(self, trainer: pl.Trainer, wait: bool) -> None:
         """Write the pending copies in step order, up to the first still in flight."""
-        while self._pending:
-            step, epoch, copies = self._pending[0]
-            events = [e for _, e in copies.values() if e is not None]
-            if not wait and not all(e.query() for e in events):
-                return
-            for event in events:
-                event.synchronize()
-            self._pending.popleft()
-            write_to_loggers(trainer, {k: float(host) for k, (host, _) in copies.items()},
-                             step, epoch)
+        for step, epoch, names, host, _ in pop_landed(self._pending, wait):
+            write_to_loggers(trainer, landed_values(names, host), step, epoch)
 
 
 class _MetricsEveryNSteps:
@@ -165,14 +186,13 @@ class _MetricsEveryNSteps:
         super().__init__(**kwargs)
         self.every_n_steps, self.keys = every_n_steps, tuple(keys)
         self._shown: dict | None = None
-        self._copies: dict[str, tuple[torch.Tensor, Any]] = {}
+        self._copies: collections.deque[tuple] = collections.deque()  # (names, host, event)
         self._next_copy = 0
 
     def _show_landed(self) -> None:
-        """Show the copies once all have landed (CPU values: at once)."""
-        if self._copies and all(e is None or e.query() for _, e in self._copies.values()):
-            self._shown.update({k: float(host) for k, (host, _) in self._copies.items()})
-            self._copies = {}
+        """Show the copy once it has landed (CPU values: at once)."""
+        for names, host, _ in pop_landed(self._copies, wait=False):
+            self._shown.update(landed_values(names, host))
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         if not trainer.training:
@@ -184,9 +204,9 @@ class _MetricsEveryNSteps:
             # gives them, with the values of ``keys`` last shown
             kept = {k: v for k, v in (self._shown or {}).items() if k in self.keys}
             self._shown = {**super().get_metrics(trainer, pl_module), **kept}
-            logged = trainer.callback_metrics
-            self._copies = {k: readable_later(torch.as_tensor(logged[k]).detach())
-                            for k in self.keys if k in logged}
+            copied = copy_logged(trainer.callback_metrics, self.keys)
+            if copied is not None:
+                self._copies.append(copied)
             self._next_copy = step + self.every_n_steps
             self._show_landed()
         return self._shown

@@ -22,6 +22,7 @@ All ranks take the same decision: flags are reduced over the process group befor
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import random
@@ -38,7 +39,13 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from data.sampler import split_micro_batch_index
-from monitoring import logging_step, readable_later, step_and_epoch, write_to_loggers
+from monitoring import (
+    logging_step,
+    pop_landed,
+    readable_later,
+    step_and_epoch,
+    write_to_loggers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +123,8 @@ class NonFiniteGuard(pl.Callback):
         self._first_bad_step: int | None = None
         self._last_bad_step: int | None = None
         # device-side skips not read yet: (step, flag on the host (pinned) or the CPU, event)
-        self._pending: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []
+        self._pending: collections.deque[tuple[int, torch.Tensor, torch.cuda.Event | None]] = \
+            collections.deque()
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            loss: torch.Tensor) -> None:
@@ -178,13 +186,7 @@ class NonFiniteGuard(pl.Callback):
     def _read_flags(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                     wait: bool) -> None:
         """Count the device-side verdicts whose steps have run (all of them with ``wait``)."""
-        while self._pending:
-            step, flag, event = self._pending[0]
-            if event is not None:
-                if not wait and not event.query():
-                    return
-                event.synchronize()
-            self._pending.pop(0)
+        for step, flag, _ in pop_landed(self._pending, wait):
             bad = bool(flag)
             if bad:
                 pl_module.ema.uncount()  # that update changed nothing
@@ -390,7 +392,8 @@ class PreemptionHandler(pl.Callback):
         self._previous: dict[signal.Signals, Any] = {}
         self._seen_step = -1
         # multi-process runs: reduced flags per step, read SIGNAL_LAG steps later
-        self._pending: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []
+        self._pending: collections.deque[tuple[int, torch.Tensor, torch.cuda.Event | None]] = \
+            collections.deque()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         # async-signal context: record only (no logging, no I/O)
@@ -463,7 +466,7 @@ class PreemptionHandler(pl.Callback):
         step, host, event = self._pending[0]
         if step > trainer.global_step - SIGNAL_LAG:
             return None
-        self._pending.pop(0)
+        self._pending.popleft()
         if event is not None:
             event.synchronize()
         return bool(host[0]), bool(host[1])

@@ -93,12 +93,14 @@ def test_logged_later_writes_in_flight_copies_before_validation_and_on_failure(m
     class Trainer:
         loggers = [logger]
 
-    callback._pending.append((4, 0, {"train/loss": monitoring.readable_later(torch.tensor(2.5))}))
+    callback._pending.append((4, 0, *monitoring.copy_logged({"train/loss": torch.tensor(2.5)},
+                                                            callback.keys)))
     callback._write(Trainer, wait=False)
     assert logger.rows == []
     callback.on_validation_start(Trainer, None)
     assert logger.rows == [(4, {"train/loss": 2.5, "epoch": 0})]
-    callback._pending.append((9, 1, {"train/loss": monitoring.readable_later(torch.tensor(1.0))}))
+    callback._pending.append((9, 1, *monitoring.copy_logged({"train/loss": torch.tensor(1.0)},
+                                                            callback.keys)))
     callback.on_exception(Trainer, None, RuntimeError("crash"))
     assert logger.rows[-1] == (9, {"train/loss": 1.0, "epoch": 1})
 
