@@ -3,6 +3,9 @@
 # call killed at its time limit still returns the finished stages). STAGES picks them:
 #   attention   bench/attention_check.py (soft-capped attention vs float64)
 #   train       bench/train_step.py, compiled, B = 32 and 64, training.fused_ce=$FUSED_CE
+#   variants    bench/train_step.py at B = 32 (dspace) once per ';'-separated argument list of
+#               TRAIN_VARIANTS, each in its own process with empty compile caches (so the
+#               first-step column is a cold start's compile, as a new user's first run)
 #   quickcpu    the CPU quickstart preset pinned to 2 cores for QS_STEPS steps (steps/s)
 #   quickgpu    scripts/quickstart.sh's GPU preset through python -m main
 #   sampling    bench/sampling_step.py
@@ -60,6 +63,12 @@ for s in $STAGES; do
     attention) stage attention python bench/attention_check.py ;;
     train) stage "train${TRAIN_TAG:-}" python bench/train_step.py --modes compiled --fused-ce "${FUSED_CE:-auto}" \
         ${TRAIN_ARGS:-} ;;
+    variants) i=0; IFS=';' read -ra variants <<< "${TRAIN_VARIANTS:-}"
+      for v in "${variants[@]}"; do i=$((i + 1)); rm -rf "/tmp/cache_$i"
+        # shellcheck disable=SC2086  # each variant is a list of arguments
+        stage "train_v$i" env TORCHINDUCTOR_CACHE_DIR="/tmp/cache_$i/inductor" \
+          TRITON_CACHE_DIR="/tmp/cache_$i/triton" python bench/train_step.py --modes compiled \
+          --batches 32 --variants dspace --fused-ce "${FUSED_CE:-auto}" $v; done ;;
     quickcpu) ;;  # started above
     quickgpu) stage quickgpu python -u -m main +experiment=quickstart_gpu \
         trainer.enable_progress_bar=false "hydra.run.dir=/tmp/runs/quickgpu" ;;

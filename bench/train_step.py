@@ -185,11 +185,18 @@ def main() -> None:
     p.add_argument("--flex-inline", action="store_true",
                    help="trace FlexAttention into the compiled network's graph instead of "
                         "calling it through a graph break (models.dit.FLEX_INLINE)")
+    p.add_argument("--nested-blocks", action="store_true",
+                   help="mark DiTBlock.forward as a nested compile region "
+                        "(torch.compiler.nested_compile_region): one block compiled, reused")
     args = p.parse_args()
     inductor = override_compile_options(args.inductor)
     if args.flex_inline:
         import models.dit
         models.dit.FLEX_INLINE = True
+    if args.nested_blocks:
+        import models.dit
+        models.dit.DiTBlock.forward = torch.compiler.nested_compile_region(
+            models.dit.DiTBlock.forward)
     vocab = args.vocab or (512 if args.quick else GPT2_VOCAB)
     length = args.length or (64 if args.quick else 1024)
     model_cfg = model_config(args.model or ("tiny" if args.quick else "small"), length)
@@ -212,7 +219,8 @@ def main() -> None:
           f"blocks={model_cfg.n_blocks}, attn_softcap="
           f"{model_cfg.get('attn_softcap', None)}), bf16 autocast on GPU"
           + (f"; inductor options {inductor}" if inductor else "")
-          + ("; FlexAttention inlined into the network's graph" if args.flex_inline else ""))
+          + ("; FlexAttention inlined into the network's graph" if args.flex_inline else "")
+          + ("; each DiT block a nested compile region" if args.nested_blocks else ""))
     print(f"MFU: {FLOP_FORMULA}; F = {forward_flops_per_token(model_cfg, vocab) / 1e6:.1f} "
           f"MFLOP/token; peak {args.peak_flops / 1e12:.0f} TFLOP/s\n")
     print("| B | mode | fused_ce | variant | first step s | step ms | tokens/s | MFU | peak GiB "
