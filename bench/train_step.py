@@ -182,17 +182,17 @@ def main() -> None:
     p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                    help="an inductor option over models.parallelize.compile_options() for this "
                         "run's compiles (repeatable), e.g. max_autotune_gemm_backends=ATEN,TRITON")
-    p.add_argument("--flex-inline", action="store_true",
-                   help="trace FlexAttention into the compiled network's graph instead of "
-                        "calling it through a graph break (models.dit.FLEX_INLINE)")
+    p.add_argument("--flex-separate", action="store_true",
+                   help="call FlexAttention compiled on its own, through a graph break at every "
+                        "block (the structure before round 9; models.dit.FLEX_SEPARATE)")
     p.add_argument("--nested-blocks", action="store_true",
                    help="mark DiTBlock.forward as a nested compile region "
                         "(torch.compiler.nested_compile_region): one block compiled, reused")
     args = p.parse_args()
     inductor = override_compile_options(args.inductor)
-    if args.flex_inline:
+    if args.flex_separate:
         import models.dit
-        models.dit.FLEX_INLINE = True
+        models.dit.FLEX_SEPARATE = True
     if args.nested_blocks:
         import models.dit
         models.dit.DiTBlock.forward = torch.compiler.nested_compile_region(
@@ -219,7 +219,7 @@ def main() -> None:
           f"blocks={model_cfg.n_blocks}, attn_softcap="
           f"{model_cfg.get('attn_softcap', None)}), bf16 autocast on GPU"
           + (f"; inductor options {inductor}" if inductor else "")
-          + ("; FlexAttention inlined into the network's graph" if args.flex_inline else "")
+          + ("; FlexAttention through a graph break" if args.flex_separate else "")
           + ("; each DiT block a nested compile region" if args.nested_blocks else ""))
     print(f"MFU: {FLOP_FORMULA}; F = {forward_flops_per_token(model_cfg, vocab) / 1e6:.1f} "
           f"MFLOP/token; peak {args.peak_flops / 1e12:.0f} TFLOP/s\n")

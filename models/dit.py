@@ -132,21 +132,23 @@ def _flash_attn_softcap() -> Callable | None:
 _FLASH2 = _flash_attn_softcap()
 
 
-FLEX_INLINE = False  # see _flex_attention
+FLEX_SEPARATE = False  # bench/train_step.py --flex-separate: see _flex_attention
 
 
 def _flex_attention() -> Callable:
-    """torch's FlexAttention, compiled once (lazily: importing this module compiles nothing).
+    """torch's FlexAttention: inside a compiled network's trace the function itself, traced
+    into the network's graph; outside one (an eager network, a bench) compiled on its own,
+    once (lazily: importing this module compiles nothing).
 
-    A compiled network reaches it through a graph break, so one autotuned kernel pair serves
-    every block. Inlined into the network's graph instead, the train step ran 3.6% faster
-    on an H200 (376,765 vs 363,840 tokens/s at B = 32), but compiling took far longer
-    (`python -m main` had not finished 400 steps in 250 s, where it ran 700 steps and the
-    isolated bench in 175 s before): kept separate until that start-up cost is measured.
-    ``FLEX_INLINE = True`` (``bench/train_step.py --flex-inline``) inlines it, to measure.
+    Until round 9 a compiled network reached the separately compiled one through a graph
+    break at every block. In the graph instead, the train step runs 3.4% faster (one H200,
+    B = 32: 376,479 vs 364,019 tokens/s) and the host launches two graphs a step instead of
+    two per block; its first step (compile) takes 104 s instead of 54, once per run
+    (``compile_options`` keeps that cost down). ``FLEX_SEPARATE = True`` restores the break,
+    to measure it.
     """
     global _compiled_flex
-    if FLEX_INLINE and torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and not FLEX_SEPARATE:
         return flex_attention
     if _compiled_flex is None:
         from models.parallelize import compile_options  # here: parallelize imports this module
@@ -222,8 +224,18 @@ def _attention_backend(q: torch.Tensor, softcap: float | None) -> str:
     return "flex"
 
 
-@functools.cache  # one function object per cap: compiled FlexAttention guards on it
+_score_mods: dict[float, Callable] = {}  # one function object per cap (compiles guard on it)
+
+
 def softcap_score_mod(softcap: float) -> Callable:
+    """The FlexAttention score_mod of ``softcap`` (one object per cap; a plain dict, not
+    functools.cache, which dynamo warns about and bypasses inside a trace)."""
+    if softcap not in _score_mods:
+        _score_mods[softcap] = _capped_scores(softcap)
+    return _score_mods[softcap]
+
+
+def _capped_scores(softcap: float) -> Callable:
     """FlexAttention score_mod ``s -> softcap·tanh(s / softcap)``, written as
     ``softcap·(2·sigmoid(2s / softcap) - 1)`` (the same function): Triton's tanh is a long
     libdevice routine, the sigmoid one exp and one reciprocal, in the forward and in the
@@ -262,6 +274,8 @@ class DiTBlock(nn.Module):
             raise ValueError(f"model.hidden_size={hidden} is not divisible by "
                              f"model.n_heads={heads}")
         self.heads, self.attn_softcap, self.causal = heads, attn_softcap, causal
+        if attn_softcap is not None:
+            softcap_score_mod(attn_softcap)  # made here: inside a compiled trace only read
         self.norm1 = nn.LayerNorm(hidden, bias=False)
         self.qkv = nn.Linear(hidden, 3 * hidden, bias=False)
         self.attn_out = nn.Linear(hidden, hidden, bias=False)

@@ -52,13 +52,16 @@ def compile_options() -> dict | None:
     """Inductor options of every network compile: on a CUDA machine, autotuned FlexAttention
     (the soft-capped attention's block sizes and warps, forward and backward: 2.66 -> 2.26 ms
     per layer at B = 32 on an H200, bench/components.py) with the matrix products left to
-    cuBLAS (no Triton GEMM search, so autotuning costs only the attention's candidates).
+    cuBLAS (no Triton GEMM search, so autotuning costs only the attention's candidates), and
+    no benchmarking of epilogue fusions into those kernels (with FlexAttention traced into
+    the network's graph, twelve blocks' worth of them: round 8's start-up took minutes).
     None (inductor's defaults) elsewhere."""
     if not torch.cuda.is_available():
         return None
     import torch._inductor.config as inductor_config
 
-    options = {"max_autotune": True, "max_autotune_gemm_backends": "ATEN"}
+    options = {"max_autotune": True, "max_autotune_gemm_backends": "ATEN",
+               "benchmark_epilogue_fusion": False}
     # the search's tables would fill the training log at every compiled shape; these keys are
     # newer than some torch versions: set those this one has
     quiet = {"autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}

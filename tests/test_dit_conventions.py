@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.dit import DiT, apply_rotary, attention, rotary_tables, sinusoidal_features
+from models.dit import (DiT, apply_rotary, attention, math_attention, rotary_tables,
+                        sinusoidal_features)
 
 
 def test_time_features_are_cos_then_sin_of_raw_t():
@@ -107,3 +108,29 @@ def test_attention_backend_choice_traces_without_a_graph_break(monkeypatch):
         compiled = torch.compile(lambda x, cap=softcap: (x + 1, dit._attention_backend(x, cap)),
                                  fullgraph=True, backend="eager")
         assert compiled(q)[1] == expected
+
+
+def test_flex_attention_is_traced_into_a_compiled_network_graph(monkeypatch):
+    """Inside a compiled trace the soft-capped attention is FlexAttention itself, in the same
+    graph (fullgraph fails on a break), and computes what the explicit form computes; the
+    separately compiled FlexAttention of FLEX_SEPARATE is a graph break."""
+    from models import dit
+
+    monkeypatch.setattr(dit, "_on_cuda", lambda q: True)  # the CUDA choice, run on the CPU
+    monkeypatch.setattr(dit, "_FLASH2", None)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (3 * torch.randn(2, 3, 16, 8, generator=g) for _ in range(3))
+    ref = math_attention(q.double(), k.double(), v.double(), 5.0, False)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: attention(q, k, v, 5.0, False) * 2,
+                             fullgraph=True, backend="eager")
+    with torch.no_grad():
+        out = compiled(q, k, v) / 2
+    assert (out.double() - ref).abs().max() < 1e-5
+    assert (math_attention(q, k, v, None, False).double() - ref).abs().max() > 1e-3  # cap acts
+    monkeypatch.setattr(dit, "FLEX_SEPARATE", True)
+    torch._dynamo.reset()
+    separate = torch.compile(lambda q, k, v: attention(q, k, v, 5.0, False) * 2,
+                             fullgraph=True, backend="eager")
+    with pytest.raises(torch._dynamo.exc.Unsupported), torch.no_grad():
+        separate(q, k, v)
