@@ -39,6 +39,9 @@ import train_step  # noqa: E402
 from common import GPT2_VOCAB, H100_BF16_PEAK, ROOT, device_name, model_config  # noqa: E402
 
 FLUSH_EVERY = 100  # the CSV logger's flush_logs_every_n_steps (Lightning's default)
+# past the default last.ckpt cadence (1000 steps), so one background write at the preset's
+# own cadence falls inside the steady-state window
+GPU_STEPS = 1300
 POLL_S = 0.05
 
 
@@ -121,10 +124,10 @@ def last_step(path: Path) -> int | None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_run_options(p, steps=400, quick_steps=300)
+    add_run_options(p, steps=GPU_STEPS, quick_steps=300)
     p.add_argument("--isolated-steps", type=int, default=10)
     args = p.parse_args()
-    fill_run_options(args, steps=400, quick_steps=300)
+    fill_run_options(args, steps=GPU_STEPS, quick_steps=300)
     if args.steps < 3 * FLUSH_EVERY:
         sys.exit(f"--steps must be >= {3 * FLUSH_EVERY}: two CSV flushes after the first")
     marks, total, log_path = run_main(args)

@@ -6,8 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.dit import (DiT, apply_rotary, attention, math_attention, rotary_tables,
-                        sinusoidal_features)
+from models.dit import (
+    DiT,
+    apply_rotary,
+    attention,
+    math_attention,
+    rotary_tables,
+    sinusoidal_features,
+)
 
 
 def test_time_features_are_cos_then_sin_of_raw_t():
