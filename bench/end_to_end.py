@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -39,9 +40,6 @@ import train_step  # noqa: E402
 from common import GPT2_VOCAB, H100_BF16_PEAK, ROOT, device_name, model_config  # noqa: E402
 
 FLUSH_EVERY = 100  # the CSV logger's flush_logs_every_n_steps (Lightning's default)
-# past the default last.ckpt cadence (1000 steps), so one background write at the preset's
-# own cadence falls inside the steady-state window
-GPU_STEPS = 1300
 POLL_S = 0.05
 
 
@@ -122,12 +120,19 @@ def last_step(path: Path) -> int | None:
     return max(steps) if steps else None
 
 
+def gpu_steps() -> int:
+    """The default --steps on a GPU: the default last.ckpt cadence plus three CSV flushes, so
+    one background write at the preset's own cadence falls inside the steady-state window."""
+    cadence = OmegaConf.load(ROOT / "configs" / "callbacks" / "checkpoint_last.yaml")
+    return cadence.checkpoint_last.every_n_train_steps + 3 * FLUSH_EVERY
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_run_options(p, steps=GPU_STEPS, quick_steps=300)
+    add_run_options(p, steps=gpu_steps(), quick_steps=300)
     p.add_argument("--isolated-steps", type=int, default=10)
     args = p.parse_args()
-    fill_run_options(args, steps=GPU_STEPS, quick_steps=300)
+    fill_run_options(args, steps=gpu_steps(), quick_steps=300)
     if args.steps < 3 * FLUSH_EVERY:
         sys.exit(f"--steps must be >= {3 * FLUSH_EVERY}: two CSV flushes after the first")
     marks, total, log_path = run_main(args)

@@ -39,6 +39,7 @@ from common import (  # noqa: E402
     timed,
 )
 
+import models.dit  # noqa: E402
 from flow.losses import fused_mean_cross_entropy, resolve_fused_ce  # noqa: E402
 from flow.path import noisy_input  # noqa: E402
 from flow.schedule import AlphaGammaTable  # noqa: E402
@@ -191,10 +192,8 @@ def main() -> None:
     args = p.parse_args()
     inductor = override_compile_options(args.inductor)
     if args.flex_separate:
-        import models.dit
         models.dit.FLEX_SEPARATE = True
     if args.nested_blocks:
-        import models.dit
         models.dit.DiTBlock.forward = torch.compiler.nested_compile_region(
             models.dit.DiTBlock.forward)
     vocab = args.vocab or (512 if args.quick else GPT2_VOCAB)
