@@ -189,8 +189,13 @@ def main() -> None:
     p.add_argument("--nested-blocks", action="store_true",
                    help="mark DiTBlock.forward as a nested compile region "
                         "(torch.compiler.nested_compile_region): one block compiled, reused")
+    p.add_argument("--softcap-form", choices=models.dit.SOFTCAP_FORMS,
+                   default=models.dit.SOFTCAP_FORM,
+                   help="the tanh of the soft-capped attention's score_mod (models.dit."
+                        "SOFTCAP_FORM; default: the model's)")
     args = p.parse_args()
     inductor = override_compile_options(args.inductor)
+    models.dit.SOFTCAP_FORM = args.softcap_form
     if args.flex_separate:
         models.dit.FLEX_SEPARATE = True
     if args.nested_blocks:
@@ -219,7 +224,8 @@ def main() -> None:
           f"{model_cfg.get('attn_softcap', None)}), bf16 autocast on GPU"
           + (f"; inductor options {inductor}" if inductor else "")
           + ("; FlexAttention through a graph break" if args.flex_separate else "")
-          + ("; each DiT block a nested compile region" if args.nested_blocks else ""))
+          + ("; each DiT block a nested compile region" if args.nested_blocks else "")
+          + f"; softcap tanh as {args.softcap_form}")
     print(f"MFU: {FLOP_FORMULA}; F = {forward_flops_per_token(model_cfg, vocab) / 1e6:.1f} "
           f"MFLOP/token; peak {args.peak_flops / 1e12:.0f} TFLOP/s\n")
     print("| B | mode | fused_ce | variant | first step s | step ms | tokens/s | MFU | peak GiB "

@@ -224,26 +224,47 @@ def _attention_backend(q: torch.Tensor, softcap: float | None) -> str:
     return "flex"
 
 
-_score_mods: dict[float, Callable] = {}  # one function object per cap (compiles guard on it)
+_score_mods: dict[tuple[float, str], Callable] = {}  # one object per (cap, form): compiles
+# guard on the function object
+SOFTCAP_FORMS = ("approx-tanh", "sigmoid", "tanh")
+SOFTCAP_FORM = "approx-tanh"  # the form models use; bench/train_step.py --softcap-form sets it
 
 
-def softcap_score_mod(softcap: float) -> Callable:
-    """The FlexAttention score_mod of ``softcap`` (one object per cap; a plain dict, not
-    functools.cache, which dynamo warns about and bypasses inside a trace)."""
-    if softcap not in _score_mods:
-        _score_mods[softcap] = _capped_scores(softcap)
-    return _score_mods[softcap]
+def softcap_score_mod(softcap: float, form: str | None = None) -> Callable:
+    """The FlexAttention score_mod ``s -> softcap·tanh(s / softcap)`` (one object per cap and
+    form; a plain dict, not functools.cache, which dynamo warns about and bypasses inside a
+    trace). Its tanh, the same function in three forms (bench/components.py times them):
+
+    * ``approx-tanh`` (``SOFTCAP_FORM``, the default): ``models.approx_tanh``, the GPU's one-instruction
+      ``tanh.approx.f32`` in the generated kernels, which is what the paper's flash-attn
+      kernel evaluates (``cutlass::fast_tanh``), with its ``1 - tanh²`` derivative;
+    * ``sigmoid``: ``2·sigmoid(2x) - 1`` (one exp and one division in Triton; rounds 5-9);
+    * ``tanh``: ``torch.tanh`` (Triton's libdevice routine, the slowest).
+    """
+    form = SOFTCAP_FORM if form is None else form
+    if form not in SOFTCAP_FORMS:
+        raise ValueError(f"softcap form {form!r}: expected one of {SOFTCAP_FORMS}")
+    key = (softcap, form)
+    if key not in _score_mods:
+        _score_mods[key] = _capped_scores(softcap, form)
+    return _score_mods[key]
 
 
-def _capped_scores(softcap: float) -> Callable:
-    """FlexAttention score_mod ``s -> softcap·tanh(s / softcap)``, written as
-    ``softcap·(2·sigmoid(2s / softcap) - 1)`` (the same function): Triton's tanh is a long
-    libdevice routine, the sigmoid one exp and one reciprocal, in the forward and in the
-    backward's recomputation of every score (bench/components.py times both forms)."""
-    two_over_cap = 2.0 / softcap
+def _capped_scores(softcap: float, form: str) -> Callable:
+    if form == "approx-tanh":
+        from models import approx_tanh
+        if not torch.compiler.is_compiling():  # (DiTBlock makes its score_mod before any trace)
+            approx_tanh.register_lowering()
+        tanh = approx_tanh.tanh_approx
+    elif form == "sigmoid":
+        def tanh(x):
+            return 2.0 * torch.sigmoid(2.0 * x) - 1.0
+    else:
+        tanh = torch.tanh
+    inverse = 1.0 / softcap
 
     def capped(score, b, h, q_idx, kv_idx):
-        return softcap * (2.0 * torch.sigmoid(score * two_over_cap) - 1.0)
+        return softcap * tanh(score * inverse)
 
     return capped
 

@@ -140,3 +140,57 @@ def test_flex_attention_is_traced_into_a_compiled_network_graph(monkeypatch):
                              fullgraph=True, backend="eager")
     with pytest.raises(torch._dynamo.exc.Unsupported), torch.no_grad():
         separate(q, k, v)
+
+
+@pytest.mark.parametrize("form", ["approx-tanh", "sigmoid", "tanh"])
+def test_every_softcap_form_is_the_capped_score(form):
+    """Each form of the score_mod is softcap·tanh(s / softcap), written from the definition
+    (float64 eager: the approximate instruction is only in generated CUDA kernels)."""
+    from models.dit import softcap_score_mod
+
+    s = torch.linspace(-400.0, 400.0, 2001, dtype=torch.float64)
+    got = softcap_score_mod(50.0, form)(s, None, None, None, None)
+    expected = 50.0 * (torch.exp(s / 25.0) - 1) / (torch.exp(s / 25.0) + 1)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert softcap_score_mod(50.0, form) is softcap_score_mod(50.0, form)  # compiles guard on it
+    with pytest.raises(ValueError, match="softcap form"):
+        softcap_score_mod(50.0, "fast")
+
+
+def test_approx_tanh_op_gradient_and_its_compiled_kernel_off_cuda():
+    """The custom op's autograd formula (grad·(1 - y²) from its output) against numerical
+    differences; compiled by inductor on the CPU (where its lowering is the exact tanh) its
+    values and gradients are torch.tanh's."""
+    from models.approx_tanh import register_lowering, tanh_approx
+
+    x = torch.randn(64, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(tanh_approx, (x,))
+    torch.library.opcheck(tanh_approx, (torch.randn(8),))
+    register_lowering()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: 3 * tanh_approx(x), fullgraph=True)
+    x = torch.randn(1000) * 3
+    mine, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    compiled(mine).sum().backward()
+    (3 * torch.tanh(theirs)).sum().backward()
+    torch.testing.assert_close(compiled(mine), 3 * torch.tanh(theirs))
+    torch.testing.assert_close(mine.grad, theirs.grad)
+
+
+def test_compiled_flex_attention_with_the_models_score_mod_matches_float64():
+    """FlexAttention compiled on the CPU with the model's score_mod (the approx-tanh op through
+    its inductor lowering) against the explicit float64 attention (forward: FlexAttention has no
+    CPU backward; the GPU test covers it)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from models.dit import softcap_score_mod
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (4 * torch.randn(2, 3, 32, 8, generator=g) for _ in range(3))
+    ref = math_attention(q.double(), k.double(), v.double(), 5.0, False)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(flex_attention, dynamic=False)(q, k, v,
+                                                           score_mod=softcap_score_mod(5.0))
+    assert (out.double() - ref).abs().max() < 1e-5
+    assert (math_attention(q, k, v, None, False).double() - ref).abs().max() > 1e-2  # cap acts
