@@ -189,13 +189,18 @@ def main() -> None:
     p.add_argument("--nested-blocks", action="store_true",
                    help="mark DiTBlock.forward as a nested compile region "
                         "(torch.compiler.nested_compile_region): one block compiled, reused")
-    p.add_argument("--softcap-form", choices=models.dit.SOFTCAP_FORMS,
-                   default=models.dit.SOFTCAP_FORM,
-                   help="the tanh of the soft-capped attention's score_mod (models.dit."
-                        "SOFTCAP_FORM; default: the model's)")
+    p.add_argument("--forms", default=f"{models.dit.SOFTCAP_FORM}/{models.dit.GELU_FORM}",
+                   help="comma-separated SOFTCAP/GELU pairs, a set of rows each: the tanh of the "
+                        f"attention's softcap ({', '.join(models.dit.SOFTCAP_FORMS)}; models.dit."
+                        "SOFTCAP_FORM) and of the MLP's GELU (approx-tanh, tanh; models.dit."
+                        "GELU_FORM); default: the model's, e.g. sigmoid/tanh,approx-tanh/approx-tanh")
     args = p.parse_args()
     inductor = override_compile_options(args.inductor)
-    models.dit.SOFTCAP_FORM = args.softcap_form
+    forms = [tuple(pair.split("/")) for pair in args.forms.split(",")]
+    for pair in forms:
+        if len(pair) != 2 or pair[0] not in models.dit.SOFTCAP_FORMS or pair[1] not in (
+                "approx-tanh", "tanh"):
+            p.error(f"--forms {args.forms}: expected SOFTCAP/GELU pairs, e.g. approx-tanh/tanh")
     if args.flex_separate:
         models.dit.FLEX_SEPARATE = True
     if args.nested_blocks:
@@ -208,40 +213,45 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_float32_matmul_precision("high")
     rows = []
-    for fused_ce in args.fused_ce.split(","):
-        for mode in args.modes.split(","):
-            for batch in batches:
-                for variant in args.variants.split(","):
-                    rows.append(measure(model_cfg, vocab, variant, batch, mode == "compiled",
-                                        fused_ce, device, args.warmup, args.steps,
-                                        args.peak_flops))
-                    rows[-1]["fused_ce"] = fused_ce
-                    print(f"# done fused_ce={fused_ce} {mode} B={batch} {variant}",
-                          file=sys.stderr, flush=True)
+    for softcap_form, gelu_form in forms:
+        models.dit.SOFTCAP_FORM, models.dit.GELU_FORM = softcap_form, gelu_form
+        for fused_ce in args.fused_ce.split(","):
+            for mode in args.modes.split(","):
+                for batch in batches:
+                    for variant in args.variants.split(","):
+                        rows.append(measure(model_cfg, vocab, variant, batch,
+                                            mode == "compiled", fused_ce, device, args.warmup,
+                                            args.steps, args.peak_flops))
+                        rows[-1].update(fused_ce=fused_ce, forms=f"{softcap_form}/{gelu_form}")
+                        print(f"# done {softcap_form}/{gelu_form} fused_ce={fused_ce} {mode} "
+                              f"B={batch} {variant}", file=sys.stderr, flush=True)
     print(f"\nFLM train step, {device_name(device)}, torch {torch.__version__}, V={vocab}, "
           f"L={length}, model={model_cfg.name} (D={model_cfg.hidden_size}, "
           f"blocks={model_cfg.n_blocks}, attn_softcap="
           f"{model_cfg.get('attn_softcap', None)}), bf16 autocast on GPU"
           + (f"; inductor options {inductor}" if inductor else "")
           + ("; FlexAttention through a graph break" if args.flex_separate else "")
-          + ("; each DiT block a nested compile region" if args.nested_blocks else "")
-          + f"; softcap tanh as {args.softcap_form}")
+          + ("; each DiT block a nested compile region" if args.nested_blocks else ""))
+    print("forms: the tanh of the attention's softcap / of the MLP's GELU (models/dit.py "
+          "SOFTCAP_FORM, GELU_FORM)")
     print(f"MFU: {FLOP_FORMULA}; F = {forward_flops_per_token(model_cfg, vocab) / 1e6:.1f} "
           f"MFLOP/token; peak {args.peak_flops / 1e12:.0f} TFLOP/s\n")
-    print("| B | mode | fused_ce | variant | first step s | step ms | tokens/s | MFU | peak GiB "
-          "| vs tokens |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    floor = {(r["fused_ce"], r["batch"], r["compiled"]): r for r in rows
+    print("| B | mode | fused_ce | forms | variant | first step s | step ms | tokens/s | MFU "
+          "| peak GiB | vs tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    floor = {(r["forms"], r["fused_ce"], r["batch"], r["compiled"]): r for r in rows
              if r["variant"] == "tokens"}
     for r in rows:
         mode = "compiled" if r["compiled"] else "eager"
         ce = f"{r['fused_ce']} -> {r.get('ce', '?')}"
         if r["oom"]:
-            print(f"| {r['batch']} | {mode} | {ce} | {r['variant']} | out of memory | | | | | |")
+            print(f"| {r['batch']} | {mode} | {ce} | {r['forms']} | {r['variant']} | out of memory "
+                  "| | | | | |")
             continue
-        f = floor.get((r["fused_ce"], r["batch"], r["compiled"]))
+        f = floor.get((r["forms"], r["fused_ce"], r["batch"], r["compiled"]))
         ratio = f"{r['tokens_per_s'] / f['tokens_per_s']:.3f}" if f and not f["oom"] else ""
-        print(f"| {r['batch']} | {mode} | {ce} | {r['variant']} | {r['first_s']:.1f} | "
+        print(f"| {r['batch']} | {mode} | {ce} | {r['forms']} | {r['variant']} | "
+              f"{r['first_s']:.1f} | "
               f"{r['ms']:.1f} | "
               f"{r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {r['peak_gib']:.1f} | {ratio} |")
 
