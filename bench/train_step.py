@@ -189,23 +189,17 @@ def main() -> None:
     p.add_argument("--nested-blocks", action="store_true",
                    help="mark DiTBlock.forward as a nested compile region "
                         "(torch.compiler.nested_compile_region): one block compiled, reused")
-    p.add_argument("--forms", default=f"{models.dit.SOFTCAP_FORM}/{models.dit.GELU_FORM}",
-                   help="comma-separated SOFTCAP/GELU pairs, a set of rows each: the tanh of the "
-                        f"attention's softcap ({', '.join(models.dit.SOFTCAP_FORMS)}; models.dit."
-                        "SOFTCAP_FORM) and of the MLP's GELU (approx-tanh, tanh; models.dit."
-                        "GELU_FORM); default: the model's, e.g. sigmoid/tanh,approx-tanh/approx-tanh")
+    p.add_argument("--softcap-forms", default=models.dit.SOFTCAP_FORM,
+                   help="comma-separated forms of the attention softcap's tanh, a set of rows "
+                        f"each ({', '.join(models.dit.SOFTCAP_FORMS)}; models.dit.SOFTCAP_FORM, "
+                        "default: the model's)")
     args = p.parse_args()
     inductor = override_compile_options(args.inductor)
-    forms = [tuple(pair.split("/")) for pair in args.forms.split(",")]
-    for pair in forms:
-        if len(pair) != 2 or pair[0] not in models.dit.SOFTCAP_FORMS or pair[1] not in (
-                "approx-tanh", "tanh"):
-            p.error(f"--forms {args.forms}: expected SOFTCAP/GELU pairs, e.g. approx-tanh/tanh")
-    if args.flex_separate:
-        models.dit.FLEX_SEPARATE = True
-    if args.nested_blocks:
-        models.dit.DiTBlock.forward = torch.compiler.nested_compile_region(
-            models.dit.DiTBlock.forward)
+    forms = args.softcap_forms.split(",")
+    for form in forms:
+        if form not in models.dit.SOFTCAP_FORMS:
+            p.error(f"--softcap-forms {args.softcap_forms}: {form!r} is not one of "
+                    f"{models.dit.SOFTCAP_FORMS}")
     vocab = args.vocab or (512 if args.quick else GPT2_VOCAB)
     length = args.length or (64 if args.quick else 1024)
     model_cfg = model_config(args.model or ("tiny" if args.quick else "small"), length)
@@ -213,8 +207,8 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_float32_matmul_precision("high")
     rows = []
-    for softcap_form, gelu_form in forms:
-        models.dit.SOFTCAP_FORM, models.dit.GELU_FORM = softcap_form, gelu_form
+    for form in forms:
+        models.dit.SOFTCAP_FORM = form
         for fused_ce in args.fused_ce.split(","):
             for mode in args.modes.split(","):
                 for batch in batches:
@@ -222,8 +216,8 @@ def main() -> None:
                         rows.append(measure(model_cfg, vocab, variant, batch,
                                             mode == "compiled", fused_ce, device, args.warmup,
                                             args.steps, args.peak_flops))
-                        rows[-1].update(fused_ce=fused_ce, forms=f"{softcap_form}/{gelu_form}")
-                        print(f"# done {softcap_form}/{gelu_form} fused_ce={fused_ce} {mode} "
+                        rows[-1].update(fused_ce=fused_ce, softcap=form)
+                        print(f"# done softcap {form} fused_ce={fused_ce} {mode} "
                               f"B={batch} {variant}", file=sys.stderr, flush=True)
     print(f"\nFLM train step, {device_name(device)}, torch {torch.__version__}, V={vocab}, "
           f"L={length}, model={model_cfg.name} (D={model_cfg.hidden_size}, "
@@ -232,25 +226,24 @@ def main() -> None:
           + (f"; inductor options {inductor}" if inductor else "")
           + ("; FlexAttention through a graph break" if args.flex_separate else "")
           + ("; each DiT block a nested compile region" if args.nested_blocks else ""))
-    print("forms: the tanh of the attention's softcap / of the MLP's GELU (models/dit.py "
-          "SOFTCAP_FORM, GELU_FORM)")
+    print("softcap: the form of the attention softcap's tanh (models/dit.py SOFTCAP_FORM)")
     print(f"MFU: {FLOP_FORMULA}; F = {forward_flops_per_token(model_cfg, vocab) / 1e6:.1f} "
           f"MFLOP/token; peak {args.peak_flops / 1e12:.0f} TFLOP/s\n")
-    print("| B | mode | fused_ce | forms | variant | first step s | step ms | tokens/s | MFU "
+    print("| B | mode | fused_ce | softcap | variant | first step s | step ms | tokens/s | MFU "
           "| peak GiB | vs tokens |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    floor = {(r["forms"], r["fused_ce"], r["batch"], r["compiled"]): r for r in rows
+    floor = {(r["softcap"], r["fused_ce"], r["batch"], r["compiled"]): r for r in rows
              if r["variant"] == "tokens"}
     for r in rows:
         mode = "compiled" if r["compiled"] else "eager"
         ce = f"{r['fused_ce']} -> {r.get('ce', '?')}"
         if r["oom"]:
-            print(f"| {r['batch']} | {mode} | {ce} | {r['forms']} | {r['variant']} | out of memory "
+            print(f"| {r['batch']} | {mode} | {ce} | {r['softcap']} | {r['variant']} | out of memory "
                   "| | | | | |")
             continue
-        f = floor.get((r["forms"], r["fused_ce"], r["batch"], r["compiled"]))
+        f = floor.get((r["softcap"], r["fused_ce"], r["batch"], r["compiled"]))
         ratio = f"{r['tokens_per_s'] / f['tokens_per_s']:.3f}" if f and not f["oom"] else ""
-        print(f"| {r['batch']} | {mode} | {ce} | {r['forms']} | {r['variant']} | "
+        print(f"| {r['batch']} | {mode} | {ce} | {r['softcap']} | {r['variant']} | "
               f"{r['first_s']:.1f} | "
               f"{r['ms']:.1f} | "
               f"{r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {r['peak_gib']:.1f} | {ratio} |")

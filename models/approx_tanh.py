@@ -9,11 +9,6 @@ again in its backward; the same function on the instruction makes the soft-cappe
 attention as cheap as the paper's kernel makes it (bench/components.py times the
 forms).
 
-``gelu_tanh(x)`` is GELU with the tanh approximation (the paper's
-``nn.GELU(approximate="tanh")``) computed in float32 around the same op, for the MLP's
-activation in compiled CUDA graphs: inductor's GELU evaluates libdevice's tanh for each of
-the B·L·4D pre-activations, forward and again in the backward.
-
 ``tanh_approx(x)`` is a custom op so that torch.compile keeps it as one node, which the
 inductor lowering registered here turns into
 
@@ -29,11 +24,9 @@ float32 there and rounded back).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-__all__ = ["gelu_tanh", "register_lowering", "tanh_approx"]
+__all__ = ["register_lowering", "tanh_approx"]
 
 
 @torch.library.custom_op("flm::tanh_approx", mutates_args=())
@@ -92,40 +85,3 @@ def register_lowering() -> None:
 
     _registered = True
 
-
-GELU_C = math.sqrt(2.0 / math.pi)
-GELU_K = 0.044715
-
-
-def _widened(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def _gelu_tanh_of(x32: torch.Tensor) -> torch.Tensor:
-    return tanh_approx(GELU_C * (x32 + GELU_K * x32 * x32 * x32))
-
-
-class _GeluTanh(torch.autograd.Function):
-    """0.5·x·(1 + tanh(c·(x + k·x³))), at least float32 inside, the input's dtype out. Saves only x:
-    the backward evaluates the tanh again (elementwise work that inductor fuses into the
-    gradient's kernel) instead of keeping a float32 tensor of B·L·4D values per block."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        x32 = _widened(x)
-        return (0.5 * x32 * (1 + _gelu_tanh_of(x32))).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        x32 = _widened(x)
-        t = _gelu_tanh_of(x32)
-        slope = 0.5 * (1 + t) + 0.5 * x32 * (1 - t * t) * GELU_C * (1 + 3 * GELU_K * x32 * x32)
-        return (_widened(grad) * slope).to(grad.dtype)
-
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """GELU (tanh approximation) whose tanh is ``tanh_approx``: in compiled CUDA kernels the
-    one-instruction approximation, elsewhere the exact tanh."""
-    return _GeluTanh.apply(x)

@@ -283,31 +283,6 @@ def pad_vocab_rows(x: torch.Tensor, value: float = 0.0) -> torch.Tensor:
     return torch.cat([x, x.new_full((pad, *x.shape[1:]), value)])
 
 
-GELU_FORM = "approx-tanh"  # or "tanh": nn.GELU's own kernels; bench/train_step.py --gelu-form
-
-
-class TanhGELU(nn.Module):
-    """The MLP's activation: GELU with the tanh approximation (the paper's
-    ``nn.GELU(approximate="tanh")``; no parameters, so checkpoints are unchanged).
-
-    Inside a compiled graph on CUDA with ``GELU_FORM = "approx-tanh"`` its tanh is the GPU's
-    ``tanh.approx.f32`` (``models.approx_tanh.gelu_tanh``, float32 inside): relative error
-    about 2^-11 on the tanh, under the 2^-9 of rounding the bf16 activation it produces.
-    Everywhere else (CPU, eager) it is ``F.gelu(x, approximate="tanh")``, the same function."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        if GELU_FORM == "approx-tanh" and torch.cuda.is_available():
-            from models import approx_tanh
-            approx_tanh.register_lowering()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if GELU_FORM == "approx-tanh" and x.is_cuda and torch.compiler.is_compiling():
-            from models.approx_tanh import gelu_tanh
-            return gelu_tanh(x)
-        return F.gelu(x, approximate="tanh")
-
-
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale[:, None]) + shift[:, None]
 
@@ -326,7 +301,7 @@ class DiTBlock(nn.Module):
         self.qkv = nn.Linear(hidden, 3 * hidden, bias=False)
         self.attn_out = nn.Linear(hidden, hidden, bias=False)
         self.norm2 = nn.LayerNorm(hidden, bias=False)
-        self.mlp = nn.Sequential(nn.Linear(hidden, mlp_ratio * hidden), TanhGELU(),
+        self.mlp = nn.Sequential(nn.Linear(hidden, mlp_ratio * hidden), nn.GELU(approximate="tanh"),
                                  nn.Linear(mlp_ratio * hidden, hidden))
         self.dropout = nn.Dropout(dropout)
         self.modulation = nn.Linear(cond_dim, 6 * hidden)  # adaLN-zero: zeroed in init
