@@ -55,16 +55,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device: torch.device, warmup: int, iters: int) -> float:
-    """Median seconds of ``fn()`` over ``iters`` calls after ``warmup`` calls."""
+def timed(fn, device: torch.device, warmup: int, iters: int, burst: int = 1) -> float:
+    """Median seconds of one ``fn()`` over ``iters`` samples after ``warmup`` calls; a sample
+    times ``burst`` back-to-back calls between two syncs, divided by ``burst`` (so the host's
+    launch time overlaps the GPU's work, as in a training loop)."""
+    for _ in range(warmup):
+        fn()
     times = []
-    for i in range(warmup + iters):
+    for _ in range(iters):
         sync(device)
         start = time.perf_counter()
-        fn()
+        for _ in range(burst):
+            fn()
         sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start) / burst)
     return statistics.median(times)
 
 

@@ -7,8 +7,10 @@ Attention (B, H=12, L, hd=64, bf16), forward + backward: SDPA without the softca
 the math would cost without it; not the paper's function), FlexAttention with the softcap
 in each of its forms (models/dit.py SOFTCAP_FORMS; the first is the model's), with the cap
 but autotuned block sizes, and without a score_mod; flash-attn-4's kernels
-(models/flash4.py) when that package is installed. ``--only flexcfg``: FlexAttention's
-block sizes swept (forward alone, then forward + backward).
+(models/flash4.py) when that package is installed. Each sample times a burst of
+ATTENTION_BURST back-to-back calls (one sync at each end): a millisecond of GPU work per
+call is too little to time one call at a time (round 10's table read the same kernel at
+1.82 and 2.06 ms).
 Output layer + cross-entropy (B·L rows, D=768, V padded as models/dit.py pads it),
 forward + backward to the mean loss: the plain path (materialised float32 logits), liger,
 cut-cross-entropy, our chunked CE (recompute in backward) and our mean CE (gradients in
@@ -42,6 +44,7 @@ from flow.losses import (  # noqa: E402
 from models.dit import PAD_LOGIT, pad_vocab_rows, softcap_score_mod  # noqa: E402
 
 SOFTCAP = 50.0
+ATTENTION_BURST = 10  # calls per timed sample of the attention table
 
 
 def attention_variants(device):
@@ -69,54 +72,6 @@ def attention_variants(device):
         q, k, v, score_mod=softcap_score_mod(SOFTCAP))
 
 
-# FlexAttention's block sizes (kernel_options), swept by --only flexcfg: forward
-# (BLOCK_M, BLOCK_N, num_stages, num_warps) with the backward at its default, then backward
-# (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_stages, num_warps) with the forward at its
-# default; None is torch's own choice. BLOCK_N1 % BLOCK_M1 == BLOCK_M2 % BLOCK_N2 == 0.
-FWD_CONFIGS = [None, (128, 128, 3, 8), (128, 128, 2, 8), (128, 64, 3, 4), (128, 64, 4, 4),
-               (128, 64, 3, 8), (64, 128, 3, 4), (64, 64, 4, 4), (128, 32, 4, 4)]
-BWD_CONFIGS = [None, (64, 128, 128, 64, 3, 8), (64, 128, 128, 64, 2, 8),
-               (64, 128, 128, 64, 4, 8), (64, 128, 128, 64, 3, 4), (32, 128, 128, 32, 3, 4),
-               (64, 64, 64, 64, 3, 4), (64, 64, 64, 64, 4, 4), (32, 64, 64, 32, 3, 4),
-               (128, 128, 128, 128, 2, 8), (32, 128, 128, 32, 4, 8)]
-
-
-def flex_config_table(args) -> None:
-    """Forward ms per forward config, forward + backward ms per backward config (approx-tanh
-    softcap, the model's score_mod); each config is its own compile."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    b, h, length, hd = args.batch, 12 if not args.quick else 2, args.length, 64
-    torch._dynamo.config.cache_size_limit = 64
-    score_mod = softcap_score_mod(SOFTCAP)
-    print("\n| FlexAttention kernel_options (approx-tanh softcap) | forward ms | fwd + bwd ms |")
-    print("|---|---|---|")
-    rows = [("fwd", c) for c in FWD_CONFIGS] + [("bwd", c) for c in BWD_CONFIGS[1:]]
-    for which, config in rows:
-        options = {}
-        if config is not None and which == "fwd":
-            options = dict(zip(("fwd_BLOCK_M", "fwd_BLOCK_N", "fwd_num_stages",
-                                "fwd_num_warps"), config))
-        elif config is not None:
-            options = dict(zip(("bwd_BLOCK_M1", "bwd_BLOCK_N1", "bwd_BLOCK_M2", "bwd_BLOCK_N2",
-                                "bwd_num_stages", "bwd_num_warps"), config))
-        compiled = torch.compile(flex_attention, dynamic=False)
-
-        def fn(q, k, v, compiled=compiled, options=options):
-            return compiled(q, k, v, score_mod=score_mod, kernel_options=options or None)
-
-        name = f"{which} {config}" if config is not None else "torch's defaults"
-        try:
-            forward = _time_attention(fn, args, b, h, length, hd, backward=False)
-            both = _time_attention(fn, args, b, h, length, hd) if which == "bwd" or (
-                config is None) else None
-        except Exception as error:  # a config the kernel rejects (resources) is reported
-            print(f"| {name} | failed: {type(error).__name__}: {str(error)[:80]} | |")
-            continue
-        both_ms = f"{1e3 * both:.3f}" if both is not None else ""
-        print(f"| {name} | {1e3 * forward:.3f} | {both_ms} |", flush=True)
-
-
 def attention_table(args) -> None:
     b, h, length, hd = args.batch, 12 if not args.quick else 2, args.length, 64
     flops = 3.5 * 4 * length * hd * length * h * b
@@ -133,18 +88,16 @@ def attention_table(args) -> None:
               f"{peak_gib(args.device):.1f} |", flush=True)
 
 
-def _time_attention(fn, args, b: int, h: int, length: int, hd: int,
-                    backward: bool = True) -> float:
+def _time_attention(fn, args, b: int, h: int, length: int, hd: int) -> float:
     reset_memory(args.device)
     q, k, v = (torch.randn(b, h, length, hd, device=args.device, dtype=args.dtype,
-                           requires_grad=backward) for _ in range(3))
+                           requires_grad=True) for _ in range(3))
 
     def run():
         out = fn(q, k, v)
-        if backward:
-            out.backward(torch.ones_like(out))
+        out.backward(torch.ones_like(out))
 
-    return timed(run, args.device, 3, args.iters)
+    return timed(run, args.device, 3, args.iters, burst=ATTENTION_BURST)
 
 
 def ce_variants(device):
@@ -207,9 +160,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--batch", type=int, default=None, help="32 (quick: 2)")
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--only", default="attention,ce",
-                   help="comma-separated tables: attention, flexcfg (FlexAttention block "
-                        "sizes), ce")
+    p.add_argument("--only", default="attention,ce", help="comma-separated tables: attention, ce")
     args = p.parse_args()
     args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.batch = args.batch or (2 if args.quick else 32)
@@ -221,8 +172,6 @@ def main() -> None:
           f"L={args.length}, V={args.vocab}")
     if "attention" in args.only and args.device.type == "cuda":
         attention_table(args)
-    if "flexcfg" in args.only and args.device.type == "cuda":
-        flex_config_table(args)
     if "ce" in args.only:
         ce_table(args)
 
