@@ -200,6 +200,11 @@ def main() -> None:
         if form not in models.dit.SOFTCAP_FORMS:
             p.error(f"--softcap-forms {args.softcap_forms}: {form!r} is not one of "
                     f"{models.dit.SOFTCAP_FORMS}")
+    if args.flex_separate:
+        models.dit.FLEX_SEPARATE = True
+    if args.nested_blocks:
+        models.dit.DiTBlock.forward = torch.compiler.nested_compile_region(
+            models.dit.DiTBlock.forward)
     vocab = args.vocab or (512 if args.quick else GPT2_VOCAB)
     length = args.length or (64 if args.quick else 1024)
     model_cfg = model_config(args.model or ("tiny" if args.quick else "small"), length)
@@ -238,8 +243,8 @@ def main() -> None:
         mode = "compiled" if r["compiled"] else "eager"
         ce = f"{r['fused_ce']} -> {r.get('ce', '?')}"
         if r["oom"]:
-            print(f"| {r['batch']} | {mode} | {ce} | {r['softcap']} | {r['variant']} | out of memory "
-                  "| | | | | |")
+            print(f"| {r['batch']} | {mode} | {ce} | {r['softcap']} | {r['variant']} "
+                  "| out of memory | | | | | |")
             continue
         f = floor.get((r["softcap"], r["fused_ce"], r["batch"], r["compiled"]))
         ratio = f"{r['tokens_per_s'] / f['tokens_per_s']:.3f}" if f and not f["oom"] else ""

@@ -84,4 +84,3 @@ def register_lowering() -> None:
         return make_pointwise(body)(x)
 
     _registered = True
-
