@@ -94,3 +94,27 @@ class RecordingLogger:
                 return [(s, float(m[key])) for s, m in self.rows if key in m]
 
         return Recording()
+
+
+def bf16_attention_case(seed: int = 0):
+    """CUDA attention inputs (B, H, L, hd) = (2, 4, 512, 64), logits reaching the cap:
+    (bf16 leaves, float64 leaves with the same rounded values, bf16 output gradient)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    b, h, length, hd = 2, 4, 512, 64
+    q, k, v = (torch.randn(b, h, length, hd, device="cuda", generator=gen) * 4 for _ in range(3))
+    grad = torch.randn(b, h, length, hd, device="cuda", generator=gen).bfloat16()
+    ins = [x.bfloat16().requires_grad_() for x in (q, k, v)]
+    return ins, [x.detach().double().requires_grad_() for x in ins], grad
+
+
+def assert_matches_float64_attention(out, ins, ref_in, grad, softcap: float, causal: bool):
+    """``out`` (its backward already run with ``grad``) and the gradients of ``ins`` against
+    models.dit.math_attention in float64 on ``ref_in``: a few units of bf16's 2^-8 relative
+    rounding of the largest."""
+    from models.dit import math_attention
+
+    ref = math_attention(*ref_in, softcap, causal)
+    ref.backward(grad.double())
+    for mine, theirs in [(out, ref)] + [(x.grad, y.grad) for x, y in zip(ins, ref_in)]:
+        err = (mine.double() - theirs).abs().max() / theirs.abs().max()
+        assert err < 2e-2, err

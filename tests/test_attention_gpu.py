@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models import dit
-from models.dit import math_attention
+from tests.helpers import assert_matches_float64_attention, bf16_attention_case
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -22,27 +22,16 @@ def test_flex_softcap_kernels_on_the_gpu_use_the_instruction_and_match_float64(c
     kernels contain tanh.approx.f32 (so the lowering, not an exact tanh, is what ran)."""
     from torch._inductor.utils import run_and_get_code
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    b, h, length, hd = 2, 4, 512, 64
-    q, k, v = (torch.randn(b, h, length, hd, device="cuda", generator=gen) * 4 for _ in range(3))
-    grad = torch.randn(b, h, length, hd, device="cuda", generator=gen)
-    ins = [x.bfloat16().requires_grad_() for x in (q, k, v)]
-    ref_in = [x.detach().double().requires_grad_() for x in ins]  # the same rounded inputs
+    ins, ref_in, grad = bf16_attention_case()
     torch._dynamo.reset()
     dit._compiled_flex = None
 
     def run():
         out = dit.attention(*ins, 50.0, causal)
-        out.backward(grad.bfloat16())
+        out.backward(grad)
         return out
 
     out, sources = run_and_get_code(run)
     assert any("tanh.approx.f32" in src for src in sources), "no kernel has the instruction"
-    ref = math_attention(*ref_in, 50.0, causal)
-    ref.backward(grad.bfloat16().double())
-    # bf16 output and gradients: a few units of bf16's 2^-8 relative rounding of the largest
-    # (the instruction's 2^-11 relative error on the capped score is below that)
-    for mine, theirs in [(out, ref)] + [(x.grad, y.grad) for x, y in zip(ins, ref_in)]:
-        err = (mine.double() - theirs).abs().max() / theirs.abs().max()
-        assert err < 2e-2, err
-
+    # (the instruction's 2^-11 relative error on the capped score is below bf16's rounding)
+    assert_matches_float64_attention(out, ins, ref_in, grad, 50.0, causal)

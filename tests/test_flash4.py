@@ -17,6 +17,7 @@ import torch
 
 from models import dit, flash4
 from models.dit import math_attention
+from tests.helpers import assert_matches_float64_attention, bf16_attention_case
 
 
 def reference_kernels():
@@ -144,17 +145,7 @@ needs_fa4 = pytest.mark.skipif(
 @pytest.mark.parametrize("causal", [False, True])
 def test_fa4_kernels_on_the_gpu_match_float64_math(causal):
     """The real kernels against float64 math on the same bf16-rounded inputs."""
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    b, h, length, hd = 2, 4, 512, 64
-    q, k, v = (torch.randn(b, h, length, hd, device="cuda", generator=gen) * 4 for _ in range(3))
-    grad = torch.randn(b, h, length, hd, device="cuda", generator=gen)
-    ins = [x.bfloat16().requires_grad_() for x in (q, k, v)]
-    ref_in = [x.detach().double().requires_grad_() for x in ins]  # the same rounded inputs
+    ins, ref_in, grad = bf16_attention_case()
     out = flash4.attention(*(x.transpose(1, 2) for x in ins), 50.0, causal).transpose(1, 2)
-    out.backward(grad.bfloat16())
-    ref = math_attention(*ref_in, 50.0, causal)
-    ref.backward(grad.bfloat16().double())
-    # bf16 output and gradients: a few units of bf16's 2^-8 relative rounding of the largest
-    for mine, theirs in [(out, ref)] + [(x.grad, y.grad) for x, y in zip(ins, ref_in)]:
-        err = (mine.double() - theirs).abs().max() / theirs.abs().max()
-        assert err < 2e-2, err
+    out.backward(grad)
+    assert_matches_float64_attention(out, ins, ref_in, grad, 50.0, causal)
