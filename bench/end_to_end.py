@@ -129,10 +129,11 @@ def gpu_steps() -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_run_options(p, steps=gpu_steps(), quick_steps=300)
+    steps = gpu_steps()
+    add_run_options(p, steps=steps, quick_steps=300)
     p.add_argument("--isolated-steps", type=int, default=10)
     args = p.parse_args()
-    fill_run_options(args, steps=gpu_steps(), quick_steps=300)
+    fill_run_options(args, steps=steps, quick_steps=300)
     if args.steps < 3 * FLUSH_EVERY:
         sys.exit(f"--steps must be >= {3 * FLUSH_EVERY}: two CSV flushes after the first")
     marks, total, log_path = run_main(args)

@@ -24,6 +24,8 @@ float32 there and rounded back).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = ["register_lowering", "tanh_approx"]
@@ -58,16 +60,13 @@ def _(info, in_dims, x):  # elementwise: the batched op is the op on the batched
 
 
 PTX = "tanh.approx.f32 $0, $1;"
-_registered = False
 
 
+@functools.cache
 def register_lowering() -> None:
     """Teach inductor the op, once per process (importing this module imports no inductor:
     2 s). Call it before compiling anything that uses the op, outside any compiled trace
     (models/dit.py does when a block is built)."""
-    global _registered
-    if _registered:
-        return
     from torch._inductor.lowering import make_pointwise
     from torch._inductor.lowering import register_lowering as inductor_lowering
     from torch._inductor.virtualized import ops
@@ -82,5 +81,3 @@ def register_lowering() -> None:
         device = x.get_device()
         body = on_cuda if device is not None and device.type == "cuda" else ops.tanh
         return make_pointwise(body)(x)
-
-    _registered = True

@@ -143,8 +143,8 @@ def _flex_attention() -> Callable:
     Until round 9 a compiled network reached the separately compiled one through a graph
     break at every block. In the graph instead, the train step runs 3.4% faster (one H200,
     B = 32: 376,479 vs 364,019 tokens/s) and the host launches one forward and one backward
-    graph of the network instead of two of each per block; its first step (compile) takes 104 s instead of 54, once per run
-    (``compile_options`` keeps that cost down). ``FLEX_SEPARATE = True`` restores the break,
+    graph of the network instead of two of each per block; its first step (compile) takes
+    104 s instead of 54, once per run (``compile_options`` keeps that cost down). ``FLEX_SEPARATE = True`` restores the break,
     to measure it.
     """
     global _compiled_flex

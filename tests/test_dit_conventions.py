@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from models.dit import (
+    SOFTCAP_FORMS,
     DiT,
     apply_rotary,
     attention,
@@ -142,7 +143,7 @@ def test_flex_attention_is_traced_into_a_compiled_network_graph(monkeypatch):
         separate(q, k, v)
 
 
-@pytest.mark.parametrize("form", ["approx-tanh", "sigmoid", "tanh"])
+@pytest.mark.parametrize("form", SOFTCAP_FORMS)
 def test_every_softcap_form_is_the_capped_score(form):
     """Each form of the score_mod is softcap·tanh(s / softcap), written from the definition
     (float64 eager: the approximate instruction is only in generated CUDA kernels)."""
@@ -194,4 +195,3 @@ def test_compiled_flex_attention_with_the_models_score_mod_matches_float64():
                                                            score_mod=softcap_score_mod(5.0))
     assert (out.double() - ref).abs().max() < 1e-5
     assert (math_attention(q, k, v, None, False).double() - ref).abs().max() > 1e-2  # cap acts
-
