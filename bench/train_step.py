@@ -40,7 +40,6 @@ from common import (  # noqa: E402
 )
 
 import models.dit  # noqa: E402
-import models.dropout  # noqa: E402
 from flow.losses import fused_mean_cross_entropy, resolve_fused_ce  # noqa: E402
 from flow.path import noisy_input  # noqa: E402
 from flow.schedule import AlphaGammaTable  # noqa: E402
@@ -89,7 +88,6 @@ def make_module_step(model_cfg, vocab: int, fused_ce: str, compiled: bool,
 
     config = utils.resolve_config(model_config(model_cfg.name, model_cfg.length, [
         f"training.compile={str(compiled).lower()}", f"training.fused_ce={fused_ce}",
-        f"model.dropout={model_cfg.dropout}",
         "checkpointing.save_dir=/tmp/flm-bench", "eval.output_dir=/tmp/flm-bench/eval"],
         full=True))
     module = algo.FLM(config, vocab_size=vocab).to(device)
@@ -200,18 +198,8 @@ def main() -> None:
                    help="comma-separated forms of the attention softcap's tanh, a set of rows "
                         f"each ({', '.join(models.dit.SOFTCAP_FORMS)}; models.dit.SOFTCAP_FORM, "
                         "default: the model's)")
-    p.add_argument("--dropout-forms", default=models.dropout.DROPOUT_FORM,
-                   help="comma-separated forms of the blocks' dropout, a set of rows each "
-                        f"({', '.join(models.dropout.DROPOUT_FORMS)}; models.dropout.DROPOUT_FORM, "
-                        "default: the model's), or off (model.dropout=0: no random numbers, "
-                        "the bound on what any form can gain)")
     args = p.parse_args()
     inductor = override_compile_options(args.inductor)
-    dropout_forms = args.dropout_forms.split(",")
-    for form in dropout_forms:
-        if form not in (*models.dropout.DROPOUT_FORMS, "off"):
-            p.error(f"--dropout-forms {args.dropout_forms}: {form!r} is not one of "
-                    f"{models.dropout.DROPOUT_FORMS} or off")
     bursts = [int(b) for b in args.burst.split(",")]
     forms = args.softcap_forms.split(",")
     for form in forms:
@@ -230,21 +218,16 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_float32_matmul_precision("high")
     rows = []
-    settings = [(form, drop, fused_ce, mode, batch, variant, burst) for form in forms
-                for drop in dropout_forms for fused_ce in args.fused_ce.split(",")
+    settings = [(form, fused_ce, mode, batch, variant, burst) for form in forms
+                for fused_ce in args.fused_ce.split(",")
                 for mode in args.modes.split(",") for batch in batches
                 for variant in args.variants.split(",") for burst in bursts]
-    for form, drop, fused_ce, mode, batch, variant, burst in settings:
+    for form, fused_ce, mode, batch, variant, burst in settings:
         models.dit.SOFTCAP_FORM = form
-        cfg = model_cfg.copy()
-        if drop == "off":
-            cfg.dropout = 0.0
-        else:
-            models.dropout.DROPOUT_FORM = drop
-        rows.append(measure(cfg, vocab, variant, batch, mode == "compiled", fused_ce, device,
+        rows.append(measure(model_cfg, vocab, variant, batch, mode == "compiled", fused_ce, device,
                             args.warmup, args.steps, args.peak_flops, burst))
-        rows[-1].update(fused_ce=fused_ce, softcap=form, dropout=drop, burst=burst)
-        print(f"# done softcap {form} dropout {drop} fused_ce={fused_ce} {mode} B={batch} "
+        rows[-1].update(fused_ce=fused_ce, softcap=form, burst=burst)
+        print(f"# done softcap {form} fused_ce={fused_ce} {mode} B={batch} "
               f"{variant} burst {burst}", file=sys.stderr, flush=True)
     print(f"\nFLM train step, {device_name(device)}, torch {torch.__version__}, V={vocab}, "
           f"L={length}, model={model_cfg.name} (D={model_cfg.hidden_size}, "
@@ -254,24 +237,21 @@ def main() -> None:
           + ("; FlexAttention through a graph break" if args.flex_separate else "")
           + ("; each DiT block a nested compile region" if args.nested_blocks else ""))
     print("softcap: the form of the attention softcap's tanh (models/dit.py SOFTCAP_FORM); "
-          f"dropout: the blocks' dropout (p = {model_cfg.dropout}; models/dropout.py "
-          "DROPOUT_FORM; off: p = 0); burst: steps per timed sample (1: a GPU sync after "
-          "every step)")
+          "burst: steps per timed sample (1: a GPU sync after every step)")
     print(f"MFU: {FLOP_FORMULA}; F = {forward_flops_per_token(model_cfg, vocab) / 1e6:.1f} "
           f"MFLOP/token; peak {args.peak_flops / 1e12:.0f} TFLOP/s\n")
-    print("| B | mode | fused_ce | softcap | dropout | burst | variant | first step s | step ms "
+    print("| B | mode | fused_ce | softcap | burst | variant | first step s | step ms "
           "| tokens/s | MFU | peak GiB | vs tokens |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 
     def same_setting(r):
-        return r["softcap"], r["dropout"], r["fused_ce"], r["batch"], r["compiled"], r["burst"]
+        return r["softcap"], r["fused_ce"], r["batch"], r["compiled"], r["burst"]
 
     floor = {same_setting(r): r for r in rows if r["variant"] == "tokens"}
     for r in rows:
         mode = "compiled" if r["compiled"] else "eager"
         ce = f"{r['fused_ce']} -> {r.get('ce', '?')}"
-        head = (f"| {r['batch']} | {mode} | {ce} | {r['softcap']} | {r['dropout']} "
-                f"| {r['burst']} | {r['variant']} | ")
+        head = f"| {r['batch']} | {mode} | {ce} | {r['softcap']} | {r['burst']} | {r['variant']} | "
         if r["oom"]:
             print(head + "out of memory | | | | | |")
             continue

@@ -32,8 +32,6 @@ from einops import rearrange
 from torch import nn
 from torch.nn.attention.flex_attention import flex_attention
 
-from models.dropout import Dropout
-
 TIME_FREQUENCY_DIM = 256  # sinusoidal features fed to the time MLP
 # The vocabulary side of every V-sized product is padded to a multiple of VOCAB_ALIGN rows:
 # cuBLAS's fast kernels need 16-byte-aligned leading dimensions, and V = 50,258 (GPT-2 + 1)
@@ -308,7 +306,7 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(hidden, bias=False)
         self.mlp = nn.Sequential(nn.Linear(hidden, mlp_ratio * hidden), nn.GELU(approximate="tanh"),
                                  nn.Linear(mlp_ratio * hidden, hidden))
-        self.dropout = Dropout(dropout)  # masks drawn in bulk, not in kernels (models/dropout.py)
+        self.dropout = nn.Dropout(dropout)
         self.modulation = nn.Linear(cond_dim, 6 * hidden)  # adaLN-zero: zeroed in init
         nn.init.zeros_(self.modulation.weight)
         nn.init.zeros_(self.modulation.bias)
