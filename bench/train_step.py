@@ -39,6 +39,7 @@ from common import (  # noqa: E402
     timed,
 )
 
+import flow.losses  # noqa: E402
 import models.dit  # noqa: E402
 from flow.losses import fused_mean_cross_entropy, resolve_fused_ce  # noqa: E402
 from flow.path import noisy_input  # noqa: E402
@@ -198,8 +199,17 @@ def main() -> None:
                    help="comma-separated forms of the attention softcap's tanh, a set of rows "
                         f"each ({', '.join(models.dit.SOFTCAP_FORMS)}; models.dit.SOFTCAP_FORM, "
                         "default: the model's)")
+    p.add_argument("--ce-kernels", default=flow.losses.CE_KERNEL,
+                   help="comma-separated kernels of the fused CE's chunks, a set of rows each "
+                        f"({', '.join(flow.losses.CE_KERNELS)}; flow.losses.CE_KERNEL, default: "
+                        "the training's)")
     args = p.parse_args()
     inductor = override_compile_options(args.inductor)
+    ce_kernels = args.ce_kernels.split(",")
+    for kernel in ce_kernels:
+        if kernel not in flow.losses.CE_KERNELS:
+            p.error(f"--ce-kernels {args.ce_kernels}: {kernel!r} is not one of "
+                    f"{flow.losses.CE_KERNELS}")
     bursts = [int(b) for b in args.burst.split(",")]
     forms = args.softcap_forms.split(",")
     for form in forms:
@@ -218,16 +228,16 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_float32_matmul_precision("high")
     rows = []
-    settings = [(form, fused_ce, mode, batch, variant, burst) for form in forms
-                for fused_ce in args.fused_ce.split(",")
+    settings = [(form, kernel, fused_ce, mode, batch, variant, burst) for form in forms
+                for kernel in ce_kernels for fused_ce in args.fused_ce.split(",")
                 for mode in args.modes.split(",") for batch in batches
                 for variant in args.variants.split(",") for burst in bursts]
-    for form, fused_ce, mode, batch, variant, burst in settings:
-        models.dit.SOFTCAP_FORM = form
+    for form, kernel, fused_ce, mode, batch, variant, burst in settings:
+        models.dit.SOFTCAP_FORM, flow.losses.CE_KERNEL = form, kernel
         rows.append(measure(model_cfg, vocab, variant, batch, mode == "compiled", fused_ce, device,
                             args.warmup, args.steps, args.peak_flops, burst))
-        rows[-1].update(fused_ce=fused_ce, softcap=form, burst=burst)
-        print(f"# done softcap {form} fused_ce={fused_ce} {mode} B={batch} "
+        rows[-1].update(fused_ce=fused_ce, softcap=form, burst=burst, kernel=kernel)
+        print(f"# done softcap {form} CE kernel {kernel} fused_ce={fused_ce} {mode} B={batch} "
               f"{variant} burst {burst}", file=sys.stderr, flush=True)
     print(f"\nFLM train step, {device_name(device)}, torch {torch.__version__}, V={vocab}, "
           f"L={length}, model={model_cfg.name} (D={model_cfg.hidden_size}, "
@@ -237,21 +247,23 @@ def main() -> None:
           + ("; FlexAttention through a graph break" if args.flex_separate else "")
           + ("; each DiT block a nested compile region" if args.nested_blocks else ""))
     print("softcap: the form of the attention softcap's tanh (models/dit.py SOFTCAP_FORM); "
-          "burst: steps per timed sample (1: a GPU sync after every step)")
+          "burst: steps per timed sample (1: a GPU sync after every step); CE kernel: of the "
+          "chunked CE's chunks (flow/losses.py CE_KERNEL)")
     print(f"MFU: {FLOP_FORMULA}; F = {forward_flops_per_token(model_cfg, vocab) / 1e6:.1f} "
           f"MFLOP/token; peak {args.peak_flops / 1e12:.0f} TFLOP/s\n")
-    print("| B | mode | fused_ce | softcap | burst | variant | first step s | step ms "
+    print("| B | mode | fused_ce | CE kernel | softcap | burst | variant | first step s | step ms "
           "| tokens/s | MFU | peak GiB | vs tokens |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
     def same_setting(r):
-        return r["softcap"], r["fused_ce"], r["batch"], r["compiled"], r["burst"]
+        return r["softcap"], r["kernel"], r["fused_ce"], r["batch"], r["compiled"], r["burst"]
 
     floor = {same_setting(r): r for r in rows if r["variant"] == "tokens"}
     for r in rows:
         mode = "compiled" if r["compiled"] else "eager"
         ce = f"{r['fused_ce']} -> {r.get('ce', '?')}"
-        head = f"| {r['batch']} | {mode} | {ce} | {r['softcap']} | {r['burst']} | {r['variant']} | "
+        head = (f"| {r['batch']} | {mode} | {ce} | {r['kernel']} | {r['softcap']} | {r['burst']} "
+                f"| {r['variant']} | ")
         if r["oom"]:
             print(head + "out of memory | | | | | |")
             continue

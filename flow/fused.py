@@ -26,6 +26,11 @@ def use_fused_kernels(enabled: bool) -> None:
     _FUSED_KERNELS["enabled"] = enabled
 
 
+def fused_kernels_on(device: torch.device) -> bool:
+    """Whether tensors on ``device`` go through compiled (or hand-written GPU) kernels."""
+    return _FUSED_KERNELS["enabled"] and device.type in _FUSED_KERNELS["devices"]
+
+
 def fused_kernel(fn: Callable) -> Callable:
     """``fn`` (pure tensor algebra), compiled once with static shapes when its first tensor
     argument is on CUDA and fused kernels are on (``use_fused_kernels``), else run eagerly.
@@ -37,7 +42,7 @@ def fused_kernel(fn: Callable) -> Callable:
     it with float64 references."""
     def run(*args):
         first = next(a for a in args if isinstance(a, torch.Tensor))
-        if first.device.type not in _FUSED_KERNELS["devices"] or not _FUSED_KERNELS["enabled"]:
+        if not fused_kernels_on(first.device):
             return fn(*args)
         if fn not in _compiled_kernels:
             from models.parallelize import room_for_graphs  # here: models imports flow

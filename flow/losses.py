@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import utils
-from flow.fused import fused_kernel
+from flow.fused import fused_kernel, fused_kernels_on
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,23 @@ def chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor,
     return lse - target_logit, d.to(logits.dtype)
 
 
+CE_KERNELS = ("triton", "compiled")
+CE_KERNEL = "triton"  # bench/train_step.py --ce-kernels measures each
+
+
+def chunk_losses_and_grad(logits: torch.Tensor, targets: torch.Tensor,
+                          row_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``chunk_loss_and_grad``'s results; on CUDA (bf16 / fp16 / fp32 logits, fused kernels
+    on) from flow/ce_triton.py's one-read kernel (``CE_KERNEL = "triton"``), which writes
+    dlogits over ``logits`` (so the returned dlogits may be ``logits`` itself)."""
+    if (CE_KERNEL == "triton" and fused_kernels_on(logits.device)
+            and logits.dtype != torch.float64):
+        from flow import ce_triton  # here: Triton is imported on CUDA machines only
+
+        return ce_triton.losses_and_grad_inplace(logits, targets, row_weight)
+    return chunk_loss_and_grad(logits, targets, row_weight)
+
+
 class MeanLinearCrossEntropy(torch.autograd.Function):
     """``Σ_n w_n·CE(h_n @ Wᵀ + b, x_n)`` over chunks of rows, gradients formed in the forward.
 
@@ -205,14 +222,20 @@ class MeanLinearCrossEntropy(torch.autograd.Function):
             rows = slice(start, start + chunk)
             h = hidden[rows].to(dtype)
             logits = F.linear(h, w, None if bias is None else bias.to(dtype))
-            losses, d = chunk_loss_and_grad(logits, targets[rows], row_weight[rows])
+            losses, d = chunk_losses_and_grad(logits, targets[rows], row_weight[rows])
             total += (losses.to(acc) * row_weight[rows].to(acc)).sum()
             del logits
             if grad_h is not None:
                 grad_h[rows] = (d @ w).to(hidden.dtype)
-            if grad_w is not None:
+            if grad_w is not None and grad_b is not None:
+                # grad_b = Σ_rows d rides on grad_W's product as a column of ones beside h:
+                # one pass over d instead of a second one for the column sums
+                both = (d.T @ with_ones_column(h)).to(acc)
+                grad_w += both[:, :h.shape[1]]
+                grad_b += both[:, h.shape[1]]
+            elif grad_w is not None:
                 grad_w += (d.T @ h).to(acc)
-            if grad_b is not None:
+            elif grad_b is not None:
                 grad_b += d.sum(0, dtype=acc)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
@@ -227,6 +250,17 @@ class MeanLinearCrossEntropy(torch.autograd.Function):
         out_w = None if grad_w is None else (grad_w * scale.to(grad_w.dtype)).to(weight_dtype)
         out_b = None if grad_b is None else (grad_b * scale.to(grad_b.dtype)).to(bias_dtype)
         return out_h, out_w, out_b, None, None, None, None
+
+
+ONES_PAD = 8  # columns appended to h (a one, then zeros): 16-byte aligned rows in bf16
+
+
+def with_ones_column(h: torch.Tensor) -> torch.Tensor:
+    """(n, D) -> (n, D + ONES_PAD): h, a column of ones, zeros (``dᵀ @`` it gives Σ d in
+    column D)."""
+    extra = h.new_zeros(h.shape[0], ONES_PAD)
+    extra[:, 0] = 1
+    return torch.cat([h, extra], dim=1)
 
 
 MEAN_CHUNK_ELEMENTS = 2**29  # logits per chunk of MeanLinearCrossEntropy (1 GiB in bf16)

@@ -128,3 +128,57 @@ def test_cuda_compile_options_are_options_this_torch_knows(monkeypatch):
     fn = torch.compile(lambda x: (x @ x.T).relu().sum(), dynamic=False, options=options)
     x = torch.randn(8, 4, dtype=torch.float64)
     torch.testing.assert_close(fn(x), (x @ x.T).relu().sum())
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="Triton kernel: needs CUDA (bench/gpu_round.sh cudatests)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("vocab", [50_304, 4_100, 13])
+def test_triton_ce_rows_kernel_matches_float64_gpu(dtype, vocab):
+    """flow/ce_triton.py's one-read kernel: losses and dlogits (written over the logits) against
+    float64 on the same rounded logits; vocabularies over, across and under its column block."""
+    from flow import ce_triton
+
+    gen = torch.Generator(device="cuda").manual_seed(vocab)
+    n = 300
+    logits = (torch.randn(n, vocab, device="cuda", generator=gen) * 4).to(dtype)
+    logits[:, -3:] = -30_000.0  # pads of the padded vocabulary
+    targets = torch.randint(0, vocab - 3, (n,), device="cuda", generator=gen)
+    row_weight = torch.rand(n, device="cuda", generator=gen)
+    x = logits.double()
+    loss_ref = torch.logsumexp(x, -1) - x.gather(1, targets[:, None]).squeeze(1)
+    d_ref = (torch.softmax(x, -1) - torch.nn.functional.one_hot(targets, vocab)) \
+        * row_weight.double()[:, None]
+    losses, d = ce_triton.losses_and_grad_inplace(logits, targets, row_weight)
+    assert d.data_ptr() == logits.data_ptr() and d.dtype == dtype
+    torch.testing.assert_close(losses.double(), loss_ref, rtol=1e-5, atol=1e-5)
+    ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-20
+    torch.testing.assert_close(d.double(), d_ref, rtol=ulp, atol=1e-7)
+
+
+@needs_cuda
+def test_mean_ce_triton_and_compiled_chunk_kernels_agree_gpu(monkeypatch):
+    """MeanLinearCrossEntropy under bf16 autocast through each chunk kernel (CE_KERNEL): the
+    same loss and gradients to bf16 rounding."""
+    from flow import losses as losses_module
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    n, hidden_dim, vocab = 2048, 64, 4_224
+    hidden = torch.randn(2, n // 2, hidden_dim, device="cuda", generator=gen)
+    weight = torch.randn(vocab, hidden_dim, device="cuda", generator=gen) * 0.2
+    bias = torch.randn(vocab, device="cuda", generator=gen)
+    tokens = torch.randint(0, vocab, (2, n // 2), device="cuda", generator=gen)
+    mask = (torch.rand(2, n // 2, device="cuda", generator=gen) > 0.2).long()
+    results = {}
+    for kernel in losses_module.CE_KERNELS:
+        monkeypatch.setattr(losses_module, "CE_KERNEL", kernel)
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = losses_module.chunked_linear_cross_entropy_mean(*leaves, tokens, mask,
+                                                                   chunk_tokens=700)
+        results[kernel] = (loss, *torch.autograd.grad(loss, leaves))
+    for a, b in zip(results["triton"], results["compiled"], strict=True):
+        torch.testing.assert_close(a, b, rtol=2**-7, atol=1e-5)
