@@ -4,10 +4,11 @@ The plain path materialises the (B, L, V) logits. ``training.fused_ce`` picks a
 fused linear + cross-entropy instead, which never holds more than one chunk of
 positions' logits:
 
-* ``chunked``: our own pure-PyTorch fused CE (any device): for the masked mean
-  (the FLM loss) ``MeanLinearCrossEntropy``, gradients formed in the forward over
-  chunks of ~10k rows (its chunk kernel compiled on CUDA; 1.7x faster than liger's
-  forward + backward at B·L = 32,768, V = 50,304 on an H200, bench/components.py);
+* ``chunked``: our own fused CE (any device): for the masked mean (the FLM loss)
+  ``MeanLinearCrossEntropy``, gradients formed in the forward over chunks of ~10k rows
+  (each chunk's softmax/gradient pass a Triton kernel of ours on CUDA, flow/ce_triton.py,
+  PyTorch elsewhere; 1.7x faster than liger's forward + backward at B·L = 32,768,
+  V = 50,304 on an H200 with round 6's compiled pass, bench/components.py);
   per-token losses (learnable loss weighting) through ``ChunkedLinearCrossEntropy``,
   logits recomputed in backward;
 * ``liger``: liger-kernel's ``LigerFusedLinearCrossEntropyLoss`` (CUDA, Triton):
