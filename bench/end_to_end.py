@@ -163,10 +163,11 @@ def main() -> None:
           f"({(t1 - t0) / (s1 - s0) * 1e3:.1f} ms/step); log {log_path}\n")
     print("| measurement | tokens/s | python -m main / this |")
     print("|---|---|---|")
+    faster = max(isolated, key=lambda b: isolated[b].get("tokens_per_s", 0.0))
     for burst, iso in isolated.items():
         ratio = e2e / iso["tokens_per_s"] if not iso["oom"] else float("nan")
         how = "a sync after every step" if burst == 1 else f"{burst} steps between syncs"
-        target = " (target >= 0.95)" if burst == BURST else ""
+        target = " (target >= 0.95)" if burst == faster else ""
         print(f"| isolated step (bench/train_step.py, dspace, {iso.get('ce', '?')} CE), {how} | "
               f"{iso.get('tokens_per_s', float('nan')):,.0f} | {ratio:.3f}{target} |")
     print(f"| python -m main, steady state | {e2e:,.0f} | 1.000 |")
