@@ -211,6 +211,8 @@ def main() -> None:
             p.error(f"--ce-kernels {args.ce_kernels}: {kernel!r} is not one of "
                     f"{flow.losses.CE_KERNELS}")
     bursts = [int(b) for b in args.burst.split(",")]
+    if min(bursts) < 1:
+        p.error(f"--burst {args.burst}: steps per timed sample must be >= 1")
     forms = args.softcap_forms.split(",")
     for form in forms:
         if form not in models.dit.SOFTCAP_FORMS:
