@@ -48,7 +48,12 @@ from flow.schedule import AlphaGammaTable
 from models.dit import build_backbone
 from models.ema import EMA
 from models.loss_weight import LossWeighting
-from models.parallelize import compile_network, compile_requested, shard_fsdp
+from models.parallelize import (
+    compile_network,
+    compile_requested,
+    shard_fsdp,
+    use_compile_tuning,
+)
 from models.teacher import initialise_student, load_teacher, oracle_teacher
 
 log = logging.getLogger(__name__)
@@ -89,6 +94,7 @@ class FlowLM(pl.LightningModule):
         self.ema = EMA(self.backbone, config.training.ema)
         self.sharded = utils.fsdp_training(config)  # configure_model shards under the trainer
         use_fused_kernels(compile_requested(config))  # the losses' small kernels follow it
+        use_compile_tuning(bool(config.training.compile_tuning))
         if compile_requested(config) and not self.sharded:
             compile_network(self.backbone)  # under FSDP, configure_model compiles block by block
         self._noise_generator: torch.Generator | None = None

@@ -457,7 +457,8 @@ RESUMABLE_CHANGES = (
     "trainer.accumulate_grad_batches",  # derived from devices/nodes/batch_size
     "loader.batch_size", "loader.eval_batch_size", "loader.eval_global_batch_size",
     "loader.num_workers", "loader.pin_memory",
-    "training.compile", "strategy.*",  # ddp and fsdp write the same gathered file
+    "training.compile", "training.compile_tuning",  # how it runs, not what it computes
+    "strategy.*",  # ddp and fsdp write the same gathered file
     "data.cache_dir", "data.num_proc", "data.map_batch_size",
     "algo.teacher_path", "algo.teacher_f_path", "algo.teacher_g_path",  # files may move
     "wandb.*", "checkpointing.*", "callbacks.*", "resume.*", "reliability.*",

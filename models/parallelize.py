@@ -48,13 +48,31 @@ def room_for_graphs() -> None:
         dynamo_config.recompile_limit = RECOMPILE_LIMIT
 
 
+_TUNING = {"coordinate_descent": False}  # training.compile_tuning (use_compile_tuning)
+
+
+def use_compile_tuning(enabled: bool) -> None:
+    """Whether later compiles on CUDA add inductor's coordinate-descent tuning (each compiled
+    kernel's block sizes and warps searched around inductor's choice: +1.7% on the train step
+    at B = 32, 413,261 vs 406,353 tokens/s on an H200, for ~90 s more compile at start-up;
+    bench/results/train_h200_round11.txt)."""
+    if enabled and not torch.cuda.is_available():
+        log.warning("training.compile_tuning=true: it tunes CUDA kernels; this machine compiles "
+                    "for the CPU with inductor's defaults")
+    elif enabled != _TUNING["coordinate_descent"]:
+        log.info("compile tuning (inductor coordinate_descent_tuning) %s",
+                 "on: the first step's compile takes longer" if enabled else "off")
+    _TUNING["coordinate_descent"] = enabled
+
+
 def compile_options() -> dict | None:
     """Inductor options of every network compile: on a CUDA machine, autotuned FlexAttention
     (the soft-capped attention's block sizes and warps, forward and backward: 2.66 -> 2.26 ms
     per layer at B = 32 on an H200, bench/components.py) with the matrix products left to
     cuBLAS (no Triton GEMM search, so autotuning costs only the attention's candidates), and
     no benchmarking of epilogue fusions into those kernels (with FlexAttention traced into
-    the network's graph, twelve blocks' worth of them: round 8's start-up took minutes).
+    the network's graph, twelve blocks' worth of them: round 8's start-up took minutes),
+    and coordinate-descent tuning when ``use_compile_tuning`` turned it on.
     None (inductor's defaults) elsewhere."""
     if not torch.cuda.is_available():
         return None
@@ -66,6 +84,8 @@ def compile_options() -> dict | None:
     # newer than some torch versions: set those this one has
     quiet = {"autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
     options.update({k: v for k, v in quiet.items() if hasattr(inductor_config, k)})
+    if _TUNING["coordinate_descent"]:
+        options["coordinate_descent_tuning"] = True
     return options
 
 

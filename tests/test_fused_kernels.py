@@ -130,6 +130,34 @@ def test_cuda_compile_options_are_options_this_torch_knows(monkeypatch):
     torch.testing.assert_close(fn(x), (x @ x.T).relu().sum())
 
 
+def test_compile_tuning_reaches_the_cuda_compile_options(monkeypatch, caplog):
+    """training.compile_tuning -> algo -> models.parallelize: the CUDA options gain inductor's
+    coordinate_descent_tuning (which this torch accepts), and only while it is on; a CPU
+    machine is told that it does not apply."""
+    import logging
+
+    import algo
+    from tests.helpers import compose_config
+    from utils import resolve_config
+
+    monkeypatch.setattr(parallelize, "_TUNING", {"coordinate_descent": False})
+    config = resolve_config(compose_config(["model=tiny", "model.length=8",
+                                            "training.compile=true",
+                                            "training.compile_tuning=true"]))
+    with caplog.at_level(logging.WARNING, logger="models.parallelize"):
+        algo.FLM(config, vocab_size=16)
+    assert "compile_tuning" in caplog.text  # this CPU machine: it does not apply
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    tuned = parallelize.compile_options()
+    parallelize.use_compile_tuning(False)
+    plain = parallelize.compile_options()
+    monkeypatch.undo()
+    assert tuned == {**plain, "coordinate_descent_tuning": True}
+    fn = torch.compile(lambda x: (x * 2).sin().sum(), dynamic=False, options=tuned)
+    x = torch.randn(16, dtype=torch.float64)
+    torch.testing.assert_close(fn(x), (x * 2).sin().sum())
+
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="Triton kernel: needs CUDA (bench/gpu_round.sh cudatests)")
 
