@@ -167,6 +167,16 @@ def override_compile_options(pairs: list[str]) -> dict:
     return extra
 
 
+def listed(p: argparse.ArgumentParser, flag: str, value: str, allowed: tuple[str, ...],
+           ) -> list[str]:
+    """The comma-separated ``value`` of ``flag`` as a list, each item one of ``allowed``."""
+    items = value.split(",")
+    for item in items:
+        if item not in allowed:
+            p.error(f"{flag} {value}: {item!r} is not one of {allowed}")
+    return items
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes for a CPU smoke run")
@@ -205,19 +215,11 @@ def main() -> None:
                         "the training's)")
     args = p.parse_args()
     inductor = override_compile_options(args.inductor)
-    ce_kernels = args.ce_kernels.split(",")
-    for kernel in ce_kernels:
-        if kernel not in flow.losses.CE_KERNELS:
-            p.error(f"--ce-kernels {args.ce_kernels}: {kernel!r} is not one of "
-                    f"{flow.losses.CE_KERNELS}")
+    ce_kernels = listed(p, "--ce-kernels", args.ce_kernels, flow.losses.CE_KERNELS)
     bursts = [int(b) for b in args.burst.split(",")]
     if min(bursts) < 1:
         p.error(f"--burst {args.burst}: steps per timed sample must be >= 1")
-    forms = args.softcap_forms.split(",")
-    for form in forms:
-        if form not in models.dit.SOFTCAP_FORMS:
-            p.error(f"--softcap-forms {args.softcap_forms}: {form!r} is not one of "
-                    f"{models.dit.SOFTCAP_FORMS}")
+    forms = listed(p, "--softcap-forms", args.softcap_forms, models.dit.SOFTCAP_FORMS)
     if args.flex_separate:
         models.dit.FLEX_SEPARATE = True
     if args.nested_blocks:

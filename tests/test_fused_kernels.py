@@ -124,7 +124,11 @@ def test_cuda_compile_options_are_options_this_torch_knows(monkeypatch):
     options = parallelize.compile_options()
     monkeypatch.undo()  # compile for this CPU machine, with the options a CUDA one gets
     assert options["max_autotune"] is True and options["max_autotune_gemm_backends"] == "ATEN"
-    # torch.compile refuses unknown option names: a tiny function compiles and runs with them
+    assert_torch_accepts(options)
+
+
+def assert_torch_accepts(options: dict) -> None:
+    """torch.compile refuses unknown option names: a tiny function compiles and runs with them."""
     fn = torch.compile(lambda x: (x @ x.T).relu().sum(), dynamic=False, options=options)
     x = torch.randn(8, 4, dtype=torch.float64)
     torch.testing.assert_close(fn(x), (x @ x.T).relu().sum())
@@ -153,9 +157,7 @@ def test_compile_tuning_reaches_the_cuda_compile_options(monkeypatch, caplog):
     plain = parallelize.compile_options()
     monkeypatch.undo()
     assert tuned == {**plain, "coordinate_descent_tuning": True}
-    fn = torch.compile(lambda x: (x * 2).sin().sum(), dynamic=False, options=tuned)
-    x = torch.randn(16, dtype=torch.float64)
-    torch.testing.assert_close(fn(x), (x * 2).sin().sum())
+    assert_torch_accepts(tuned)
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
