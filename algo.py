@@ -39,6 +39,7 @@ from flow.losses import (
 from flow.objectives import distillation_objective
 from flow.path import (
     distillation_noise,
+    input_noise,
     noisy_input,
     stratified_times,
     uniform_times,
@@ -310,11 +311,13 @@ class FLM(FlowLM):
         t = self.draw_times(tokens.shape[0], step, batch_idx)
         gamma = self.table.gamma_of_alpha(t)
         slot, _ = self._slot(batch_idx)
-        generator = self.noise_generator(step, slot)
         path = self.config.training.input_path
+        # drawn here, outside the compiled forward: a seeded generator inside it breaks the graph
+        noise = input_noise(tokens, *self.backbone.input_embedding.shape, path,
+                            self.noise_generator(step, slot))
 
         def noisy(network):  # built inside the backbone's forward (models/dit.py: FSDP)
-            return noisy_input(network, tokens, gamma, path, generator)
+            return noisy_input(network, tokens, gamma, path, noise)
 
         backend = self.fused_ce_backend()
         if self.loss_weighting is None:  # the masked mean in one pass (gradients in forward)

@@ -42,7 +42,7 @@ from common import (  # noqa: E402
 import flow.losses  # noqa: E402
 import models.dit  # noqa: E402
 from flow.losses import fused_mean_cross_entropy, resolve_fused_ce  # noqa: E402
-from flow.path import noisy_input  # noqa: E402
+from flow.path import input_noise, noisy_input  # noqa: E402
 from flow.schedule import AlphaGammaTable  # noqa: E402
 from models.parallelize import compile_network  # noqa: E402
 
@@ -59,9 +59,11 @@ def make_step(model, table, variant: str, fused_ce: str, device: torch.device):
                 return net.embed_tokens(tokens)
         else:
             gamma = table.gamma_of_alpha(t)
+            # drawn outside the compiled forward, as algo.FLM draws it
+            noise = input_noise(tokens, *model.input_embedding.shape, "dspace")
 
             def h(net):
-                return noisy_input(net, tokens, gamma, "dspace")
+                return noisy_input(net, tokens, gamma, "dspace", noise)
         mask = torch.ones_like(tokens)  # the masked mean in one pass, as algo.FLM does
         return model(h, t, output=lambda x, weight, bias: fused_mean_cross_entropy(
             backend, x, weight, bias, tokens, mask))

@@ -20,30 +20,53 @@ import torch.nn.functional as F
 INPUT_PATHS = ("dspace", "reference")
 
 
-def gaussian_projection(embedding: torch.Tensor, batch_shape: tuple[int, ...],
-                        generator: torch.Generator | None = None,
-                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A draw of ``eps @ E`` with ``eps ~ N(0, I_V)``, without forming eps.
+def projection_draw_width(vocab: int, dim: int) -> int:
+    """Width of the standard normal that ``gaussian_projection`` turns into ``eps @ E`` for a
+    (V, D) embedding: eps itself (V) when V <= D, else eta (D)."""
+    return vocab if vocab <= dim else dim
 
-    embedding: (V, D) -> returns (*batch_shape, D) with covariance ``EᵀE``.
-    Differentiable in ``embedding`` (through the Cholesky factor), which gives
-    an unbiased estimate of the reference path's expected gradient. A
-    rank-deficient embedding gives NaNs (no host sync here to check ``info``);
-    the trainer's non-finite-loss guard reports them.
+
+def standard_draw(batch_shape: tuple[int, ...], vocab: int, dim: int,
+                  generator: torch.Generator | None, device: torch.device | str,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The standard normal behind one draw of ``eps @ E``: (*batch_shape, width), width from
+    ``projection_draw_width``. Drawn apart from the projection so that a compiled network can
+    take it as an input: a seeded generator inside a compiled forward breaks its graph."""
+    return torch.randn(*batch_shape, projection_draw_width(vocab, dim), generator=generator,
+                       device=device, dtype=dtype)
+
+
+def project_draw(embedding: torch.Tensor, draw: torch.Tensor) -> torch.Tensor:
+    """``standard_draw``'s normal -> a draw of ``eps @ E`` with ``eps ~ N(0, I_V)``, without
+    forming eps when V > D: ``eta · chol(EᵀE)ᵀ`` (covariance ``EᵀE``), else ``eps @ E``.
+
+    embedding: (V, D); draw: (..., width) -> (..., D), in the draw's dtype. Differentiable
+    in ``embedding`` (through the Cholesky factor), which gives an unbiased estimate of the
+    reference path's expected gradient. A rank-deficient embedding gives NaNs (no host sync
+    here to check ``info``); the trainer's non-finite-loss guard reports them.
     """
     with torch.autocast(device_type=embedding.device.type, enabled=False):
-        e = embedding.to(dtype)
+        e = embedding.to(draw.dtype)
         vocab, dim = e.shape
+        width = projection_draw_width(vocab, dim)
+        if draw.shape[-1] != width:
+            raise ValueError(f"a draw of width {draw.shape[-1]} for a ({vocab}, {dim}) "
+                             f"embedding; standard_draw gives {width}")
         if vocab <= dim:
             # EᵀE is singular when V <= D, and drawing eps directly is the cheaper
             # of the two there; both are exact draws of the same N(0, EᵀE).
-            eps = torch.randn(*batch_shape, vocab, generator=generator, device=e.device,
-                              dtype=dtype)
-            return eps @ e
+            return draw @ e
         factor, _ = torch.linalg.cholesky_ex(e.T @ e)
-        eta = torch.randn(*batch_shape, e.shape[1], generator=generator, device=e.device,
-                          dtype=dtype)
-        return eta @ factor.T
+        return draw @ factor.T
+
+
+def gaussian_projection(embedding: torch.Tensor, batch_shape: tuple[int, ...],
+                        generator: torch.Generator | None = None,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A draw of ``eps @ E`` with ``eps ~ N(0, I_V)``: (V, D) -> (*batch_shape, D)."""
+    vocab, dim = embedding.shape
+    return project_draw(embedding, standard_draw(batch_shape, vocab, dim, generator,
+                                                 embedding.device, dtype))
 
 
 # ---- noise seen through several embeddings ------------------------------------------
@@ -198,16 +221,27 @@ def distillation_noise(networks, tokens: torch.Tensor, vocab_size: int, input_pa
     raise ValueError(f"training.input_path={input_path!r}; expected one of {INPUT_PATHS}")
 
 
-def noisy_input(backbone, tokens: torch.Tensor, gamma: torch.Tensor, input_path: str,
+def input_noise(tokens: torch.Tensor, vocab: int, dim: int, input_path: str,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """``x_gamma @ E`` for clean tokens (B, L) at per-sequence gamma (B,) -> (B, L, D)."""
+    """The noise of ``noisy_input``, drawn on ``tokens``' device: the standard normal of
+    ``standard_draw`` (``dspace``, (B, L, width)) or eps itself (``reference``, (B, L, V)).
+    Drawn outside the network (no seeded generator inside a compiled forward)."""
     if input_path == "dspace":
-        noise = gaussian_projection(backbone.input_embedding, tuple(tokens.shape), generator)
-        return noisy_projection([backbone], tokens, gamma.float(), noise)
+        return standard_draw(tuple(tokens.shape), vocab, dim, generator, tokens.device)
     if input_path == "reference":
-        eps = torch.randn(*tokens.shape, backbone.vocab_size, generator=generator,
-                          device=tokens.device)
-        z = noisy_projection_reference(tokens, gamma.float(), eps, backbone.vocab_size)
+        return torch.randn(*tokens.shape, vocab, generator=generator, device=tokens.device)
+    raise ValueError(f"training.input_path={input_path!r}; expected one of {INPUT_PATHS}")
+
+
+def noisy_input(backbone, tokens: torch.Tensor, gamma: torch.Tensor, input_path: str,
+                noise: torch.Tensor) -> torch.Tensor:
+    """``x_gamma @ E`` for clean tokens (B, L) at per-sequence gamma (B,) -> (B, L, D);
+    ``noise`` from ``input_noise`` (same path, the backbone's V and D)."""
+    if input_path == "dspace":
+        projected = project_draw(backbone.input_embedding, noise)
+        return noisy_projection([backbone], tokens, gamma.float(), projected)
+    if input_path == "reference":
+        z = noisy_projection_reference(tokens, gamma.float(), noise, backbone.vocab_size)
         with torch.autocast(device_type=tokens.device.type, enabled=False):
             return backbone.embed_state(z)
     raise ValueError(f"training.input_path={input_path!r}; expected one of {INPUT_PATHS}")

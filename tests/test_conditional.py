@@ -14,7 +14,7 @@ import torch
 
 from data.synthetic import SyntheticSource, all_sequences
 from flow.losses import denoiser_cross_entropy
-from flow.path import noisy_input
+from flow.path import input_noise, noisy_input
 from flow.sampling import (
     initial_joint_state,
     initial_state,
@@ -226,7 +226,8 @@ def test_trained_model_conditional_samples_are_closer_to_the_conditional_law():
     for _ in range(400):
         tokens = source.sample(64, length, gen)
         t = torch.rand(64, generator=gen)
-        h = noisy_input(model, tokens, table.gamma_of_alpha(t), "dspace", gen)
+        noise = input_noise(tokens, *model.input_embedding.shape, "dspace", gen)
+        h = noisy_input(model, tokens, table.gamma_of_alpha(t), "dspace", noise)
         loss = denoiser_cross_entropy(model(h, t), tokens).mean()
         optimizer.zero_grad()
         loss.backward()

@@ -107,3 +107,30 @@ def test_fused_adamw_with_bf16_clips_like_the_unfused_optimizer(tmp_path):
     for key, value in plain.items():
         torch.testing.assert_close(fused[key], value, rtol=1e-5, atol=1e-7)
     assert max(float((unclipped[k] - v).abs().max()) for k, v in plain.items()) > 1e-4
+
+
+def test_compiled_flm_loss_breaks_its_graph_only_at_the_fused_ce():
+    """The production loss (seeded noise, dspace input, fused CE) through a compiled backbone:
+    the one graph break allowed is the fused CE's own (``torch.compiler.disable``). A seeded
+    ``torch.randn(generator=...)`` inside the forward was a second one, which split the forward
+    (and its backward) into more graphs at every step."""
+    import torch._dynamo.utils as dynamo_utils
+
+    config = tiny_config(**{"model.length": LENGTH})
+    module = algo.FLM(config, vocab_size=VOCAB)
+    module.backbone.compile(backend="eager", dynamic=False)
+    batch = next(iter(DataLoader(ToySource(8, 3), batch_size=8)))
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    for step in range(2):
+        module.compute_loss(batch, step=step, batch_idx=0).backward()
+    reasons = list(dynamo_utils.counters["graph_break"])
+    assert reasons, "no graph break seen: the fused CE's is expected (is the backbone compiled?)"
+    unexpected = [r for r in reasons if "compiler.disable" not in r]
+    assert not unexpected, unexpected
+    # the seeded draw is the same with the draw outside the network: the loss is a function of
+    # (seed, step, batch), as resume needs
+    again = algo.FLM(config, vocab_size=VOCAB)
+    again.load_state_dict(module.state_dict())
+    torch.testing.assert_close(module.compute_loss(batch, step=5, batch_idx=0),
+                               again.compute_loss(batch, step=5, batch_idx=0))

@@ -6,9 +6,12 @@ import torch
 from flow.losses import denoiser_cross_entropy, masked_token_mean
 from flow.path import (
     gaussian_projection,
+    input_noise,
     joint_gaussian_projection,
     joint_qr,
     noisy_input,
+    project_draw,
+    standard_draw,
     stratified_times,
 )
 from models.dit import DiT
@@ -24,6 +27,10 @@ def tiny_dit(vocab=16, hidden=8, length=4):
     return model.double()
 
 
+def noise_of(model, tokens, path, gen):
+    return input_noise(tokens, *model.input_embedding.shape, path, gen)
+
+
 def test_gaussian_projection_covariance_matches_closed_form():
     gen = torch.Generator().manual_seed(1)
     e = torch.randn(16, 6, generator=gen, dtype=torch.float64)
@@ -36,6 +43,19 @@ def test_gaussian_projection_covariance_matches_closed_form():
         assert sample.mean(0).abs().max() < 5 * (scale / n).sqrt()
         # each entry of an empirical covariance has sd <= sqrt(2/n) * max variance
         assert (torch.cov(sample.T) - cov_true).abs().max() < 6 * (2 / n) ** 0.5 * scale
+
+
+@pytest.mark.parametrize("shape", [(16, 6), (4, 6)])  # V > D (Cholesky), V <= D (eps @ E)
+def test_drawn_apart_the_projection_is_the_same_draw(shape):
+    """standard_draw then project_draw (the draw outside a compiled network) is, seed for seed,
+    the one-call gaussian_projection; a draw of the other width is refused."""
+    e = torch.randn(*shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    one = gaussian_projection(e, (3, 5), torch.Generator().manual_seed(9), dtype=torch.float64)
+    draw = standard_draw((3, 5), *shape, torch.Generator().manual_seed(9), "cpu", torch.float64)
+    assert draw.shape == (3, 5, min(shape))
+    torch.testing.assert_close(project_draw(e, draw), one, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="width"):
+        project_draw(e, torch.zeros(3, 5, max(shape)))
 
 
 @pytest.mark.parametrize("case", ["distinct", "teacher_equals_student", "three_with_a_copy"])
@@ -101,7 +121,7 @@ def test_paths_same_mean_and_covariance_and_identical_without_noise():
     outs = {}
     for path in ("dspace", "reference"):
         with torch.no_grad():
-            outs[path] = noisy_input(model, batch, gamma, path, gen).double()
+            outs[path] = noisy_input(model, batch, gamma, path, noise_of(model, batch, path, gen)).double()
     e = model.input_embedding.detach()
     mean_true = 0.4 * e[tokens[0]]
     cov_true = 0.6 ** 2 * e.T @ e
@@ -113,7 +133,8 @@ def test_paths_same_mean_and_covariance_and_identical_without_noise():
             assert (cov - cov_true).abs().max() < 6 * (2 / n) ** 0.5 * scale, (path, pos)
     one = torch.ones(1, dtype=torch.float64)
     with torch.no_grad():
-        clean = [noisy_input(model, tokens, one, p, gen).double() for p in ("dspace", "reference")]
+        clean = [noisy_input(model, tokens, one, p, noise_of(model, tokens, p, gen)).double()
+                 for p in ("dspace", "reference")]
     torch.testing.assert_close(clean[0], clean[1])
     torch.testing.assert_close(clean[0][0], e[tokens[0]])
 
@@ -130,7 +151,7 @@ def test_losses_agree_in_expectation_on_a_fixed_model():
         vals = []
         for _ in range(40):
             with torch.no_grad():
-                h = noisy_input(model, tokens, gamma, path, gen).double()
+                h = noisy_input(model, tokens, gamma, path, noise_of(model, tokens, path, gen)).double()
                 vals.append(float(masked_token_mean(
                     denoiser_cross_entropy(model(h, t), tokens), mask)))
         per_path[path] = torch.tensor(vals)
