@@ -155,6 +155,12 @@ def main() -> None:
         model_cfg, args.vocab, "dspace", args.batch, compiled=not args.quick,
         fused_ce=args.fused_ce, device=device, warmup=3, steps=args.isolated_steps,
         peak_flops=H100_BF16_PEAK, burst=burst) for burst in (1, BURST)}
+    # algo.FLM's own step outside Lightning (seeded noise, antithetic times, EMA update): what
+    # of the gap is the production step, what is the loop around it
+    module = train_step.measure(
+        model_cfg, args.vocab, "module", args.batch, compiled=not args.quick,
+        fused_ce=args.fused_ce, device=device, warmup=3, steps=args.isolated_steps,
+        peak_flops=H100_BF16_PEAK, burst=BURST)
     print(f"\nEnd-to-end FLM training, {device_name(device)}, torch {torch.__version__}, "
           f"V={args.vocab}, L={args.length}, B={args.batch}/GPU, model={model_cfg.name}, "
           f"{'fp32 eager' if args.quick else 'bf16 compiled'}, fused_ce={args.fused_ce}")
@@ -170,7 +176,18 @@ def main() -> None:
         target = " (target >= 0.95)" if burst == faster else ""
         print(f"| isolated step (bench/train_step.py, dspace, {iso.get('ce', '?')} CE), {how} | "
               f"{iso.get('tokens_per_s', float('nan')):,.0f} | {ratio:.3f}{target} |")
+    ratio = e2e / module["tokens_per_s"] if not module["oom"] else float("nan")
+    print(f"| algo.FLM's step outside Lightning (train_step.py --variants module: seeded noise, "
+          f"EMA), {BURST} steps between syncs | {module.get('tokens_per_s', float('nan')):,.0f} | "
+          f"{ratio:.3f} |")
     print(f"| python -m main, steady state | {e2e:,.0f} | 1.000 |")
+    print("\npython -m main between consecutive metrics.csv flushes (a dip: a checkpoint write, "
+          "a validation run)\n")
+    print("| steps | ms/step | tokens/s |")
+    print("|---|---|---|")
+    for (ta, sa), (tb, sb) in zip(steady, steady[1:]):
+        print(f"| {sa}-{sb} | {(tb - ta) / (sb - sa) * 1e3:.1f} | "
+              f"{(sb - sa) * args.batch * args.length / (tb - ta):,.0f} |")
     report = log_path.read_text()
     if "Profiler Report" in report:  # trainer.profiler=simple among the overrides
         print("\n" + report[report.index("Profiler Report") - 20:][:6000])

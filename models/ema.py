@@ -21,7 +21,18 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from flow.fused import fused_kernel
+
 log = logging.getLogger(__name__)
+
+
+@fused_kernel
+def lerp_towards(ema: list[torch.Tensor], live: list[torch.Tensor], weight: torch.Tensor) -> None:
+    """``ema += weight·(live - ema)`` for each pair, ``weight`` a 0-d device tensor read on the
+    device (the overload taking one weight tensor reads it on the host: a sync at every step).
+    Eagerly that is one kernel per tensor (one weight per tensor is not the multi-tensor fast
+    path); compiled on CUDA (``flow.fused.fused_kernel``) a few multi-tensor kernels."""
+    torch._foreach_lerp_(ema, live, [weight] * len(ema))
 
 
 def warmup_decay(decay: float, n: int) -> float:
@@ -56,10 +67,7 @@ class EMA:
         self.num_updates += 1
         rate = 1.0 - warmup_decay(self.decay, self.num_updates)
         if isinstance(skip, torch.Tensor):
-            # one 0-d device weight per tensor: the overload taking a single weight tensor
-            # reads it on the host (a device sync at every step)
-            weight = rate * (~skip).float()
-            torch._foreach_lerp_(ema, live, [weight] * len(ema))
+            lerp_towards(ema, live, rate * (~skip).float())
         else:
             torch._foreach_lerp_(ema, live, rate)
 

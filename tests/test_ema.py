@@ -75,3 +75,31 @@ def test_device_skip_flag_is_applied_without_a_host_read():
             reference.update(net)  # the host-flag path: a second way to the same shadow
     for name, value in reference.shadow.items():
         torch.testing.assert_close(ema.shadow[name], value, rtol=1e-6, atol=1e-7)
+
+
+def test_device_skip_update_compiled_is_the_eager_update(monkeypatch):
+    """On CUDA the device-skip update runs compiled (``lerp_towards`` through
+    ``flow.fused.fused_kernel``); here the CPU takes that route, against the eager update
+    with the same flags. A changing decay (the warm-up) and the skip flag are device values
+    of the compiled function, not constants of its graph: one graph serves every step."""
+    import torch._dynamo.utils as dynamo_utils
+
+    from flow import fused
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2))
+    eager, compiled = EMA(net, 0.95), EMA(net, 0.95)
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    for skip in (False, True, False, False):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        eager.update(net, skip=torch.tensor(skip))
+        monkeypatch.setitem(fused._FUSED_KERNELS, "devices", ("cuda", "cpu"))
+        compiled.update(net, skip=torch.tensor(skip))
+        monkeypatch.setitem(fused._FUSED_KERNELS, "devices", ("cuda",))
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == 1
+    for name, value in eager.shadow.items():
+        torch.testing.assert_close(compiled.shadow[name], value, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(compiled.shadow["0.weight"], net[0].weight.detach())  # it averages
