@@ -9,6 +9,7 @@ plus ``ema`` (algo.FlowLM), ``rng_states`` (reliability.RNGStates), ``run_id``
 
 from __future__ import annotations
 
+import collections
 import copy
 import datetime
 import fnmatch
@@ -17,6 +18,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,32 +44,61 @@ def _umask() -> int:
 class HostBuffers:
     """Pinned CPU buffers for device -> host checkpoint copies, reused from save to save.
 
-    Allocating (and page-locking) gigabytes of fresh host memory costs more than the copy
-    itself (~1 s per 2.7 GB), so it is done once, in the writer thread (see
-    :class:`AtomicCheckpointIO`); the buffers of the previous save are free again once its
-    write is done (one write in flight).
+    Allocating (and page-locking) gigabytes of host memory costs more than the copy itself,
+    and it stalls the training thread wherever it runs: the first background save of a
+    2.7 GB DiT-small state with the buffers allocated in the writer thread cost training
+    3.3 s on an H200 (bench/end_to_end.py, round 12), later saves about one step. So they are
+    allocated once, ahead of the first save (``reserve``, :class:`ReserveHostBuffers`); the
+    buffers of the previous save are free again once its write is done (one write in flight).
+    Buffers are matched to storages by size.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, allocate=None) -> None:
+        # allocate(nbytes) -> a host storage (pinned; the tests give plain CPU memory)
+        self._allocate = allocate or (lambda size: torch.empty(
+            size, dtype=torch.uint8, pin_memory=True).untyped_storage())
         self._buffers: list[torch.UntypedStorage] = []
-        self._next = 0
+        self._free: dict[int, list[torch.UntypedStorage]] = {}
+        self._used: list[torch.UntypedStorage] = []
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes() for b in self._buffers)
+
+    def reserve(self, sizes: list[int]) -> None:
+        """Hold pinned buffers of exactly ``sizes`` bytes (any order), allocating what is
+        missing and dropping buffers of other sizes."""
+        self.start()
+        for size in sizes:
+            self._take(size)
+        self.finish()
 
     def start(self) -> None:
-        self._next = 0
+        """Begin a save: every buffer is free to take."""
+        self._free = collections.defaultdict(list)
+        for b in self._buffers:
+            self._free[b.nbytes()].append(b)
+        self._used = []
+
+    def finish(self) -> None:
+        """End a save: keep only the buffers it used."""
+        self._buffers, self._free = self._used, {}
 
     def fit(self, sizes: list[int]) -> bool:
-        """Whether the buffers are those of storages of ``sizes`` bytes, in order."""
-        return [b.nbytes() for b in self._buffers] == sizes
+        """Whether the buffers are those of storages of ``sizes`` bytes (as a multiset)."""
+        return collections.Counter(b.nbytes() for b in self._buffers) == \
+            collections.Counter(sizes)
+
+    def _take(self, size: int) -> torch.UntypedStorage:
+        pool = self._free.get(size)
+        buffer = pool.pop() if pool else self._allocate(size)
+        self._used.append(buffer)
+        return buffer
 
     def copy(self, storage: torch.UntypedStorage) -> torch.UntypedStorage:
-        i, self._next = self._next, self._next + 1
-        if i == len(self._buffers):
-            self._buffers.append(torch.empty(0, dtype=torch.uint8).untyped_storage())
-        if self._buffers[i].nbytes() != storage.nbytes():
-            self._buffers[i] = torch.empty(storage.nbytes(), dtype=torch.uint8,
-                                           pin_memory=True).untyped_storage()
-        self._buffers[i].copy_(storage, non_blocking=True)  # complete after the stream's work
-        return self._buffers[i]
+        buffer = self._take(storage.nbytes())
+        buffer.copy_(storage, non_blocking=True)  # complete after the stream's work
+        return buffer
 
 
 def snapshot(obj: Any, copy_storage, _memo: dict | None = None) -> Any:
@@ -116,7 +147,11 @@ def snapshot_to_cpu(obj: Any, buffers: HostBuffers | None = None) -> Any:
             return storage.clone()
         return buffers.copy(storage) if buffers is not None else storage.cpu()
 
-    return snapshot(obj, to_cpu)
+    try:
+        return snapshot(obj, to_cpu)
+    finally:
+        if buffers is not None:
+            buffers.finish()
 
 
 def device_storage_sizes(obj: Any) -> list[int]:
@@ -169,11 +204,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     so training neither waits for the disk nor for the device: the device -> host copies
     are queued on the current stream into reused pinned buffers (:class:`HostBuffers`) and
     the thread waits for an event recorded after them. The queue order makes the snapshot
-    the state at the save, whatever the steps queued after it change. When the buffers do
-    not fit yet (the first save, or a state whose storages changed), the snapshot is first
-    a copy on the device (fast) and the thread allocates the pinned buffers and copies it
-    to the host on a side stream, so their slow allocation does not stall training either;
-    if the device has no room for that copy, the main thread allocates them (logged).
+    the state at the save, whatever the steps queued after it change. The buffers are
+    allocated ahead of the first save by :class:`ReserveHostBuffers` (``reserve_host_buffers``,
+    at the end of a run's first optimizer step): page-locking gigabytes stalls training in
+    whichever thread it runs (3.3 s at a DiT-small save on an H200, measured with the
+    allocation in the writer thread). When they do not fit (a state whose storages changed,
+    a run without that callback), the snapshot is first a copy on the device (fast) and the
+    thread allocates the missing buffers and copies it to the host on a side stream; if the
+    device has no room for that copy, the main thread allocates them (logged).
 
     At most one write is in flight: a new save (or a removal) first waits for the previous
     write. An error in the writer thread is raised as :class:`CheckpointWriteError` in the
@@ -246,6 +284,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self._thread = threading.Thread(target=self._write, args=(state, path, ready, on_device),
                                         name="checkpoint-writer", daemon=False)
         self._thread.start()
+
+    def reserve_host_buffers(self, checkpoint: dict[str, Any]) -> float:
+        """Allocate the pinned buffers of ``checkpoint``'s device storages now (in the calling
+        thread), so that the first background save only copies; returns the GiB held. Nothing
+        for a foreground writer or a checkpoint without CUDA storages."""
+        sizes = device_storage_sizes(checkpoint)
+        devices = {t.device.type for t in _tensors(checkpoint)} - {"cpu"}
+        if not self.background or not sizes or devices != {"cuda"}:
+            return 0.0
+        self.wait()  # a write in flight may still be reading the buffers
+        self._host.reserve(sizes)
+        return self._host.nbytes / 2**30
 
     def remove_checkpoint(self, path) -> None:
         self.wait()
@@ -596,6 +646,33 @@ class ResumeOverrides(pl.Callback):
 
 
 # --------------------------------------------------------------------------- step callbacks
+
+
+class ReserveHostBuffers(pl.Callback):
+    """At the end of the first optimizer step of a fit (the optimizer's state exists from
+    then on), allocate the pinned host buffers of the trainer's background checkpoint writer
+    (:meth:`AtomicCheckpointIO.reserve_host_buffers`) from the checkpoint as it would be
+    saved now, so that no save during training allocates them. CUDA runs only; every rank
+    takes part in building the checkpoint (gathering sharded state is a collective), the
+    writing rank holds the buffers. Logs the size and the time it took."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        io = trainer.strategy.checkpoint_io
+        if (self.done or trainer.global_step == 0 or pl_module.device.type != "cuda"
+                or not isinstance(io, AtomicCheckpointIO) or not io.background):
+            return
+        self.done = True
+        start = time.perf_counter()
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        if trainer.is_global_zero:
+            gib = io.reserve_host_buffers(checkpoint)
+            log.info("pinned %.2f GiB of host memory for background checkpoint writes in "
+                     "%.1f s", gib, time.perf_counter() - start)
+        del checkpoint
 
 
 class FinalCheckpoint(pl.Callback):

@@ -27,6 +27,7 @@ from checkpointing import (
     RUN_ID_KEY,
     AtomicCheckpointIO,
     FinalCheckpoint,
+    ReserveHostBuffers,
     ResumeOverrides,
     RunIdentity,
     StepCheckpoint,
@@ -73,6 +74,7 @@ def build_callbacks(config: DictConfig) -> list[pl.Callback]:
     rc = config.reliability
     # every file goes through the trainer's AtomicCheckpointIO (build_trainer)
     callbacks: list[pl.Callback] = [
+        ReserveHostBuffers(),  # the background writer's pinned buffers, before any save
         reliability.NonFiniteGuard(rc.max_consecutive_nonfinite, last),
         # Ctrl-C too: a checkpoint at the next step boundary, exit 130
         reliability.PreemptionHandler(last, (*rc.checkpoint_signals, "SIGINT"),

@@ -21,6 +21,7 @@ import checkpointing
 from checkpointing import (
     AtomicCheckpointIO,
     CheckpointWriteError,
+    HostBuffers,
     ResumeOverrides,
     check_resume_config,
     compatibility,
@@ -81,6 +82,52 @@ def test_background_write_equals_synchronous_write_bit_for_bit(tmp_path):
     a, b = (tmp_path / "sync.ckpt").read_bytes(), (tmp_path / "bg.ckpt").read_bytes()
     assert a == b
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bg.ckpt", "sync.ckpt"]
+
+
+def test_host_buffers_reserved_ahead_are_the_ones_every_save_uses():
+    """Buffers reserved from one walk of the sizes serve storages met in another order (matched
+    by size); a reserve for other sizes keeps what fits and drops the rest."""
+    allocated = []
+
+    def allocate(size):
+        allocated.append(size)
+        return torch.empty(size, dtype=torch.uint8).untyped_storage()
+
+    buffers = HostBuffers(allocate)
+    buffers.reserve([40, 8, 40])
+    assert sorted(allocated) == [8, 40, 40] and buffers.fit([40, 40, 8])
+    held = {b.data_ptr() for b in buffers._buffers}
+    storages = [torch.arange(n, dtype=torch.uint8).untyped_storage() for n in (8, 40, 40)]
+    for _ in range(3):  # saves: no new allocation, the same buffers, the right bytes
+        buffers.start()
+        copies = [buffers.copy(s) for s in storages]
+        buffers.finish()
+        assert {c.data_ptr() for c in copies} == held and len(allocated) == 3
+        for c, s in zip(copies, storages):
+            assert bytes(c) == bytes(s)
+    buffers.reserve([40, 16])
+    assert buffers.fit([16, 40]) and not buffers.fit([40, 40, 8])
+    assert allocated[3:] == [16]  # one 40 kept, the other and the 8 dropped
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the device paths need CUDA")
+def test_reserved_buffers_take_the_first_save_without_staging(tmp_path):
+    """With the buffers reserved ahead (ReserveHostBuffers at the first step's end), the first
+    save copies straight into them (the buffers fit: no device staging) and no save allocates."""
+    torch.manual_seed(0)
+    state = {"state_dict": {"w": torch.randn(1000, 300, device="cuda")},
+             "optimizer_states": [{"state": {0: {"exp_avg": torch.randn(77, device="cuda")}}}]}
+    io_ = AtomicCheckpointIO(background=True)
+    assert io_.reserve_host_buffers(state) == pytest.approx((1000 * 300 + 77) * 4 / 2**30)
+    assert io_._host.fit(device_storage_sizes(state))  # save_checkpoint's direct path
+    io_._host._allocate = lambda size: pytest.fail(f"a save allocated {size} bytes")
+    for k in range(2):
+        expected = state["state_dict"]["w"].cpu()
+        io_.save_checkpoint(state, tmp_path / f"{k}.ckpt")
+        state["state_dict"]["w"].add_(1.0)  # after the save: must not reach the file
+        io_.wait()
+        loaded = torch.load(tmp_path / f"{k}.ckpt", weights_only=False)
+        assert torch.equal(loaded["state_dict"]["w"], expected)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the device paths need CUDA")
@@ -410,3 +457,31 @@ def test_compatibility_flags_each_disagreement_alone():
     unknown = compatibility(None, {"length": 8}, None, 50, {**model, "length": 8}, "flm")
     assert unknown.vocab_size is None and unknown.algo is None and unknown.model == ()
     assert compatibility(100, model, "flm", 100).model == ()  # model=None: evaluation
+
+
+def test_reserve_callback_reserves_once_after_the_first_step_on_the_writing_rank():
+    """ReserveHostBuffers: nothing before an optimizer step has run, then one reservation from
+    the checkpoint as it would be saved (built on every rank: a collective under FSDP), held
+    only by the writing rank; CPU modules and foreground writers are left alone."""
+    from checkpointing import ReserveHostBuffers
+
+    def run(device: str, background: bool, zero: bool, steps=(0, 1, 2)) -> tuple[int, list]:
+        dumps, reserved = [], []
+        io_ = AtomicCheckpointIO(background=background)
+        io_.reserve_host_buffers = lambda checkpoint: reserved.append(checkpoint) or 1.0
+        trainer = SimpleNamespace(strategy=SimpleNamespace(checkpoint_io=io_),
+                                  is_global_zero=zero, global_step=0,
+                                  _checkpoint_connector=SimpleNamespace(
+                                      dump_checkpoint=lambda weights_only: dumps.append(1) or
+                                      {"step": trainer.global_step}))
+        module = SimpleNamespace(device=torch.device(device))
+        callback = ReserveHostBuffers()
+        for step in steps:
+            trainer.global_step = step
+            callback.on_train_batch_end(trainer, module, None, None, 0)
+        return len(dumps), reserved
+
+    assert run("cuda", True, True) == (1, [{"step": 1}])
+    assert run("cuda", True, False) == (1, [])  # builds (collective), holds nothing
+    assert run("cpu", True, True) == (0, [])
+    assert run("cuda", False, True) == (0, [])
