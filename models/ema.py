@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 def lerp_towards(ema: list[torch.Tensor], live: list[torch.Tensor], weight: torch.Tensor) -> None:
     """``ema += weight·(live - ema)`` for each pair, ``weight`` a 0-d device tensor read on the
     device (the overload taking one weight tensor reads it on the host: a sync at every step).
-    Eagerly that is one kernel per tensor (one weight per tensor is not the multi-tensor fast
-    path); compiled on CUDA (``flow.fused.fused_kernel``) a few multi-tensor kernels."""
+    Eagerly that is one kernel launch per tensor (one weight per tensor is not the
+    multi-tensor fast path); on CUDA it runs compiled (``flow.fused.fused_kernel``, one graph
+    for every step: the warm-up's changing rate is in the weight, not a constant of it)."""
     torch._foreach_lerp_(ema, live, [weight] * len(ema))
 
 
