@@ -672,7 +672,6 @@ class ReserveHostBuffers(pl.Callback):
             gib = io.reserve_host_buffers(checkpoint)
             log.info("pinned %.2f GiB of host memory for background checkpoint writes in "
                      "%.1f s", gib, time.perf_counter() - start)
-        del checkpoint
 
 
 class FinalCheckpoint(pl.Callback):

@@ -149,18 +149,21 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_float32_matmul_precision("high")
     model_cfg = model_config("tiny" if args.quick else "small", args.length)
+    def isolated_step(variant: str, burst: int) -> dict:
+        return train_step.measure(
+            model_cfg, args.vocab, variant, args.batch, compiled=not args.quick,
+            fused_ce=args.fused_ce, device=device, warmup=3, steps=args.isolated_steps,
+            peak_flops=H100_BF16_PEAK, burst=burst)
+
+    def main_over(row: dict) -> float:
+        return e2e / row["tokens_per_s"] if not row["oom"] else float("nan")
+
     # the isolated step timed with a sync after every step, and as a loop runs it (BURST steps
     # between syncs, the host launching ahead): python -m main is held to the faster one
-    isolated = {burst: train_step.measure(
-        model_cfg, args.vocab, "dspace", args.batch, compiled=not args.quick,
-        fused_ce=args.fused_ce, device=device, warmup=3, steps=args.isolated_steps,
-        peak_flops=H100_BF16_PEAK, burst=burst) for burst in (1, BURST)}
+    isolated = {burst: isolated_step("dspace", burst) for burst in (1, BURST)}
     # algo.FLM's own step outside Lightning (seeded noise, antithetic times, EMA update): what
     # of the gap is the production step, what is the loop around it
-    module = train_step.measure(
-        model_cfg, args.vocab, "module", args.batch, compiled=not args.quick,
-        fused_ce=args.fused_ce, device=device, warmup=3, steps=args.isolated_steps,
-        peak_flops=H100_BF16_PEAK, burst=BURST)
+    module = isolated_step("module", BURST)
     print(f"\nEnd-to-end FLM training, {device_name(device)}, torch {torch.__version__}, "
           f"V={args.vocab}, L={args.length}, B={args.batch}/GPU, model={model_cfg.name}, "
           f"{'fp32 eager' if args.quick else 'bf16 compiled'}, fused_ce={args.fused_ce}")
@@ -171,15 +174,13 @@ def main() -> None:
     print("|---|---|---|")
     faster = max(isolated, key=lambda b: isolated[b].get("tokens_per_s", 0.0))
     for burst, iso in isolated.items():
-        ratio = e2e / iso["tokens_per_s"] if not iso["oom"] else float("nan")
         how = "a sync after every step" if burst == 1 else f"{burst} steps between syncs"
         target = " (target >= 0.95)" if burst == faster else ""
         print(f"| isolated step (bench/train_step.py, dspace, {iso.get('ce', '?')} CE), {how} | "
-              f"{iso.get('tokens_per_s', float('nan')):,.0f} | {ratio:.3f}{target} |")
-    ratio = e2e / module["tokens_per_s"] if not module["oom"] else float("nan")
+              f"{iso.get('tokens_per_s', float('nan')):,.0f} | {main_over(iso):.3f}{target} |")
     print(f"| algo.FLM's step outside Lightning (train_step.py --variants module: seeded noise, "
           f"EMA), {BURST} steps between syncs | {module.get('tokens_per_s', float('nan')):,.0f} | "
-          f"{ratio:.3f} |")
+          f"{main_over(module):.3f} |")
     print(f"| python -m main, steady state | {e2e:,.0f} | 1.000 |")
     print(f"\npython -m main between consecutive metrics.csv flushes (a dip: a checkpoint write, "
           f"a validation run; each flush stamped by a {POLL_S * 1e3:.0f} ms poll)\n")
