@@ -56,6 +56,7 @@ from models.parallelize import (
     use_compile_tuning,
 )
 from models.teacher import initialise_student, load_teacher, oracle_teacher
+from optim import build_adamw, clip_by_global_norm
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,9 @@ class FlowLM(pl.LightningModule):
     # set per optimizer step by reliability.NonFiniteGuard: a bool, or a device flag when the
     # fused AdamW skips the step on the device (no host sync)
     step_skipped: bool | torch.Tensor = False
+    # the per-tensor gradient norms the guard read this step (optim.gradient_norms), reused by
+    # the clipping that follows; None when not read (no guard, sharded gradients)
+    step_grad_norms: torch.Tensor | None = None
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -206,13 +210,8 @@ class FlowLM(pl.LightningModule):
 
     # ---- optimiser --------------------------------------------------------------
     def configure_optimizers(self):
-        oc = self.config.optim
-        params = [p for p in self.parameters() if p.requires_grad]
-        fused = oc.fused
-        if fused == "auto":
-            fused = self.device.type == "cuda" or torch.cuda.is_available()
-        optimizer = torch.optim.AdamW(params, lr=oc.lr, betas=(oc.beta1, oc.beta2), eps=oc.eps,
-                                      weight_decay=oc.weight_decay, fused=bool(fused))
+        optimizer = build_adamw([p for p in self.parameters() if p.requires_grad],
+                                self.config.optim, self.device)
         sc = self.config.lr_scheduler
         if sc.name != "constant_warmup":
             raise ValueError(f"lr_scheduler.name={sc.name!r} is not supported "
@@ -225,26 +224,29 @@ class FlowLM(pl.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
                                     gradient_clip_algorithm=None) -> None:
-        """Clip by the global gradient norm (trainer.gradient_clip_val).
+        """Clip by the global gradient norm (trainer.gradient_clip_val) and log that norm
+        (``train/grad_norm``, before clipping).
 
         Lightning's mixed-precision plugin refuses any clipping with a fused AdamW (the default
         on CUDA), because with fp16 the gradients would still carry the loss scale. bf16 and
-        fp32 have no loss scaler, so the gradients are clipped here directly; with a scaler
-        (16-mixed) Lightning's own handling applies. DTensor (FSDP) gradients are clipped by
-        their global norm over all shards."""
+        fp32 have no loss scaler, so the gradients are clipped here (``optim.clip_by_global_norm``:
+        with a fused AdamW, by the kernel's ``grad_scale``, from the norms the non-finite guard
+        read this step); with a scaler (16-mixed) Lightning's own handling applies."""
+        norms, self.step_grad_norms = self.step_grad_norms, None
         if not gradient_clip_val:
             return
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
             super().configure_gradient_clipping(optimizer, gradient_clip_val,
                                                 gradient_clip_algorithm)
             return
         if gradient_clip_algorithm not in (None, "norm"):
             raise ValueError(f"gradient_clip_algorithm={gradient_clip_algorithm!r}: only 'norm' "
                              "is supported")
-        params = [p for group in optimizer.param_groups for p in group["params"]
-                  if p.grad is not None]
-        if params:
-            torch.nn.utils.clip_grad_norm_(params, float(gradient_clip_val))
+        total = clip_by_global_norm(optimizer, float(gradient_clip_val), scaler, norms)
+        if total is not None:
+            # like train/loss: written by monitoring.LoggedLater without a host wait
+            self.log("train/grad_norm", total, sync_dist=False, logger=False)
 
     # ---- checkpoints ------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -81,7 +81,8 @@ def build_callbacks(config: DictConfig) -> list[pl.Callback]:
                                       tuple(rc.requeue_signals)),
         reliability.RNGStates(), FinalCheckpoint(last), reliability.ResplitLoop(),
         Throughput(int(config.loader.global_batch_size) * int(config.model.length)),
-        LoggedLater(("train/loss",))]  # written to the loggers without a device sync
+        # written to the loggers without a device sync (train/grad_norm: when clipping is on)
+        LoggedLater(("train/loss", "train/grad_norm"))]
     if "checkpoint_every_n_steps" in cb:
         callbacks.append(StepCheckpoint(
             dirpath=ckpt_dir, filename=PERIODIC_PREFIX + "{step:08d}",

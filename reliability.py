@@ -46,6 +46,7 @@ from monitoring import (
     step_and_epoch,
     write_to_loggers,
 )
+from optim import gradient_norms, gradients, scales_on_device
 
 log = logging.getLogger(__name__)
 
@@ -131,30 +132,22 @@ class NonFiniteGuard(pl.Callback):
         # a device tensor, OR-ed over the micro-batches of the step: no host sync here
         self._loss_nonfinite = ~torch.isfinite(loss.detach()).all() | self._loss_nonfinite
 
-    @staticmethod
-    def skips_on_device(trainer: pl.Trainer, optimizer: torch.optim.Optimizer,
-                        grads: list[torch.Tensor]) -> bool:
-        """Whether ``optimizer`` can skip a step from a device flag: a fused Adam(W) (its kernel
-        takes ``found_inf``), no loss scaler (which sets ``found_inf`` itself), no sharded
-        (DTensor) gradients."""
-        return (isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW)
-                and bool(optimizer.defaults.get("fused"))
-                and getattr(trainer.precision_plugin, "scaler", None) is None
-                and not any(isinstance(g, DTensor) for g in grads))
-
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        # this rank's shard under FSDP (DTensor); the verdict is reduced over ranks below
-        grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-                 for p in params if p.grad is not None]
+        grads = gradients(optimizer)
+        sharded = any(isinstance(g, DTensor) for g in grads)
         flag = self._loss_nonfinite
+        norms = None
         if grads:
-            norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
+            # this rank's shard under FSDP (DTensor); the verdict is reduced over ranks below
+            norms = gradient_norms([g.to_local() if isinstance(g, DTensor) else g for g in grads])
             flag = ~torch.isfinite(norms).all() | flag
         self._loss_nonfinite = False
-        if isinstance(flag, torch.Tensor) and self.skips_on_device(
-                trainer, optimizer, [p.grad for p in params if p.grad is not None]):
+        # the clipping that follows reuses them (a rank's shard norms are not the global ones)
+        pl_module.step_grad_norms = None if sharded else norms
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if isinstance(flag, torch.Tensor) and scales_on_device(optimizer, scaler, grads):
             flag = _any_rank_on_device(trainer, flag)
             optimizer.found_inf = flag.float()  # read by the fused kernel of this step only
             pl_module.step_skipped = flag

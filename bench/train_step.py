@@ -45,9 +45,25 @@ from flow.losses import fused_mean_cross_entropy, resolve_fused_ce  # noqa: E402
 from flow.path import input_noise, noisy_input  # noqa: E402
 from flow.schedule import AlphaGammaTable  # noqa: E402
 from models.parallelize import compile_network  # noqa: E402
+from optim import clip_by_global_norm  # noqa: E402
+
+# how a step clips its gradients (--clips): "kernel" as the runs clip (optim.clip_by_global_norm:
+# the factor as the fused AdamW's grad_scale on CUDA), "inplace" torch's clip_grad_norm_ (its
+# norms, then a multiply over the gradients; the runs' way before round 13)
+CLIPS = ("kernel", "inplace")
 
 
-def make_step(model, table, variant: str, fused_ce: str, device: torch.device):
+def clip_gradients(form: str, optimizer: torch.optim.Optimizer, max_norm: float = 1.0) -> None:
+    """Clip ``optimizer``'s gradients to ``max_norm`` the ``form`` way (one of CLIPS)."""
+    if form == "kernel":
+        clip_by_global_norm(optimizer, max_norm)
+    else:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def make_step(model, table, variant: str, fused_ce: str, device: torch.device,
+              clip: str = "kernel"):
     """A closure running one optimizer step on (tokens (B, L), t (B,)); returns the loss."""
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device.type == "cuda")
     backend = resolve_fused_ce(fused_ce, device, per_token_weights=False)
@@ -72,7 +88,7 @@ def make_step(model, table, variant: str, fused_ce: str, device: torch.device):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = loss_fn(tokens, t)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        clip_gradients(clip, opt)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
@@ -81,7 +97,7 @@ def make_step(model, table, variant: str, fused_ce: str, device: torch.device):
 
 
 def make_module_step(model_cfg, vocab: int, fused_ce: str, compiled: bool,
-                     device: torch.device):
+                     device: torch.device, clip: str = "kernel"):
     """algo.FLM's own step outside Lightning: ``compute_loss`` (seeded noise generator,
     antithetic times, the masked-mean fused CE), AdamW as ``configure_optimizers`` builds it,
     grad clip, the EMA update. Against ``dspace`` it prices the production loss path; against
@@ -104,7 +120,7 @@ def make_module_step(model_cfg, vocab: int, fused_ce: str, compiled: bool,
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = module.compute_loss(batch, next(counter), 0)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        clip_gradients(clip, optimizer)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         module.ema.update(module.backbone)
@@ -115,7 +131,7 @@ def make_module_step(model_cfg, vocab: int, fused_ce: str, compiled: bool,
 
 def measure(model_cfg, vocab: int, variant: str, batch: int, compiled: bool, fused_ce: str,
             device: torch.device, warmup: int, steps: int, peak_flops: float,
-            burst: int = 1) -> dict:
+            burst: int = 1, clip: str = "kernel") -> dict:
     """One row: step time, tokens/s, MFU and peak memory of one (variant, B, mode)."""
     row = {"variant": variant, "batch": batch, "compiled": compiled, "oom": False}
     reset_memory(device)
@@ -123,12 +139,13 @@ def measure(model_cfg, vocab: int, variant: str, batch: int, compiled: bool, fus
     model = backbone(model_cfg, vocab, device=device) if variant != "module" else None
     try:
         if variant == "module":
-            step, row["ce"] = make_module_step(model_cfg, vocab, fused_ce, compiled, device)
+            step, row["ce"] = make_module_step(model_cfg, vocab, fused_ce, compiled, device,
+                                               clip)
         else:
             if compiled:
                 compile_network(model)
             table = AlphaGammaTable(vocab).to(device)
-            step, row["ce"] = make_step(model, table, variant, fused_ce, device)
+            step, row["ce"] = make_step(model, table, variant, fused_ce, device, clip)
         tokens = torch.randint(0, vocab, (batch, model_cfg.length), device=device)
         gen = torch.Generator(device=device).manual_seed(0)
         # the first step alone: what compiling costs a run at start-up (one timed call)
@@ -215,7 +232,11 @@ def main() -> None:
                    help="comma-separated kernels of the fused CE's chunks, a set of rows each "
                         f"({', '.join(flow.losses.CE_KERNELS)}; flow.losses.CE_KERNEL, default: "
                         "the training's)")
+    p.add_argument("--clips", default="kernel",
+                   help="comma-separated ways to clip the gradients, a set of rows each "
+                        f"({', '.join(CLIPS)}; kernel: as the runs clip)")
     args = p.parse_args()
+    clips = listed(p, "--clips", args.clips, CLIPS)
     inductor = override_compile_options(args.inductor)
     ce_kernels = listed(p, "--ce-kernels", args.ce_kernels, flow.losses.CE_KERNELS)
     bursts = [int(b) for b in args.burst.split(",")]
@@ -234,17 +255,17 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_float32_matmul_precision("high")
     rows = []
-    settings = [(form, kernel, fused_ce, mode, batch, variant, burst) for form in forms
+    settings = [(form, kernel, fused_ce, mode, batch, variant, burst, clip) for form in forms
                 for kernel in ce_kernels for fused_ce in args.fused_ce.split(",")
                 for mode in args.modes.split(",") for batch in batches
-                for variant in args.variants.split(",") for burst in bursts]
-    for form, kernel, fused_ce, mode, batch, variant, burst in settings:
+                for variant in args.variants.split(",") for burst in bursts for clip in clips]
+    for form, kernel, fused_ce, mode, batch, variant, burst, clip in settings:
         models.dit.SOFTCAP_FORM, flow.losses.CE_KERNEL = form, kernel
         rows.append(measure(model_cfg, vocab, variant, batch, mode == "compiled", fused_ce, device,
-                            args.warmup, args.steps, args.peak_flops, burst))
-        rows[-1].update(fused_ce=fused_ce, softcap=form, burst=burst, kernel=kernel)
+                            args.warmup, args.steps, args.peak_flops, burst, clip))
+        rows[-1].update(fused_ce=fused_ce, softcap=form, burst=burst, kernel=kernel, clip=clip)
         print(f"# done softcap {form} CE kernel {kernel} fused_ce={fused_ce} {mode} B={batch} "
-              f"{variant} burst {burst}", file=sys.stderr, flush=True)
+              f"{variant} burst {burst} clip {clip}", file=sys.stderr, flush=True)
     print(f"\nFLM train step, {device_name(device)}, torch {torch.__version__}, V={vocab}, "
           f"L={length}, model={model_cfg.name} (D={model_cfg.hidden_size}, "
           f"blocks={model_cfg.n_blocks}, attn_softcap="
@@ -254,22 +275,24 @@ def main() -> None:
           + ("; each DiT block a nested compile region" if args.nested_blocks else ""))
     print("softcap: the form of the attention softcap's tanh (models/dit.py SOFTCAP_FORM); "
           "burst: steps per timed sample (1: a GPU sync after every step); CE kernel: of the "
-          "chunked CE's chunks (flow/losses.py CE_KERNEL)")
+          "chunked CE's chunks (flow/losses.py CE_KERNEL); clip: how the gradients are clipped "
+          "(kernel: the fused AdamW's grad_scale, as the runs clip; inplace: clip_grad_norm_)")
     print(f"MFU: {FLOP_FORMULA}; F = {forward_flops_per_token(model_cfg, vocab) / 1e6:.1f} "
           f"MFLOP/token; peak {args.peak_flops / 1e12:.0f} TFLOP/s\n")
-    print("| B | mode | fused_ce | CE kernel | softcap | burst | variant | first step s | step ms "
-          "| tokens/s | MFU | peak GiB | vs tokens |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| B | mode | fused_ce | CE kernel | softcap | burst | clip | variant | first step s "
+          "| step ms | tokens/s | MFU | peak GiB | vs tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
     def same_setting(r):
-        return r["softcap"], r["kernel"], r["fused_ce"], r["batch"], r["compiled"], r["burst"]
+        return (r["softcap"], r["kernel"], r["fused_ce"], r["batch"], r["compiled"], r["burst"],
+                r["clip"])
 
     floor = {same_setting(r): r for r in rows if r["variant"] == "tokens"}
     for r in rows:
         mode = "compiled" if r["compiled"] else "eager"
         ce = f"{r['fused_ce']} -> {r.get('ce', '?')}"
         head = (f"| {r['batch']} | {mode} | {ce} | {r['kernel']} | {r['softcap']} | {r['burst']} "
-                f"| {r['variant']} | ")
+                f"| {r['clip']} | {r['variant']} | ")
         if r["oom"]:
             print(head + "out of memory | | | | | |")
             continue
