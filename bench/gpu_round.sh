@@ -77,7 +77,7 @@ for s in $STAGES; do
     e2e) stage e2e python bench/end_to_end.py ${E2E_ARGS:-} ;;
     cudatests) stage cudatests python -m pytest -q -p no:cacheprovider -rs \
         tests/test_checkpointing.py tests/test_flash4.py tests/test_attention_gpu.py tests/test_fused_kernels.py \
-        -k "device_state or gpu" ;;
+        tests/test_optim.py -k "device_state or gpu" ;;
     trace) TAIL=80 stage trace python bench/trace_loop.py ${TRACE_ARGS:-} ;;
     vocab) stage vocab python bench/vocab_align.py ;;
     components) stage components python bench/components.py ${COMPONENTS_ARGS:-} ;;

@@ -17,10 +17,11 @@ from tests.test_reliability import VOCAB, FaultyFLM, RandomTokens
 from utils import resolve_config
 
 
-def _params(seed: int) -> list[torch.nn.Parameter]:
+def _params(seed: int, device: str = "cpu") -> list[torch.nn.Parameter]:
     gen = torch.Generator().manual_seed(seed)
     shapes = [(7, 5), (5,), (3, 4, 2)]
-    return [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in shapes]
+    return [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(device))
+            for s in shapes]
 
 
 def _set_grads(params, step: int, size: float) -> None:
@@ -28,16 +29,16 @@ def _set_grads(params, step: int, size: float) -> None:
     is invariant to one constant factor, so a wrong clip would still pass with a constant one)."""
     gen = torch.Generator().manual_seed(100 + step)
     for p in params[:-1]:  # the last parameter has no gradient: left out of norm and update
-        p.grad = size * (1 + 3 * step) * torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        p.grad = (size * (1 + 3 * step) * torch.randn(p.shape, generator=gen, dtype=p.dtype)
+                  ).to(p.device)
     params[-1].grad = None
 
 
-@pytest.mark.parametrize("size", [10.0, 0.01])  # the global norm far over / under max_norm
-def test_kernel_clipping_equals_clip_grad_norm_then_adamw(size):
-    """Three steps, float64: the fused AdamW with the clipping factor as its grad_scale against
-    torch's clip_grad_norm_ and the plain (for-loop) AdamW. The gradients are not touched by
-    the clipping itself (no pass over them)."""
-    ours, reference = _params(0), _params(0)
+def _kernel_clipping_against_clip_grad_norm(size: float, device: str) -> None:
+    """Three steps, float64: the fused AdamW (on ``device``) with the clipping factor as its
+    grad_scale against torch's clip_grad_norm_ and the plain (for-loop) AdamW on the CPU. The
+    gradients are not touched by the clipping itself (no pass over them)."""
+    ours, reference = _params(0, device), _params(0)
     fused = torch.optim.AdamW(ours, lr=0.1, weight_decay=0.1, fused=True)
     plain = torch.optim.AdamW(reference, lr=0.1, weight_decay=0.1, foreach=False)
     for step in range(3):
@@ -46,7 +47,8 @@ def test_kernel_clipping_equals_clip_grad_norm_then_adamw(size):
         before = [p.grad.clone() for p in ours[:-1]]
         total = optim.clip_by_global_norm(fused, 1.0)
         expected = torch.nn.utils.clip_grad_norm_(reference, 1.0)
-        torch.testing.assert_close(total.double(), expected, rtol=1e-6, atol=0)  # float32 norms
+        torch.testing.assert_close(total.double().cpu(), expected, rtol=1e-6,
+                                   atol=0)  # float32 norms
         assert all(torch.equal(p.grad, b) for p, b in zip(ours[:-1], before))
         assert float(fused.grad_scale) == pytest.approx(max(1.0, (float(expected) + 1e-6)),
                                                         rel=1e-6)
@@ -55,8 +57,20 @@ def test_kernel_clipping_equals_clip_grad_norm_then_adamw(size):
         # grad_scale is float32 (the norms are): each step's gradient is off by up to 2^-24
         # relative, so m / sqrt(v) by ~2 x that, the update (lr 0.1) by ~1.2e-8 a step
         for a, b in zip(ours, reference):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+            torch.testing.assert_close(a.cpu(), b, rtol=0, atol=1e-7)
     assert ours[-1].grad is None and ours[-1] not in fused.state  # no gradient, no update
+
+
+@pytest.mark.parametrize("size", [10.0, 0.01])  # the global norm far over / under max_norm
+def test_kernel_clipping_equals_clip_grad_norm_then_adamw(size):
+    _kernel_clipping_against_clip_grad_norm(size, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA fused AdamW needs CUDA")
+@pytest.mark.parametrize("size", [10.0, 0.01])
+def test_kernel_clipping_on_the_gpu_equals_clip_grad_norm_then_adamw(size):
+    """The CUDA kernel divides by grad_scale as the CPU one does (what GradScaler relies on)."""
+    _kernel_clipping_against_clip_grad_norm(size, "cuda")
 
 
 def test_given_norms_are_the_ones_clipped_by():
