@@ -3,10 +3,8 @@
 The Lightning modules in ``algo.py`` decide *whether* (config keys) and call these
 functions; *how* a network is compiled or sharded lives here only:
 
-* ``compile_network``: ``torch.compile`` with static shapes. The FLM input is drawn inside
-  the backbone's forward (``torch.randn`` with a generator), which dynamic-shape tracing
-  cannot do for a symbolic batch size; a new batch size (validation, the last batch)
-  recompiles instead.
+* ``compile_network``: ``torch.compile`` with static shapes (kernels specialised to the
+  training shapes); a new batch size (validation, the last batch) recompiles instead.
 * ``compile_for_sampling``: the same for the samplers' entry points (``features``,
   ``head``), which do not go through ``forward``.
 * ``shard_fsdp``: FSDP2 over a data-parallel mesh, each DiT block one unit, the rest of
