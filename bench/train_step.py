@@ -164,9 +164,15 @@ def measure(model_cfg, vocab: int, variant: str, batch: int, compiled: bool, fus
     return row
 
 
+# inductor options of the row being measured, over compile_options() (--cudagraphs)
+ROW_OPTIONS: dict = {}
+CUDAGRAPHS = {"off": {}, "on": {"triton.cudagraphs": True}}
+
+
 def override_compile_options(pairs: list[str]) -> dict:
     """Replaces models.parallelize.compile_options (what compile_network uses) by its result
-    updated with ``KEY=VALUE`` pairs (true/false/ints parsed); returns the overrides."""
+    updated with ``KEY=VALUE`` pairs (true/false/ints parsed) and then with ROW_OPTIONS;
+    returns the pairs' overrides."""
     import models.parallelize as parallelize
 
     extra = {}
@@ -176,13 +182,13 @@ def override_compile_options(pairs: list[str]) -> dict:
             raise SystemExit(f"--inductor {pair!r}: expected KEY=VALUE")
         extra[key] = {"true": True, "false": False}.get(value.lower(),
                                                         int(value) if value.isdigit() else value)
-    if extra:
-        base = parallelize.compile_options
+    base = parallelize.compile_options
 
-        def options():
-            return {**(base() or {}), **extra}
+    def options():
+        merged = {**(base() or {}), **extra, **ROW_OPTIONS}
+        return merged or None  # inductor's defaults where nothing is set (the CPU)
 
-        parallelize.compile_options = options
+    parallelize.compile_options = options
     return extra
 
 
@@ -232,11 +238,16 @@ def main() -> None:
                    help="comma-separated kernels of the fused CE's chunks, a set of rows each "
                         f"({', '.join(flow.losses.CE_KERNELS)}; flow.losses.CE_KERNEL, default: "
                         "the training's)")
+    p.add_argument("--cudagraphs", default="off",
+                   help="comma-separated off / on, a set of rows each: the compiled networks' "
+                        "forward and backward replayed as CUDA graphs (inductor's "
+                        "triton.cudagraphs; no kernel launch gaps), not what the runs do")
     p.add_argument("--clips", default="kernel",
                    help="comma-separated ways to clip the gradients, a set of rows each "
                         f"({', '.join(CLIPS)}; kernel: as the runs clip)")
     args = p.parse_args()
     clips = listed(p, "--clips", args.clips, CLIPS)
+    graphs = listed(p, "--cudagraphs", args.cudagraphs, tuple(CUDAGRAPHS))
     inductor = override_compile_options(args.inductor)
     ce_kernels = listed(p, "--ce-kernels", args.ce_kernels, flow.losses.CE_KERNELS)
     bursts = [int(b) for b in args.burst.split(",")]
@@ -255,17 +266,22 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_float32_matmul_precision("high")
     rows = []
-    settings = [(form, kernel, fused_ce, mode, batch, variant, burst, clip) for form in forms
-                for kernel in ce_kernels for fused_ce in args.fused_ce.split(",")
+    settings = [(form, kernel, fused_ce, mode, batch, variant, burst, clip, graph)
+                for form in forms for kernel in ce_kernels for fused_ce in args.fused_ce.split(",")
                 for mode in args.modes.split(",") for batch in batches
-                for variant in args.variants.split(",") for burst in bursts for clip in clips]
-    for form, kernel, fused_ce, mode, batch, variant, burst, clip in settings:
+                for variant in args.variants.split(",") for burst in bursts for clip in clips
+                for graph in graphs]
+    for form, kernel, fused_ce, mode, batch, variant, burst, clip, graph in settings:
         models.dit.SOFTCAP_FORM, flow.losses.CE_KERNEL = form, kernel
+        ROW_OPTIONS.clear()
+        ROW_OPTIONS.update(CUDAGRAPHS[graph])
         rows.append(measure(model_cfg, vocab, variant, batch, mode == "compiled", fused_ce, device,
                             args.warmup, args.steps, args.peak_flops, burst, clip))
-        rows[-1].update(fused_ce=fused_ce, softcap=form, burst=burst, kernel=kernel, clip=clip)
+        rows[-1].update(fused_ce=fused_ce, softcap=form, burst=burst, kernel=kernel, clip=clip,
+                        graphs=graph)
         print(f"# done softcap {form} CE kernel {kernel} fused_ce={fused_ce} {mode} B={batch} "
-              f"{variant} burst {burst} clip {clip}", file=sys.stderr, flush=True)
+              f"{variant} burst {burst} clip {clip} CUDA graphs {graph}", file=sys.stderr,
+              flush=True)
     print(f"\nFLM train step, {device_name(device)}, torch {torch.__version__}, V={vocab}, "
           f"L={length}, model={model_cfg.name} (D={model_cfg.hidden_size}, "
           f"blocks={model_cfg.n_blocks}, attn_softcap="
@@ -276,23 +292,24 @@ def main() -> None:
     print("softcap: the form of the attention softcap's tanh (models/dit.py SOFTCAP_FORM); "
           "burst: steps per timed sample (1: a GPU sync after every step); CE kernel: of the "
           "chunked CE's chunks (flow/losses.py CE_KERNEL); clip: how the gradients are clipped "
-          "(kernel: the fused AdamW's grad_scale, as the runs clip; inplace: clip_grad_norm_)")
+          "(kernel: the fused AdamW's grad_scale, as the runs clip; inplace: clip_grad_norm_); "
+          "graphs: the compiled graphs replayed as CUDA graphs")
     print(f"MFU: {FLOP_FORMULA}; F = {forward_flops_per_token(model_cfg, vocab) / 1e6:.1f} "
           f"MFLOP/token; peak {args.peak_flops / 1e12:.0f} TFLOP/s\n")
-    print("| B | mode | fused_ce | CE kernel | softcap | burst | clip | variant | first step s "
-          "| step ms | tokens/s | MFU | peak GiB | vs tokens |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| B | mode | fused_ce | CE kernel | softcap | burst | clip | graphs | variant "
+          "| first step s | step ms | tokens/s | MFU | peak GiB | vs tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
     def same_setting(r):
         return (r["softcap"], r["kernel"], r["fused_ce"], r["batch"], r["compiled"], r["burst"],
-                r["clip"])
+                r["clip"], r["graphs"])
 
     floor = {same_setting(r): r for r in rows if r["variant"] == "tokens"}
     for r in rows:
         mode = "compiled" if r["compiled"] else "eager"
         ce = f"{r['fused_ce']} -> {r.get('ce', '?')}"
         head = (f"| {r['batch']} | {mode} | {ce} | {r['kernel']} | {r['softcap']} | {r['burst']} "
-                f"| {r['clip']} | {r['variant']} | ")
+                f"| {r['clip']} | {r['graphs']} | {r['variant']} | ")
         if r["oom"]:
             print(head + "out of memory | | | | | |")
             continue
