@@ -69,11 +69,11 @@ def clip_by_global_norm(optimizer: torch.optim.Optimizer, max_norm: float,
     if max_norm <= 0:
         raise ValueError(f"max_norm={max_norm}: must be > 0 (no clipping: do not call this)")
     optimizer.__dict__.pop("grad_scale", None)  # a factor left for an earlier step
-    grads = gradients(optimizer)
-    if not grads:
-        return None
     params = [p for group in optimizer.param_groups for p in group["params"]
               if p.grad is not None]
+    if not params:
+        return None
+    grads = [p.grad for p in params]  # gradients(optimizer), from the walk above
     if any(isinstance(g, DTensor) for g in grads):
         total = torch.nn.utils.clip_grad_norm_(params, max_norm)
         return total.full_tensor() if isinstance(total, DTensor) else total
