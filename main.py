@@ -245,7 +245,8 @@ def load_for_eval(config: DictConfig) -> tuple[algo.FlowLM, object]:
     path = config.eval.checkpoint_path
     source = read_source(path, key)
     backbone, settings = backbone_from_source(source, use_ema=not config.eval.disable_ema,
-                                              length=config.model.length, what=key)
+                                              length=config.model.length, what=key,
+                                              algo=config.algo.name)
     saved_model, saved_algo = config_nodes(path, settings, config, key)
     merged = config.copy()
     with open_dict(merged):  # replace whole nodes: the saved algo may have keys the default lacks

@@ -14,9 +14,11 @@
 
 The paper's backbone computes what ours does (models/dit.py follows its
 conventions); only the parameter names differ, mapped in ``UPSTREAM_RENAMES``.
-What a checkpoint does not record is derived from tensor shapes (vocabulary,
-widths, blocks, heads from the rotary table, second time embedding). The model
-and algo config nodes an upstream checkpoint implies are built here too
+The network is built from the weights: vocabulary, widths, blocks, heads (from the
+rotary table) and one or two time embeddings come from tensor shapes and names; a
+saved config or ``algo.name`` that disagrees is logged, an unknown name is a log
+note, and only what cannot run (a missing tensor, a wrong shape) is an error. The
+model and algo config nodes an upstream checkpoint implies are built here too
 (``config_nodes``), so evaluation and distillation rebuild it in one place.
 """
 
@@ -38,10 +40,12 @@ from utils import ConfigError
 log = logging.getLogger(__name__)
 
 ALGOS = ("flm", "flm_distill", "flm_distill_second")
+TWO_TIME_ALGOS = ("flm_distill", "flm_distill_second")  # their network takes (s, t)
 CAUSAL_ALGOS = ("ar",)  # this project's algorithms whose backbone attends causally
-# algo.name in the paper's configs -> ours
+# algo.name a paper-layout checkpoint may store (the paper's names and ours) -> ours
 UPSTREAM_ALGOS = {"flm": "flm", "flm_distill": "flm_distill",
-                  "flm_semigroup_distill": "flm_distill", "flm_distill_double": "flm_distill_second"}
+                  "flm_semigroup_distill": "flm_distill", "flm_distill_double": "flm_distill_second",
+                  "flm_distill_second": "flm_distill_second"}
 UPSTREAM_SOFTCAP = 50.0  # the paper's DDiTBlock passes softcap=50 to flash-attn in every block
 UPSTREAM_DROPOUT = 0.1  # the paper's model.dropout default, used when a checkpoint does not say
 HUB_CONFIG = "config.json"
@@ -71,13 +75,16 @@ class BackboneSettings:
     n_heads: int
     cond_dim: int
     mlp_ratio: int
-    double_temb: bool
+    double_temb: bool  # the network takes two times (s, t)
     algo: str | None  # flm | flm_distill | flm_distill_second; None where not knowable
     dropout: float
     attn_softcap: float | None
     causal: bool
     source: str  # project | paper-lightning | paper-hub
     global_step: int | None = None
+    # two times, one time embedding (the paper's double_temb=false): the paper's DIT embeds
+    # both times with sigma_map and sums them; loaded as a second embedding holding a copy
+    shared_time_embedding: bool = False
     network_vocab: int | None = None  # the backbone's own rows when they differ from the data
     # vocabulary (vocab_size): the MDLM mask token, the AR start token
     saved_config: Any = field(default=None, compare=False, repr=False)  # ours: the run's config
@@ -282,9 +289,39 @@ def _project_settings(source: _Source, what: str) -> tuple[BackboneSettings, Dic
     return settings, saved
 
 
+def _paper_algo(name: Any, two_embeddings: bool, caller_algo: str | None,
+                what: str) -> str | None:
+    """Our algorithm for a paper-layout backbone with one or two time embeddings.
+
+    The weights decide the network; the algorithm is how it is run, which they leave open
+    (one embedding: FLM, or a two-time map whose one embedding serves both times; two: one
+    of the two distillation stages). The stored ``algo.name`` picks it when it is a name we
+    know and the weights allow it; otherwise ``caller_algo`` (the algorithm the caller runs)
+    when the weights allow it; otherwise FLM for one embedding and None (not knowable) for
+    two. Every stored name that is not taken is logged.
+    """
+    allowed = TWO_TIME_ALGOS if two_embeddings else ALGOS
+    stored = UPSTREAM_ALGOS.get(str(name)) if name is not None else None
+    if name is not None and stored is None:
+        log.info("%s: the saved algo.name=%s is not a name this loader knows; the network is "
+                 "built from its weights (%s time embedding%s)", what, name,
+                 "two" if two_embeddings else "one", "s" if two_embeddings else "")
+    elif stored is not None and stored not in allowed:
+        log.info("%s: the saved algo.name=%s (algo=%s) takes one time, but the weights hold a "
+                 "second time embedding: built as a two-time network", what, name, stored)
+    if stored in allowed:
+        if caller_algo is not None and caller_algo != stored:
+            log.info("%s: the checkpoint's algo.name=%s (algo=%s) is used, not algo=%s",
+                     what, name, stored, caller_algo)
+        return stored
+    if caller_algo in allowed:
+        return caller_algo
+    return None if two_embeddings else "flm"
+
+
 def _paper_settings(weights: dict[str, torch.Tensor], config: Any, vocab_hint: Any,
                     length: int | None, step: int | None, source: _Source, what: str,
-                    ) -> BackboneSettings:
+                    caller_algo: str | None = None) -> BackboneSettings:
     def need(key: str) -> torch.Tensor:
         if key not in weights:
             raise ConfigError(f"{what}={source.path}: key {key!r} is missing from the paper's "
@@ -312,25 +349,18 @@ def _paper_settings(weights: dict[str, torch.Tensor], config: Any, vocab_hint: A
     if n_heads is None:
         raise ConfigError(f"{what}={source.path}: neither a saved model.n_heads nor "
                           f"{UPSTREAM_ROTARY} says the number of heads")
-    double_temb = "sigma_map_prime.mlp.0.weight" in weights
-    saved_double = _select(config, "algo.double_temb")
-    if saved_double is not None and bool(saved_double) != double_temb:
-        log.info("%s: algo.double_temb=%s in the saved config, but the weights %s "
-                 "sigma_map_prime", what, saved_double, "have" if double_temb else "lack")
     if _select(config, "algo.causal_attention"):
         raise ConfigError(f"{what}={source.path}: a causal (autoregressive) checkpoint of the "
                           "paper's code; only its FLM/FMLM backbones load here")
-    name = _select(config, "algo.name")
-    if name is not None:
-        if str(name) not in UPSTREAM_ALGOS:
-            raise ConfigError(f"{what}={source.path} was trained with the paper's "
-                              f"algo={name}; loadable: {sorted(UPSTREAM_ALGOS)}")
-        algo = UPSTREAM_ALGOS[str(name)]
-    else:
-        algo = None if double_temb else "flm"  # one time embedding: only FLM has that
-    if algo is not None and (algo != "flm") != double_temb:
-        raise ConfigError(f"{what}={source.path}: algo={algo} but the weights "
-                          f"{'have' if double_temb else 'lack'} a second time embedding")
+    two_embeddings = "sigma_map_prime.mlp.0.weight" in weights
+    saved_double = _select(config, "algo.double_temb")
+    if saved_double is not None and bool(saved_double) != two_embeddings:
+        log.info("%s: algo.double_temb=%s in the saved config, but the weights %s "
+                 "sigma_map_prime; built from the weights", what, saved_double,
+                 "have" if two_embeddings else "lack")
+    algo = _paper_algo(_select(config, "algo.name"), two_embeddings, caller_algo, what)
+    # one time embedding in a two-time algorithm: the paper's DIT feeds both times to it
+    shared = not two_embeddings and algo in TWO_TIME_ALGOS
     saved_vocab = vocab_hint if vocab_hint is not None else _select(config, "vocab_size")
     if saved_vocab is not None and int(saved_vocab) != vocab:
         raise ConfigError(f"{what}={source.path}: vocab_size={saved_vocab} saved, but "
@@ -343,9 +373,10 @@ def _paper_settings(weights: dict[str, torch.Tensor], config: Any, vocab_hint: A
     return BackboneSettings(
         vocab_size=int(vocab), length=int(saved_length if saved_length is not None else length),
         hidden_size=int(hidden), n_blocks=n_blocks, n_heads=int(n_heads), cond_dim=int(cond_dim),
-        mlp_ratio=int(mlp_ratio), double_temb=double_temb, algo=algo,
+        mlp_ratio=int(mlp_ratio), double_temb=two_embeddings or shared, algo=algo,
         dropout=float(dropout) if dropout is not None else UPSTREAM_DROPOUT,
-        attn_softcap=UPSTREAM_SOFTCAP, causal=False, source=source.kind, global_step=step)
+        attn_softcap=UPSTREAM_SOFTCAP, causal=False, source=source.kind, global_step=step,
+        shared_time_embedding=shared)
 
 
 # ---- weights ---------------------------------------------------------------------------------
@@ -408,20 +439,25 @@ def _fill(backbone: DiT, weights: dict[str, torch.Tensor], rename, what: str, pa
 
 
 def load_backbone(path: str | Path, *, use_ema: bool = True, length: int | None = None,
-                  what: str = "checkpoint") -> tuple[DiT, BackboneSettings]:
+                  what: str = "checkpoint", algo: str | None = None,
+                  ) -> tuple[DiT, BackboneSettings]:
     """The backbone stored at ``path`` and its settings (see the module docstring).
 
     ``use_ema``: the EMA weights (Lightning checkpoints); ``length``: the sequence length
     when the checkpoint does not record it (Hub folders); ``what``: the config key named in
-    errors. Every tensor is shape-checked; a missing, unexpected or misshapen one is one
+    errors; ``algo``: the algorithm the caller runs, which decides how a paper-layout
+    network is run where its weights and stored name leave that open (``_paper_algo``).
+    The network is built from the weights (a stored name that disagrees is logged); every
+    tensor is shape-checked, and a missing, unexpected or misshapen one is one
     ``ConfigError`` naming it. The backbone is returned in eval mode, on the CPU.
     """
     return backbone_from_source(read_source(path, what), use_ema=use_ema, length=length,
-                                what=what)
+                                what=what, algo=algo)
 
 
 def backbone_from_source(source: _Source, *, use_ema: bool = True, length: int | None = None,
-                         what: str = "checkpoint") -> tuple[DiT, BackboneSettings]:
+                         what: str = "checkpoint", algo: str | None = None,
+                         ) -> tuple[DiT, BackboneSettings]:
     """``load_backbone`` on what ``read_source`` read (its checkpoint stays in
     ``source.checkpoint`` for callers that need more of it)."""
     if source.kind == "project":
@@ -439,15 +475,24 @@ def backbone_from_source(source: _Source, *, use_ema: bool = True, length: int |
         _fill(backbone, weights, lambda name: name, what, source.path)
     else:
         weights, config, vocab, step = _paper_weights(source, use_ema, what)
-        settings = _paper_settings(weights, config, vocab, length, step, source, what)
+        settings = _paper_settings(weights, config, vocab, length, step, source, what, algo)
         backbone = build_from_settings(settings)
-        used = {upstream_name(n) for n in backbone.state_dict()}
+
+        def rename(name: str) -> str:
+            if settings.shared_time_embedding:
+                name = re.sub(r"^second_time_embedding\.", "time_embedding.", name)
+            return upstream_name(name)
+
+        used = {rename(n) for n in backbone.state_dict()}
         unexpected = sorted(k for k in weights if k not in used and k != UPSTREAM_ROTARY
                             and not k.startswith(UPSTREAM_LOSS_WEIGHTING))
         if unexpected:
             raise ConfigError(f"{what}={source.path}: unexpected keys {unexpected[:5]} in the "
                               "paper's backbone weights (a variant this loader does not know)")
-        _fill(backbone, weights, upstream_name, what, source.path)
+        _fill(backbone, weights, rename, what, source.path)
+        if settings.shared_time_embedding:
+            log.info("%s: one time embedding for two times (the paper's double_temb=false): "
+                     "sigma_map embeds both and the embeddings are summed", what)
         if any(k.startswith(UPSTREAM_LOSS_WEIGHTING) for k in weights):
             log.info("%s: the paper's learnable_loss_weighting weights are not loaded "
                      "(training-only; our weighting is models/loss_weight.py)", what)

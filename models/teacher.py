@@ -34,7 +34,8 @@ def load_teacher(path, key: str, student_model: DictConfig, vocab_size: int,
     if path is None or str(path).strip() in ("", "null", "None"):
         raise ConfigError(f"{key} is not set: pass {key}=/path/to/checkpoint.ckpt (a checkpoint "
                           "of this project's training or a released one of the paper)")
-    teacher, settings = load_backbone(path, use_ema=True, length=student_model.length, what=key)
+    teacher, settings = load_backbone(path, use_ema=True, length=student_model.length, what=key,
+                                      algo=expected_algo)
     if settings.algo is None:
         log.warning("%s=%s does not record its algorithm: taken as algo=%s", key, path,
                     expected_algo)

@@ -112,8 +112,8 @@ def reference_logits(w: dict, z, t, t2=None, softcap=50.0, time_scale=1.0, inter
         return x @ w[f"{prefix}.mlp.2.weight"].T + w[f"{prefix}.mlp.2.bias"]
 
     c = temb("sigma_map", t)
-    if t2 is not None:
-        c = c + temb("sigma_map_prime", t2)
+    if t2 is not None:  # the paper's DIT: sigma_map_prime when it has one, else sigma_map
+        c = c + temb("sigma_map_prime" if "sigma_map_prime.mlp.0.weight" in w else "sigma_map", t2)
     c = F.silu(c)
     hd, length = D // HEADS, h.shape[1]
     angles = torch.outer(torch.arange(length, dtype=torch.float64),
@@ -170,23 +170,73 @@ def test_paper_checkpoint_loads_every_tensor_ema_by_order(tmp_path):
     assert settings.global_step == 7 and settings.attn_softcap == 50.0
 
 
-@pytest.mark.parametrize("double_temb", [True, False])
-def test_forward_equals_paper_conventions_float64(tmp_path, double_temb):
-    algo = "flm_distill_double" if double_temb else "flm"
-    path, _, shadow = paper_checkpoint(tmp_path, double_temb, loss_weighting=False, algo=algo)
-    backbone, _ = load_backbone(path)
+# stored algo.name -> (our algo with one time embedding, with two); None: not knowable
+STORED_NAMES = {"flm": ("flm", None),  # ours and the paper's
+                "flm_distill_second": ("flm_distill_second", "flm_distill_second"),  # ours
+                "flm_distill_double": ("flm_distill_second", "flm_distill_second"),  # the paper's
+                "flm_semigroup_distill": ("flm_distill", "flm_distill"),  # the paper's
+                "flm_consistency_v2": ("flm", None)}  # an flm-family name nobody knows
+TWO_TIME = ("flm_distill", "flm_distill_second")
+
+
+@pytest.mark.parametrize("two_embeddings", [False, True])
+@pytest.mark.parametrize("name", list(STORED_NAMES))
+def test_architecture_from_the_weights_forward_float64(tmp_path, caplog, name, two_embeddings):
+    """Every stored name x one or two time embeddings loads, built from the weights, and
+    computes the paper's forward: two embeddings sum sigma_map(t) and sigma_map_prime(t2);
+    one embedding in a two-time algorithm sums sigma_map(t) and sigma_map(t2), as the paper's
+    DIT does with double_temb=false; in FLM it embeds t alone."""
+    path, _, shadow = paper_checkpoint(tmp_path, two_embeddings, loss_weighting=False,
+                                       algo=name)
+    with caplog.at_level("INFO", logger="models.load"):
+        backbone, settings = load_backbone(path)
+    algo = STORED_NAMES[name][two_embeddings]
+    assert settings.algo == algo
+    two_times = two_embeddings or algo in TWO_TIME
+    assert settings.double_temb == backbone.double_temb == two_times
+    assert settings.shared_time_embedding == (two_times and not two_embeddings)
+    noted = [r.getMessage() for r in caplog.records if f"algo.name={name}" in r.getMessage()]
+    disagrees = name == "flm_consistency_v2" or (name == "flm" and two_embeddings)
+    assert len(noted) == disagrees, noted  # one log line where the name is unknown or disagrees
     backbone = backbone.double()
     g = torch.Generator().manual_seed(3)
     z = torch.randn(2, L, V, generator=g, dtype=torch.float64)
     t, t2 = torch.rand(2, generator=g), torch.rand(2, generator=g)
-    second = t2 if double_temb else None
+    second = t2 if two_times else None
     ours = backbone.logits_from_state(z, t, second)
     expected = reference_logits(shadow, z, t, second)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
     # the test tells the conventions apart: each alternative moves the logits well beyond that
-    for alternative in (dict(softcap=None), dict(time_scale=1000.0), dict(interleaved=True)):
+    alternatives = [dict(softcap=None), dict(time_scale=1000.0), dict(interleaved=True)]
+    for alternative in alternatives:
         other = reference_logits(shadow, z, t, second, **alternative)
         assert (other - expected).abs().max() > 1e-2, alternative
+    if two_times:  # the second time matters: t2 ignored is another network
+        assert (reference_logits(shadow, z, t) - expected).abs().max() > 1e-2
+
+
+def test_caller_algo_decides_what_the_weights_leave_open(tmp_path, caplog):
+    # an unknown stored name, one embedding: the caller's two-time algorithm runs it as the
+    # paper's double_temb=false map; a known stored name wins over the caller's (logged)
+    path, _, shadow = paper_checkpoint(tmp_path, False, loss_weighting=False,
+                                       algo="flm_consistency_v2")
+    backbone, settings = load_backbone(path, algo="flm_distill")
+    assert settings.algo == "flm_distill" and settings.shared_time_embedding
+    z = torch.randn(2, L, V, dtype=torch.float64)
+    t, t2 = torch.rand(2), torch.rand(2)
+    torch.testing.assert_close(backbone.double().logits_from_state(z, t, t2),
+                               reference_logits(shadow, z, t, t2), rtol=1e-5, atol=1e-5)
+    path, _, _ = paper_checkpoint(tmp_path, True, loss_weighting=False, algo="flm_distill_double",
+                                  name="fmlm.ckpt")
+    with caplog.at_level("INFO", logger="models.load"):
+        _, settings = load_backbone(path, algo="flm_distill")
+    assert settings.algo == "flm_distill_second"
+    assert any("not algo=flm_distill" in r.getMessage() for r in caplog.records)
+    # two embeddings, stored one-time name: the caller's two-time algorithm, else not knowable
+    path, _, _ = paper_checkpoint(tmp_path, True, loss_weighting=False, algo="flm",
+                                  name="two.ckpt")
+    assert load_backbone(path, algo="flm_distill_second")[1].algo == "flm_distill_second"
+    assert load_backbone(path, algo="flm")[1].algo is None
 
 
 def test_wrong_shape_or_missing_key_is_one_clear_error(tmp_path):
@@ -304,6 +354,15 @@ def test_eval_loads_paper_checkpoints(tmp_path):
                                shadow["output_layer.linear.weight"], rtol=0, atol=0)
     tokens = module.generate(2, 2, torch.Generator(device=module.device).manual_seed(0))
     assert tokens.shape == (2, L)
+    # a stage-2 map with one time embedding (the paper's double_temb=false): two times
+    path, _, shadow = paper_checkpoint(tmp_path, double_temb=False, loss_weighting=False,
+                                       algo="flm_distill_double", name="shared.ckpt", vocab=vocab)
+    config = resolve_config(compose_config(base + [f"eval.checkpoint_path={path}"]))
+    module, _ = main.load_for_eval(config)
+    assert module.config.algo.name == "flm_distill_second" and module.sampler_two_times
+    for layer in ("time_embedding", "second_time_embedding"):
+        torch.testing.assert_close(getattr(module.backbone, layer).mlp[0].weight.detach().cpu(),
+                                   shadow["sigma_map.mlp.0.weight"], rtol=0, atol=0)
     # an FMLM Hub folder that does not say its stage: the config's algo decides; sample_eval of
     # stage 2 needs no teachers
     folder = tmp_path / "fmlm"
