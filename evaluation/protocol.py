@@ -3,7 +3,10 @@
 ``paper`` reproduces what the paper's code (``david3684/flm``, a DUO/MDLM fork) does:
 
 ========================  ==========================================================
-decode                    plain ``batch_decode``: special tokens stay as text
+decode                    plain ``batch_decode``: special tokens stay as text; a
+                          WordPiece (BERT, LM1B) tokenizer's text then gets transformers
+                          4.x's ``clean_up_tokenization`` (``paper_cleanup``), whatever
+                          transformers is installed (5.x no longer applies it)
 re-tokenise               judge tokenizer, pad = EOS, each call padded to its longest
                           text, truncated at ``model.length``, no BOS/EOS added
 windows                   one (truncation makes longer impossible)
@@ -50,14 +53,38 @@ class Protocol:
     ppl_dtype: torch.dtype  # precision of the gen-PPL sums
     state_dtype: str  # default sampler-state precision
     autocast: str  # default backbone autocast while sampling: bf16 | none
+    wordpiece_cleanup: bool  # WordPiece text gets ``paper_cleanup`` (transformers 4.x's)
 
 
 PROTOCOLS = {
     "paper": Protocol("paper", keep_special_text=True, metrics_keep_special=True,
-                      ppl_dtype=torch.float32, state_dtype="float32", autocast="bf16"),
+                      ppl_dtype=torch.float32, state_dtype="float32", autocast="bf16",
+                      wordpiece_cleanup=True),
     "clean": Protocol("clean", keep_special_text=False, metrics_keep_special=False,
-                      ppl_dtype=torch.float64, state_dtype="float32", autocast="none"),
+                      ppl_dtype=torch.float64, state_dtype="float32", autocast="none",
+                      wordpiece_cleanup=False),
 }
+
+# transformers 4.x's ``clean_up_tokenization``, which its BERT tokenizers applied to the whole
+# decoded text (clean_up_tokenization_spaces=True), in its order: the replacements run one
+# after the other, so " ' " -> "'" comes before " n't" -> "n't" ("do n ' t" -> "don't")
+PAPER_CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
+                 (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"),
+                 (" 're", "'re"))
+
+
+def paper_cleanup(text: str) -> str:
+    """Decoded text as transformers 4.x (the paper's pin) returned it from a BERT tokenizer:
+    ``PAPER_CLEANUP`` applied in order (``"duke ' s"`` -> ``"duke's"``)."""
+    for spaced, joined in PAPER_CLEANUP:
+        text = text.replace(spaced, joined)
+    return text
+
+
+def is_wordpiece(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` is backed by a ``tokenizers`` WordPiece model (BERT; LM1B)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return type(getattr(backend, "model", None)).__name__ == "WordPiece"
 
 
 def get_protocol(name: str) -> Protocol:

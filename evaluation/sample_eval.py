@@ -24,7 +24,13 @@ from evaluation import metrics
 from evaluation.judges import make_judge
 from evaluation.mauve_score import MauveSettings, judge_features, mauve_from_features
 from evaluation.plots import plot_summaries
-from evaluation.protocol import autocast_context, get_protocol, sampler_settings
+from evaluation.protocol import (
+    autocast_context,
+    get_protocol,
+    is_wordpiece,
+    paper_cleanup,
+    sampler_settings,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +43,24 @@ TABLE_COLUMNS = (("steps", "steps", "{}"), ("gen_ppl", "gen PPL", "{:.2f}"),
                  ("network_calls_per_sample", "NFE/sample", "{}"))
 
 
-def make_decode_fn(tokenizer: Any, keep_special_text: bool = False) -> DecodeFn:
+def make_decode_fn(tokenizer: Any, keep_special_text: bool = False,
+                   wordpiece_cleanup: bool = False) -> DecodeFn:
     """Decode every sample whole. Clean protocol: special tokens (BOS/EOS/PAD) dropped, the
     judge adds its own BOS/EOS. Paper protocol (``keep_special_text``): plain decoding,
-    special tokens stay as text (``<|endoftext|>``, ``[CLS]``, ``[PAD]``, ...)."""
+    special tokens stay as text (``<|endoftext|>``, ``[CLS]``, ``[PAD]``, ...).
+    ``wordpiece_cleanup`` (paper protocol): a WordPiece tokenizer's text is the tokenizers
+    library's decoding followed by transformers 4.x's cleanup (``protocol.paper_cleanup``),
+    whatever transformers is installed; other tokenizers (GPT-2 on OWT) decode as before."""
+    skip = not keep_special_text
+    if wordpiece_cleanup and is_wordpiece(tokenizer):
+        def decode(ids: torch.Tensor) -> list[str]:
+            texts = tokenizer.batch_decode(ids.tolist(), skip_special_tokens=skip,
+                                           clean_up_tokenization_spaces=False)
+            return [paper_cleanup(text) for text in texts]
+        return decode
+
     def decode(ids: torch.Tensor) -> list[str]:
-        return tokenizer.batch_decode(ids.tolist(), skip_special_tokens=not keep_special_text)
+        return tokenizer.batch_decode(ids.tolist(), skip_special_tokens=skip)
     return decode
 
 
@@ -251,7 +269,8 @@ def run_from_config(config: Any, module: Any, tokenizer: Any) -> dict[str, Any]:
     n, seed = int(ev.num_samples), int(ev.seed)
     batch_size = int(config.sampling.batch_size)
     device = next(module.parameters()).device
-    decode_fn = make_decode_fn(tokenizer, keep_special_text=protocol.keep_special_text)
+    decode_fn = make_decode_fn(tokenizer, keep_special_text=protocol.keep_special_text,
+                               wordpiece_cleanup=protocol.wordpiece_cleanup)
     judge = make_judge(ev, config.data, data_tokenizer=tokenizer, device=device,
                        max_length=int(config.model.length), call_size=batch_size)
     reference_ids, mauve_ids = None, None
