@@ -512,9 +512,10 @@ def config_nodes(path: str | Path, settings: BackboneSettings, config: DictConfi
     """Our ``model`` and ``algo`` config nodes for the checkpoint at ``path``.
 
     This project's checkpoints: their saved nodes. The paper's: ``config.model`` with the
-    checkpoint's architecture, and the defaults of configs/algo/<algo>.yaml; where the
-    checkpoint does not say its algorithm (a Hub folder with two time embeddings),
-    ``config.algo.name`` decides when it is a two-time algorithm, else a ConfigError.
+    checkpoint's architecture, and the defaults of configs/algo/<algo>.yaml; where neither
+    the checkpoint nor the loading caller settled its algorithm (two time embeddings and no
+    two-time name: ``_paper_algo``), ``config.algo.name`` decides when it is a two-time
+    algorithm, else a ConfigError.
     """
     if settings.source == "project":
         return settings.saved_config.model, settings.saved_config.algo
