@@ -307,7 +307,13 @@ def generate_text(config: DictConfig) -> None:
     """mode=generate: prompt continuation or infilling from ``eval.checkpoint_path``
     (docs/math.md §9); prints the texts and writes them with the settings to
     ``generate.output_path``."""
-    from models.generate import generate, infill_known, parse_infill, prompt_known
+    from models.generate import (
+        check_output_path,
+        generate,
+        infill_known,
+        parse_infill,
+        prompt_known,
+    )
     gc, sc = config.generate, config.sampling
     given = [k for k in ("prompt", "prompt_file", "infill") if gc[k] is not None]
     if len(given) > 1:
@@ -329,6 +335,7 @@ def generate_text(config: DictConfig) -> None:
     else:
         prompts = []
     pieces = parse_infill(gc.infill) if gc.infill is not None else None  # before loading
+    out = check_output_path(gc.output_path)
     module, tokenizer = load_for_eval(config)
     length = int(module.config.model.length)
     if pieces is not None:
@@ -362,8 +369,6 @@ def generate_text(config: DictConfig) -> None:
                 "denominator_eps": float(sc.denominator_eps), "add_bos": gc.add_bos,
                 "prompt": gc.prompt, "prompt_file": gc.prompt_file, "infill": gc.infill,
                 "ema": not config.eval.disable_ema}
-    out = Path(str(gc.output_path))
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"settings": settings, "samples": records}, indent=1))
     log.info("generate: %d samples written to %s", len(records), out)
 
