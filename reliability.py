@@ -10,7 +10,8 @@ checkpointing.py).
   SLURM job (SIGUSR1/2) and stop.
   The process then exits with :data:`EXIT_PREEMPTED` (75, EX_TEMPFAIL: "stopped, resume me"),
   without a validation pass; Ctrl-C (SIGINT) does the same and exits with 130 (a second
-  Ctrl-C aborts at once, without a checkpoint).
+  Ctrl-C aborts at once, without a checkpoint). During start-up (:func:`stop_at_startup`)
+  the same signals stop the process at once with the same exit status.
 * :class:`RunLock`: one training process per run directory (a file lock held for the run's
   life; the lock file names host, pid and start time).
 * :class:`ResplitLoop`: resuming with another accumulation (another device count for the same
@@ -24,6 +25,7 @@ All ranks take the same decision: flags are reduced over the process group befor
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
 import fcntl
 import json
@@ -46,6 +48,7 @@ from torch.distributed.tensor import DTensor
 
 from data.sampler import split_micro_batch_index
 from monitoring import (
+    StepBoundaryStop,
     logging_step,
     pop_landed,
     readable_later,
@@ -354,8 +357,9 @@ EXIT_PREEMPTED = 75  # exit status after a checkpoint signal (EX_TEMPFAIL: resum
 EXIT_INTERRUPTED = 130  # exit status after Ctrl-C (128 + SIGINT), checkpoint written
 
 
-class Preempted(Exception):
-    """Training stopped by a signal at a step boundary, after ``checkpoint_path`` was saved."""
+class Preempted(StepBoundaryStop):
+    """Training stopped by a signal at a step boundary, after ``checkpoint_path`` was saved
+    (a :class:`monitoring.StepBoundaryStop`: the step's logged values are written)."""
 
     def __init__(self, signal_name: str, step: int, checkpoint_path: Path) -> None:
         super().__init__(f"stopped by {signal_name} at step {step}; {checkpoint_path} holds the "
@@ -365,6 +369,67 @@ class Preempted(Exception):
     @property
     def exit_code(self) -> int:
         return EXIT_INTERRUPTED if self.signal_name == "SIGINT" else EXIT_PREEMPTED
+
+
+class StoppedAtStartup(BaseException):
+    """A checkpoint signal or Ctrl-C arrived while the run was starting (before its first
+    step): nothing was trained since the last checkpoint, so the process just stops.
+
+    A BaseException, as KeyboardInterrupt: raised from a signal handler, anywhere, it must
+    not be caught or re-created by code that handles ``Exception`` (OmegaConf rebuilds those
+    with one message argument)."""
+
+    def __init__(self, signal_name: str, requeue: bool) -> None:
+        super().__init__(f"stopped by {signal_name} during start-up, before the first step; "
+                         "the last checkpoint is the resume point")
+        self.signal_name, self.requeue = signal_name, requeue
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_INTERRUPTED if self.signal_name == "SIGINT" else EXIT_PREEMPTED
+
+
+# Signal dispositions are process-wide: whether the process is in start-up, between
+# stop_at_startup() and the first PreemptionHandler.on_train_start.
+_starting = threading.Event()
+
+
+def _on_startup_signal(requeue_signals: tuple[signal.Signals, ...]):
+    def handler(signum: int, frame: Any) -> None:
+        sig = signal.Signals(signum)
+        if _starting.is_set():
+            _starting.clear()  # one stop; a second signal meanwhile has its default effect
+            raise StoppedAtStartup(sig.name, sig in requeue_signals)
+        # after start-up (reached only through a handler chain that kept this one, e.g.
+        # Lightning's after fit): the signal's default effect
+        if sig == signal.SIGINT:
+            raise KeyboardInterrupt
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+    return handler
+
+
+@contextlib.contextmanager
+def stop_at_startup(signals: tuple[str, ...], requeue_signals: tuple[str, ...] = ()):
+    """While a run starts (lock, data, model, restore, Lightning's set-up), ``signals`` raise
+    :class:`StoppedAtStartup` at once, so the caller exits with its ``exit_code`` (75, or 130
+    for SIGINT) through its cleanup (the run lock is released) instead of being killed (143).
+    :class:`PreemptionHandler` ends the start-up at ``on_train_start``; from then on a signal
+    saves a checkpoint at the next step boundary. The previous handlers are back on exit."""
+    numbers = tuple(dict.fromkeys(_signal_number(s) for s in signals))
+    requeue = tuple(_signal_number(s) for s in requeue_signals)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = _on_startup_signal(requeue)
+    previous = {sig: signal.signal(sig, handler) for sig in numbers}
+    _starting.set()
+    try:
+        yield
+    finally:
+        _starting.clear()
+        for sig, old in previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
 
 
 class PreemptionHandler(pl.Callback):
@@ -419,8 +484,9 @@ class PreemptionHandler(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after Lightning registered its own handlers (it restores the pre-fit ones at teardown);
-        # before this, nothing has been trained since the last checkpoint
+        # before this, nothing has been trained since the last checkpoint (stop_at_startup)
         self._install()
+        _starting.clear()
         self._seen_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
