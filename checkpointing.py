@@ -16,6 +16,7 @@ import fnmatch
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
 import time
@@ -327,16 +328,22 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
     return stale
 
 
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint file exists but does not load; the message names the file and the cause."""
+
+
 def load_checkpoint_file(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, Any]:
-    """torch.load a checkpoint on the CPU, with one clear error for missing or corrupt files."""
+    """torch.load a checkpoint on the CPU, with one clear error for missing or corrupt files
+    (:class:`CorruptCheckpointError`, the loader's own error in its message, not chained)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # truncated zip, bad pickle, ...
-        raise RuntimeError(f"{what} {path} is corrupt or truncated ({type(err).__name__}: "
-                           f"{err}); delete it or point to another checkpoint") from err
+        raise CorruptCheckpointError(
+            f"{what} {path} is corrupt or truncated ({type(err).__name__}: {err}); delete it or "
+            "point to another checkpoint") from None
 
 
 PERIODIC_PREFIX = "step"  # periodic checkpoints are <save_dir>/checkpoints/step<NNNNNNNN>.ckpt
@@ -346,13 +353,19 @@ RUN_ID_NAME = "run_id"  # <save_dir>/checkpoints/run_id: the id of the run writi
 ARCHITECTURE_KEYS = ("length", "hidden_size", "n_blocks", "n_heads", "cond_dim", "mlp_ratio")
 
 
+# step<N>.ckpt, or step<N>-v<K>.ckpt: Lightning's name when step<N>.ckpt already exists there
+PERIODIC_NAME = re.compile(rf"{PERIODIC_PREFIX}(\d+)(?:-v(\d+))?\.ckpt")
+
+
 def periodic_checkpoints(directory: str | os.PathLike) -> list[Path]:
-    """Periodic checkpoints in ``directory``, newest (highest step) first."""
-    def step(path: Path) -> int:
-        digits = path.stem[len(PERIODIC_PREFIX):]
-        return int(digits) if digits.isdigit() else -1
-    found = [p for p in Path(directory).glob(f"{PERIODIC_PREFIX}*.ckpt") if step(p) >= 0]
-    return sorted(found, key=step, reverse=True)
+    """Periodic checkpoints in ``directory``, newest (highest step, then highest ``-vK``)
+    first."""
+    def order(path: Path) -> tuple[int, int]:
+        match = PERIODIC_NAME.fullmatch(path.name)
+        return int(match.group(1)), int(match.group(2) or 0)
+    found = [p for p in Path(directory).glob(f"{PERIODIC_PREFIX}*.ckpt")
+             if PERIODIC_NAME.fullmatch(p.name)]
+    return sorted(found, key=order, reverse=True)
 
 
 def find_resume_checkpoint(resume_path: str | os.PathLike, fallback_to_previous: bool,
@@ -373,10 +386,11 @@ def find_resume_checkpoint(resume_path: str | os.PathLike, fallback_to_previous:
     if resume_path.is_file():
         try:
             return resume_path, load_checkpoint_file(resume_path, "resume checkpoint")
-        except RuntimeError as err:
+        except CorruptCheckpointError as err:
             if not fallback_to_previous:
-                raise RuntimeError(f"{err}. Or set checkpointing.fallback_to_previous=true to "
-                                   "resume from the newest readable periodic checkpoint") from err
+                raise CorruptCheckpointError(
+                    f"{err}. Or set checkpointing.fallback_to_previous=true to resume from the "
+                    "newest readable periodic checkpoint") from None
             log.error("%s", err)
     elif not periodic:
         return None, None
@@ -394,7 +408,7 @@ def find_resume_checkpoint(resume_path: str | os.PathLike, fallback_to_previous:
     for candidate in periodic:
         try:
             ckpt = load_checkpoint_file(candidate, "periodic checkpoint")
-        except RuntimeError as err:
+        except CorruptCheckpointError as err:
             log.error("%s", err)
             continue
         if ckpt.get(RUN_ID_KEY) != run_id:

@@ -11,6 +11,7 @@ from pathlib import Path
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
@@ -154,21 +155,33 @@ def is_launch_rank_zero() -> bool:
                for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"))
 
 
-def train(config: DictConfig) -> None:
+def train(config: DictConfig, record: dict[str, str] | None = None) -> None:
     """Train, resuming from ``checkpointing.resume_ckpt_path`` when it exists.
 
     Exits with reliability.EXIT_PREEMPTED (75) after a checkpoint signal and 130 after Ctrl-C,
-    once the resume checkpoint is on disk.
+    once the resume checkpoint is on disk; during start-up, before the first step, at once
+    (nothing to save). A run refused by the directory's lock writes nothing there: the
+    ``record`` (``hydra_record``) and the first log line come once the lock is held.
     """
     save_dir = Path(config.checkpointing.save_dir)
     rank_zero = is_launch_rank_zero()
+    rc = config.reliability
     lock = reliability.RunLock(save_dir)
-    if rank_zero:  # the other ranks run inside rank 0's launch
-        lock.acquire()
     try:
-        _train(config, save_dir, rank_zero)
-    finally:
-        lock.release()
+        with reliability.stop_at_startup((*rc.checkpoint_signals, "SIGINT"),
+                                         tuple(rc.requeue_signals)):
+            if rank_zero:  # the other ranks run inside rank 0's launch
+                lock.acquire()
+            try:
+                accepted(config, record if rank_zero else None)
+                _train(config, save_dir, rank_zero)
+            finally:
+                lock.release()
+    except reliability.StoppedAtStartup as stop:
+        if stop.requeue and rank_zero:
+            reliability.requeue_slurm_job()
+        log.warning("%s; exiting with status %d", stop, stop.exit_code)
+        raise SystemExit(stop.exit_code) from None
 
 
 def _train(config: DictConfig, save_dir: Path, rank_zero: bool) -> None:
@@ -308,7 +321,13 @@ def generate_text(config: DictConfig) -> None:
     """mode=generate: prompt continuation or infilling from ``eval.checkpoint_path``
     (docs/math.md §9); prints the texts and writes them with the settings to
     ``generate.output_path``."""
-    from models.generate import generate, infill_known, parse_infill, prompt_known
+    from models.generate import (
+        check_output_path,
+        generate,
+        infill_known,
+        parse_infill,
+        prompt_known,
+    )
     gc, sc = config.generate, config.sampling
     given = [k for k in ("prompt", "prompt_file", "infill") if gc[k] is not None]
     if len(given) > 1:
@@ -330,6 +349,7 @@ def generate_text(config: DictConfig) -> None:
     else:
         prompts = []
     pieces = parse_infill(gc.infill) if gc.infill is not None else None  # before loading
+    out = check_output_path(gc.output_path)
     module, tokenizer = load_for_eval(config)
     length = int(module.config.model.length)
     if pieces is not None:
@@ -363,23 +383,48 @@ def generate_text(config: DictConfig) -> None:
                 "denominator_eps": float(sc.denominator_eps), "add_bos": gc.add_bos,
                 "prompt": gc.prompt, "prompt_file": gc.prompt_file, "infill": gc.infill,
                 "ema": not config.eval.disable_ema}
-    out = Path(str(gc.output_path))
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"settings": settings, "samples": records}, indent=1))
     log.info("generate: %d samples written to %s", len(records), out)
 
 
-@hydra.main(version_base=None, config_path="configs", config_name="config")
-def main(config: DictConfig) -> None:
-    config = utils.resolve_config(config)
-    torch.set_float32_matmul_precision("high")
-    pl.seed_everything(config.seed, workers=True)
+def hydra_record(config: DictConfig) -> dict[str, str] | None:
+    """The files Hydra writes to ``<run dir>/.hydra`` (config, hydra settings, overrides) as
+    texts, taken before the config is resolved; None outside a Hydra run. The config sets
+    ``hydra.output_subdir: null`` so that they are written by :func:`accepted` instead."""
+    if not HydraConfig.initialized():
+        return None
+    hydra_config = HydraConfig.get()
+    return {"config.yaml": OmegaConf.to_yaml(config),
+            "hydra.yaml": OmegaConf.to_yaml({"hydra": hydra_config}),
+            "overrides.yaml": OmegaConf.to_yaml(hydra_config.overrides.task),
+            "directory": str(Path(hydra_config.runtime.output_dir) / ".hydra")}
+
+
+def accepted(config: DictConfig, record: dict[str, str] | None) -> None:
+    """The run goes ahead: write Hydra's ``record`` of it and log its settings."""
+    if record is not None:
+        directory = Path(record["directory"])
+        directory.mkdir(parents=True, exist_ok=True)
+        for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+            (directory / name).write_text(record[name])
     log.info("mode=%s algo=%s model=%s data=%s devices=%s nodes=%s global_batch=%s "
              "batch=%s accumulate=%s", config.mode, config.algo.name, config.model.name,
              config.data.name, config.trainer.devices, config.trainer.num_nodes,
              config.loader.global_batch_size, config.loader.batch_size,
              config.trainer.accumulate_grad_batches)
-    {"train": train, "ppl_eval": ppl_eval, "sample_eval": sample_eval,
+
+
+@hydra.main(version_base=None, config_path="configs", config_name="config")
+def main(config: DictConfig) -> None:
+    record = hydra_record(config)
+    config = utils.resolve_config(config)
+    torch.set_float32_matmul_precision("high")
+    pl.seed_everything(config.seed, workers=True)
+    if config.mode == "train":  # accepted once the run lock is held
+        train(config, record)
+        return
+    accepted(config, record)
+    {"ppl_eval": ppl_eval, "sample_eval": sample_eval,
      "generate": generate_text}[config.mode](config)
 
 

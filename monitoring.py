@@ -126,26 +126,42 @@ class Throughput(pl.Callback):
         self._last_step = trainer.global_step
 
 
+class StepBoundaryStop(Exception):
+    """Raised from ``on_train_batch_end`` to end training after the step's optimizer update
+    (a preemption, reliability.Preempted): the step's logged values are final, and
+    :class:`LoggedLater` writes them before the run ends."""
+
+
 class LoggedLater(pl.Callback):
     """Writes the training step's logged device values of ``keys`` (logged with
     ``logger=False``) to the loggers without a host wait: at each of Lightning's logging
     steps they are copied without waiting (``readable_later``) and written, with the step
     and epoch Lightning would have written, once the copy has landed (on a GPU a step or two
     later, on the CPU at once); the copies still in flight are written at the end of
-    training, before a validation run and when the run fails."""
+    training, before a validation run and when the run fails. A :class:`StepBoundaryStop`
+    raised by a callback before this one's ``on_train_batch_end`` still gets that step's
+    values written: every logged step up to the stop is in the logs."""
 
     def __init__(self, keys: tuple[str, ...] = ("train/loss",)) -> None:
         self.keys = tuple(keys)
         # (step, epoch, names, host copy, event) per logging step, oldest first
         self._pending: collections.deque[tuple] = collections.deque()
+        self._copied_step: int | None = None  # the logger step of the latest copy
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        if logging_step(trainer):
-            copied = copy_logged(trainer.callback_metrics, self.keys)
-            if copied is not None:
-                self._pending.append((*step_and_epoch(trainer), *copied))
+        self._copy_step(trainer)
         self._write(trainer, wait=False)
+
+    def _copy_step(self, trainer: pl.Trainer) -> None:
+        """Copy this batch end's values of ``keys`` if Lightning logs at it (once per step)."""
+        step, epoch = step_and_epoch(trainer)
+        if not logging_step(trainer) or step == self._copied_step:
+            return
+        copied = copy_logged(trainer.callback_metrics, self.keys)
+        if copied is not None:
+            self._pending.append((step, epoch, *copied))
+            self._copied_step = step
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._write(trainer, wait=True)  # validation reads its own values on the host anyway
@@ -156,6 +172,8 @@ class LoggedLater(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
         try:
+            if isinstance(exception, StepBoundaryStop):  # the step ended: its values are final
+                self._copy_step(trainer)
             self._write(trainer, wait=True)
         except Exception as error:  # a failed device may not give its values back
             log.warning("training values of %d logging steps not written: %s",

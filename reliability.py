@@ -10,8 +10,10 @@ checkpointing.py).
   SLURM job (SIGUSR1/2) and stop.
   The process then exits with :data:`EXIT_PREEMPTED` (75, EX_TEMPFAIL: "stopped, resume me"),
   without a validation pass; Ctrl-C (SIGINT) does the same and exits with 130 (a second
-  Ctrl-C aborts at once, without a checkpoint).
-* :class:`RunLock`: one training process per run directory (a lock file naming host and pid).
+  Ctrl-C aborts at once, without a checkpoint). During start-up (:func:`stop_at_startup`)
+  the same signals stop the process at once with the same exit status.
+* :class:`RunLock`: one training process per run directory (a file lock held for the run's
+  life; the lock file names host, pid and start time).
 * :class:`ResplitLoop`: resuming with another accumulation (another device count for the same
   global batch) rescales Lightning's micro-batch counters to the new accumulation.
 * :class:`RNGStates`: the global random states (python, numpy, torch CPU and CUDA) of every rank
@@ -23,13 +25,19 @@ All ranks take the same decision: flags are reduced over the process group befor
 from __future__ import annotations
 
 import collections
+import contextlib
+import datetime
+import fcntl
+import json
 import logging
 import os
 import random
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +48,7 @@ from torch.distributed.tensor import DTensor
 
 from data.sampler import split_micro_batch_index
 from monitoring import (
+    StepBoundaryStop,
     logging_step,
     pop_landed,
     readable_later,
@@ -348,8 +357,9 @@ EXIT_PREEMPTED = 75  # exit status after a checkpoint signal (EX_TEMPFAIL: resum
 EXIT_INTERRUPTED = 130  # exit status after Ctrl-C (128 + SIGINT), checkpoint written
 
 
-class Preempted(Exception):
-    """Training stopped by a signal at a step boundary, after ``checkpoint_path`` was saved."""
+class Preempted(StepBoundaryStop):
+    """Training stopped by a signal at a step boundary, after ``checkpoint_path`` was saved
+    (a :class:`monitoring.StepBoundaryStop`: the step's logged values are written)."""
 
     def __init__(self, signal_name: str, step: int, checkpoint_path: Path) -> None:
         super().__init__(f"stopped by {signal_name} at step {step}; {checkpoint_path} holds the "
@@ -359,6 +369,67 @@ class Preempted(Exception):
     @property
     def exit_code(self) -> int:
         return EXIT_INTERRUPTED if self.signal_name == "SIGINT" else EXIT_PREEMPTED
+
+
+class StoppedAtStartup(BaseException):
+    """A checkpoint signal or Ctrl-C arrived while the run was starting (before its first
+    step): nothing was trained since the last checkpoint, so the process just stops.
+
+    A BaseException, as KeyboardInterrupt: raised from a signal handler, anywhere, it must
+    not be caught or re-created by code that handles ``Exception`` (OmegaConf rebuilds those
+    with one message argument)."""
+
+    def __init__(self, signal_name: str, requeue: bool) -> None:
+        super().__init__(f"stopped by {signal_name} during start-up, before the first step; "
+                         "the last checkpoint is the resume point")
+        self.signal_name, self.requeue = signal_name, requeue
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_INTERRUPTED if self.signal_name == "SIGINT" else EXIT_PREEMPTED
+
+
+# Signal dispositions are process-wide: whether the process is in start-up, between
+# stop_at_startup() and the first PreemptionHandler.on_train_start.
+_starting = threading.Event()
+
+
+def _on_startup_signal(requeue_signals: tuple[signal.Signals, ...]):
+    def handler(signum: int, frame: Any) -> None:
+        sig = signal.Signals(signum)
+        if _starting.is_set():
+            _starting.clear()  # one stop; a second signal meanwhile has its default effect
+            raise StoppedAtStartup(sig.name, sig in requeue_signals)
+        # after start-up (reached only through a handler chain that kept this one, e.g.
+        # Lightning's after fit): the signal's default effect
+        if sig == signal.SIGINT:
+            raise KeyboardInterrupt
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+    return handler
+
+
+@contextlib.contextmanager
+def stop_at_startup(signals: tuple[str, ...], requeue_signals: tuple[str, ...] = ()):
+    """While a run starts (lock, data, model, restore, Lightning's set-up), ``signals`` raise
+    :class:`StoppedAtStartup` at once, so the caller exits with its ``exit_code`` (75, or 130
+    for SIGINT) through its cleanup (the run lock is released) instead of being killed (143).
+    :class:`PreemptionHandler` ends the start-up at ``on_train_start``; from then on a signal
+    saves a checkpoint at the next step boundary. The previous handlers are back on exit."""
+    numbers = tuple(dict.fromkeys(_signal_number(s) for s in signals))
+    requeue = tuple(_signal_number(s) for s in requeue_signals)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = _on_startup_signal(requeue)
+    previous = {sig: signal.signal(sig, handler) for sig in numbers}
+    _starting.set()
+    try:
+        yield
+    finally:
+        _starting.clear()
+        for sig, old in previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
 
 
 class PreemptionHandler(pl.Callback):
@@ -413,8 +484,9 @@ class PreemptionHandler(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after Lightning registered its own handlers (it restores the pre-fit ones at teardown);
-        # before this, nothing has been trained since the last checkpoint
+        # before this, nothing has been trained since the last checkpoint (stop_at_startup)
         self._install()
+        _starting.clear()
         self._seen_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -524,59 +596,150 @@ class RunLockedError(RuntimeError):
     """Another live process holds the run directory's lock."""
 
 
-class RunLock:
-    """``<directory>/.lock``: created atomically (O_EXCL) with ``host pid [slurm job]`` in it.
+LOCK_SETTLE_S = 5.0  # how long a refused process waits for a takeover in progress to finish
+LOCK_RETRY_S = 0.005  # pause between attempts while the lock file changes hands
 
-    A second process on the same directory refuses with the holder's host and pid. A lock left
-    by a dead process on this host (stale), or by an earlier run of the same SLURM job (a
-    requeue), is reported and taken over; a lock held from another host cannot be checked and
-    is refused (delete the file if that run is gone).
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
+
+
+def _read_holder(fd: int) -> dict[str, Any] | None:
+    """The holder record of an open lock file, or None if it is not one."""
+    try:
+        record = json.loads(os.pread(fd, 4096, 0))
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("pid"), int) \
+            or not isinstance(record.get("host"), str):
+        return None
+    return record
+
+
+def _describe(record: dict[str, Any]) -> str:
+    job = record.get("slurm_job")
+    return (f"host {record['host']}, pid {record['pid']}) started {record.get('started', '?')}"
+            + ("" if job is None else f", SLURM job {job}"))
+
+
+class RunLock:
+    """``<directory>/.lock``: one training process per run directory, for the whole run.
+
+    The holder keeps the file open and ``flock``-ed; the kernel drops that lock when the
+    process ends, however it ends. The file holds the holder as one JSON line (host, pid,
+    start time, SLURM job) and is complete before any other process can open it: it is
+    written and locked under a temporary name, then published by ``link`` (fails if another
+    process published first) or, over a file whose lock is free, by ``rename`` while holding
+    that file's lock (so one process at a time replaces it). A process that finds the lock
+    held is refused with the holder's record.
+
+    A file whose lock is free was left by a holder that is gone. It is taken over (logged)
+    when it names this host, or this SLURM job (a requeue, maybe on another node); one left
+    from another host is refused, since ``flock`` does not reach across hosts on every file
+    system (delete the file if that run is gone).
     """
 
     NAME = ".lock"
 
     def __init__(self, directory: str | os.PathLike) -> None:
         self.path = Path(directory) / self.NAME
-        self.held = False
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         job = slurm_job_id()
-        me = f"{socket.gethostname()} {os.getpid()}{'' if job is None else ' ' + job}\n"
-        for _ in range(3):
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": job,
+                  "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+        fd, staged = tempfile.mkstemp(prefix=f"{self.NAME}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            os.write(fd, (json.dumps(record) + "\n").encode())
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self.path.read_text().split() if self.path.exists() else []
-                if len(holder) not in (2, 3) or not holder[1].isdigit():
-                    raise RunLockedError(f"{self.path} exists but is unreadable ({holder}); if "
-                                         "no run uses this directory, delete it") from None
-                host, pid = holder[0], int(holder[1])
-                if len(holder) == 3 and job is not None and holder[2] == job:
-                    # a requeued SLURM job whose previous run died (maybe on another node)
-                    log.warning("%s was left by this SLURM job's previous run (host %s, pid %d): "
-                                "taking it over", self.path, host, pid)
-                    self.path.unlink(missing_ok=True)
-                    continue
-                if host != socket.gethostname() or _pid_alive(pid):
-                    raise RunLockedError(
-                        f"{self.path.parent} is in use by another run (host {host}, pid {pid}); "
-                        "wait for it to end, or use another checkpointing.save_dir. If that "
-                        f"process is gone, delete {self.path}") from None
-                log.warning("%s was left by pid %d on this host, which is no longer running: "
-                            "taking it over", self.path, pid)
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
-            self.held = True
-            return
-        raise RunLockedError(f"could not take {self.path}: other processes keep taking it")
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else has it
+            except OSError as err:
+                raise RunLockedError(f"{self.path.parent} does not support file locks (flock: "
+                                     f"{err}); use a checkpointing.save_dir on a file system that "
+                                     "does") from None
+            deadline = time.monotonic() + LOCK_SETTLE_S
+            while not self._publish(fd, staged, job, deadline):
+                time.sleep(LOCK_RETRY_S)
+        except BaseException:
+            os.close(fd)
+            Path(staged).unlink(missing_ok=True)
+            raise
+        Path(staged).unlink(missing_ok=True)  # after link(): the second name of the lock file
+        self._fd = fd
+
+    def _publish(self, fd: int, staged: str, job: str | None, deadline: float) -> bool:
+        """One attempt to make the locked file ``staged`` (open as ``fd``) the lock file:
+        True once it is, False to try again (the lock file changed hands meanwhile); raises
+        :class:`RunLockedError` if another process holds the lock."""
+        try:
+            os.link(staged, self.path)
+            return True
+        except FileExistsError:
+            pass
+        try:
+            other = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False  # released in between
+        try:
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(other)
+                if not _same_file(other, self.path):
+                    return False  # replaced in between: read the new holder
+                if holder is None:
+                    raise RunLockedError(f"{self.path} is held by a process that recorded no "
+                                         "holder; if no run uses this directory, delete it") \
+                        from None
+                here = holder["host"] == socket.gethostname()
+                if here and not _pid_alive(holder["pid"]) and time.monotonic() < deadline:
+                    return False  # a takeover in progress: its holder appears in a moment
+                raise RunLockedError(
+                    f"{self.path.parent} is in use by another run ({_describe(holder)}; wait for "
+                    "it to end, or use another checkpointing.save_dir") from None
+            # the lock is free: the holder of that file is gone
+            if not _same_file(other, self.path):
+                return False  # replaced or removed since it was opened
+            holder = _read_holder(other)
+            if holder is None:
+                raise RunLockedError(f"{self.path} exists but holds no readable holder record; "
+                                     "if no run uses this directory, delete it")
+            if job is not None and holder.get("slurm_job") == job:
+                log.warning("%s was left by this SLURM job's previous run (host %s, pid %d): "
+                            "taking it over", self.path, holder["host"], holder["pid"])
+            elif holder["host"] == socket.gethostname():
+                log.warning("%s was left by pid %d on this host, which no longer holds it: "
+                            "taking it over", self.path, holder["pid"])
+            else:
+                raise RunLockedError(
+                    f"{self.path.parent} has a lock left on another host ({_describe(holder)}, "
+                    f"which cannot be checked from here: if that run is gone, delete {self.path}")
+            os.rename(staged, self.path)  # while holding the old file's lock: one replacer
+            return True
+        finally:
+            os.close(other)
 
     def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        if self._fd is None:
+            return
+        try:
+            if _same_file(self._fd, self.path):
+                self.path.unlink()  # before the lock drops: a waiter then sees a moved file
+        finally:
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> RunLock:
         self.acquire()

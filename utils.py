@@ -9,6 +9,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from data import synthetic
+from data.packing import MIN_BLOCK_LENGTH
+
 log = logging.getLogger(__name__)
 
 MODES = ("train", "ppl_eval", "sample_eval", "generate")
@@ -71,6 +74,7 @@ def resolve_config(config: DictConfig) -> DictConfig:
                                   f"devices*nodes={world}")
             loader.eval_batch_size = loader.eval_global_batch_size // world
     model = config.model
+    _check_length_and_data(config)
     if model.hidden_size % model.n_heads or (model.hidden_size // model.n_heads) % 2:
         raise ConfigError(f"model.hidden_size={model.hidden_size} must be divisible by "
                           f"model.n_heads={model.n_heads} into an even head size (rotary)")
@@ -92,6 +96,21 @@ def resolve_config(config: DictConfig) -> DictConfig:
     with open_dict(config):
         loader.num_workers, loader.pin_memory = workers, pin
     return config
+
+
+def _check_length_and_data(config: DictConfig) -> None:
+    """model.length for the data (text blocks are [BOS] content [EOS]) and the synthetic
+    source's settings (data/synthetic.py), before any work."""
+    length = config.model.length
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise ConfigError(f"model.length={length}: give the sequence length in tokens, >= 1")
+    if config.data.name == "synthetic":
+        problem = synthetic.settings_problem(config.data)
+        if problem is not None:
+            raise ConfigError(problem)
+    elif length < MIN_BLOCK_LENGTH:
+        raise ConfigError(f"model.length={length}: a block of text data={config.data.name} is "
+                          f"[BOS] content [EOS]; use model.length >= {MIN_BLOCK_LENGTH}")
 
 
 AUTO_WORKERS = 4  # loader.num_workers=auto on CUDA (the paper's code uses 4 with pinned memory)

@@ -20,6 +20,8 @@ from omegaconf import DictConfig
 
 from data.detokenize import detokenize
 
+MIN_BLOCK_LENGTH = 3  # a text block is [BOS] content [EOS]: model.length of at least 3
+
 
 def pack_sequences(token_lists: Sequence[Sequence[int]], length: int, bos_id: int,
                    eos_id: int, bos_per_document: bool = True) -> list[list[int]]:
@@ -28,7 +30,7 @@ def pack_sequences(token_lists: Sequence[Sequence[int]], length: int, bos_id: in
     Documents become ``doc [EOS]`` (``[BOS] doc [EOS]`` with ``bos_per_document``) and are
     concatenated; the stream is cut into chunks of ``length - 2`` tokens, each returned as
     ``[BOS] chunk [EOS]``. The last partial chunk is dropped."""
-    if length < 3:
+    if length < MIN_BLOCK_LENGTH:
         raise ValueError(f"model.length={length} leaves no room for content between BOS and EOS")
     stream = []
     for ids in token_lists:

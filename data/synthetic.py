@@ -627,17 +627,40 @@ class SyntheticSequences(Dataset):
         return [{"input_ids": row, "attention_mask": mask.clone()} for row in tokens]
 
 
-def _check_data_cfg(data_cfg: Mapping[str, Any]) -> None:
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def settings_problem(data_cfg: Mapping[str, Any]) -> str | None:
+    """What is wrong with the ``data=synthetic`` settings that the source and its splits are
+    built from, as one message naming the key; None when nothing is. Checked by the config
+    (``utils.resolve_config``) before any work, and again by the builders below."""
     if data_cfg.get("wrap"):
-        raise ValueError(
-            "data.wrap must be false for data=synthetic: each example is one window of the "
-            "source started from its initial distribution"
-        )
+        return ("data.wrap must be false for data=synthetic: each example is one window of the "
+                "source started from its initial distribution")
     if data_cfg.get("tokenizer_name_or_path") is not None:
-        raise ValueError(
-            "data.tokenizer_name_or_path must be null for data=synthetic: the tokens are chain "
-            "states with their own tokenizer"
-        )
+        return ("data.tokenizer_name_or_path must be null for data=synthetic: the tokens are "
+                "chain states with their own tokenizer")
+    vocab = data_cfg.get("vocab_size")
+    if not _whole(vocab) or vocab < 2:
+        return f"data.vocab_size={vocab}: the source needs a whole number of tokens >= 2"
+    seed = data_cfg.get("source_seed")
+    if not _whole(seed) or seed < 0:
+        return f"data.source_seed={seed}: the seed of the source's parameters must be >= 0"
+    train = data_cfg.get("train_size")
+    if train is not None and (not _whole(train) or train < 1):
+        return (f"data.train_size={train}: give a number of training sequences >= 1, or null "
+                "for an unbounded stream")
+    valid = data_cfg.get("valid_size")
+    if not _whole(valid) or valid < 1:
+        return f"data.valid_size={valid}: give a number of validation sequences >= 1"
+    return None
+
+
+def _check_data_cfg(data_cfg: Mapping[str, Any]) -> None:
+    problem = settings_problem(data_cfg)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def make_tokenizer(data_cfg: Mapping[str, Any]) -> SyntheticTokenizer:

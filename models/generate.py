@@ -9,8 +9,11 @@ templates into ``(known_tokens, known_mask)`` and picks the sampler.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -151,10 +154,23 @@ def bos_prefix(tokenizer, add_bos: bool | str, key: str = "generate.add_bos") ->
     raise ConfigError(f"{key}={add_bos!r}; expected auto, true or false")
 
 
+def _encode_setting(tokenizer, text: str, key: str) -> list[int]:
+    """``encode_text`` of a config value, a ConfigError naming ``key`` for text the tokenizer
+    refuses (data=synthetic takes token names such as ``t12``, not words)."""
+    try:
+        return encode_text(tokenizer, text)
+    except ValueError as err:
+        raise ConfigError(f"{key}={_short(text)!r}: {err}") from None
+
+
 def prompt_known(tokenizer, text: str, length: int, add_bos: bool | str = "auto",
                  key: str = "generate.prompt") -> tuple[torch.Tensor, torch.Tensor]:
-    """A prompt's tokens as the known prefix: -> tokens (L,), mask (L,)."""
-    ids = bos_prefix(tokenizer, add_bos) + encode_text(tokenizer, text)
+    """A prompt's tokens as the known prefix: -> tokens (L,), mask (L,). An empty prompt is a
+    ConfigError (unconditional samples: leave the key unset)."""
+    if not str(text).strip():
+        raise ConfigError(f"{key} is empty: give the text to continue, or leave {key} unset "
+                          "for unconditional samples")
+    ids = bos_prefix(tokenizer, add_bos) + _encode_setting(tokenizer, text, key)
     if len(ids) > length:
         raise ConfigError(f"{key}={_short(text)!r} is {len(ids)} tokens, longer than "
                           f"model.length={length}: shorten it")
@@ -209,7 +225,7 @@ def infill_known(tokenizer, pieces: list[str | int], length: int, add_bos: bool 
             ids += [0] * piece
             known += [False] * piece
         else:
-            encoded = encode_text(tokenizer, piece)
+            encoded = _encode_setting(tokenizer, piece, key)
             ids += encoded
             known += [True] * len(encoded)
     if len(ids) > length:
@@ -220,6 +236,26 @@ def infill_known(tokenizer, pieces: list[str | int], length: int, add_bos: bool 
     tokens[:len(ids)] = torch.tensor(ids, dtype=torch.long)
     mask[:len(ids)] = torch.tensor(known, dtype=torch.bool)
     return tokens, mask
+
+
+def check_output_path(path: str | os.PathLike, key: str = "generate.output_path") -> Path:
+    """``path`` as a file that can be written (its directory created), checked before any
+    sampling: a ConfigError naming ``key`` otherwise."""
+    path = Path(str(path))
+    if path.is_dir():
+        raise ConfigError(f"{key}={path} is a directory: give a file path, e.g. "
+                          f"{key}={path / 'generate.json'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.",
+                                         suffix=".tmp"):
+            pass  # the directory takes a new file
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(f"{path} is read-only")
+    except OSError as err:
+        raise ConfigError(f"{key}={path} cannot be written ({type(err).__name__}: "
+                          f"{err.strerror or err}): give a writable file path") from None
+    return path
 
 
 def _short(text: str, limit: int = 60) -> str:

@@ -1,12 +1,11 @@
 """Checkpoint home: background atomic writes, the resume config check and its overrides, the
-run identity, the run-directory lock and stale temporaries."""
+run identity and stale temporaries (the run-directory lock: test_reliability_lock.py)."""
 
 from __future__ import annotations
 
 import io
 import logging
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -31,7 +30,6 @@ from checkpointing import (
     snapshot_to_cpu,
     write_run_id,
 )
-from reliability import RunLock, RunLockedError
 from tests.helpers import compose_config
 from utils import ConfigError, resolve_config
 
@@ -358,34 +356,6 @@ def test_fallback_only_takes_the_same_runs_checkpoints(tmp_path, caplog):
     write_run_id(ckpts, "third")
     with pytest.raises(RuntimeError, match="no periodic checkpoint of run third"):
         find_resume_checkpoint(last, fallback_to_previous=True)
-
-
-def test_run_lock_refuses_a_second_holder_and_takes_over_a_stale_one(tmp_path, caplog,
-                                                                     monkeypatch):
-    for var in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
-        monkeypatch.delenv(var, raising=False)
-    first = RunLock(tmp_path)
-    first.acquire()
-    host, pid = (tmp_path / ".lock").read_text().split()
-    assert host == socket.gethostname() and int(pid) == os.getpid()
-    with pytest.raises(RunLockedError, match=f"host {host}, pid {pid}"):
-        RunLock(tmp_path).acquire()
-    first.release()
-    assert not (tmp_path / ".lock").exists()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()  # its pid is no longer running
-    (tmp_path / ".lock").write_text(f"{socket.gethostname()} {dead.pid}\n")
-    with caplog.at_level(logging.WARNING), RunLock(tmp_path):
-        assert (tmp_path / ".lock").read_text().split()[1] == str(os.getpid())
-    assert f"pid {dead.pid}" in caplog.text and "taking it over" in caplog.text
-    (tmp_path / ".lock").write_text(f"another-host-{socket.gethostname()} {dead.pid} 77\n")
-    with pytest.raises(RunLockedError, match="another-host"):
-        RunLock(tmp_path).acquire()  # cannot check a pid on another host
-    monkeypatch.setenv("SLURM_JOB_ID", "77")  # ... unless it is this SLURM job's earlier run
-    with caplog.at_level(logging.WARNING), RunLock(tmp_path):
-        assert (tmp_path / ".lock").read_text().split() == [socket.gethostname(),
-                                                            str(os.getpid()), "77"]
-    assert "this SLURM job's previous run" in caplog.text
 
 
 # --------------------------------------------------------------------------- config keys
