@@ -334,9 +334,10 @@ def run_from_config(config: Any, module: Any, tokenizer: Any) -> dict[str, Any]:
                                               device, autocast=autocast)
     steps_list = config.sampling.steps
     steps_list = [steps_list] if isinstance(steps_list, int) else list(steps_list)
-    sampler = {"state_dtype": state_dtype, "autocast": autocast, "denoiser": ev.denoiser}
+    sampler = {"state_dtype": state_dtype, "autocast": autocast}
     band_label = ""
     if ev.denoiser == diagnostics.HYBRID:
+        sampler["denoiser"] = ev.denoiser
         sampler["hybrid_band"] = [float(b) for b in ev.hybrid_band]
         band_label = "-hybrid[{:g},{:g})".format(*sampler["hybrid_band"])
     with diagnostics.hybrid_context(config, module):
