@@ -24,6 +24,9 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
 REP_NS = (2, 3, 4)
 BLEU_ORDER = 4  # self-BLEU is BLEU-4
 SMOOTHING_EPSILON = 0.1  # Chen & Cherry method 1 (NLTK's SmoothingFunction().method1 default)
@@ -40,21 +43,56 @@ def rep_n(tokens: Sequence[int], n: int) -> float:
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
-def _top_two_counts(samples: Sequence[Sequence[int]], n: int,
-                    ) -> tuple[list[Counter], dict[tuple[int, ...], tuple[int, int, int]]]:
-    """Per-sample n-gram counts and, per n-gram, (largest count, its sample, second largest
-    count over the other samples): the clipping bound of sample i against all others is the
-    largest count unless sample i holds it, then the second (linear, not quadratic, work)."""
-    counts = [Counter(ngrams(tokens, n)) for tokens in samples]
-    top: dict[tuple[int, ...], tuple[int, int, int]] = {}
-    for i, sample_counts in enumerate(counts):
-        for gram, count in sample_counts.items():
-            first, owner, second = top.get(gram, (0, -1, 0))
-            if count > first:
-                top[gram] = (count, i, first)
-            else:
-                top[gram] = (first, owner, max(second, count))
-    return counts, top
+def _ngram_ids(grams: np.ndarray) -> np.ndarray:
+    """Ids 0..G-1 of the distinct rows of (M, n) non-negative int64 n-grams: (M,). Rows are
+    packed exactly into one uint64 when n · bits(largest id) <= 64 (e.g. n <= 4 for ids
+    below 2^16), else sorted lexicographically."""
+    bits = max(int(grams.max()).bit_length(), 1)
+    if bits * grams.shape[1] <= 64:
+        packed = np.zeros(len(grams), dtype=np.uint64)
+        for column in grams.T:
+            packed = (packed << np.uint64(bits)) | column.astype(np.uint64)
+        return np.unique(packed, return_inverse=True)[1].reshape(-1)
+    by_gram = np.lexsort(grams.T[::-1])
+    new = np.r_[True, (np.diff(grams[by_gram], axis=0) != 0).any(axis=1)]
+    ids = np.empty(len(grams), dtype=np.int64)
+    ids[by_gram] = np.cumsum(new) - 1
+    return ids
+
+
+def _clipped_matches(samples: Sequence[Sequence[int]], n: int) -> np.ndarray:
+    """Per sample, its n-gram occurrences matched by all other samples as references, each
+    n-gram clipped at its largest count in any one other sample: (N,) int64.
+
+    Vectorised: n-grams get ids (``_ngram_ids``), (sample, n-gram) pairs their counts, and
+    per n-gram the largest count, the sample holding it and the second largest; the bound of
+    sample i is the largest count unless sample i holds it, then the second (linear work in
+    the number of n-grams, not quadratic in the number of samples)."""
+    windows, owners = [], []
+    for i, tokens in enumerate(samples):
+        if len(tokens) >= n:
+            windows.append(sliding_window_view(np.asarray(tokens, dtype=np.int64), n))
+            owners.append(np.full(len(tokens) - n + 1, i, dtype=np.int64))
+    clipped = np.zeros(len(samples), dtype=np.int64)
+    if not windows:
+        return clipped
+    gram = _ngram_ids(np.concatenate(windows))
+    num_grams = int(gram.max()) + 1
+    pairs, count = np.unique(np.concatenate(owners) * num_grams + gram, return_counts=True)
+    sample, gram = pairs // num_grams, pairs % num_grams
+    order = np.lexsort((-count, gram))  # by n-gram, largest count first
+    gram_sorted, count_sorted = gram[order], count[order]
+    first_of_gram = np.r_[True, gram_sorted[1:] != gram_sorted[:-1]]
+    first = np.zeros(num_grams, dtype=np.int64)
+    holder = np.full(num_grams, -1, dtype=np.int64)
+    first[gram_sorted[first_of_gram]] = count_sorted[first_of_gram]
+    holder[gram_sorted[first_of_gram]] = sample[order][first_of_gram]
+    second = np.zeros(num_grams, dtype=np.int64)
+    runner_up = np.r_[False, first_of_gram[:-1] & ~first_of_gram[1:]]  # 2nd entry of a gram
+    second[gram_sorted[runner_up]] = count_sorted[runner_up]
+    bound = np.where(holder[gram] == sample, second[gram], first[gram])
+    return np.bincount(sample, weights=np.minimum(count, bound),
+                       minlength=len(samples)).astype(np.int64)
 
 
 def _bleu(c: int, r: int, matches: Sequence[tuple[int, int]]) -> float:
@@ -93,20 +131,15 @@ def self_bleu(samples: Sequence[Sequence[int]]) -> float | None:
     """Mean over samples of the BLEU-4 of each against all the others; None for < 2 samples.
 
     Equals the mean of ``sentence_bleu(samples[i], samples[:i] + samples[i+1:])``, computed
-    with one pass over the n-grams per order (``_top_two_counts``)."""
+    with one pass over the n-grams per order (``_clipped_matches``)."""
     if len(samples) < 2:
         return None
-    per_order = [_top_two_counts(samples, n) for n in range(1, BLEU_ORDER + 1)]
+    clipped = [_clipped_matches(samples, n) for n in range(1, BLEU_ORDER + 1)]
     lengths = [len(tokens) for tokens in samples]
     scores = []
-    for i in range(len(samples)):
-        matches = []
-        for counts, top in per_order:
-            clipped = 0
-            for gram, count in counts[i].items():
-                first, owner, second = top[gram]
-                clipped += min(count, second if owner == i else first)
-            matches.append((clipped, sum(counts[i].values())))
+    for i, c in enumerate(lengths):
+        matches = [(int(clipped[n - 1][i]), max(c - n + 1, 0))
+                   for n in range(1, BLEU_ORDER + 1)]
         others = lengths[:i] + lengths[i + 1:]
-        scores.append(_bleu(lengths[i], _closest_length(lengths[i], others), matches))
+        scores.append(_bleu(c, _closest_length(c, others), matches))
     return sum(scores) / len(scores)

@@ -65,3 +65,12 @@ def test_self_bleu_matches_formula_on_random_samples(seed):
     assert self_bleu(samples) == pytest.approx(sum(naive) / len(naive), rel=1e-12)
     for i, s in enumerate(samples):  # the per-sentence function agrees too
         assert sentence_bleu(s, samples[:i] + samples[i + 1:]) == pytest.approx(naive[i])
+
+
+def test_self_bleu_with_ids_too_wide_to_pack_matches_formula():
+    """Ids above 2^16: 4-grams no longer pack into 64 bits (the lexicographic-sort path)."""
+    rng = random.Random(7)
+    alphabet = [0, 5, 2 ** 40, 2 ** 40 + 1]
+    samples = [[rng.choice(alphabet) for _ in range(rng.randint(3, 12))] for _ in range(6)]
+    naive = [_naive_bleu4(s, samples[:i] + samples[i + 1:]) for i, s in enumerate(samples)]
+    assert self_bleu(samples) == pytest.approx(sum(naive) / len(naive), rel=1e-12)
