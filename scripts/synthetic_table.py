@@ -29,6 +29,12 @@ validation). Written to ``--out`` as ``table.md``, ``table.json``,
 each evaluation the table of the models evaluated so far is written, marked partial, so a
 run cut short keeps what it finished.
 
+``--diagnose`` adds eval.diagnose=true to FLM's evaluation (KL(exact || FLM) per tenth of
+t on its own trajectories and on data states: ``table.json``, ``kl_vs_t.png``);
+``--bands 0-0.2,0.2-1`` samples FLM's checkpoint with the network on each band of t and
+the exact denoiser elsewhere (eval.denoiser=hybrid), rows plus a band table of the excess
+NLL over the exact denoiser (docs/compounding.md).
+
 ``--budgets B1,B2,...``: the ladder once per budget B under ``--out/budget_<B>`` (FLM, MDLM
 and AR trained for B optimizer steps, the distillations from that FLM; the exact denoiser
 and the exact-teacher distillations, which no budget changes, only in the first), then
@@ -62,7 +68,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data.exact_denoiser import GAP_TIME_BINS, ORACLE  # noqa: E402
-from evaluation.plots import plot_metric_vs_steps  # noqa: E402 - after the repo-root path insert
+from evaluation.plots import (  # noqa: E402 - after the repo-root path insert
+    plot_diagnostics,
+    plot_metric_vs_steps,
+)
 
 logger = logging.getLogger("synthetic_table")
 
@@ -95,6 +104,8 @@ class Model:
     sampling_steps: tuple[int, ...]
     train: tuple[str, ...] | None = ()
     calls_per_step: int = 1
+    sampled_from: str | None = None  # untrained: the run whose checkpoint it samples
+    eval_overrides: tuple[str, ...] = ()  # added to its sample_eval stage
 
 
 @dataclass(frozen=True)
@@ -153,13 +164,21 @@ BASELINE_OVERRIDES = {"ar": ("algo.first_token=start",)}  # synthetic data has n
 BUDGET_FREE_RUNS = (ORACLE, "stage1_oracle", "fmlm_oracle")  # no FLM / baseline budget in them
 
 
+def band_label(band: tuple[float, float]) -> str:
+    return f"FLM on [{band[0]:g}, {band[1]:g}), exact elsewhere"
+
+
 def models(preset: Preset, length: int, available: Sequence[str],
-           budget_free: bool = True) -> tuple[Model, ...]:
+           budget_free: bool = True, diagnose: bool = False,
+           bands: Sequence[tuple[float, float]] = ()) -> tuple[Model, ...]:
     """The ladder's rows for a preset; ``available``: algo.ALGORITHMS' names;
     ``budget_free=False`` leaves out the models no optimizer budget changes
-    (``BUDGET_FREE_RUNS``)."""
+    (``BUDGET_FREE_RUNS``); ``diagnose``: FLM's evaluation adds eval.diagnose=true;
+    ``bands``: one row per band, FLM's checkpoint sampled with eval.denoiser=hybrid
+    (evaluation/diagnostics.py)."""
     flm_steps, distilled = preset.flm_sampling_steps, preset.distilled_sampling_steps
-    rows = [Model("FLM", "flm", "flm", flm_steps),
+    rows = [Model("FLM", "flm", "flm", flm_steps,
+                  eval_overrides=("eval.diagnose=true",) if diagnose else ()),
             Model("exact denoiser", ORACLE, "flm", preset.oracle_sampling_steps or flm_steps,
                   train=None),
             Model("stage-1 map", "stage1", "flm_distill", distilled, calls_per_step=2),
@@ -174,6 +193,10 @@ def models(preset: Preset, length: int, available: Sequence[str],
         steps = (length,) if name == "ar" else flm_steps  # AR: one call per token
         rows.append(Model(name.upper(), name, name, steps, train=BASELINE_OVERRIDES.get(
             name, ())))
+    for lo, hi in bands:
+        rows.append(Model(band_label((lo, hi)), f"band_{lo:g}_{hi:g}", "flm", flm_steps,
+                          train=None, sampled_from="flm", eval_overrides=(
+                              "eval.denoiser=hybrid", f"eval.hybrid_band=[{lo},{hi}]")))
     if not budget_free:
         rows = [row for row in rows if row.run not in BUDGET_FREE_RUNS]
     return tuple(rows)
@@ -246,13 +269,17 @@ def stage_commands(out: Path, preset: Preset, flm_steps: int, distill_steps: int
                 *base, algo, *extra, *stage, f"hydra.run.dir={quoted(out / model.run)}"], needs))
             source = [f"eval.checkpoint_path={quoted(checkpoint(out, model.run))}"]
             evaluated_after = (f"train {model.run}",)
+        elif model.sampled_from is not None:
+            source = [f"eval.checkpoint_path={quoted(checkpoint(out, model.sampled_from))}"]
+            evaluated_after = (f"train {model.sampled_from}",)
         else:
             source = [f"eval.denoiser={ORACLE}"]
             evaluated_after = ()
         steps = ",".join(str(s) for s in model.sampling_steps)
         commands.append(Stage(f"sample_eval {model.run}", [
             *base, algo, *extra, "mode=sample_eval", "eval.judge=oracle",
-            "eval.compute_mauve=false", *source, f"sampling.steps=[{steps}]",
+            "eval.compute_mauve=false", *source, *model.eval_overrides,
+            f"sampling.steps=[{steps}]",
             f"eval.output_dir={quoted(eval_dir(out, model.run))}",
             f"hydra.run.dir={quoted(out / model.run / 'eval_run')}"], evaluated_after))
     return commands
@@ -445,6 +472,33 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def band_rows(rows: Sequence[dict[str, Any]], ladder: Sequence[Model]) -> list[dict[str, Any]]:
+    """Rows of the hybrid-band models with ``excess``: their oracle NLL/token minus the
+    exact denoiser's at the same sampling steps (None without that row)."""
+    labels = {m.label for m in ladder if m.run.startswith("band_")}
+    exact = {row["steps"]: row["oracle_nll_per_token"] for row in rows
+             if row["model"] == "exact denoiser"}
+    out = []
+    for row in rows:
+        if row["model"] in labels:
+            base = exact.get(row["steps"])
+            excess = (row["oracle_nll_per_token"] - base
+                      if _finite(base) and _finite(row["oracle_nll_per_token"]) else None)
+            out.append({"model": row["model"], "steps": row["steps"],
+                        "oracle_nll_per_token": row["oracle_nll_per_token"], "excess": excess})
+    return out
+
+
+def band_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["| band | steps | oracle NLL/token | excess over exact |", "|---|---|---|---|"]
+    for row in rows:
+        nll, excess = row["oracle_nll_per_token"], row["excess"]
+        lines.append(f"| {row['model']} | {row['steps']} | "
+                     f"{f'{nll:.3f}' if _finite(nll) else 'inf'} | "
+                     f"{'-' if excess is None else f'{excess:+.3f}'} |")
+    return "\n".join(lines)
+
+
 def _json_safe(value: Any) -> Any:
     """Non-finite floats as null (strict JSON); each such row carries a ``note``."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -478,10 +532,19 @@ def write_outputs(out: Path, summaries: dict[str, dict[str, Any]], settings: dic
               "model's validation cross-entropy minus the exact denoiser's on the same noisy "
               "inputs (nats/token); sample entropy = mean unigram entropy of a sample (nats).")
     table = markdown_table(rows)
+    bands = band_rows(rows, ladder)
+    if bands:
+        table += ("\n\nNetwork on one band of t, exact denoiser elsewhere (eval.denoiser=hybrid"
+                  "): oracle NLL/token and its excess over the exact denoiser's at the same "
+                  "steps (docs/compounding.md)\n\n" + band_table(bands))
     (out / "table.md").write_text(f"{header}\n\n{table}\n")
     result = {"source_entropy_per_token": source_entropy,
               "source_entropy_rate": float(first["source_entropy_rate"]),
-              "settings": settings, "training_gaps": gaps, "rows": rows}
+              "settings": settings, "training_gaps": gaps, "rows": rows, "bands": bands}
+    if "diagnostics" in summaries.get("flm", {}):
+        result["flm_diagnostics"] = summaries["flm"]["diagnostics"]
+        plot_diagnostics({"diagnostics": summaries["flm"]["diagnostics"]},
+                         str(out / "kl_vs_t.png"))
     (out / "table.json").write_text(json.dumps(_json_safe(result), indent=2))
     plot_summaries = [{"model_name": m.label, "rows": summaries[m.run]["rows"]}
                       for m in evaluated]
@@ -531,6 +594,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="comma-separated optimizer budgets, e.g. 4000,8000: the ladder once "
                    "per budget (FLM and baselines trained that long), then the budget table "
                    "and plot; replaces --flm-steps and --baseline-steps")
+    p.add_argument("--diagnose", action="store_true",
+                   help="FLM's evaluation with eval.diagnose=true: KL(exact || FLM) per tenth "
+                   "of t on its trajectories and on data states (table.json, kl_vs_t.png)")
+    p.add_argument("--bands", type=_band_list, default=(),
+                   help="hybrid bands of t, e.g. 0-0.2,0.2-0.6,0.6-1,0.2-1: FLM's checkpoint "
+                   "sampled with the network on each band and the exact denoiser elsewhere, "
+                   "and a band table")
     p.add_argument("--jobs", type=int, default=None,
                    help="stages run at a time, each once the checkpoints it reads exist "
                    "(default: the preset's; gpu: 4 processes share the GPU, whose eager steps "
@@ -550,6 +620,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')}={value}: use a positive number")
     return args
+
+
+def _band_list(text: str) -> list[tuple[float, float]]:
+    """``--bands``: '0-0.2,0.2-1' -> [(0.0, 0.2), (0.2, 1.0)], each 0 <= lo <= hi <= 1."""
+    bands = []
+    for part in text.split(","):
+        try:
+            lo, hi = (float(v) for v in part.split("-"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--bands {text!r}: comma-separated lo-hi pairs, "
+                                             "e.g. 0-0.2,0.2-1") from None
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise argparse.ArgumentTypeError(f"--bands: {part} needs 0 <= lo <= hi <= 1")
+        bands.append((lo, hi))
+    return bands
 
 
 def _budget_list(text: str) -> list[int]:
@@ -612,7 +697,8 @@ def run_ladder(out: Path, args: argparse.Namespace, preset: Preset, flm_steps: i
               *preset.overrides, *args.overrides]
     from algo import ALGORITHMS  # the baselines present in this checkout
 
-    ladder = models(preset, ladder_length(shared), list(ALGORITHMS), budget_free)
+    ladder = models(preset, ladder_length(shared), list(ALGORITHMS), budget_free,
+                    diagnose=args.diagnose, bands=args.bands)
     jobs = args.jobs or preset.jobs
     env = stage_env(args.device, jobs)
     stages = stage_commands(out, preset, flm_steps, distill_steps, shared, ladder,

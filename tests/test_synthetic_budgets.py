@@ -67,3 +67,32 @@ def test_budget_ladders_leave_out_the_budget_free_models():
     later = [m.run for m in driver.models(preset, 64, ["mdlm", "ar"], budget_free=False)]
     assert set(every) - set(later) == set(driver.BUDGET_FREE_RUNS)
     assert {"flm", "stage1", "fmlm", "mdlm", "ar"} == set(later)
+
+
+def test_band_and_diagnose_stages_and_the_band_table(tmp_path):
+    driver = load_driver()
+    args = driver.parse_args(["--out", "x", "--diagnose", "--bands", "0-0.2,0.2-1"])
+    assert args.bands == [(0.0, 0.2), (0.2, 1.0)] and args.diagnose
+    with pytest.raises(SystemExit):
+        driver.parse_args(["--out", "x", "--bands", "0.6-0.2"])
+    preset = driver.PRESETS["quick"]
+    ladder = driver.models(preset, 16, ["flm"], diagnose=True, bands=args.bands)
+    stages = {s.name: s for s in driver.stage_commands(
+        tmp_path, preset, 10, 5, [], ladder)}
+    band = stages["sample_eval band_0.2_1"]
+    assert band.needs == ("train flm",)
+    assert "eval.denoiser=hybrid" in band.overrides
+    assert "eval.hybrid_band=[0.2,1.0]" in band.overrides
+    assert f"eval.checkpoint_path='{tmp_path / 'flm' / 'checkpoints' / 'last.ckpt'}'" in (
+        band.overrides)
+    assert "eval.diagnose=true" in stages["sample_eval flm"].overrides
+    assert "train band_0.2_1" not in stages
+    rows = [{"model": "exact denoiser", "steps": 4, "oracle_nll_per_token": 2.5},
+            {"model": "exact denoiser", "steps": 8, "oracle_nll_per_token": 2.45},
+            {"model": driver.band_label((0.2, 1.0)), "steps": 4, "oracle_nll_per_token": 2.8},
+            {"model": driver.band_label((0.2, 1.0)), "steps": 8,
+             "oracle_nll_per_token": float("inf")},
+            {"model": driver.band_label((0.0, 0.2)), "steps": 16, "oracle_nll_per_token": 2.6}]
+    bands = driver.band_rows(rows, ladder)
+    assert [b["excess"] for b in bands] == [pytest.approx(0.3), None, None]
+    assert "| FLM on [0.2, 1), exact elsewhere | 4 | 2.800 | +0.300 |" in driver.band_table(bands)
