@@ -8,8 +8,10 @@ Outputs in ``out_dir``: ``samples.json``, ``summary.json``, ``eval_plot.png`` (a
 ``frontier_plot.png`` for more than one temperature, ``diagnostics_plot.png`` with
 ``eval.diagnose``). A row is one (temperature, steps) pair; ``eval.temperatures``
 (evaluation/network_wrappers.TemperatureNetwork) adds the gen-PPL / entropy frontier
-(evaluation/frontier.py) to ``summary.json``. The gen-PPL protocol (``eval.protocol``: paper | clean, ``evaluation.protocol``) is recorded in
-``summary.json`` and named in the table and the plot.
+(evaluation/frontier.py) to ``summary.json``; ``eval.diagnose`` and ``eval.denoiser=hybrid``
+are evaluation/diagnostics.py's. The gen-PPL protocol (``eval.protocol``: paper | clean,
+``evaluation.protocol``) is recorded in ``summary.json`` and named in the table and the
+plot.
 """
 
 from __future__ import annotations
