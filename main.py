@@ -41,7 +41,7 @@ from checkpointing import (
     remove_stale_temporaries,
     write_run_id,
 )
-from data.exact_denoiser import ORACLE, check_denoiser_choice, oracle_sampling_module
+from data.exact_denoiser import ORACLE, oracle_sampling_module
 from models.parallelize import compile_for_sampling
 from monitoring import LoggedLater, Throughput, progress_bar
 
@@ -306,10 +306,11 @@ def ppl_eval(config: DictConfig) -> None:
 
 
 def sample_eval(config: DictConfig) -> None:
-    from evaluation import protocol
-    from evaluation.sample_eval import run_from_config
+    from evaluation import diagnostics, protocol
+    from evaluation.sample_eval import check_temperatures, run_from_config
     protocol.validate(config)  # eval.protocol / sampling.autocast, before loading anything
-    check_denoiser_choice(config)
+    diagnostics.check_config(config)  # eval.denoiser (network | oracle | hybrid), eval.diagnose
+    check_temperatures(config.eval.temperatures)
     if config.eval.denoiser == ORACLE:  # the exact denoiser of data=synthetic, no checkpoint
         module, tokenizer = oracle_sampling_module(config)
     else:

@@ -1,4 +1,4 @@
-"""Sample-quality metrics that need no model: entropy, distinct-n, generative perplexity.
+"""Sample-quality metrics that need no model: entropy, distinct-n, rep-n, generative perplexity.
 
 Entropy and distinct-n are per sample, over the tokens the caller passes (the clean
 protocol drops BOS/EOS/PAD, the paper protocol keeps all L ids); low entropy with low perplexity means repetitive text (docs/math.md §8).
@@ -10,6 +10,8 @@ from collections import Counter
 from collections.abc import Sequence
 
 import torch
+
+from evaluation.diversity import REP_NS, rep_n
 
 DISTINCT_NS = (1, 2, 3, 4)
 
@@ -41,12 +43,15 @@ def strip_special(ids: torch.Tensor, special_token_ids: Sequence[int]) -> list[l
 
 
 def sample_metrics(samples: Sequence[Sequence[int]]) -> list[dict[str, float]]:
-    """Per-sample entropy, distinct-token count and distinct-n (n = 1..4)."""
+    """Per-sample entropy, distinct-token count, distinct-n (n = 1..4) and rep-n (n = 2..4,
+    evaluation/diversity.py)."""
     rows = []
     for tokens in samples:
         row = {"entropy": unigram_entropy(tokens), "distinct_tokens": distinct_tokens(tokens)}
         for n in DISTINCT_NS:
             row[f"distinct_{n}"] = distinct_n(tokens, n)
+        for n in REP_NS:
+            row[f"rep_{n}"] = rep_n(tokens, n)
         rows.append(row)
     return rows
 

@@ -1,4 +1,5 @@
-"""Step-sweep plots from ``summary.json`` files (one line per model, reference dashed)."""
+"""Plots from ``summary.json`` files: step sweeps (one line per model and temperature,
+reference dashed), the gen-PPL / entropy frontier, the sampling diagnostics vs t."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def _finite(value: Any) -> bool:
 
 
 def plot_summaries(summaries: Sequence[dict[str, Any]], out_path: str) -> None:
-    """Rows: metric vs steps, metric vs wall-clock; columns: gen PPL, entropy, MAUVE."""
+    """Rows: metric vs steps, metric vs wall-clock; columns: gen PPL, entropy, MAUVE; one line
+    per (summary, temperature)."""
     fig, axes = plt.subplots(len(PLOT_AXES), len(PLOT_METRICS),
                              figsize=(5 * len(PLOT_METRICS), 4 * len(PLOT_AXES)), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -30,14 +32,22 @@ def plot_summaries(summaries: Sequence[dict[str, Any]], out_path: str) -> None:
         label = summary.get("model_name", f"run {k}")
         if summary.get("protocol"):
             label = f"{label} ({summary['protocol']} protocol)"
+        temperatures = sorted({row.get("temperature", 1.0) for row in summary["rows"]})
+        styles = ("-", "--", ":", "-.")
         for r, (x_key, x_label) in enumerate(PLOT_AXES):
             for c, (y_key, y_label) in enumerate(PLOT_METRICS):
                 ax = axes[r][c]
-                points = [(row[x_key], row[y_key]) for row in summary["rows"]
-                          if _finite(row.get(x_key)) and _finite(row.get(y_key))]
-                if points:
-                    xs, ys = zip(*sorted(points))
-                    ax.plot(xs, ys, marker="o", color=color, label=label)
+                for j, temperature in enumerate(temperatures):  # one line per temperature
+                    points = [(row[x_key], row[y_key]) for row in summary["rows"]
+                              if row.get("temperature", 1.0) == temperature
+                              and _finite(row.get(x_key)) and _finite(row.get(y_key))]
+                    if points:
+                        xs, ys = zip(*sorted(points))
+                        line_label = label if len(temperatures) == 1 else (
+                            f"{label} T={temperature:g}")
+                        ax.plot(xs, ys, marker="o", color=color,
+                                linestyle=styles[j % len(styles)], alpha=1 - 0.5 * j
+                                / max(len(temperatures), 1), label=line_label)
                 reference = (summary.get("reference") or {}).get(y_key)
                 if _finite(reference):
                     ax.axhline(float(reference), color=color, linestyle="--",
@@ -80,6 +90,61 @@ def plot_metric_vs_steps(summaries: Sequence[dict[str, Any]], y_key: str, y_labe
         ax.set_xlim(min(all_steps) / 1.5, max(all_steps) * 1.5)
     ax.set_xlabel("sampling steps")
     ax.set_ylabel(y_label)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+
+
+def plot_frontier(summaries: Sequence[dict[str, Any]], out_path: str) -> None:
+    """Gen PPL vs mean entropy (evaluation/frontier.py): one line per (summary, step count)
+    through its temperature rows, each point labelled by T; the reference row as a star."""
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for k, summary in enumerate(summaries):
+        name = summary.get("model_name", f"run {k}")
+        for steps, points in summary["frontier"].items():
+            finite = [p for p in points if _finite(p["entropy_mean"]) and _finite(p["gen_ppl"])]
+            if not finite:
+                continue
+            xs = [p["entropy_mean"] for p in finite]
+            ys = [p["gen_ppl"] for p in finite]
+            ax.plot(xs, ys, marker="o", label=f"{name}, {steps} steps")
+            for p in finite:
+                ax.annotate(f"T={p['temperature']:g}", (p["entropy_mean"], p["gen_ppl"]),
+                            fontsize="x-small", textcoords="offset points", xytext=(3, 3))
+        reference = summary.get("reference") or {}
+        if _finite(reference.get("entropy_mean")) and _finite(reference.get("gen_ppl")):
+            ax.plot([reference["entropy_mean"]], [reference["gen_ppl"]], marker="*",
+                    markersize=12, linestyle="none", color="black",
+                    label=f"{name}: reference (real data)")
+    ax.set_yscale("log")
+    ax.set_xlabel("mean unigram entropy (nats)")
+    ax.set_ylabel("gen. perplexity")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+
+
+def plot_diagnostics(summary: dict[str, Any], out_path: str) -> None:
+    """KL(exact || model) per tenth of t (evaluation/diagnostics.py): ``trajectory_kl`` solid
+    and ``data_kl`` dashed, one colour per step count, against the bin centres."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (steps, values) in enumerate(summary["diagnostics"].items()):
+        color = colors[k % len(colors)]
+        for key, style in (("trajectory_kl", "-"), ("data_kl", "--")):
+            bins = values[key]
+            points = [((j + 0.5) / len(bins), v) for j, v in enumerate(bins) if _finite(v)]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o", linestyle=style, color=color,
+                        label=f"{steps} steps: {key}")
+    ax.set_yscale("log")
+    ax.set_xlabel("model time t (bin centre)")
+    ax.set_ylabel("KL(exact || model), nats / position")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()

@@ -4,6 +4,7 @@
     python scripts/synthetic_table.py --out /tmp/ladder --size quick  # ~3-5 min (CI)
     python scripts/synthetic_table.py --out runs/ladder --size gpu    # < 10 min, one GPU
     python scripts/synthetic_table.py --out runs/ladder -- data.source_seed=3
+    python scripts/synthetic_table.py --out runs/budgets --size gpu --budgets 4000,8000
 
 Every stage is a ``python -m main`` subprocess with Hydra overrides (the real CLI), in its
 own run directory under ``--out``; ``--jobs N`` runs up to N at a time, each once the
@@ -27,6 +28,19 @@ validation). Written to ``--out`` as ``table.md``, ``table.json``,
 ``oracle_nll_vs_steps.png`` and ``gap_vs_t.png`` (FLM's val/gap per tenth of t); after
 each evaluation the table of the models evaluated so far is written, marked partial, so a
 run cut short keeps what it finished.
+
+``--diagnose`` adds eval.diagnose=true to FLM's evaluation (KL(exact || FLM) per tenth of
+t on its own trajectories and on data states: ``table.json``, ``kl_vs_t.png``);
+``--bands 0-0.2,0.2-1`` samples FLM's checkpoint with the network on each band of t and
+the exact denoiser elsewhere (eval.denoiser=hybrid), rows plus a band table of the excess
+NLL over the exact denoiser (docs/compounding.md).
+
+``--budgets B1,B2,...``: the ladder once per budget B under ``--out/budget_<B>`` (FLM, MDLM
+and AR trained for B optimizer steps, the distillations from that FLM; the exact denoiser
+and the exact-teacher distillations, which no budget changes, only in the first), then
+``budget_table.md``, ``budget_table.json`` and ``oracle_nll_vs_budget.png`` (oracle NLL
+against optimizer steps, one line per sampling-step count, one panel per model) in
+``--out``.
 
 Shared settings come from ``+experiment=synthetic_ladder`` (configs/experiment/); the
 ``--size`` preset's overrides and the stage-specific keys are added on top; extra
@@ -54,7 +68,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data.exact_denoiser import GAP_TIME_BINS, ORACLE  # noqa: E402
-from evaluation.plots import plot_metric_vs_steps  # noqa: E402 - after the repo-root path insert
+from evaluation.plots import (  # noqa: E402 - after the repo-root path insert
+    plot_diagnostics,
+    plot_metric_vs_steps,
+)
 
 logger = logging.getLogger("synthetic_table")
 
@@ -87,6 +104,8 @@ class Model:
     sampling_steps: tuple[int, ...]
     train: tuple[str, ...] | None = ()
     calls_per_step: int = 1
+    sampled_from: str | None = None  # untrained: the run whose checkpoint it samples
+    eval_overrides: tuple[str, ...] = ()  # added to its sample_eval stage
 
 
 @dataclass(frozen=True)
@@ -142,10 +161,24 @@ PRESETS = {
 BASELINE_OVERRIDES = {"ar": ("algo.first_token=start",)}  # synthetic data has no BOS
 
 
-def models(preset: Preset, length: int, available: Sequence[str]) -> tuple[Model, ...]:
-    """The ladder's rows for a preset; ``available``: algo.ALGORITHMS' names."""
+BUDGET_FREE_RUNS = (ORACLE, "stage1_oracle", "fmlm_oracle")  # no FLM / baseline budget in them
+
+
+def band_label(band: tuple[float, float]) -> str:
+    return f"FLM on [{band[0]:g}, {band[1]:g}), exact elsewhere"
+
+
+def models(preset: Preset, length: int, available: Sequence[str],
+           budget_free: bool = True, diagnose: bool = False,
+           bands: Sequence[tuple[float, float]] = ()) -> tuple[Model, ...]:
+    """The ladder's rows for a preset; ``available``: algo.ALGORITHMS' names;
+    ``budget_free=False`` leaves out the models no optimizer budget changes
+    (``BUDGET_FREE_RUNS``); ``diagnose``: FLM's evaluation adds eval.diagnose=true;
+    ``bands``: one row per band, FLM's checkpoint sampled with eval.denoiser=hybrid
+    (evaluation/diagnostics.py)."""
     flm_steps, distilled = preset.flm_sampling_steps, preset.distilled_sampling_steps
-    rows = [Model("FLM", "flm", "flm", flm_steps),
+    rows = [Model("FLM", "flm", "flm", flm_steps,
+                  eval_overrides=("eval.diagnose=true",) if diagnose else ()),
             Model("exact denoiser", ORACLE, "flm", preset.oracle_sampling_steps or flm_steps,
                   train=None),
             Model("stage-1 map", "stage1", "flm_distill", distilled, calls_per_step=2),
@@ -160,7 +193,17 @@ def models(preset: Preset, length: int, available: Sequence[str]) -> tuple[Model
         steps = (length,) if name == "ar" else flm_steps  # AR: one call per token
         rows.append(Model(name.upper(), name, name, steps, train=BASELINE_OVERRIDES.get(
             name, ())))
+    for lo, hi in bands:
+        rows.append(Model(band_label((lo, hi)), f"band_{lo:g}_{hi:g}", "flm", flm_steps,
+                          train=None, sampled_from="flm", eval_overrides=(
+                              "eval.denoiser=hybrid", f"eval.hybrid_band=[{lo},{hi}]")))
+    if not budget_free:
+        rows = [row for row in rows if row.run not in BUDGET_FREE_RUNS]
     return tuple(rows)
+
+
+BUDGET_FREE_LABELS = frozenset(m.label for m in models(PRESETS["quick"], 1, ())
+                               if m.run in BUDGET_FREE_RUNS)  # their rows in a table
 
 
 def quoted(path: Path) -> str:
@@ -226,13 +269,17 @@ def stage_commands(out: Path, preset: Preset, flm_steps: int, distill_steps: int
                 *base, algo, *extra, *stage, f"hydra.run.dir={quoted(out / model.run)}"], needs))
             source = [f"eval.checkpoint_path={quoted(checkpoint(out, model.run))}"]
             evaluated_after = (f"train {model.run}",)
+        elif model.sampled_from is not None:
+            source = [f"eval.checkpoint_path={quoted(checkpoint(out, model.sampled_from))}"]
+            evaluated_after = (f"train {model.sampled_from}",)
         else:
             source = [f"eval.denoiser={ORACLE}"]
             evaluated_after = ()
         steps = ",".join(str(s) for s in model.sampling_steps)
         commands.append(Stage(f"sample_eval {model.run}", [
             *base, algo, *extra, "mode=sample_eval", "eval.judge=oracle",
-            "eval.compute_mauve=false", *source, f"sampling.steps=[{steps}]",
+            "eval.compute_mauve=false", *source, *model.eval_overrides,
+            f"sampling.steps=[{steps}]",
             f"eval.output_dir={quoted(eval_dir(out, model.run))}",
             f"hydra.run.dir={quoted(out / model.run / 'eval_run')}"], evaluated_after))
     return commands
@@ -425,6 +472,33 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def band_rows(rows: Sequence[dict[str, Any]], ladder: Sequence[Model]) -> list[dict[str, Any]]:
+    """Rows of the hybrid-band models with ``excess``: their oracle NLL/token minus the
+    exact denoiser's at the same sampling steps (None without that row)."""
+    labels = {m.label for m in ladder if m.run.startswith("band_")}
+    exact = {row["steps"]: row["oracle_nll_per_token"] for row in rows
+             if row["model"] == "exact denoiser"}
+    out = []
+    for row in rows:
+        if row["model"] in labels:
+            base = exact.get(row["steps"])
+            excess = (row["oracle_nll_per_token"] - base
+                      if _finite(base) and _finite(row["oracle_nll_per_token"]) else None)
+            out.append({"model": row["model"], "steps": row["steps"],
+                        "oracle_nll_per_token": row["oracle_nll_per_token"], "excess": excess})
+    return out
+
+
+def band_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["| band | steps | oracle NLL/token | excess over exact |", "|---|---|---|---|"]
+    for row in rows:
+        nll, excess = row["oracle_nll_per_token"], row["excess"]
+        lines.append(f"| {row['model']} | {row['steps']} | "
+                     f"{f'{nll:.3f}' if _finite(nll) else 'inf'} | "
+                     f"{'-' if excess is None else f'{excess:+.3f}'} |")
+    return "\n".join(lines)
+
+
 def _json_safe(value: Any) -> Any:
     """Non-finite floats as null (strict JSON); each such row carries a ``note``."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -458,10 +532,19 @@ def write_outputs(out: Path, summaries: dict[str, dict[str, Any]], settings: dic
               "model's validation cross-entropy minus the exact denoiser's on the same noisy "
               "inputs (nats/token); sample entropy = mean unigram entropy of a sample (nats).")
     table = markdown_table(rows)
+    bands = band_rows(rows, ladder)
+    if bands:
+        table += ("\n\nNetwork on one band of t, exact denoiser elsewhere (eval.denoiser=hybrid"
+                  "): oracle NLL/token and its excess over the exact denoiser's at the same "
+                  "steps (docs/compounding.md)\n\n" + band_table(bands))
     (out / "table.md").write_text(f"{header}\n\n{table}\n")
     result = {"source_entropy_per_token": source_entropy,
               "source_entropy_rate": float(first["source_entropy_rate"]),
-              "settings": settings, "training_gaps": gaps, "rows": rows}
+              "settings": settings, "training_gaps": gaps, "rows": rows, "bands": bands}
+    if "diagnostics" in summaries.get("flm", {}):
+        result["flm_diagnostics"] = summaries["flm"]["diagnostics"]
+        plot_diagnostics({"diagnostics": summaries["flm"]["diagnostics"]},
+                         str(out / "kl_vs_t.png"))
     (out / "table.json").write_text(json.dumps(_json_safe(result), indent=2))
     plot_summaries = [{"model_name": m.label, "rows": summaries[m.run]["rows"]}
                       for m in evaluated]
@@ -507,6 +590,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="optimizer steps of each distillation stage (default: the preset's)")
     p.add_argument("--baseline-steps", type=int, default=None,
                    help="optimizer steps of each baseline (default: the preset's, else FLM's)")
+    p.add_argument("--budgets", type=_budget_list, default=None,
+                   help="comma-separated optimizer budgets, e.g. 4000,8000: the ladder once "
+                   "per budget (FLM and baselines trained that long), then the budget table "
+                   "and plot; replaces --flm-steps and --baseline-steps")
+    p.add_argument("--diagnose", action="store_true",
+                   help="FLM's evaluation with eval.diagnose=true: KL(exact || FLM) per tenth "
+                   "of t on its trajectories and on data states (table.json, kl_vs_t.png)")
+    p.add_argument("--bands", type=_band_list, default=(),
+                   help="hybrid bands of t, e.g. 0-0.2,0.2-0.6,0.6-1,0.2-1: FLM's checkpoint "
+                   "sampled with the network on each band and the exact denoiser elsewhere, "
+                   "and a band table")
     p.add_argument("--jobs", type=int, default=None,
                    help="stages run at a time, each once the checkpoints it reads exist "
                    "(default: the preset's; gpu: 4 processes share the GPU, whose eager steps "
@@ -518,11 +612,41 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--quick and --size {args.size} disagree: pass one of them")
     args.size = "quick" if args.quick else (args.size or "cpu")
     args.device = args.device or ("gpu" if args.size == "gpu" else "cpu")
+    if args.budgets is not None and (args.flm_steps or args.baseline_steps):
+        p.error("--budgets sets the FLM and baseline optimizer steps of each ladder: drop "
+                "--flm-steps / --baseline-steps")
     for name in ("flm_steps", "distill_steps", "baseline_steps", "jobs"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')}={value}: use a positive number")
     return args
+
+
+def _band_list(text: str) -> list[tuple[float, float]]:
+    """``--bands``: '0-0.2,0.2-1' -> [(0.0, 0.2), (0.2, 1.0)], each 0 <= lo <= hi <= 1."""
+    bands = []
+    for part in text.split(","):
+        try:
+            lo, hi = (float(v) for v in part.split("-"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--bands {text!r}: comma-separated lo-hi pairs, "
+                                             "e.g. 0-0.2,0.2-1") from None
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise argparse.ArgumentTypeError(f"--bands: {part} needs 0 <= lo <= hi <= 1")
+        bands.append((lo, hi))
+    return bands
+
+
+def _budget_list(text: str) -> list[int]:
+    """``--budgets``: '4000,8000' -> [4000, 8000] (distinct positive integers, in order)."""
+    try:
+        budgets = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--budgets {text!r}: comma-separated integers, "
+                                         "e.g. 4000,8000") from None
+    if not budgets or min(budgets) < 1 or len(set(budgets)) < len(budgets):
+        raise argparse.ArgumentTypeError(f"--budgets {text!r}: distinct positive integers")
+    return budgets
 
 
 def ladder_length(shared: Sequence[str]) -> int:
@@ -549,17 +673,34 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                          "what is there; pass a new directory")
     out.mkdir(parents=True, exist_ok=True)
     preset = PRESETS[args.size]
-    flm_steps = args.flm_steps or preset.flm_steps
     distill_steps = args.distill_steps or preset.distill_steps
+    if args.budgets is None:
+        flm_steps = args.flm_steps or preset.flm_steps
+        baseline_steps = args.baseline_steps or preset.baseline_steps or flm_steps
+        return run_ladder(out, args, preset, flm_steps, distill_steps, baseline_steps)
+    results = {}
+    for k, budget in enumerate(args.budgets):
+        sub = out / f"budget_{budget}"
+        sub.mkdir()
+        results[budget] = run_ladder(sub, args, preset, budget, distill_steps, budget,
+                                     budget_free=k == 0)
+    return write_budget_outputs(out, results)
+
+
+def run_ladder(out: Path, args: argparse.Namespace, preset: Preset, flm_steps: int,
+               distill_steps: int, baseline_steps: int, budget_free: bool = True,
+               ) -> dict[str, Any]:
+    """Train and evaluate one ladder under ``out`` and write its table (``write_outputs``);
+    ``budget_free=False``: without the models no budget changes (``BUDGET_FREE_RUNS``)."""
     shared = [f"trainer.accelerator={DEVICE_ACCELERATORS[args.device]}",
               *(["trainer.devices=1"] if args.device == "gpu" else []),
               *preset.overrides, *args.overrides]
     from algo import ALGORITHMS  # the baselines present in this checkout
 
-    ladder = models(preset, ladder_length(shared), list(ALGORITHMS))
+    ladder = models(preset, ladder_length(shared), list(ALGORITHMS), budget_free,
+                    diagnose=args.diagnose, bands=args.bands)
     jobs = args.jobs or preset.jobs
     env = stage_env(args.device, jobs)
-    baseline_steps = args.baseline_steps or preset.baseline_steps or flm_steps
     stages = stage_commands(out, preset, flm_steps, distill_steps, shared, ladder,
                             baseline_steps)
     settings = {"size": args.size, "device": args.device, "jobs": jobs, "flm_steps": flm_steps,
@@ -583,6 +724,87 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     settings.update(run_settings(summaries), stage_seconds=seconds,
                     total_seconds=time.perf_counter() - start)
     return write_outputs(out, summaries, settings, ladder, read_gaps(out, ladder))
+
+
+BUDGET_COLUMNS = (("model", "model", "{}"), ("budget", "optimizer steps", "{}"),
+                  ("steps", "sampling steps", "{}"),
+                  ("oracle_nll_per_token", "oracle NLL/token", "{:.3f}"),
+                  ("entropy_gap", "gap to source entropy", "{:+.3f}"),
+                  ("training_gap", "training gap (val/gap)", "{:.4f}"), ("note", "note", "{}"))
+
+
+def budget_rows(results: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of every budget's ladder table with their budget (the FLM / baseline optimizer
+    steps; None for a model no budget changes), budgets ascending; one source row."""
+    rows, source = [], None
+    for budget in sorted(results):
+        for row in results[budget]["rows"]:
+            if row["steps"] is None:
+                source = source or row
+                continue
+            free = row["model"] in BUDGET_FREE_LABELS
+            rows.append({**row, "budget": None if free else budget})
+    return rows + ([{**source, "budget": None}] if source else [])
+
+
+def write_budget_outputs(out: Path, results: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """budget_table.md, budget_table.json and oracle_nll_vs_budget.png under ``out``."""
+    rows = budget_rows(results)
+
+    def cell(row: dict[str, Any], key: str, fmt: str) -> str:
+        value = row.get(key)
+        if value is None or value == "":
+            return "-"
+        if isinstance(value, float) and not math.isfinite(value):
+            return "inf"
+        return fmt.format(value)
+    lines = ["| " + " | ".join(title for _, title, _ in BUDGET_COLUMNS) + " |",
+             "|" + "|".join("---" for _ in BUDGET_COLUMNS) + "|"]
+    lines += ["| " + " | ".join(cell(row, key, fmt) for key, _, fmt in BUDGET_COLUMNS) + " |"
+              for row in rows]
+    table = "\n".join(lines)
+    first = next(iter(results.values()))
+    header = (f"Oracle NLL per token against the optimizer budget of FLM, MDLM and AR (the "
+              f"distillations start from the FLM of their budget; '-': a model no budget "
+              f"changes). Source entropy {first['source_entropy_per_token']:.4f} nats/token.")
+    (out / "budget_table.md").write_text(f"{header}\n\n{table}\n")
+    result = {"budgets": sorted(results), "rows": rows,
+              "settings": {str(b): r["settings"] for b, r in results.items()}}
+    (out / "budget_table.json").write_text(json.dumps(_json_safe(result), indent=2))
+    plot_nll_vs_budget(rows, float(first["source_entropy_per_token"]),
+                       out / "oracle_nll_vs_budget.png")
+    logger.info("%s\n\n%s\n\nwrote %s, %s, %s", header, table, out / "budget_table.md",
+                out / "budget_table.json", out / "oracle_nll_vs_budget.png")
+    return result
+
+
+def plot_nll_vs_budget(rows: Sequence[dict[str, Any]], source_entropy: float,
+                       out_path: Path) -> None:
+    """One panel per model with a budget: oracle NLL vs optimizer steps, one line per
+    sampling-step count; the source entropy dashed."""
+    import matplotlib.pyplot as plt  # evaluation.plots has chosen the Agg backend
+
+    budgeted = [row for row in rows if row.get("budget") is not None]
+    labels = list(dict.fromkeys(row["model"] for row in budgeted))
+    fig, axes = plt.subplots(1, max(len(labels), 1), figsize=(4.5 * max(len(labels), 1), 4),
+                             squeeze=False)
+    for ax, label in zip(axes[0], labels):
+        mine = [row for row in budgeted if row["model"] == label]
+        for steps in sorted({row["steps"] for row in mine}):
+            points = sorted((row["budget"], row["oracle_nll_per_token"]) for row in mine
+                            if row["steps"] == steps and _finite(row["oracle_nll_per_token"]))
+            if points:
+                ax.plot(*zip(*points), marker="o", label=f"{steps} sampling steps")
+        ax.axhline(source_entropy, color="black", linestyle="--", label="source entropy")
+        ax.set_xscale("log", base=2)
+        ax.set_title(label)
+        ax.set_xlabel("optimizer steps")
+        ax.set_ylabel("oracle NLL per token (nats)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="x-small")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
 
 
 def read_summary(out: Path, run: str) -> dict[str, Any]:
