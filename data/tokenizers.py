@@ -55,12 +55,15 @@ def _set_specials(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def _unavailable(name: str, saved: Path | None, err: Exception) -> TokenizerUnavailableError:
+def _unavailable(name: str, saved: Path | None, err: Exception,
+                 offline: str | None = None) -> TokenizerUnavailableError:
     where = f", nor saved at {saved}" if saved is not None else ""
+    why = (f"not in the Hugging Face cache, and the Hub was not asked: {offline}" if offline
+           else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}")
     return TokenizerUnavailableError(
         f"tokenizer {name!r} (data.tokenizer_name_or_path) is not available: it is not a local "
         f"file or folder{where}, and the Hugging Face Hub could not provide it "
-        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}). "
+        f"({why}). "
         "Provide it: where the Hub is reachable, run `python scripts/prepare_data.py` with this "
         "run's data= (it saves the tokenizer under <cache_dir>/tokenizers/) and copy that "
         "data.cache_dir here, or point data.tokenizer_name_or_path at a local tokenizer folder "
@@ -78,14 +81,14 @@ def load_pretrained_tokenizer(data: DictConfig) -> Any:
     if local is None and saved is not None and saved.is_dir():
         local = saved
     # an unreachable Hub: the Hugging Face cache only, no retries (data/offline.py)
-    cache_only = local is None and offline_reason() is not None
+    offline = offline_reason() if local is None else None
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(local) if local is not None else name,
-                                                  **({"local_files_only": True} if cache_only
+                                                  **({"local_files_only": True} if offline
                                                      else {}))
     except (OSError, ValueError) as err:
         # `from None`: the Hub client's chained retries say nothing the message does not
-        raise _unavailable(name, saved, err) from None
+        raise _unavailable(name, saved, err, offline) from None
     return _set_specials(tokenizer)
 
 
