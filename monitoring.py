@@ -1,6 +1,7 @@
 """What the training loop logs without making the host wait for the device: throughput
-(``train/tokens_per_s``, ``train/ms_per_step``), the step's logged device values (``LoggedLater``)
-and a progress bar.
+(``train/tokens_per_s``, ``train/ms_per_step``), the step's logged device values (``LoggedLater``),
+a progress bar counting optimizer steps, and for logs nobody watches live a line every
+``log_every_n_steps`` steps with the loss curves drawn at each validation (``TrainingReport``).
 
 Wall time per optimizer step is measured between step ends over a window of the last
 ``window`` optimizer steps, so validation runs, checkpoint stalls and data waits are in it:
