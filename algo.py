@@ -184,8 +184,9 @@ class FlowLM(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         loss = self.trainer.callback_metrics.get("val/loss")
+        # training's validations only: ppl_eval reports its own (evaluation/ppl.py)
         if (self.val_loss_is_cross_entropy and loss is not None and self.trainer.is_global_zero
-                and not self.trainer.sanity_checking):
+                and not self.trainer.sanity_checking and self.trainer.state.fn == "fit"):
             log.info("step %d: val/loss %.4f nats/token (uniform baseline log V = %.4f)",
                      self.global_step, float(loss), math.log(self.vocab_size))
 

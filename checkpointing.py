@@ -719,3 +719,9 @@ class StepCheckpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         return
+
+    def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict) -> None:
+        # at max_steps FinalCheckpoint has just written last.ckpt: once is enough
+        if 0 < trainer.max_steps <= trainer.global_step:
+            return
+        super()._save_last_checkpoint(trainer, monitor_candidates)

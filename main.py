@@ -19,7 +19,9 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
 
 import algo
+import cli
 import data
+import eval_config
 import reliability
 import utils
 from checkpointing import (
@@ -42,10 +44,12 @@ from checkpointing import (
     write_run_id,
 )
 from data.exact_denoiser import ORACLE, oracle_sampling_module
+from evaluation import ppl
 from models.parallelize import compile_for_sampling
-from monitoring import LoggedLater, Throughput, progress_bar
+from monitoring import LoggedLater, Throughput, TrainingReport, progress_bar
 
 log = logging.getLogger("main")
+eval_config.register_resolvers()  # hydra.run.dir names the checkpoint's data and algorithm
 
 
 def build_strategy(config: DictConfig):
@@ -66,6 +70,9 @@ def build_strategy(config: DictConfig):
     from pytorch_lightning.strategies import DDPStrategy
     return DDPStrategy(find_unused_parameters=config.strategy.get("find_unused_parameters",
                                                                   False))
+
+
+CURVES_NAME = "curves.png"  # <save_dir>/curves.png: training and validation loss
 
 
 def build_callbacks(config: DictConfig) -> list[pl.Callback]:
@@ -94,6 +101,12 @@ def build_callbacks(config: DictConfig) -> list[pl.Callback]:
         callbacks.append(StepCheckpoint(
             dirpath=ckpt_dir, every_n_train_steps=cb.checkpoint_last.every_n_train_steps,
             save_top_k=0, save_last=True, enable_version_counter=False))
+    # a log line every log_every_n_steps steps and the loss curves (curves.png)
+    callbacks.append(TrainingReport(
+        int(config.trainer.log_every_n_steps),
+        int(config.loader.global_batch_size) * int(config.model.length),
+        Path(config.checkpointing.save_dir) / CURVES_NAME,
+        title=f"{config.data.name}-{config.algo.name}"))
     if config.trainer.enable_progress_bar:  # shows train/loss without a device sync per step
         callbacks.append(progress_bar(int(config.trainer.log_every_n_steps)))
     if "learning_rate_monitor" in cb:
@@ -235,6 +248,9 @@ def _train(config: DictConfig, save_dir: Path, rank_zero: bool) -> None:
     if final.saved_step is None:  # ended before max_steps without a signal (max_epochs)
         trainer.save_checkpoint(last)
     io.wait()
+    if trainer.is_global_zero:
+        log.info("train outputs in %s: checkpoints/%s, %s, csv/ (metrics.csv), "
+                 "config_resolved.yaml", save_dir, Path(last).name, CURVES_NAME)
     if config.sampling.print_samples > 0 and module.sharded:
         log.info("strategy=fsdp: the weights are sharded, no samples printed; run "
                  "mode=sample_eval eval.checkpoint_path=%s", last)
@@ -258,8 +274,7 @@ def load_for_eval(config: DictConfig) -> tuple[algo.FlowLM, object]:
     path = config.eval.checkpoint_path
     source = read_source(path, key)
     backbone, settings = backbone_from_source(source, use_ema=not config.eval.disable_ema,
-                                              length=config.model.length, what=key,
-                                              algo=config.algo.name)
+                                              length=config.model.length, what=key)
     saved_model, saved_algo = config_nodes(path, settings, config, key)
     merged = config.copy()
     with open_dict(merged):  # replace whole nodes: the saved algo may have keys the default lacks
@@ -287,11 +302,15 @@ def load_for_eval(config: DictConfig) -> tuple[algo.FlowLM, object]:
     else:  # the paper's: the backbone only, its EMA (or live) weights already chosen
         module.backbone.load_state_dict(backbone.state_dict())
         module.ema = EMA(module.backbone, merged.training.ema)
+    module.checkpoint_step = settings.global_step  # reported by ppl_eval (None: not recorded)
     if config.sampling.compile:  # the samplers call features() / head(), not forward()
         compiled = sum(compile_for_sampling(net) for net in module.sampling_networks())
         log.info("sampling.compile=true: %d network(s) compiled for sampling", compiled)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return module.to(device).eval(), tokenizer
+
+
+PPL_NAME = "ppl.json"  # <eval.output_dir>/ppl.json: mode=ppl_eval's report
 
 
 def ppl_eval(config: DictConfig) -> None:
@@ -302,7 +321,20 @@ def ppl_eval(config: DictConfig) -> None:
     trainer = build_trainer(config, logger=False, limit_val_batches=config.trainer
                             .limit_val_batches)
     results = trainer.validate(module, datamodule=datamodule)
-    log.info("ppl_eval: %s", results)
+    if not trainer.is_global_zero:
+        return
+    world = int(config.trainer.devices) * int(config.trainer.num_nodes)
+    report = ppl.ppl_report(
+        float(results[0]["val/loss"]), algo=module.config.algo.name,
+        step=module.checkpoint_step,
+        checkpoint_path=str(config.eval.checkpoint_path), data_name=module.config.data.name,
+        split=str(module.config.data.valid), batches_scored=int(trainer.num_val_batches[0]),
+        batches_total=len(datamodule.val_dataloader()),
+        sequences_per_batch=int(config.loader.eval_batch_size) * world,
+        length=int(module.config.model.length))
+    log.info("%s", ppl.describe(report))
+    log.info("ppl_eval output: %s", ppl.write_report(report, Path(config.eval.output_dir)
+                                                     / PPL_NAME))
 
 
 def sample_eval(config: DictConfig) -> None:
@@ -318,6 +350,10 @@ def sample_eval(config: DictConfig) -> None:
     run_from_config(module.config, module, tokenizer)  # model settings from the checkpoint
 
 
+GENERATE_FORMATS = ("text", "json")  # generate.format: what mode=generate prints to stdout
+SAMPLE_RULE = "====="  # frames the header line printed before each sample
+
+
 def generate_text(config: DictConfig) -> None:
     """mode=generate: prompt continuation or infilling from ``eval.checkpoint_path``
     (docs/math.md §9); prints the texts and writes them with the settings to
@@ -325,11 +361,14 @@ def generate_text(config: DictConfig) -> None:
     from models.generate import (
         check_output_path,
         generate,
-        infill_known,
+        infill_template,
         parse_infill,
         prompt_known,
     )
     gc, sc = config.generate, config.sampling
+    if gc.format not in GENERATE_FORMATS:
+        raise utils.ConfigError(f"generate.format={gc.format!r}; expected one of "
+                                f"{list(GENERATE_FORMATS)}")
     given = [k for k in ("prompt", "prompt_file", "infill") if gc[k] is not None]
     if len(given) > 1:
         raise utils.ConfigError(f"generate.{' and generate.'.join(given)} are all set: give one "
@@ -353,17 +392,20 @@ def generate_text(config: DictConfig) -> None:
     out = check_output_path(gc.output_path)
     module, tokenizer = load_for_eval(config)
     length = int(module.config.model.length)
-    if pieces is not None:
-        conditions = [(str(gc.infill), *infill_known(tokenizer, pieces, length, gc.add_bos))]
+    if pieces is not None:  # the sample ends where the template ends
+        conditions = [(str(gc.infill), *infill_template(tokenizer, pieces, length, gc.add_bos))]
     else:
-        conditions = [(text, *prompt_known(tokenizer, text, length, gc.add_bos))
-                      for text in prompts] or [(None, None, None)]
+        conditions = [(text, *prompt_known(tokenizer, text, length, gc.add_bos), length)
+                      for text in prompts] or [(None, None, None, length)]
     teacher = module.teacher("flm") if isinstance(module, algo.FLMDistill) else None
-    generator = torch.Generator(device=module.device).manual_seed(int(gc.seed))
+    seed = cli.fresh_seed() if gc.seed is None else int(gc.seed)
+    log.info("generate.seed=%d%s", seed, f" (drawn for this run; generate.seed={seed} "
+             "repeats it)" if gc.seed is None else "")
+    generator = torch.Generator(device=module.device).manual_seed(seed)
     dtype = algo.STATE_DTYPES[sc.state_dtype]
     records = []
     for steps in (int(s) for s in sc.steps):
-        for index, (text, known, mask) in enumerate(conditions):
+        for index, (text, known, mask, end) in enumerate(conditions):
             for start in range(0, int(gc.num_samples), int(sc.batch_size)):
                 count = min(int(sc.batch_size), int(gc.num_samples) - start)
                 tokens = generate(module.backbone, known, None if known is None else mask,
@@ -371,21 +413,27 @@ def generate_text(config: DictConfig) -> None:
                                   teacher=teacher, two_times=module.sampler_two_times,
                                   length=length, denominator_eps=sc.denominator_eps,
                                   state_dtype=dtype, position_chunk=sc.position_chunk).cpu()
-                for row in tokens:
+                for row in tokens[:, :end]:
                     sample = tokenizer.decode(row, skip_special_tokens=True)
-                    print(f"[{steps} steps, condition {index}] {sample}", flush=True)
                     records.append({"steps": steps, "condition": index, "condition_text": text,
                                     "text": sample, "token_ids": row.tolist(),
-                                    "known_mask": None if mask is None else mask.tolist()})
+                                    "known_mask": None if mask is None else
+                                    mask[:end].tolist()})
+                    if gc.format == "text":  # a header line before each (multi-line) sample
+                        print(f"{SAMPLE_RULE} sample {len(records)} · {steps} steps · "
+                              f"condition {index} {SAMPLE_RULE}\n{sample}\n", flush=True)
     settings = {"checkpoint_path": str(config.eval.checkpoint_path),
                 "algo": module.config.algo.name, "model_length": length,
                 "steps": [int(s) for s in sc.steps], "num_samples": int(gc.num_samples),
-                "seed": int(gc.seed), "state_dtype": sc.state_dtype,
+                "seed": seed, "state_dtype": sc.state_dtype,
                 "denominator_eps": float(sc.denominator_eps), "add_bos": gc.add_bos,
                 "prompt": gc.prompt, "prompt_file": gc.prompt_file, "infill": gc.infill,
                 "ema": not config.eval.disable_ema}
-    out.write_text(json.dumps({"settings": settings, "samples": records}, indent=1))
-    log.info("generate: %d samples written to %s", len(records), out)
+    result = {"settings": settings, "samples": records}
+    out.write_text(json.dumps(result, indent=1))
+    if gc.format == "json":  # stdout holds the JSON alone (the log goes to stderr)
+        print(json.dumps(result), flush=True)
+    log.info("generate output: %d samples written to %s", len(records), out)
 
 
 def hydra_record(config: DictConfig) -> dict[str, str] | None:
@@ -417,7 +465,16 @@ def accepted(config: DictConfig, record: dict[str, str] | None) -> None:
 
 @hydra.main(version_base=None, config_path="configs", config_name="config")
 def main(config: DictConfig) -> None:
+    with cli.user_errors():  # a user's mistake: one line, exit 2
+        run(config, list(HydraConfig.get().overrides.task))
+
+
+def run(config: DictConfig, command_line: list[str]) -> None:
+    """Run ``config.mode``; ``command_line``: the overrides given (checked against the
+    checkpoint's config in the evaluation modes, eval_config.py)."""
+    cli.quiet_third_party()
     record = hydra_record(config)
+    config = eval_config.adopt_checkpoint_config(config, command_line)
     config = utils.resolve_config(config)
     torch.set_float32_matmul_precision("high")
     pl.seed_everything(config.seed, workers=True)

@@ -1,6 +1,7 @@
 """What the training loop logs without making the host wait for the device: throughput
-(``train/tokens_per_s``, ``train/ms_per_step``), the step's logged device values (``LoggedLater``)
-and a progress bar.
+(``train/tokens_per_s``, ``train/ms_per_step``), the step's logged device values (``LoggedLater``),
+a progress bar counting optimizer steps, and for logs nobody watches live a line every
+``log_every_n_steps`` steps with the loss curves drawn at each validation (``TrainingReport``).
 
 Wall time per optimizer step is measured between step ends over a window of the last
 ``window`` optimizer steps, so validation runs, checkpoint stalls and data waits are in it:
@@ -20,10 +21,15 @@ import collections
 import logging
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import matplotlib
 import pytorch_lightning as pl
 import torch
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402 - after choosing the Agg backend
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +233,119 @@ class _MetricsEveryNSteps:
                 self._copies.append(copied)
             self._next_copy = step + self.every_n_steps
             self._show_landed()
-        return self._shown
+        return {**self._shown, "step": step_fraction(trainer)}
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        """The Rich bar's label: training runs to ``max_steps`` (the step is in the metrics),
+        so no epoch count (Lightning's ``Epoch 0/-2`` when ``max_epochs`` is unset)."""
+        return f"{'Training':{len(self.validation_description)}}"
+
+
+def step_fraction(trainer: pl.Trainer) -> str:
+    """``step/max_steps`` of the trainer now."""
+    return step_fraction_of(trainer.global_step, trainer.max_steps)
+
+
+def format_duration(seconds: float) -> str:
+    """``1h02m03s`` / ``2m03s`` / ``3s``."""
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def plot_training_curves(train: list[tuple[int, float]], val: list[tuple[int, float]],
+                         path: Path, title: str) -> None:
+    """Training loss (the logged steps) and validation loss against the optimizer step."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if train:
+        ax.plot(*zip(*train), label="train/loss", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), marker="o", label="val/loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class TrainingReport(pl.Callback):
+    """For logs nobody watches live (SLURM, nohup, ``| tee``): a log line every
+    ``every_n_steps`` optimizer steps with ``step/max_steps``, the training loss, tokens per
+    second and the ETA; and the loss curves as a PNG (``curves_path``) after each validation
+    and at the end of training. Rank 0 only.
+
+    The loss is copied without waiting (``readable_later``) and the line written once the copy
+    has landed, so the host never waits for the device. Tokens per second and the ETA use the
+    wall time since training started (validation and checkpoint stalls included)."""
+
+    def __init__(self, every_n_steps: int, tokens_per_step: int, curves_path: str | Path,
+                 title: str = "training") -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps={every_n_steps}: must be >= 1")
+        self.every_n_steps, self.tokens_per_step = every_n_steps, int(tokens_per_step)
+        self.curves_path, self.title = Path(curves_path), title
+        self.train: list[tuple[int, float]] = []
+        self.val: list[tuple[int, float]] = []
+        self._pending: collections.deque[tuple] = collections.deque()
+        self._start: tuple[float, int] = (time.perf_counter(), 0)
+        self._last_step: int | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = (time.perf_counter(), trainer.global_step)
+        self._last_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step != self._last_step and step % self.every_n_steps == 0 and trainer.is_global_zero:
+            copied = copy_logged(trainer.callback_metrics, ("train/loss",))
+            if copied is not None:
+                self._pending.append((step, time.perf_counter(), *copied))
+        self._last_step = step
+        self._report(trainer, wait=False)
+
+    def _report(self, trainer: pl.Trainer, wait: bool) -> None:
+        t0, s0 = self._start
+        for step, now, names, host, _ in pop_landed(self._pending, wait):
+            loss = landed_values(names, host)["train/loss"]
+            self.train.append((step, loss))
+            rate = (step - s0) / max(now - t0, 1e-9)  # optimizer steps per second
+            eta = ((trainer.max_steps - step) / rate if rate > 0 and trainer.max_steps > 0
+                   else float("nan"))
+            log.info("step %s  loss %.4f  %.0f tokens/s  ETA %s", step_fraction_of(
+                step, trainer.max_steps), loss, rate * self.tokens_per_step,
+                format_duration(eta) if eta == eta else "?")
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        value = trainer.callback_metrics.get("val/loss")
+        if value is not None:
+            self.val.append((trainer.global_step, float(value)))
+        self._report(trainer, wait=True)
+        self.write_curves()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        self._report(trainer, wait=True)
+        self.write_curves()
+        log.info("loss curves: %s", self.curves_path)
+
+    def write_curves(self) -> None:
+        plot_training_curves(self.train, self.val, self.curves_path, self.title)
+
+
+def step_fraction_of(step: int, max_steps: int) -> str:
+    """``step/max_steps`` (just the step when ``max_steps`` is unset)."""
+    return f"{step}/{max_steps}" if max_steps and max_steps > 0 else str(step)
 
 
 def progress_bar(every_n_steps: int, keys: tuple[str, ...] = ("train/loss",)) -> pl.Callback:

@@ -45,6 +45,7 @@ def resolve_config(config: DictConfig) -> DictConfig:
     """
     if config.mode not in MODES:
         raise ConfigError(f"mode={config.mode!r}; expected one of {MODES}")
+    _check_types(config)
     if config.trainer.get("profiler") not in PROFILERS:
         raise ConfigError(f"trainer.profiler={config.trainer.profiler!r}; expected one of "
                           f"{PROFILERS} (Lightning's host-time profilers; null: none)")
@@ -135,6 +136,36 @@ def resolve_loader_workers(config: DictConfig) -> tuple[int, bool]:
     if not isinstance(pin, bool):
         raise ConfigError(f"loader.pin_memory={loader.pin_memory!r}: use auto, true or false")
     return workers, pin
+
+
+# Numeric keys read with int()/float() below and deep in Lightning: a value that does not parse
+# (``loader.global_batch_size=abc``) is a ConfigError naming the key, not a ValueError there.
+INTEGER_KEYS = ("seed", "loader.global_batch_size", "loader.eval_global_batch_size",
+                "loader.batch_size", "loader.eval_batch_size", "trainer.max_steps",
+                "trainer.num_nodes", "trainer.log_every_n_steps", "trainer.num_sanity_val_steps",
+                "trainer.accumulate_grad_batches", "model.length", "model.hidden_size",
+                "model.n_heads", "model.n_blocks", "sampling.batch_size",
+                "sampling.position_chunk", "sampling.print_samples", "eval.num_samples",
+                "generate.num_samples", "reliability.max_consecutive_nonfinite")
+NUMBER_KEYS = ("optim.lr", "optim.beta1", "optim.beta2", "optim.eps", "optim.weight_decay",
+               "training.ema", "training.t_min", "training.t_max", "trainer.gradient_clip_val",
+               "sampling.denominator_eps", "trainer.val_check_interval",
+               "trainer.limit_val_batches")
+NULLABLE_KEYS = ("loader.batch_size", "loader.eval_batch_size", "trainer.accumulate_grad_batches",
+                 "trainer.gradient_clip_val", "trainer.val_check_interval")
+
+
+def _check_types(config: DictConfig) -> None:
+    """ConfigError for a value of ``INTEGER_KEYS`` / ``NUMBER_KEYS`` that is not a number."""
+    for keys, kinds, expected in ((INTEGER_KEYS, (int,), "an integer"),
+                                  (NUMBER_KEYS, (int, float), "a number")):
+        for key in keys:
+            value = OmegaConf.select(config, key, default=None)
+            if value is None and (key in NULLABLE_KEYS or OmegaConf.select(
+                    config, key, default="missing") == "missing"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise ConfigError(f"{key}={value!r}: expected {expected}")
 
 
 def _check_values(config: DictConfig) -> None:

@@ -31,21 +31,23 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from data.offline import offline_by_env, offline_reason
 from data.packing import bos_per_document, tokenize_and_block, wrap_ids
+from utils import ConfigError
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 3  # bump when the cached token layout changes; part of the cache path
 BATCH_COLUMNS = ("input_ids", "attention_mask")
-OFFLINE_ENV_VARS = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 PARQUET_REVISION = "refs/convert/parquet"  # the Hub's automatic parquet conversion
 SCRIPT_ERROR = "Dataset scripts are no longer supported"  # datasets>=4 on a script-based id
 MIN_CHUNK_DOCUMENTS = 500_000  # documents per progress report (and per worker-pool start)
 _SPLIT_SPEC = re.compile(r"^(?P<base>[\w.-]+)(?:\[(?P<start>-?\d*):(?P<stop>-?\d*)\])?$")
 
 
-class DataCacheMissingError(RuntimeError):
-    """The tokenised cache is missing and the raw dataset cannot be fetched from the Hub."""
+class DataCacheMissingError(ConfigError, RuntimeError):
+    """The tokenised cache is missing and the raw dataset cannot be fetched from the Hub (a
+    user's set-up: one line at the command line, cli.user_errors)."""
 
 
 class DatasetLoadError(RuntimeError):
@@ -115,8 +117,15 @@ def slice_rows(num_rows: int, start: int | None, stop: int | None) -> range:
 
 def _load_dataset(path: str, name: str | None, split: str, revision: str | None,
                   data_dir: str | None = None) -> Any:
-    """``datasets.load_dataset`` (tests replace this with a local stand-in for the Hub)."""
+    """``datasets.load_dataset`` (tests replace this with a local stand-in for the Hub).
+    An unreachable Hub is a ConnectionError at once, not after the client's retries; with an
+    offline variable set, datasets reads its own cache."""
     import datasets
+
+    if offline_by_env() is None and not os.path.isdir(path):
+        reason = offline_reason()
+        if reason is not None:
+            raise ConnectionError(reason)
 
     return datasets.load_dataset(path, name, split=split, revision=revision, data_dir=data_dir)
 
@@ -129,19 +138,15 @@ def _load_at(data: DictConfig, base_split: str, revision: str | None) -> Any:
     return _load_dataset(data.hf_path, data.hf_config, base_split, revision)
 
 
-def _offline_by_env() -> bool:
-    return any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in OFFLINE_ENV_VARS)
-
-
 def _missing_cache_error(data: DictConfig, split: str, path: Path,
                          reason: str) -> DataCacheMissingError:
     return DataCacheMissingError(
         f"dataset {data.name!r} (Hub id {data.hf_path!r}, split {split!r}) has no tokenised cache "
         f"at {path} (data.cache_dir={data.cache_dir}) and the raw data cannot be fetched: {reason}. "
-        f"To prepare it, run `python scripts/prepare_data.py data={data.name}` (or this same "
-        "command) once on a machine with access to the Hugging Face Hub and the same "
-        "data.cache_dir (or copy the cache directory here); unset HF_DATASETS_OFFLINE / "
-        "HF_HUB_OFFLINE for that run.")
+        "Provide it: where the Hub is reachable, run `python scripts/prepare_data.py` with this "
+        f"run's data= and model.length= (data.name={data.name}) and copy that data.cache_dir "
+        "here (point DATA_DIR or data.cache_dir at it); or, with the raw dataset "
+        "already in the Hugging Face cache (HF_HOME), set HF_DATASETS_OFFLINE=1.")
 
 
 def load_raw_split(data: DictConfig, base_split: str, path: Path) -> Any:
@@ -153,7 +158,9 @@ def load_raw_split(data: DictConfig, base_split: str, path: Path) -> Any:
     try:
         return _load_at(data, base_split, revision)
     except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as err:
-        reason = "offline mode is set" if _offline_by_env() else f"{type(err).__name__}: {err}"
+        variable = offline_by_env()
+        reason = (f"{variable} is set and the Hugging Face cache does not hold it"
+                  if variable is not None else f"{type(err).__name__}: {err}")
         raise _missing_cache_error(data, base_split, path, reason) from None
     except RuntimeError as err:
         if SCRIPT_ERROR not in str(err) or revision == PARQUET_REVISION:

@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from data.detokenize import detokenize
+from utils import ConfigError
 
 MIN_BLOCK_LENGTH = 3  # a text block is [BOS] content [EOS]: model.length of at least 3
 
@@ -31,7 +32,7 @@ def pack_sequences(token_lists: Sequence[Sequence[int]], length: int, bos_id: in
     concatenated; the stream is cut into chunks of ``length - 2`` tokens, each returned as
     ``[BOS] chunk [EOS]``. The last partial chunk is dropped."""
     if length < MIN_BLOCK_LENGTH:
-        raise ValueError(f"model.length={length} leaves no room for content between BOS and EOS")
+        raise ConfigError(f"model.length={length} leaves no room for content between BOS and EOS")
     stream = []
     for ids in token_lists:
         if bos_per_document:
@@ -58,7 +59,7 @@ def pad_sequences(token_lists: Sequence[Sequence[int]], length: int, bos_id: int
 def _token_id(tokenizer: Any, token: str, key: str) -> int:
     vocab = tokenizer.get_vocab()
     if token not in vocab:
-        raise ValueError(f"{key}={token!r} is not a token of {tokenizer.name_or_path!r}; use one "
+        raise ConfigError(f"{key}={token!r} is not a token of {tokenizer.name_or_path!r}; use one "
                          "of its special tokens or null (the tokenizer's own)")
     return int(vocab[token])
 

@@ -10,13 +10,15 @@ from typing import Any
 from omegaconf import DictConfig
 
 from data.embedded import REPO_ROOT
+from data.offline import offline_reason
+from utils import ConfigError
 
 log = logging.getLogger(__name__)
 
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "[BOS]", "[EOS]", "[PAD]"  # the embedded tokenizer's specials
 
 
-class TokenizerUnavailableError(OSError):
+class TokenizerUnavailableError(OSError, ConfigError):
     """The tokenizer is neither local, nor saved next to the data cache, nor on the Hub."""
 
 
@@ -53,16 +55,20 @@ def _set_specials(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def _unavailable(name: str, saved: Path | None, err: Exception) -> TokenizerUnavailableError:
+def _unavailable(name: str, saved: Path | None, err: Exception,
+                 offline: str | None = None) -> TokenizerUnavailableError:
     where = f", nor saved at {saved}" if saved is not None else ""
+    why = (f"not in the Hugging Face cache, and the Hub was not asked: {offline}" if offline
+           else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}")
     return TokenizerUnavailableError(
         f"tokenizer {name!r} (data.tokenizer_name_or_path) is not available: it is not a local "
         f"file or folder{where}, and the Hugging Face Hub could not provide it "
-        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}). "
-        "To prepare it: run `python scripts/prepare_data.py data=<this data config>` once on a "
-        "machine with network access and the same data.cache_dir (it saves the tokenizer under "
-        "<cache_dir>/tokenizers/), or point data.tokenizer_name_or_path at a local tokenizer "
-        "folder or tokenizer.json.")
+        f"({why}). "
+        "Provide it: where the Hub is reachable, run `python scripts/prepare_data.py` with this "
+        "run's data= (it saves the tokenizer under <cache_dir>/tokenizers/) and copy that "
+        "data.cache_dir here, or point data.tokenizer_name_or_path at a local tokenizer folder "
+        "or tokenizer.json; with the tokenizer in the Hugging Face cache (HF_HOME), set "
+        "HF_HUB_OFFLINE=1.")
 
 
 def load_pretrained_tokenizer(data: DictConfig) -> Any:
@@ -74,11 +80,15 @@ def load_pretrained_tokenizer(data: DictConfig) -> Any:
     saved = saved_tokenizer_dir(data)
     if local is None and saved is not None and saved.is_dir():
         local = saved
+    # an unreachable Hub: the Hugging Face cache only, no retries (data/offline.py)
+    offline = offline_reason() if local is None else None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(local) if local is not None else name)
+        tokenizer = AutoTokenizer.from_pretrained(str(local) if local is not None else name,
+                                                  **({"local_files_only": True} if offline
+                                                     else {}))
     except (OSError, ValueError) as err:
         # `from None`: the Hub client's chained retries say nothing the message does not
-        raise _unavailable(name, saved, err) from None
+        raise _unavailable(name, saved, err, offline) from None
     return _set_specials(tokenizer)
 
 

@@ -19,6 +19,7 @@ Two judges implement the protocol:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -27,6 +28,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+from data.offline import offline_reason
+from utils import ConfigError
+
 logger = logging.getLogger(__name__)
 
 JUDGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,6 +38,10 @@ TRAIN_JUDGE_HINT = (
     "pass a local save_pretrained directory as eval.gen_ppl_eval_model_name_or_path=<dir>, "
     "or train a stand-in judge with `python scripts/train_judge.py --out <dir>`"
 )
+
+
+class JudgeUnavailableError(ConfigError, RuntimeError):
+    """The judge is neither local, nor cached, nor fetchable from the Hub (a user's set-up)."""
 
 
 @runtime_checkable
@@ -299,11 +307,24 @@ class HFCausalLMJudge:
         return torch.cat(out)
 
 
+STAND_IN_METADATA = "judge_metadata.json"  # scripts/train_judge.py writes it next to the weights
+STAND_IN_LABEL = "stand-in judge, not comparable to GPT-2 Large"
+
+
+def is_stand_in(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` is a stand-in judge (its metadata says ``stand_in_judge``)."""
+    path = os.path.join(str(name_or_path), STAND_IN_METADATA)
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return bool(json.load(f).get("stand_in_judge"))
+
+
 def _from_pretrained(loader: Any, name_or_path: str, **kwargs: Any) -> Any:
     """Local directory, else the HF cache, else the Hub (unless HF_HUB_OFFLINE); one error."""
     if os.path.isdir(name_or_path):
         return loader.from_pretrained(name_or_path, **kwargs)
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    offline = offline_reason()  # an offline variable or an unreachable Hub: no retries
     try:
         return loader.from_pretrained(name_or_path, local_files_only=True, **kwargs)
     except (OSError, ValueError) as error:
@@ -313,11 +334,13 @@ def _from_pretrained(loader: Any, name_or_path: str, **kwargs: Any) -> Any:
             return loader.from_pretrained(name_or_path, **kwargs)
         except Exception as error:  # noqa: BLE001 - any Hub failure gets the one message below
             failure = type(error).__name__
-    where = "disabled (HF_HUB_OFFLINE is set)" if offline else "unreachable"
-    raise RuntimeError(
-        f"Could not load judge '{name_or_path}': it is not a local directory, not in the "
-        f"Hugging Face cache, and the Hub is {where} ({failure}). To fix: {TRAIN_JUDGE_HINT}."
-    )
+    where = f"not asked: {offline}" if offline else f"failed ({failure})"
+    raise JudgeUnavailableError(
+        f"judge '{name_or_path}' (eval.gen_ppl_eval_model_name_or_path) is not a local "
+        f"directory, not in the Hugging Face cache (HF_HOME), and the Hub was {where}. "
+        f"Provide it: {TRAIN_JUDGE_HINT}; or download it where the Hub is reachable "
+        f"(`huggingface-cli download {name_or_path}`), copy the Hugging Face cache here and set "
+        "HF_HUB_OFFLINE=1.")
 
 
 def load_judge(
@@ -343,8 +366,12 @@ def load_judge(
                 getattr(model.config, "n_positions", None))
     if protocol == "paper":  # the paper's judge tokenizer pads with EOS
         tokenizer.pad_token = tokenizer.eos_token
+    name = name_or_path
+    if is_stand_in(name_or_path):  # the label travels with every number it gives
+        name = f"{name_or_path} [{STAND_IN_LABEL}]"
+        logger.warning("judge %s is a %s", name_or_path, STAND_IN_LABEL)
     return HFCausalLMJudge(model, tokenizer, batch_size=batch_size, retokenize=retokenize,
-                           data_tokenizer=data_tokenizer, name=name_or_path, protocol=protocol,
+                           data_tokenizer=data_tokenizer, name=name, protocol=protocol,
                            max_length=max_length, call_size=call_size)
 
 

@@ -21,12 +21,22 @@ def _finite(value: Any) -> bool:
     return value is not None and math.isfinite(float(value))
 
 
+def plot_title(summaries: Sequence[dict[str, Any]]) -> str:
+    """The models and the judge(s) that scored them (a stand-in judge's name says so)."""
+    models = ", ".join(dict.fromkeys(str(s.get("model_name", "?")) for s in summaries))
+    judges = ", ".join(dict.fromkeys(str(s.get("judge", "?")) for s in summaries))
+    return f"sample_eval: {models} (judge: {judges})"
+
+
 def plot_summaries(summaries: Sequence[dict[str, Any]], out_path: str) -> None:
     """Rows: metric vs steps, metric vs wall-clock; columns: gen PPL, entropy, MAUVE; one line
-    per (summary, temperature)."""
+    per (summary, temperature). The step axis has a tick at each step count; the title names
+    the models and the judge."""
     fig, axes = plt.subplots(len(PLOT_AXES), len(PLOT_METRICS),
                              figsize=(5 * len(PLOT_METRICS), 4 * len(PLOT_AXES)), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    step_counts = sorted({int(row["steps"]) for summary in summaries for row in summary["rows"]
+                          if _finite(row.get("steps"))})
     for k, summary in enumerate(summaries):
         color = colors[k % len(colors)]
         label = summary.get("model_name", f"run {k}")
@@ -53,10 +63,14 @@ def plot_summaries(summaries: Sequence[dict[str, Any]], out_path: str) -> None:
                     ax.axhline(float(reference), color=color, linestyle="--",
                                label=f"{label}: reference")
                 ax.set_xscale("log")
+                if x_key == "steps" and step_counts:
+                    ax.set_xticks(step_counts, [str(s) for s in step_counts])
+                    ax.minorticks_off()
                 ax.set_xlabel(x_label)
                 ax.set_ylabel(y_label)
                 ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize="small")
+    fig.suptitle(plot_title(summaries))
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
     plt.close(fig)

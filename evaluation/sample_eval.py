@@ -29,7 +29,7 @@ import torch
 from evaluation import diagnostics, metrics
 from evaluation.diversity import REP_NS, self_bleu
 from evaluation.frontier import frontier_summary
-from evaluation.judges import make_judge
+from evaluation.judges import STAND_IN_LABEL, make_judge
 from evaluation.mauve_score import MauveSettings, judge_features, mauve_from_features
 from evaluation.network_wrappers import TemperatureNetwork, swapped_prediction_network
 from evaluation.plots import plot_diagnostics, plot_frontier, plot_summaries
@@ -139,14 +139,17 @@ def score_set(judge: Any, ids: torch.Tensor, texts: list[str], specials: Sequenc
 
 
 def format_table(rows: Sequence[dict[str, Any]], reference: dict[str, Any] | None,
-                 protocol: str | None = None) -> str:
+                 protocol: str | None = None, judge: str | None = None) -> str:
     """Fixed-width table: one line per (temperature, steps) row and a final reference line
-    (none when ``reference`` is None); a first line names the gen-PPL protocol when given."""
+    (none when ``reference`` is None); first lines name the gen-PPL protocol and the judge
+    when given (a stand-in judge's name says it is one)."""
     def cell(row: dict[str, Any], key: str, fmt: str) -> str:
         value = row.get(key)
         return "-" if value is None else fmt.format(value)
     header = " | ".join(f"{title:>10}" for _, title, _ in TABLE_COLUMNS)
     lines = [header, "-" * len(header)]
+    if judge is not None:
+        lines.insert(0, f"judge: {judge}")
     if protocol is not None:
         lines.insert(0, f"gen-PPL protocol: {protocol}")
     references = [] if reference is None else [{**reference, "steps": "reference",
@@ -244,11 +247,13 @@ def run_sample_eval(
         logger.info("T=%g steps=%d gen_ppl=%.3f entropy=%.3f mauve=%s s/sample=%.4g",
                     temperature, steps, row["gen_ppl"], row["entropy_mean"], row["mauve"],
                     row["seconds_per_sample"])
-    table = format_table(rows, reference_row, protocol)
+    table = format_table(rows, reference_row, protocol, judge.name)
     logger.info("sample_eval %s (judge %s, protocol %s, seed %d, N=%d)\n%s", model_name,
                 judge.name, protocol, seed, num_samples, table)
     frontier, at_reference = frontier_summary(rows, reference_row)
-    summary = {"model_name": model_name, "judge": judge.name, "protocol": protocol,
+    stand_in = STAND_IN_LABEL in judge.name
+    summary = {"model_name": model_name, "judge": judge.name, "judge_stand_in": stand_in,
+               "protocol": protocol,
                "sampler": dict(sampler or {}), "seed": seed,
                "num_samples": num_samples, "network_calls_per_step": network_calls_per_step,
                "temperatures": temperatures, "rows": rows, "reference": reference_row,
@@ -258,7 +263,7 @@ def run_sample_eval(
         summary["diagnostics"] = {str(int(s)): diagnose_fn(int(s)) for s in steps_list}
     with open(os.path.join(out_dir, "samples.json"), "w") as f:
         json.dump({"model_name": model_name, "seed": seed, "judge": judge.name,
-                   "protocol": protocol,
+                   "judge_stand_in": stand_in, "protocol": protocol,
                    "steps": all_records, "reference": reference_records}, f)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -267,6 +272,8 @@ def run_sample_eval(
         plot_frontier([summary], os.path.join(out_dir, "frontier_plot.png"))
     if diagnose_fn is not None:
         plot_diagnostics(summary, os.path.join(out_dir, "diagnostics_plot.png"))
+    logger.info("sample_eval outputs: %s (samples.json, summary.json, eval_plot.png)",
+                os.path.abspath(out_dir))
     return summary
 
 

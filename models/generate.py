@@ -216,8 +216,18 @@ def infill_known(tokenizer, pieces: list[str | int], length: int, add_bos: bool 
     """Template pieces (``parse_infill``) -> tokens (L,), mask (L,).
 
     Text pieces are tokenized one by one and known; a span of n is n unknown positions.
-    Positions after the template's end are generated too.
+    Positions after the template's end are generated too (``infill_template`` says where
+    the template ends).
     """
+    tokens, mask, _ = infill_template(tokenizer, pieces, length, add_bos, key)
+    return tokens, mask
+
+
+def infill_template(tokenizer, pieces: list[str | int], length: int,
+                    add_bos: bool | str = "auto", key: str = "generate.infill",
+                    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``infill_known``'s tokens (L,) and mask (L,), and the template's length: an infill
+    is the first that many positions of a sample (the rest of L is free context)."""
     ids = bos_prefix(tokenizer, add_bos)
     known = [True] * len(ids)
     for piece in pieces:
@@ -235,7 +245,7 @@ def infill_known(tokenizer, pieces: list[str | int], length: int, add_bos: bool 
     mask = torch.zeros(length, dtype=torch.bool)
     tokens[:len(ids)] = torch.tensor(ids, dtype=torch.long)
     mask[:len(ids)] = torch.tensor(known, dtype=torch.bool)
-    return tokens, mask
+    return tokens, mask, len(ids)
 
 
 def check_output_path(path: str | os.PathLike, key: str = "generate.output_path") -> Path:

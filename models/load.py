@@ -34,6 +34,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from checkpointing import load_checkpoint_file
+from data.offline import offline_by_env, offline_reason
 from models.dit import ROTARY_BASE, TIME_FREQUENCY_DIM, DiT
 from utils import ConfigError
 
@@ -153,6 +154,14 @@ def _looks_like_repo_id(text: str) -> bool:
 
 
 def _download(repo_id: str, what: str) -> Path:
+    # an unreachable Hub is said now, not after the client's retries (an offline variable set:
+    # the client reads its cache)
+    offline = None if offline_by_env() else offline_reason()
+    if offline is not None:
+        raise ConfigError(
+            f"{what}={repo_id}: no such file or folder here, and the Hugging Face Hub was not "
+            f"asked ({offline}). Download it where the Hub is reachable (huggingface-cli "
+            f"download {repo_id} --local-dir DIR) and pass {what}=DIR")
     try:
         from huggingface_hub import snapshot_download
         folder = snapshot_download(repo_id, allow_patterns=[HUB_CONFIG, *HUB_WEIGHTS])

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import cli  # noqa: E402 - after the repo-root path insert
 from evaluation.plots import plot_summaries  # noqa: E402 - after the repo-root path insert
 from evaluation.sample_eval import format_table  # noqa: E402
 
@@ -47,4 +48,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with cli.user_errors():  # a user's mistake: one line, exit 2
+        main()

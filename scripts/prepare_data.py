@@ -23,10 +23,13 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import cli  # noqa: E402
 import data  # noqa: E402
+import eval_config  # noqa: E402
 from data.tokenizers import _resolve_local, saved_tokenizer_dir  # noqa: E402
 
 log = logging.getLogger("prepare_data")
+eval_config.register_resolvers()  # configs/config.yaml's hydra.run.dir uses it
 
 
 def save_tokenizer(config: DictConfig, tokenizer: object) -> None:
@@ -41,6 +44,11 @@ def save_tokenizer(config: DictConfig, tokenizer: object) -> None:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 def main(config: DictConfig) -> None:
+    with cli.user_errors():  # a user's mistake or a missing download: one line, exit 2
+        prepare(config)
+
+
+def prepare(config: DictConfig) -> None:
     tokenizer = data.get_tokenizer(config)
     if config.data.name in ("embedded", "synthetic"):
         train, valid = data.get_datasets(config, tokenizer)

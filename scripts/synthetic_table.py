@@ -67,6 +67,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import cli  # noqa: E402 - after the repo-root path insert
 from data.exact_denoiser import GAP_TIME_BINS, ORACLE  # noqa: E402
 from evaluation.plots import (  # noqa: E402 - after the repo-root path insert
     plot_diagnostics,
@@ -822,4 +823,5 @@ def run_settings(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    with cli.user_errors():  # a user's mistake: one line, exit 2
+        main()

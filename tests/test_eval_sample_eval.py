@@ -89,10 +89,11 @@ def test_run_sample_eval_writes_rows_reference_plot(tmp_path, setup):
     reference = on_disk["reference"]
     assert reference["gen_ppl"] > 0 and reference["num_samples"] == NUM_SAMPLES
     assert len(samples["reference"]) == NUM_SAMPLES
-    # protocol line, header, rule, one line per step count, reference
-    assert "reference" in summary["table"] and summary["table"].count("\n") == len(STEPS) + 3
+    # protocol line, judge line, header, rule, one line per step count, reference
+    assert "reference" in summary["table"] and summary["table"].count("\n") == len(STEPS) + 4
     assert on_disk["protocol"] == samples["protocol"] == "clean"
-    assert summary["table"].splitlines()[0] == "gen-PPL protocol: clean"
+    assert summary["table"].splitlines()[:2] == ["gen-PPL protocol: clean",
+                                                 f"judge: {summary['judge']}"]
     image = matplotlib.image.imread(out / "eval_plot.png")
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
     assert image[..., :3].std() > 0.01  # not a blank canvas

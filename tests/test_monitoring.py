@@ -111,6 +111,7 @@ class _CountingTrainer:
 
     def __init__(self) -> None:
         self.training, self.global_step, self.loggers, self.reads = True, 0, [], 0
+        self.max_steps = 25
         self.progress_bar_metrics: dict = {}
 
     @property
@@ -136,6 +137,7 @@ def test_progress_bar_reads_logged_values_every_n_steps_in_training():
             metrics = bar.get_metrics(trainer, None)
             shown.append(metrics["train/loss"])
             assert "val/other" not in metrics  # only the keys asked for
+            assert metrics["step"] == f"{step}/25"  # the bar counts optimizer steps
     assert trainer.reads == 3  # steps 0, 10 and 20
     assert shown[::2] == [float(10 * (s // 10)) for s in range(25)]
     trainer.training = False  # validation: Lightning's own reading, every refresh
