@@ -11,7 +11,9 @@ it with ``save_pretrained``, so that
 works offline. Its perplexities are NOT comparable to GPT-2 Large numbers; the output
 directory carries a README.txt and judge_metadata.json saying so.
 
-Runs on CPU in a few minutes with the defaults (see --steps, --n-layer, --n-embd).
+Time on a CPU (measured: 100 steps of the default model took 212 CPU-seconds, the held-out
+loss then 5.33 nats, on a 2-core machine): the default 1,000 steps need about 30 CPU-minutes,
+i.e. 15-30 minutes on 2 idle cores; --steps trades time for a weaker judge.
 """
 
 from __future__ import annotations
@@ -157,7 +159,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--context", type=int, default=128, help="judge n_positions")
-    p.add_argument("--steps", type=int, default=1000, help="~2 min on 2 CPU cores")
+    p.add_argument("--steps", type=int, default=1000, help="training steps (default %(default)s: about 30 CPU-minutes, 15-30 min "
+                        "on 2 CPU cores; 100 steps took 212 CPU-seconds)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)

@@ -64,14 +64,14 @@ def test_shell_script_without_the_projects_python_says_how_to_get_it(tmp_path):
 @pytest.mark.parametrize("script", PYTHON_SCRIPTS, ids=str)
 def test_python_script_answers_help(script):
     proc = subprocess.run([sys.executable, str(script), "--help"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage" in proc.stdout.lower() or "mode=" in proc.stdout, proc.stdout[:500]
 
 
 def test_main_help_starts_with_the_modes_and_points_to_the_readme():
     proc = subprocess.run([sys.executable, "-m", "main", "--help"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     first = proc.stdout.splitlines()[0]
     assert first.startswith("python -m main mode=")
@@ -83,8 +83,9 @@ def test_main_help_starts_with_the_modes_and_points_to_the_readme():
 
 def test_train_judge_help_states_its_time_on_two_cores():
     proc = subprocess.run([sys.executable, "scripts/train_judge.py", "--help"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
-    assert "2 CPU cores" in proc.stdout and "min" in proc.stdout, proc.stdout
+                          capture_output=True, text=True, timeout=600)
+    text = " ".join(proc.stdout.split())  # argparse wraps to the terminal's width
+    assert "on 2 CPU cores" in text and "100 steps took 212" in text, proc.stdout
 
 
 STAND_IN_SBATCH = """#!/usr/bin/env bash
@@ -104,7 +105,7 @@ def test_render_prints_real_paths_and_a_submit_line_that_runs(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("DATA_DIR", "SAVE_ROOT")}
     proc = subprocess.run([sys.executable, "scripts/slurm/render.py", "--nodes", "2",
                            "trainer.log_every_n_steps=50"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120, check=True)
+                          capture_output=True, text=True, timeout=600, check=True)
     lines = proc.stdout.splitlines()
     assert "$" not in proc.stdout.replace("$SLURM_JOB_ID", "")  # no unexpanded variable
     submit = lines[lines.index("# submit with") + 1]
