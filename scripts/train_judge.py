@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 DEFAULT_TOKENIZER_FILE = os.path.join(REPO_ROOT, "assets", "embedded_tokenizer.json")
 # Special-token spellings tried in order when --bos-token/--eos-token/--pad-token are not given.
 SPECIAL_CANDIDATES = {

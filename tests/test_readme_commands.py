@@ -43,7 +43,8 @@ TINY = {
                     "eval.reference_row=false", "eval.perplexity_batch_size=2"],
 }
 TINY_JUDGE = ["--steps", "2", "--n-layer", "1", "--n-embd", "16", "--n-head", "2",
-              "--context", "64", "--batch-size", "2"]
+              "--context", "64", "--batch-size", "2", "--text-file", "tiny_corpus.txt"]
+TINY_CORPUS = "To be, or not to be, that is the question.\n\n" * 40  # ~20 blocks of 64
 
 
 def fenced_blocks_raw(language: str) -> list[list[str]]:
@@ -124,6 +125,7 @@ def workdir(tmp_path_factory) -> Path:
     script paths), where every command runs."""
     work = tmp_path_factory.mktemp("readme")
     (work / "scripts").symlink_to(REPO / "scripts")
+    (work / "tiny_corpus.txt").write_text(TINY_CORPUS)  # the stand-in judge's tiny corpus
     return work
 
 
