@@ -1,7 +1,9 @@
 """Conditional generation: prompts and infilling for FLM, stage 1 and FMLM (docs/math.md §9).
 
-``generate`` is the Python entry point; ``main.py mode=generate`` uses the same function with
-the text helpers below (``prompt_known``, ``parse_infill``, ``infill_known``). Known positions
+``generate`` is the Python entry point on token ids; ``generate_text`` wraps it for a loaded
+checkpoint, from a text prompt to texts, through the checkpoint's own tokenizer.
+``main.py mode=generate`` uses ``generate`` with the text helpers below (``prompt_known``,
+``parse_infill``, ``infill_known``). Known positions
 are clamped in the sampler state (flow/sampling.py); this file only turns prompts and infill
 templates into ``(known_tokens, known_mask)`` and picks the sampler.
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from data.tokenizers import get_tokenizer
 from flow.sampling import (
     DEFAULT_POSITION_CHUNK,
     initial_joint_state,
@@ -96,6 +99,51 @@ def generate(backbone, prompt_ids: Sequence[int] | torch.Tensor | None = None,
     return sample_euler(backbone, table, noise, steps, denominator_eps, two_times=two_times,
                         position_chunk=position_chunk, known_tokens=known_tokens,
                         known_mask=mask)
+
+
+# algorithms whose backbone ``generate`` samples alone (FLM: Euler; FMLM: its two-time map)
+# or with ``teacher=`` (stage 1); MDLM and AR sample through their own modules (algo.py)
+GENERATE_ALGOS = ("flm", "flm_distill", "flm_distill_second")
+
+
+def checkpoint_tokenizer(settings):
+    """The tokenizer a checkpoint of this project was trained with, from the ``data`` node of
+    its saved config (``settings``: what ``models.load.load_backbone`` returned)."""
+    config = settings.saved_config
+    if config is None or "data" not in config:
+        raise ConfigError(
+            f"this {settings.source} checkpoint does not record its data: pass tokenizer= (e.g. "
+            "transformers.AutoTokenizer.from_pretrained('gpt2') for the paper's OWT models, "
+            "'bert-base-uncased' for LM1B)")
+    return get_tokenizer(config)
+
+
+@torch.no_grad()
+def generate_text(backbone, settings, prompt: str | None = None, *, steps: int = 64,
+                  num_samples: int = 1, generator: torch.Generator | None = None,
+                  teacher=None, tokenizer=None, add_bos: bool | str = "auto") -> list[str]:
+    """``generate`` from text to text: -> ``num_samples`` decoded samples.
+
+    ``backbone, settings = load_backbone(path)``; ``prompt``: a text the samples continue (None:
+    unconditional); ``tokenizer``: default the checkpoint's own (``checkpoint_tokenizer``).
+    A stage-1 map needs its FLM teacher (``teacher=``, a backbone); MDLM and AR checkpoints
+    sample through ``python -m main mode=generate``.
+    """
+    if settings.algo is not None and settings.algo not in GENERATE_ALGOS:
+        raise ConfigError(f"generate_text samples {', '.join(GENERATE_ALGOS)} checkpoints; this "
+                          f"one is algo={settings.algo}: use python -m main mode=generate "
+                          "eval.checkpoint_path=<it>")
+    if settings.algo == "flm_distill" and teacher is None:
+        raise ConfigError("this is a stage-1 flow map (algo=flm_distill): it samples with its "
+                          "FLM teacher's velocity, so pass teacher=load_backbone(<FLM "
+                          "checkpoint>)[0]")
+    tokenizer = checkpoint_tokenizer(settings) if tokenizer is None else tokenizer
+    known = mask = None
+    if prompt is not None:
+        known, mask = prompt_known(tokenizer, prompt, int(backbone.length), add_bos, key="prompt")
+    tokens = generate(backbone, known, mask, steps=steps, num_samples=num_samples,
+                      generator=generator, teacher=teacher)
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in tokens.cpu()]
 
 
 def known_rows(prompt_ids, known_mask, length: int,

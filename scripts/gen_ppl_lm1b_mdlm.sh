@@ -4,4 +4,6 @@
 # CKPT_PATH: eval.checkpoint_path; NUM_SAMPLES: eval.num_samples (default 1000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck disable=SC1091
+source scripts/_env.sh
 exec python -u -m main +experiment=lm1b_mdlm_gen_ppl "$@"

@@ -5,4 +5,6 @@
 # CKPT_PATH is an alias of eval.checkpoint_path (configs/config.yaml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck disable=SC1091
+source scripts/_env.sh
 exec python -u -m main +experiment=owt_gen_ppl_flm_distill_second "$@"

@@ -7,6 +7,8 @@
 #        lm1b_flm_distill_second. The reference row and MAUVE need the dataset (DATA_DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck disable=SC1091
+source scripts/_env.sh
 run=${1:-}
 case "${run}" in
   owt_flm | lm1b_flm) steps="[1,2,4,8,16,32,64,128,256,512,1024]" ;;

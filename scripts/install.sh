@@ -6,6 +6,8 @@
 # PyPI's build, which uses a GPU when there is one), then requirements.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck disable=SC1091
+source scripts/_help.sh
 VENV=${FLM_VENV:-.venv}
 if [ ! -x "$VENV/bin/python" ]; then
   echo "install: creating the virtual environment $VENV" >&2

@@ -6,6 +6,8 @@
 # compiled (quickstart_gpu.yaml). Extra Hydra overrides are passed through.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck disable=SC1091
+source scripts/_help.sh
 bash scripts/install.sh
 # shellcheck disable=SC1091
 source "${FLM_VENV:-.venv}/bin/activate"

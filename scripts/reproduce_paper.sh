@@ -19,6 +19,8 @@
 #      PYTHON (default python); DATA_DIR is not needed (no reference row, no MAUVE).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck disable=SC1091
+source scripts/_env.sh
 PY=${PYTHON:-python}
 out=outputs/reproduce_paper
 runs="owt_flm owt_fmlm lm1b_flm lm1b_fmlm"

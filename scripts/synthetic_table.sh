@@ -12,4 +12,6 @@
 #       [hydra.overrides=...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck disable=SC1091
+source scripts/_env.sh
 exec python -u scripts/synthetic_table.py "$@"

@@ -4,4 +4,6 @@
 # Env aliases (read by the configs, not here): DATA_DIR (data.cache_dir), TEACHER_PATH (algo.teacher_path: the FLM checkpoint).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck disable=SC1091
+source scripts/_env.sh
 exec python -u -m main +experiment=lm1b_flm_distill "$@"

@@ -4,4 +4,6 @@
 # Env aliases (read by the configs, not here): DATA_DIR (data.cache_dir), TEACHER_F_PATH (algo.teacher_f_path: FLM), TEACHER_G_PATH (algo.teacher_g_path: stage 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck disable=SC1091
+source scripts/_env.sh
 exec python -u -m main +experiment=owt_flm_distill_second "$@"

@@ -4,7 +4,10 @@
         [--partition P] [--account A] [--template scripts/slurm/train_owt_flm.sbatch] [overrides]
     python scripts/slurm/render.py --submitit trainer.devices=8 trainer.num_nodes=2 [overrides]
 
-No SLURM needed. The template runs with FLM_DRY_RUN=1 under a simulated SLURM environment and
+No SLURM needed. Paths are printed as they will be: ``--data-dir`` (default $DATA_DIR, else
+<repo>/data_cache) and ``--save-root`` (default $SAVE_ROOT, else <repo>/outputs/slurm, the
+template's own default). The submit line sets both and changes to the repository root (the
+template finds the repository from the directory sbatch is called in). The template runs with FLM_DRY_RUN=1 under a simulated SLURM environment and
 prints its srun line; the training script that line starts is then run with a stand-in
 ``python`` first on PATH, which prints the command python would get. ``--submitit`` composes
 the config with hydra/launcher=submitit_slurm_flm and prints the sbatch file that
@@ -27,6 +30,8 @@ DEFAULT_TEMPLATE = REPO / "scripts" / "slurm" / "train_owt_flm.sbatch"
 SBATCH_LINE = re.compile(r"^#SBATCH\s+--([\w-]+)(?:=(.*))?$")
 DRY_RUN_JOB_ID = "0"  # the simulated job id
 SUBMITIT_LAUNCHER = "submitit_slurm_flm"  # configs/hydra/launcher/<name>.yaml
+DEFAULT_DATA_DIR = REPO / "data_cache"  # configs/data/*.yaml: ${oc.env:DATA_DIR,./data_cache}
+DEFAULT_SAVE_ROOT = REPO / "outputs" / "slurm"  # the template's SAVE_ROOT default
 
 
 def sbatch_options(template: Path) -> dict[str, str | None]:
@@ -96,6 +101,13 @@ def render_submitit(overrides: list[str]) -> str:
         additional_parameters=dict(launcher.additional_parameters))
 
 
+def submit_line(submit: list[str], data_dir: str, save_root: str) -> str:
+    """The shell line that submits: from the repository root, with DATA_DIR and SAVE_ROOT set
+    (sbatch passes the environment on to the job)."""
+    return (f"cd {shlex.quote(str(REPO))} && DATA_DIR={shlex.quote(data_dir)} "
+            f"SAVE_ROOT={shlex.quote(save_root)} {shlex.join(submit)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,8 +116,10 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"render hydra/launcher={SUBMITIT_LAUNCHER} instead of the template")
     for key in ("nodes", "gpus-per-node", "time", "job-name", "partition", "account"):
         parser.add_argument(f"--{key}")
-    parser.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "$DATA_DIR"))
-    parser.add_argument("--save-root", default=os.environ.get("SAVE_ROOT", "$SAVE_ROOT"))
+    parser.add_argument("--data-dir", default=os.environ.get("DATA_DIR", str(DEFAULT_DATA_DIR)),
+                        help="the tokenised-data cache (DATA_DIR; default %(default)s)")
+    parser.add_argument("--save-root", default=os.environ.get("SAVE_ROOT", str(DEFAULT_SAVE_ROOT)),
+                        help="where run directories go (SAVE_ROOT; default %(default)s)")
     args, overrides = parser.parse_known_args(argv)
     if args.submitit:
         print(render_submitit(overrides))
@@ -119,13 +133,15 @@ def main(argv: list[str] | None = None) -> None:
     options.update(cli)
     if "gpus-per-node" in cli:
         cli["ntasks-per-node"] = options["ntasks-per-node"] = cli["gpus-per-node"]
+    data_dir, save_root = (str(Path(p).expanduser().resolve()) for p in (args.data_dir,
+                                                                           args.save_root))
     submit = ["sbatch", *(f"--{k}={v}" for k, v in cli.items()), str(args.template), *overrides]
     print("# sbatch options (template defaults, then command-line values)")
     for key, value in options.items():
         print(f"#SBATCH --{key}" + (f"={value}" if value is not None else ""))
     print("# submit with")
-    print(" ".join(shlex.quote(a) for a in submit))
-    srun, python = render(args.template, options, overrides, args.data_dir, args.save_root)
+    print(submit_line(submit, data_dir, save_root))
+    srun, python = render(args.template, options, overrides, data_dir, save_root)
     print(f"# every task runs (job id {DRY_RUN_JOB_ID} stands for $SLURM_JOB_ID)")
     print(srun)
     print("# which runs")
