@@ -19,9 +19,10 @@ from pytorch_lightning.utilities.warnings import PossibleUserWarning
 
 import algo
 import data
-import reliability
-import utils
-from checkpointing import (
+from models.exact_denoiser import ORACLE, check_denoiser_choice, oracle_sampling_module
+from models.parallelize import compile_for_sampling
+from runtime import reliability
+from runtime.checkpointing import (
     LAST_NAME,
     PERIODIC_PREFIX,
     RUN_ID_KEY,
@@ -40,9 +41,8 @@ from checkpointing import (
     remove_stale_temporaries,
     write_run_id,
 )
-from data.exact_denoiser import ORACLE, check_denoiser_choice, oracle_sampling_module
-from models.parallelize import compile_for_sampling
-from monitoring import LoggedLater, Throughput, progress_bar
+from runtime.config import TEACHER_KEYS, ConfigError, fsdp_training, resolve_config, save_config
+from runtime.monitoring import LoggedLater, Throughput, progress_bar
 
 log = logging.getLogger("main")
 
@@ -50,7 +50,7 @@ log = logging.getLogger("main")
 def build_strategy(config: DictConfig):
     world = config.trainer.devices * config.trainer.num_nodes
     name = config.strategy.name
-    if utils.fsdp_training(config):
+    if fsdp_training(config):
         from pytorch_lightning.strategies import ModelParallelStrategy
         # FSDP2 over every rank (no tensor parallelism); one gathered checkpoint file, written
         # by rank 0 through the trainer's AtomicCheckpointIO like the ddp ones
@@ -59,7 +59,7 @@ def build_strategy(config: DictConfig):
     if name == "fsdp":  # evaluation: load_for_eval builds an unsharded model
         log.info("mode=%s runs unsharded (strategy=fsdp applies to training)", config.mode)
     elif name != "ddp":
-        raise utils.ConfigError(f"strategy={name!r} is not supported; use strategy=ddp or fsdp")
+        raise ConfigError(f"strategy={name!r} is not supported; use strategy=ddp or fsdp")
     if world == 1:
         return "auto"
     from pytorch_lightning.strategies import DDPStrategy
@@ -106,7 +106,7 @@ def build_loggers(config: DictConfig) -> list:
     loggers: list = [CSVLogger(save_dir, name="csv")]
     mode = config.wandb.mode
     if mode not in ("online", "offline", "disabled"):
-        raise utils.ConfigError(f"wandb.mode={mode!r}; expected online, offline or disabled")
+        raise ConfigError(f"wandb.mode={mode!r}; expected online, offline or disabled")
     if mode != "disabled":
         loggers.append(WandbLogger(project=config.wandb.project, name=config.wandb.name,
                                    group=config.wandb.group, tags=list(config.wandb.tags),
@@ -197,7 +197,7 @@ def _train(config: DictConfig, save_dir: Path, rank_zero: bool) -> None:
     os.environ[RUN_ID_ENV] = run_id
     if rank_zero:  # the run is accepted: record it
         write_run_id(ckpt_dir, run_id)
-        log.info("resolved config written to %s", utils.save_config(config, save_dir))
+        log.info("resolved config written to %s", save_config(config, save_dir))
         record_launch(save_dir, run_id, step, changes)
     datamodule = data.FLMDataModule(config, tokenizer)
     module = build_module(config, tokenizer)
@@ -241,7 +241,7 @@ def load_for_eval(config: DictConfig) -> tuple[algo.FlowLM, object]:
 
     key = "eval.checkpoint_path"
     if not config.eval.checkpoint_path:
-        raise utils.ConfigError(f"set {key}=<checkpoint> (or CKPT_PATH in scripts)")
+        raise ConfigError(f"set {key}=<checkpoint> (or CKPT_PATH in scripts)")
     path = config.eval.checkpoint_path
     source = read_source(path, key)
     backbone, settings = backbone_from_source(source, use_ema=not config.eval.disable_ema,
@@ -251,7 +251,7 @@ def load_for_eval(config: DictConfig) -> tuple[algo.FlowLM, object]:
     with open_dict(merged):  # replace whole nodes: the saved algo may have keys the default lacks
         merged.model, merged.algo = saved_model, saved_algo
     # Teachers may have moved since training: paths given now win over the saved ones.
-    for teacher_key in utils.TEACHER_KEYS:
+    for teacher_key in TEACHER_KEYS:
         if config.algo.get(teacher_key) and teacher_key in merged.algo:
             merged.algo[teacher_key] = config.algo[teacher_key]
     if config.model.length != merged.model.length:
@@ -260,7 +260,7 @@ def load_for_eval(config: DictConfig) -> tuple[algo.FlowLM, object]:
     tokenizer = data.get_tokenizer(merged)
     # the model and algo are the checkpoint's own (merged above): only the vocabulary is compared
     if compatibility(settings.vocab_size, None, None, len(tokenizer)).vocab_size is not None:
-        raise utils.ConfigError(
+        raise ConfigError(
             f"the data tokenizer has {len(tokenizer)} tokens but the checkpoint's model has "
             f"{settings.vocab_size}: pass the data=... it was trained on")
     module = build_module(merged, tokenizer)
@@ -311,18 +311,18 @@ def generate_text(config: DictConfig) -> None:
     gc, sc = config.generate, config.sampling
     given = [k for k in ("prompt", "prompt_file", "infill") if gc[k] is not None]
     if len(given) > 1:
-        raise utils.ConfigError(f"generate.{' and generate.'.join(given)} are all set: give one "
+        raise ConfigError(f"generate.{' and generate.'.join(given)} are all set: give one "
                                 "of generate.prompt, generate.prompt_file, generate.infill")
     if int(gc.num_samples) < 1:
-        raise utils.ConfigError(f"generate.num_samples={gc.num_samples}; must be >= 1")
+        raise ConfigError(f"generate.num_samples={gc.num_samples}; must be >= 1")
     if gc.prompt_file is not None:
         file = Path(str(gc.prompt_file))
         if not file.is_file():
-            raise utils.ConfigError(f"generate.prompt_file={file}: no such file")
+            raise ConfigError(f"generate.prompt_file={file}: no such file")
         prompts = file.read_text().splitlines()
         empty = [i + 1 for i, line in enumerate(prompts) if not line.strip()]
         if not prompts or empty:
-            raise utils.ConfigError(f"generate.prompt_file={file} has empty lines {empty} (or "
+            raise ConfigError(f"generate.prompt_file={file} has empty lines {empty} (or "
                                     "none at all): one prompt per line")
     elif gc.prompt is not None:
         prompts = [str(gc.prompt)]
@@ -370,7 +370,7 @@ def generate_text(config: DictConfig) -> None:
 
 @hydra.main(version_base=None, config_path="configs", config_name="config")
 def main(config: DictConfig) -> None:
-    config = utils.resolve_config(config)
+    config = resolve_config(config)
     torch.set_float32_matmul_precision("high")
     pl.seed_everything(config.seed, workers=True)
     log.info("mode=%s algo=%s model=%s data=%s devices=%s nodes=%s global_batch=%s "

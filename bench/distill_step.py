@@ -49,7 +49,7 @@ from flow.path import joint_gaussian_projection  # noqa: E402
 from flow.schedule import AlphaGammaTable  # noqa: E402
 from models.parallelize import compile_network  # noqa: E402
 from models.teacher import initialise_student  # noqa: E402
-from optim import clip_by_global_norm  # noqa: E402
+from runtime.optim import clip_by_global_norm  # noqa: E402
 
 BOUNDARY_PROB = 64
 # forward-pass equivalents per token: stage 1 = 4 no-grad forwards (teacher at s and u,

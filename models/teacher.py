@@ -14,11 +14,11 @@ import logging
 import torch
 from omegaconf import DictConfig
 
-from checkpointing import compatibility
-from data.exact_denoiser import ORACLE, ExactDenoiser
 from models.dit import DiT
+from models.exact_denoiser import ORACLE, ExactDenoiser
 from models.load import load_backbone
-from utils import ConfigError
+from runtime.checkpointing import compatibility
+from runtime.config import ConfigError
 
 log = logging.getLogger(__name__)
 

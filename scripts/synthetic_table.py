@@ -53,8 +53,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data.exact_denoiser import GAP_TIME_BINS, ORACLE  # noqa: E402
 from evaluation.plots import plot_metric_vs_steps  # noqa: E402 - after the repo-root path insert
+from models.exact_denoiser import GAP_TIME_BINS, ORACLE  # noqa: E402
 
 logger = logging.getLogger("synthetic_table")
 

@@ -9,9 +9,9 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 import algo
-from checkpointing import load_checkpoint_file
+from runtime.checkpointing import load_checkpoint_file
+from runtime.config import ConfigError, resolve_config
 from tests.helpers import compose_config, total_variation
-from utils import ConfigError, resolve_config
 
 VOCAB, LENGTH = 4, 2
 SUPPORT = torch.cartesian_prod(*[torch.arange(VOCAB)] * LENGTH)  # (V^L, L), lexicographic

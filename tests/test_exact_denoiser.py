@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from data.exact_denoiser import (
+from data.synthetic import SyntheticSource, all_sequences
+from flow.sampling import initial_state, sample_euler
+from models.exact_denoiser import (
     ExactDenoiser,
     gap_metrics,
     gathered_logsumexp,
     inverse_index,
     observation_log_likelihood,
 )
-from data.synthetic import SyntheticSource, all_sequences
-from flow.sampling import initial_state, sample_euler
 from tests.helpers import total_variation
 
 
@@ -190,8 +190,8 @@ def synthetic_overrides(**extra) -> list[str]:
 
 def test_oracle_teacher_drives_stage1_and_fmlm_losses_and_samplers():
     import algo
+    from runtime.config import resolve_config
     from tests.helpers import compose_config
-    from utils import resolve_config
 
     config = resolve_config(compose_config(synthetic_overrides(
         algo="flm_distill", **{"algo.teacher_path": "oracle"})))
@@ -213,9 +213,9 @@ def test_oracle_teacher_drives_stage1_and_fmlm_losses_and_samplers():
 
 
 def test_eval_denoiser_choice_errors_name_the_key():
-    from data.exact_denoiser import check_denoiser_choice
+    from models.exact_denoiser import check_denoiser_choice
+    from runtime.config import ConfigError
     from tests.helpers import compose_config
-    from utils import ConfigError
 
     ok = compose_config(synthetic_overrides(**{"eval.denoiser": "oracle"}))
     check_denoiser_choice(ok)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from hydra.errors import MissingConfigException
 
+from runtime.config import ConfigError, resolve_config
 from tests.helpers import CONFIG_DIR, TINY_MODEL, compose_config
-from utils import ConfigError, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [*TINY_MODEL, "loader.global_batch_size=8", "trainer.limit_val_batches=2",

@@ -9,12 +9,11 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-import optim
-import reliability
-from monitoring import LoggedLater
+from runtime import optim, reliability
+from runtime.config import resolve_config
+from runtime.monitoring import LoggedLater
 from tests.helpers import RecordingLogger, compose_config
 from tests.test_reliability import VOCAB, FaultyFLM, RandomTokens
-from utils import resolve_config
 
 
 def _params(seed: int, device: str = "cpu") -> list[torch.nn.Parameter]:

@@ -19,10 +19,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import algo
-import reliability
-from checkpointing import AtomicCheckpointIO, load_checkpoint_file
+from runtime import reliability
+from runtime.checkpointing import AtomicCheckpointIO, load_checkpoint_file
+from runtime.config import ConfigError, resolve_config
 from tests.helpers import RecordingLogger, compose_config
-from utils import ConfigError, resolve_config
 
 VOCAB, LENGTH = 16, 8
 

@@ -287,7 +287,7 @@ class OracleSampler(torch.nn.Module):
 
 def check_denoiser_choice(config: Any) -> None:
     """eval.denoiser: one of ``DENOISERS``; oracle needs data=synthetic and no checkpoint."""
-    from utils import ConfigError  # utils imports ORACLE from here
+    from runtime.config import ConfigError  # utils imports ORACLE from here
 
     choice = config.eval.denoiser
     if choice not in DENOISERS:

@@ -13,8 +13,6 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import utils
-from data.exact_denoiser import ORACLE, gap_denoiser, gap_metrics
 from data.sampler import global_batch_slot
 from flow import masked
 from flow.autoregressive import (
@@ -48,6 +46,7 @@ from flow.sampling import initial_joint_state, initial_state, sample_euler, samp
 from flow.schedule import AlphaGammaTable
 from models.dit import build_backbone
 from models.ema import EMA
+from models.exact_denoiser import ORACLE, gap_denoiser, gap_metrics
 from models.loss_weight import LossWeighting
 from models.parallelize import (
     compile_network,
@@ -56,7 +55,8 @@ from models.parallelize import (
     use_compile_tuning,
 )
 from models.teacher import initialise_student, load_teacher, oracle_teacher
-from optim import build_adamw, clip_by_global_norm
+from runtime.config import TEACHER_KEYS, ConfigError, fsdp_training
+from runtime.optim import build_adamw, clip_by_global_norm
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class FlowLM(pl.LightningModule):
                                if config.algo.learnable_loss_weighting
                                and self.loss_weight_times else None)
         self.ema = EMA(self.backbone, config.training.ema)
-        self.sharded = utils.fsdp_training(config)  # configure_model shards under the trainer
+        self.sharded = fsdp_training(config)  # configure_model shards under the trainer
         use_fused_kernels(compile_requested(config))  # the losses' small kernels follow it
         use_compile_tuning(bool(config.training.compile_tuning))
         if compile_requested(config) and not self.sharded:
@@ -365,10 +365,10 @@ class FlowMapDistillation(FlowLM):
 
     def __init__(self, config: DictConfig, vocab_size: int, tokenizer=None) -> None:
         if not config.algo.double_temb:
-            raise utils.ConfigError(f"algo={config.algo.name} needs algo.double_temb=true "
+            raise ConfigError(f"algo={config.algo.name} needs algo.double_temb=true "
                                     "(the student takes two times)")
         if config.algo.add_boundary and not config.algo.boundary_prob >= 1:
-            raise utils.ConfigError(f"algo.boundary_prob={config.algo.boundary_prob} must be "
+            raise ConfigError(f"algo.boundary_prob={config.algo.boundary_prob} must be "
                                     ">= 1 (the interval (0, 1) has probability 1/boundary_prob)")
         super().__init__(config, vocab_size, tokenizer)
         self._teachers: dict[str, torch.nn.Module] = {}
@@ -496,11 +496,11 @@ def _check_single_network(config: DictConfig) -> None:
     name = config.algo.name
     for key in ("double_temb", "learnable_loss_weighting"):
         if config.algo.get(key):
-            raise utils.ConfigError(f"algo.{key}={config.algo[key]} does not apply to "
+            raise ConfigError(f"algo.{key}={config.algo[key]} does not apply to "
                                     f"algo={name}: set algo.{key}=false")
-    for key in utils.TEACHER_KEYS:
+    for key in TEACHER_KEYS:
         if config.algo.get(key):
-            raise utils.ConfigError(f"algo.{key} is set but algo={name} has no teacher: "
+            raise ConfigError(f"algo.{key} is set but algo={name} has no teacher: "
                                     "remove the override")
 
 
@@ -520,13 +520,13 @@ class MDLM(FlowLM):
         _check_single_network(config)
         ac = config.algo
         if not 0.0 <= float(ac.noise_eps) < 1.0:
-            raise utils.ConfigError(f"algo.noise_eps={ac.noise_eps} must lie in [0, 1)")
+            raise ConfigError(f"algo.noise_eps={ac.noise_eps} must lie in [0, 1)")
         if not float(config.training.t_min) > 0.0:
-            raise utils.ConfigError(
+            raise ConfigError(
                 f"training.t_min={config.training.t_min}: the MDLM loss weight 1/t is unbounded "
                 "at t=0; use training.t_min=1e-3 (MDLM's sampling_eps, the algo=mdlm default)")
         if not 0.0 <= float(ac.sampling_t_final) < 1.0:
-            raise utils.ConfigError(f"algo.sampling_t_final={ac.sampling_t_final} must lie in "
+            raise ConfigError(f"algo.sampling_t_final={ac.sampling_t_final} must lie in "
                                     "[0, 1) (MDLM samples down to 1e-5)")
         super().__init__(config, vocab_size, tokenizer)
         self.mask_index = vocab_size
@@ -586,10 +586,10 @@ class AR(FlowLM):
         _check_single_network(config)
         mode = config.algo.first_token
         if mode not in FIRST_TOKEN_MODES:
-            raise utils.ConfigError(f"algo.first_token={mode!r}; expected one of "
+            raise ConfigError(f"algo.first_token={mode!r}; expected one of "
                                     f"{list(FIRST_TOKEN_MODES)}")
         if mode == "bos" and getattr(tokenizer, "bos_token_id", None) is None:
-            raise utils.ConfigError(
+            raise ConfigError(
                 f"algo.first_token=bos needs a tokenizer with a BOS token; data="
                 f"{config.data.name} has none: set algo.first_token=start")
         super().__init__(config, vocab_size, tokenizer)

@@ -553,7 +553,7 @@ def check_resume_config(checkpoint: dict[str, Any], config: DictConfig, path: st
     :data:`RESUMABLE_CHANGES` nor named in ``resume.allow_changes``, and when
     ``trainer.max_steps`` does not exceed the checkpoint's step.
     """
-    from utils import ConfigError  # utils imports nothing from here; keep the import local
+    from runtime.config import ConfigError  # utils imports nothing from here; keep the import local
     step = int(checkpoint.get("global_step", 0))
     max_steps = int(config.trainer.max_steps)
     if 0 <= max_steps <= step:

@@ -39,14 +39,14 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from data.sampler import split_micro_batch_index
-from monitoring import (
+from runtime.monitoring import (
     logging_step,
     pop_landed,
     readable_later,
     step_and_epoch,
     write_to_loggers,
 )
-from optim import gradient_norms, gradients, scales_on_device
+from runtime.optim import gradient_norms, gradients, scales_on_device
 
 log = logging.getLogger(__name__)
 

@@ -171,7 +171,7 @@ def _check_distributed_and_reliability(config: DictConfig) -> None:
             "teachers fit on one GPU for DiT small/medium)")
     for key in TEACHER_KEYS:
         path = config.algo.get(key)
-        from data.exact_denoiser import ORACLE  # here: data imports utils
+        from models.exact_denoiser import ORACLE  # here: data imports utils
         if path is not None and path != ORACLE:
             from models.load import check_location  # a file, a Hugging Face folder or repo id
             check_location(path, f"algo.{key}")
