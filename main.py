@@ -19,7 +19,12 @@ from pytorch_lightning.utilities.warnings import PossibleUserWarning
 
 import algo
 import data
-from models.exact_denoiser import ORACLE, check_denoiser_choice, oracle_sampling_module
+from algo.oracle import check_denoiser_choice, oracle_sampling_module
+from flow.registry import TEACHER_KEYS
+from models.ema import EMA
+from models.exact_denoiser import ORACLE
+from models.generate import infill_known, parse_infill, prompt_known
+from models.load import backbone_from_source, config_nodes, read_source
 from models.parallelize import compile_for_sampling
 from runtime import reliability
 from runtime.checkpointing import (
@@ -41,7 +46,7 @@ from runtime.checkpointing import (
     remove_stale_temporaries,
     write_run_id,
 )
-from runtime.config import TEACHER_KEYS, ConfigError, fsdp_training, resolve_config, save_config
+from runtime.config import STATE_DTYPES, ConfigError, fsdp_training, save_config
 from runtime.monitoring import LoggedLater, Throughput, progress_bar
 
 log = logging.getLogger("main")
@@ -58,8 +63,6 @@ def build_strategy(config: DictConfig):
                                      save_distributed_checkpoint=False)
     if name == "fsdp":  # evaluation: load_for_eval builds an unsharded model
         log.info("mode=%s runs unsharded (strategy=fsdp applies to training)", config.mode)
-    elif name != "ddp":
-        raise ConfigError(f"strategy={name!r} is not supported; use strategy=ddp or fsdp")
     if world == 1:
         return "auto"
     from pytorch_lightning.strategies import DDPStrategy
@@ -236,9 +239,6 @@ def load_for_eval(config: DictConfig) -> tuple[algo.FlowLM, object]:
     Hugging Face folder or a Hub repo id (models/load.py). Model and algorithm come from
     the checkpoint; data, sampling and eval settings from the current config.
     """
-    from models.ema import EMA
-    from models.load import backbone_from_source, config_nodes, read_source
-
     key = "eval.checkpoint_path"
     if not config.eval.checkpoint_path:
         raise ConfigError(f"set {key}=<checkpoint> (or CKPT_PATH in scripts)")
@@ -292,7 +292,7 @@ def ppl_eval(config: DictConfig) -> None:
 
 
 def sample_eval(config: DictConfig) -> None:
-    from evaluation import protocol
+    from evaluation import protocol  # lazy: the judges and plots load only for sample_eval
     from evaluation.sample_eval import run_from_config
     protocol.validate(config)  # eval.protocol / sampling.autocast, before loading anything
     check_denoiser_choice(config)
@@ -307,7 +307,6 @@ def generate_text(config: DictConfig) -> None:
     """mode=generate: prompt continuation or infilling from ``eval.checkpoint_path``
     (docs/math.md §9); prints the texts and writes them with the settings to
     ``generate.output_path``."""
-    from models.generate import generate, infill_known, parse_infill, prompt_known
     gc, sc = config.generate, config.sampling
     given = [k for k in ("prompt", "prompt_file", "infill") if gc[k] is not None]
     if len(given) > 1:
@@ -336,19 +335,15 @@ def generate_text(config: DictConfig) -> None:
     else:
         conditions = [(text, *prompt_known(tokenizer, text, length, gc.add_bos))
                       for text in prompts] or [(None, None, None)]
-    teacher = module.teacher("flm") if isinstance(module, algo.FLMDistill) else None
     generator = torch.Generator(device=module.device).manual_seed(int(gc.seed))
-    dtype = algo.STATE_DTYPES[sc.state_dtype]
+    dtype = STATE_DTYPES[sc.state_dtype]
     records = []
     for steps in (int(s) for s in sc.steps):
         for index, (text, known, mask) in enumerate(conditions):
             for start in range(0, int(gc.num_samples), int(sc.batch_size)):
                 count = min(int(sc.batch_size), int(gc.num_samples) - start)
-                tokens = generate(module.backbone, known, None if known is None else mask,
-                                  steps=steps, num_samples=count, generator=generator,
-                                  teacher=teacher, two_times=module.sampler_two_times,
-                                  length=length, denominator_eps=sc.denominator_eps,
-                                  state_dtype=dtype, position_chunk=sc.position_chunk).cpu()
+                tokens = module.generate(count, steps, generator, dtype, prompt_ids=known,
+                                         known_mask=None if known is None else mask).cpu()
                 for row in tokens:
                     sample = tokenizer.decode(row, skip_special_tokens=True)
                     print(f"[{steps} steps, condition {index}] {sample}", flush=True)
@@ -370,7 +365,7 @@ def generate_text(config: DictConfig) -> None:
 
 @hydra.main(version_base=None, config_path="configs", config_name="config")
 def main(config: DictConfig) -> None:
-    config = resolve_config(config)
+    config = algo.resolve_config(config)
     torch.set_float32_matmul_precision("high")
     pl.seed_everything(config.seed, workers=True)
     log.info("mode=%s algo=%s model=%s data=%s devices=%s nodes=%s global_batch=%s "

@@ -1,11 +1,12 @@
-"""The algorithms: Lightning modules (glue between data, objective, optimiser, EMA, logging)."""
+"""The algorithms as Lightning modules (glue between data, objective, optimiser, EMA and
+logging) and the config check that runs before any work."""
 
+from algo.config import resolve_config  # noqa: F401
 from algo.modules import (  # noqa: F401
-    ALGORITHMS,
     AR,
     FLM,
     MDLM,
-    STATE_DTYPES,
+    MODULES,
     FLMDistill,
     FLMDistillSecond,
     FlowLM,
@@ -13,3 +14,4 @@ from algo.modules import (  # noqa: F401
     algorithm_class,
     draw_seed,
 )
+from flow.registry import ALGORITHMS  # noqa: F401

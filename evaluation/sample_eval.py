@@ -20,11 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
+import data
 from evaluation import metrics
 from evaluation.judges import make_judge
 from evaluation.mauve_score import MauveSettings, judge_features, mauve_from_features
 from evaluation.plots import plot_summaries
 from evaluation.protocol import autocast_context, get_protocol, sampler_settings
+from runtime.config import STATE_DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -216,8 +218,6 @@ def held_out_reference_ids(config: Any, tokenizer: Any, num_samples: int,
                            seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(N, L) validation sequences for the reference row and, when the split has 2N, a
     disjoint (N, L) set for MAUVE; drawn by a permutation seeded with ``seed``."""
-    import data
-
     _, valid = data.get_datasets(config, tokenizer)
     if len(valid) < num_samples:
         raise ValueError(f"the validation split of data={config.data.name} has {len(valid)} "
@@ -243,8 +243,6 @@ def run_from_config(config: Any, module: Any, tokenizer: Any) -> dict[str, Any]:
     held-out validation sequences (``held_out_reference_ids``). Under the paper protocol a
     judge call is one sampling batch (the paper scores each generated batch on its own).
     """
-    from algo import STATE_DTYPES  # one home for the sampler-state dtypes
-
     ev = config.eval
     protocol = get_protocol(ev.protocol)
     state_dtype, autocast = sampler_settings(config)

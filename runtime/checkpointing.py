@@ -30,6 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from runtime.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 TMP_SUFFIX = ".tmp"  # temporary files: .<name>.<random>.tmp next to the target
@@ -549,11 +551,10 @@ def check_resume_config(checkpoint: dict[str, Any], config: DictConfig, path: st
     """Refuse a resume whose config differs from the checkpoint's beyond what may change.
 
     Returns the changes that pass (every difference, allowed ones included). Raises
-    ``utils.ConfigError`` listing ``key: old -> new`` for the differences that are neither in
+    ``ConfigError`` listing ``key: old -> new`` for the differences that are neither in
     :data:`RESUMABLE_CHANGES` nor named in ``resume.allow_changes``, and when
     ``trainer.max_steps`` does not exceed the checkpoint's step.
     """
-    from runtime.config import ConfigError  # utils imports nothing from here; keep the import local
     step = int(checkpoint.get("global_step", 0))
     max_steps = int(config.trainer.max_steps)
     if 0 <= max_steps <= step:

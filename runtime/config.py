@@ -33,12 +33,14 @@ def device_count(config: DictConfig) -> int:
 
 
 PROFILERS = (None, "simple", "advanced")  # trainer.profiler
+STATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}  # sampling.state_dtype
 
 
 def resolve_config(config: DictConfig) -> DictConfig:
-    """Check the config and derive per-device batch sizes and gradient accumulation.
+    """Check the run's settings and derive per-device batch sizes and gradient accumulation.
 
-    Global batch = devices * nodes * batch_size * accumulate_grad_batches.
+    Global batch = devices * nodes * batch_size * accumulate_grad_batches. The algorithm's own
+    settings are checked by its entry in flow/registry.py (``algo.resolve_config`` runs both).
     """
     if config.mode not in MODES:
         raise ConfigError(f"mode={config.mode!r}; expected one of {MODES}")
@@ -74,15 +76,12 @@ def resolve_config(config: DictConfig) -> DictConfig:
     if model.hidden_size % model.n_heads or (model.hidden_size // model.n_heads) % 2:
         raise ConfigError(f"model.hidden_size={model.hidden_size} must be divisible by "
                           f"model.n_heads={model.n_heads} into an even head size (rotary)")
-    if config.training.input_path not in ("dspace", "reference"):
-        raise ConfigError(f"training.input_path={config.training.input_path!r}; "
-                          "expected dspace or reference")
     if not 0.0 <= config.training.t_min < config.training.t_max <= 1.0:
         raise ConfigError("need 0 <= training.t_min < training.t_max <= 1, got "
                           f"{config.training.t_min}, {config.training.t_max}")
-    if config.sampling.state_dtype not in ("float32", "float64"):
+    if config.sampling.state_dtype not in STATE_DTYPES:
         raise ConfigError(f"sampling.state_dtype={config.sampling.state_dtype!r}; "
-                          "expected float32 or float64")
+                          f"expected one of {list(STATE_DTYPES)}")
     steps = config.sampling.steps
     if not OmegaConf.is_list(steps) or not steps or any(int(s) < 1 for s in steps):
         raise ConfigError(f"sampling.steps={steps}: give a non-empty list of positive "
@@ -148,9 +147,7 @@ def _check_values(config: DictConfig) -> None:
         raise ConfigError(f"lr_scheduler.num_warmup_steps={warmup}: must be >= 0")
 
 
-STRATEGIES = ("ddp", "fsdp")
-FSDP_ALGORITHMS = ("flm",)  # see the ConfigError below
-TEACHER_KEYS = ("teacher_path", "teacher_f_path", "teacher_g_path")
+STRATEGIES = ("ddp", "fsdp")  # which algorithm may use which: flow/registry.py
 
 
 def fsdp_training(config: DictConfig) -> bool:
@@ -163,18 +160,6 @@ def _check_distributed_and_reliability(config: DictConfig) -> None:
     name = config.strategy.name
     if name not in STRATEGIES:
         raise ConfigError(f"strategy={name!r} is unknown; use one of {list(STRATEGIES)}")
-    if name == "fsdp" and config.algo.name not in FSDP_ALGORITHMS:
-        raise ConfigError(
-            f"strategy=fsdp supports algo={'|'.join(FSDP_ALGORITHMS)}, not algo={config.algo.name}"
-            ": the distillation losses read the student's embedding outside its forward, where "
-            "FSDP holds only a shard of it; use strategy=ddp (the student and its frozen "
-            "teachers fit on one GPU for DiT small/medium)")
-    for key in TEACHER_KEYS:
-        path = config.algo.get(key)
-        from models.exact_denoiser import ORACLE  # here: data imports utils
-        if path is not None and path != ORACLE:
-            from models.load import check_location  # a file, a Hugging Face folder or repo id
-            check_location(path, f"algo.{key}")
     cb = config.get("callbacks", {})
     if ("checkpoint_every_n_steps" in cb and "checkpoint_last" in cb
             and cb.checkpoint_every_n_steps.every_n_train_steps

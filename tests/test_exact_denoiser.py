@@ -190,6 +190,7 @@ def synthetic_overrides(**extra) -> list[str]:
 
 def test_oracle_teacher_drives_stage1_and_fmlm_losses_and_samplers():
     import algo
+    from flow.registry import Teacher
     from runtime.config import resolve_config
     from tests.helpers import compose_config
 
@@ -209,11 +210,11 @@ def test_oracle_teacher_drives_stage1_and_fmlm_losses_and_samplers():
     samples = module.generate(5, 3, torch.Generator().manual_seed(0))
     assert samples.shape == (5, 4) and int(samples.max()) < 6
     with pytest.raises(Exception, match="algo=flm_distill checkpoint"):
-        module._add_teacher("map", "algo.teacher_path", "flm_distill")
+        module._load_teacher(Teacher("map", "teacher_path", "flm_distill"))
 
 
 def test_eval_denoiser_choice_errors_name_the_key():
-    from models.exact_denoiser import check_denoiser_choice
+    from algo.oracle import check_denoiser_choice
     from runtime.config import ConfigError
     from tests.helpers import compose_config
 
