@@ -248,8 +248,3 @@ def gap_metrics(backbone: torch.nn.Module, oracle: ExactDenoiser, tokens: torch.
         value = gap[members].mean() if count else gap.new_zeros(())
         out[f"val/gap_bin{k}"] = (value, count)
     return out
-
-
-def gap_time_bin_centres() -> list[float]:
-    """Centre of each t bin of ``val/gap_bin<k>``."""
-    return [(k + 0.5) / GAP_TIME_BINS for k in range(GAP_TIME_BINS)]

@@ -49,7 +49,7 @@ class HostBuffers:
     Allocating (and page-locking) gigabytes of host memory costs more than the copy itself,
     and it stalls the training thread wherever it runs: the first background save of a
     2.7 GB DiT-small state with the buffers allocated in the writer thread cost training
-    3.3 s on an H200 (bench/end_to_end.py, round 12), later saves about one step. So they are
+    3.3 s on an H200 (bench/end_to_end.py), later saves about one step. So they are
     allocated once, ahead of the first save (``reserve``, :class:`ReserveHostBuffers`); the
     buffers of the previous save are free again once its write is done (one write in flight).
     Buffers are matched to storages by size.

@@ -9,7 +9,8 @@ import pytest
 import torch
 from hydra.errors import MissingConfigException
 
-from runtime.config import ConfigError, resolve_config
+from algo import resolve_config
+from runtime.config import ConfigError
 from tests.helpers import CONFIG_DIR, TINY_MODEL, compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
