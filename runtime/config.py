@@ -1,4 +1,5 @@
-"""Config resolution, logging set-up and small helpers shared by the entry points."""
+"""The run's settings checked before any work (``ConfigError`` names the key) and the
+values derived from them: devices, per-device batches, accumulation, precision, loader workers."""
 
 from __future__ import annotations
 
