@@ -19,12 +19,22 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
 
 import algo
-import cli
 import data
-import eval_config
-import reliability
-import utils
-from checkpointing import (
+from algo.oracle import oracle_sampling_module
+from evaluation import checkpoint_config, ppl
+from flow.registry import TEACHER_KEYS
+from models.ema import EMA
+from models.exact_denoiser import ORACLE
+from models.generate import (
+    check_output_path,
+    infill_template,
+    parse_infill,
+    prompt_known,
+)
+from models.load import backbone_from_source, config_nodes, read_source
+from models.parallelize import compile_for_sampling
+from runtime import cli, reliability
+from runtime.checkpointing import (
     LAST_NAME,
     PERIODIC_PREFIX,
     RUN_ID_KEY,
@@ -43,19 +53,17 @@ from checkpointing import (
     remove_stale_temporaries,
     write_run_id,
 )
-from data.exact_denoiser import ORACLE, oracle_sampling_module
-from evaluation import ppl
-from models.parallelize import compile_for_sampling
-from monitoring import LoggedLater, Throughput, TrainingReport, progress_bar
+from runtime.config import STATE_DTYPES, ConfigError, fsdp_training, save_config
+from runtime.monitoring import LoggedLater, Throughput, TrainingReport, progress_bar
 
 log = logging.getLogger("main")
-eval_config.register_resolvers()  # hydra.run.dir names the checkpoint's data and algorithm
+checkpoint_config.register_resolvers()  # hydra.run.dir names the checkpoint's data and algorithm
 
 
 def build_strategy(config: DictConfig):
     world = config.trainer.devices * config.trainer.num_nodes
     name = config.strategy.name
-    if utils.fsdp_training(config):
+    if fsdp_training(config):
         from pytorch_lightning.strategies import ModelParallelStrategy
         # FSDP2 over every rank (no tensor parallelism); one gathered checkpoint file, written
         # by rank 0 through the trainer's AtomicCheckpointIO like the ddp ones
@@ -63,8 +71,6 @@ def build_strategy(config: DictConfig):
                                      save_distributed_checkpoint=False)
     if name == "fsdp":  # evaluation: load_for_eval builds an unsharded model
         log.info("mode=%s runs unsharded (strategy=fsdp applies to training)", config.mode)
-    elif name != "ddp":
-        raise utils.ConfigError(f"strategy={name!r} is not supported; use strategy=ddp or fsdp")
     if world == 1:
         return "auto"
     from pytorch_lightning.strategies import DDPStrategy
@@ -120,7 +126,7 @@ def build_loggers(config: DictConfig) -> list:
     loggers: list = [CSVLogger(save_dir, name="csv")]
     mode = config.wandb.mode
     if mode not in ("online", "offline", "disabled"):
-        raise utils.ConfigError(f"wandb.mode={mode!r}; expected online, offline or disabled")
+        raise ConfigError(f"wandb.mode={mode!r}; expected online, offline or disabled")
     if mode != "disabled":
         loggers.append(WandbLogger(project=config.wandb.project, name=config.wandb.name,
                                    group=config.wandb.group, tags=list(config.wandb.tags),
@@ -223,7 +229,7 @@ def _train(config: DictConfig, save_dir: Path, rank_zero: bool) -> None:
     os.environ[RUN_ID_ENV] = run_id
     if rank_zero:  # the run is accepted: record it
         write_run_id(ckpt_dir, run_id)
-        log.info("resolved config written to %s", utils.save_config(config, save_dir))
+        log.info("resolved config written to %s", save_config(config, save_dir))
         record_launch(save_dir, run_id, step, changes)
     datamodule = data.FLMDataModule(config, tokenizer)
     module = build_module(config, tokenizer)
@@ -265,12 +271,9 @@ def load_for_eval(config: DictConfig) -> tuple[algo.FlowLM, object]:
     Hugging Face folder or a Hub repo id (models/load.py). Model and algorithm come from
     the checkpoint; data, sampling and eval settings from the current config.
     """
-    from models.ema import EMA
-    from models.load import backbone_from_source, config_nodes, read_source
-
     key = "eval.checkpoint_path"
     if not config.eval.checkpoint_path:
-        raise utils.ConfigError(f"set {key}=<checkpoint> (or CKPT_PATH in scripts)")
+        raise ConfigError(f"set {key}=<checkpoint> (or CKPT_PATH in scripts)")
     path = config.eval.checkpoint_path
     source = read_source(path, key)
     backbone, settings = backbone_from_source(source, use_ema=not config.eval.disable_ema,
@@ -280,7 +283,7 @@ def load_for_eval(config: DictConfig) -> tuple[algo.FlowLM, object]:
     with open_dict(merged):  # replace whole nodes: the saved algo may have keys the default lacks
         merged.model, merged.algo = saved_model, saved_algo
     # Teachers may have moved since training: paths given now win over the saved ones.
-    for teacher_key in utils.TEACHER_KEYS:
+    for teacher_key in TEACHER_KEYS:
         if config.algo.get(teacher_key) and teacher_key in merged.algo:
             merged.algo[teacher_key] = config.algo[teacher_key]
     if config.model.length != merged.model.length:
@@ -289,7 +292,7 @@ def load_for_eval(config: DictConfig) -> tuple[algo.FlowLM, object]:
     tokenizer = data.get_tokenizer(merged)
     # the model and algo are the checkpoint's own (merged above): only the vocabulary is compared
     if compatibility(settings.vocab_size, None, None, len(tokenizer)).vocab_size is not None:
-        raise utils.ConfigError(
+        raise ConfigError(
             f"the data tokenizer has {len(tokenizer)} tokens but the checkpoint's model has "
             f"{settings.vocab_size}: pass the data=... it was trained on")
     module = build_module(merged, tokenizer)
@@ -338,7 +341,7 @@ def ppl_eval(config: DictConfig) -> None:
 
 
 def sample_eval(config: DictConfig) -> None:
-    from evaluation import diagnostics, protocol
+    from evaluation import diagnostics, protocol  # lazy: judges and plots, sample_eval only
     from evaluation.sample_eval import check_temperatures, run_from_config
     protocol.validate(config)  # eval.protocol / sampling.autocast, before loading anything
     diagnostics.check_config(config)  # eval.denoiser (network | oracle | hybrid), eval.diagnose
@@ -358,31 +361,24 @@ def generate_text(config: DictConfig) -> None:
     """mode=generate: prompt continuation or infilling from ``eval.checkpoint_path``
     (docs/math.md §9); prints the texts and writes them with the settings to
     ``generate.output_path``."""
-    from models.generate import (
-        check_output_path,
-        generate,
-        infill_template,
-        parse_infill,
-        prompt_known,
-    )
     gc, sc = config.generate, config.sampling
     if gc.format not in GENERATE_FORMATS:
-        raise utils.ConfigError(f"generate.format={gc.format!r}; expected one of "
+        raise ConfigError(f"generate.format={gc.format!r}; expected one of "
                                 f"{list(GENERATE_FORMATS)}")
     given = [k for k in ("prompt", "prompt_file", "infill") if gc[k] is not None]
     if len(given) > 1:
-        raise utils.ConfigError(f"generate.{' and generate.'.join(given)} are all set: give one "
+        raise ConfigError(f"generate.{' and generate.'.join(given)} are all set: give one "
                                 "of generate.prompt, generate.prompt_file, generate.infill")
     if int(gc.num_samples) < 1:
-        raise utils.ConfigError(f"generate.num_samples={gc.num_samples}; must be >= 1")
+        raise ConfigError(f"generate.num_samples={gc.num_samples}; must be >= 1")
     if gc.prompt_file is not None:
         file = Path(str(gc.prompt_file))
         if not file.is_file():
-            raise utils.ConfigError(f"generate.prompt_file={file}: no such file")
+            raise ConfigError(f"generate.prompt_file={file}: no such file")
         prompts = file.read_text().splitlines()
         empty = [i + 1 for i, line in enumerate(prompts) if not line.strip()]
         if not prompts or empty:
-            raise utils.ConfigError(f"generate.prompt_file={file} has empty lines {empty} (or "
+            raise ConfigError(f"generate.prompt_file={file} has empty lines {empty} (or "
                                     "none at all): one prompt per line")
     elif gc.prompt is not None:
         prompts = [str(gc.prompt)]
@@ -397,22 +393,18 @@ def generate_text(config: DictConfig) -> None:
     else:
         conditions = [(text, *prompt_known(tokenizer, text, length, gc.add_bos), length)
                       for text in prompts] or [(None, None, None, length)]
-    teacher = module.teacher("flm") if isinstance(module, algo.FLMDistill) else None
     seed = cli.fresh_seed() if gc.seed is None else int(gc.seed)
     log.info("generate.seed=%d%s", seed, f" (drawn for this run; generate.seed={seed} "
              "repeats it)" if gc.seed is None else "")
     generator = torch.Generator(device=module.device).manual_seed(seed)
-    dtype = algo.STATE_DTYPES[sc.state_dtype]
+    dtype = STATE_DTYPES[sc.state_dtype]
     records = []
     for steps in (int(s) for s in sc.steps):
         for index, (text, known, mask, end) in enumerate(conditions):
             for start in range(0, int(gc.num_samples), int(sc.batch_size)):
                 count = min(int(sc.batch_size), int(gc.num_samples) - start)
-                tokens = generate(module.backbone, known, None if known is None else mask,
-                                  steps=steps, num_samples=count, generator=generator,
-                                  teacher=teacher, two_times=module.sampler_two_times,
-                                  length=length, denominator_eps=sc.denominator_eps,
-                                  state_dtype=dtype, position_chunk=sc.position_chunk).cpu()
+                tokens = module.generate(count, steps, generator, dtype, prompt_ids=known,
+                                         known_mask=None if known is None else mask).cpu()
                 for row in tokens[:, :end]:
                     sample = tokenizer.decode(row, skip_special_tokens=True)
                     records.append({"steps": steps, "condition": index, "condition_text": text,
@@ -471,11 +463,11 @@ def main(config: DictConfig) -> None:
 
 def run(config: DictConfig, command_line: list[str]) -> None:
     """Run ``config.mode``; ``command_line``: the overrides given (checked against the
-    checkpoint's config in the evaluation modes, eval_config.py)."""
+    checkpoint's config in the evaluation modes, checkpoint_config.py)."""
     cli.quiet_third_party()
     record = hydra_record(config)
-    config = eval_config.adopt_checkpoint_config(config, command_line)
-    config = utils.resolve_config(config)
+    config = checkpoint_config.adopt_checkpoint_config(config, command_line)
+    config = algo.resolve_config(config)
     torch.set_float32_matmul_precision("high")
     pl.seed_everything(config.seed, workers=True)
     if config.mode == "train":  # accepted once the run lock is held

@@ -49,7 +49,7 @@ from flow.path import joint_gaussian_projection  # noqa: E402
 from flow.schedule import AlphaGammaTable  # noqa: E402
 from models.parallelize import compile_network  # noqa: E402
 from models.teacher import initialise_student  # noqa: E402
-from optim import clip_by_global_norm  # noqa: E402
+from runtime.optim import StepHealth, clip_by_global_norm  # noqa: E402
 
 BOUNDARY_PROB = 64
 # forward-pass equivalents per token: stage 1 = 4 no-grad forwards (teacher at s and u,
@@ -122,7 +122,7 @@ def make_stage_step(args, stage: int, compiled: bool, table: AlphaGammaTable):
             loss_fn = semigroup_loss if stage == 1 else flow_map_matching_loss
             per_token = loss_fn(*nets, tokens, interval, noise)
         per_token.mean().backward()
-        clip_by_global_norm(optimizer, 1.0)  # as the runs clip
+        StepHealth(grad_scale=clip_by_global_norm(optimizer, 1.0)[1]).hand_to(optimizer)  # as the runs clip
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

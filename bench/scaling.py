@@ -58,7 +58,7 @@ def _free_port() -> int:
 def _config(setup: dict, world: int, run_dir: str, strategy: str):
     from hydra import compose, initialize_config_dir
 
-    from utils import resolve_config
+    from runtime.config import resolve_config
     overrides = [f"model={setup['model']}", f"model.length={setup['length']}",
                  f"loader.global_batch_size={setup['batch'] * world}",
                  f"loader.batch_size={setup['batch']}", f"trainer.devices={world}",
@@ -70,7 +70,7 @@ def _config(setup: dict, world: int, run_dir: str, strategy: str):
 
 def _worker(rank: int, world: int, setup: dict, strategy: str, port: int, out_dir: str) -> None:
     import algo
-    from optim import clip_by_global_norm
+    from runtime.optim import StepHealth, clip_by_global_norm
 
     cuda = torch.cuda.is_available() and not setup["cpu"]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -107,7 +107,8 @@ def _worker(rank: int, world: int, setup: dict, strategy: str, port: int, out_di
         with autocast:
             loss = model(batch, step)
         loss.backward()
-        clip_by_global_norm(optimizer, 1.0)  # as the runs clip (DTensor: over all shards)
+        # as the runs clip (DTensor: over all shards)
+        StepHealth(grad_scale=clip_by_global_norm(optimizer, 1.0)[1]).hand_to(optimizer)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         flm.ema.update(flm.backbone)

@@ -45,7 +45,7 @@ from flow.losses import fused_mean_cross_entropy, resolve_fused_ce  # noqa: E402
 from flow.path import input_noise, noisy_input  # noqa: E402
 from flow.schedule import AlphaGammaTable  # noqa: E402
 from models.parallelize import compile_network  # noqa: E402
-from optim import clip_by_global_norm  # noqa: E402
+from runtime.optim import StepHealth, clip_by_global_norm  # noqa: E402
 
 # how a step clips its gradients (--clips): "kernel" as the runs clip (optim.clip_by_global_norm:
 # the factor as the fused AdamW's grad_scale on CUDA), "inplace" torch's clip_grad_norm_ (its
@@ -56,7 +56,7 @@ CLIPS = ("kernel", "inplace")
 def clip_gradients(form: str, optimizer: torch.optim.Optimizer, max_norm: float = 1.0) -> None:
     """Clip ``optimizer``'s gradients to ``max_norm`` the ``form`` way (one of CLIPS)."""
     if form == "kernel":
-        clip_by_global_norm(optimizer, max_norm)
+        StepHealth(grad_scale=clip_by_global_norm(optimizer, max_norm)[1]).hand_to(optimizer)
     else:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -103,7 +103,7 @@ def make_module_step(model_cfg, vocab: int, fused_ce: str, compiled: bool,
     grad clip, the EMA update. Against ``dspace`` it prices the production loss path; against
     ``python -m main`` (bench/end_to_end.py), the loop around it."""
     import algo
-    import utils
+    from runtime import config as utils
 
     config = utils.resolve_config(model_config(model_cfg.name, model_cfg.length, [
         f"training.compile={str(compiled).lower()}", f"training.fused_ce={fused_ce}",

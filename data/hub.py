@@ -33,7 +33,7 @@ from omegaconf import DictConfig
 
 from data.offline import offline_by_env, offline_reason
 from data.packing import bos_per_document, tokenize_and_block, wrap_ids
-from utils import ConfigError
+from runtime.config import ConfigError
 
 log = logging.getLogger(__name__)
 

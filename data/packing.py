@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from data.detokenize import detokenize
-from utils import ConfigError
+from runtime.config import ConfigError
 
 MIN_BLOCK_LENGTH = 3  # a text block is [BOS] content [EOS]: model.length of at least 3
 

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from data.embedded import REPO_ROOT
 from data.offline import offline_reason
-from utils import ConfigError
+from runtime.config import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -29,11 +29,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from data.exact_denoiser import ORACLE, ExactDenoiser, check_denoiser_choice
+from algo.oracle import check_denoiser_choice
 from data.synthetic import SyntheticSource
 from evaluation.network_wrappers import prediction_network_slot, swapped_prediction_network
 from flow.sampling import initial_state, sample_euler, step_grid
-from utils import ConfigError
+from models.exact_denoiser import ORACLE, ExactDenoiser
+from runtime.config import ConfigError
 
 logger = logging.getLogger(__name__)
 

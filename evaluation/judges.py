@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from data.offline import offline_reason
-from utils import ConfigError
+from runtime.config import ConfigError
 
 logger = logging.getLogger(__name__)
 

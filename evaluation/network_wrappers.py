@@ -67,7 +67,7 @@ class TemperatureNetwork(torch.nn.Module):
 def prediction_network_slot(module: Any) -> tuple[dict, str]:
     """(container, key) of the network whose softmax a module's sampler draws from: the first
     of ``module.sampling_networks()`` (the backbone; FLM stage 1: its FLM teacher) or, for the
-    exact-denoiser sampler (data/exact_denoiser.OracleSampler), ``module.denoiser``."""
+    exact-denoiser sampler (algo/oracle.OracleSampler), ``module.denoiser``."""
     if hasattr(module, "sampling_networks"):
         target = module.sampling_networks()[0]
     else:

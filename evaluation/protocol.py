@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from utils import ConfigError
+from runtime.config import ConfigError
 
 logger = logging.getLogger(__name__)
 

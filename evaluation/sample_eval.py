@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import data
 from evaluation import diagnostics, metrics
 from evaluation.diversity import REP_NS, self_bleu
 from evaluation.frontier import frontier_summary
@@ -40,7 +41,7 @@ from evaluation.protocol import (
     paper_cleanup,
     sampler_settings,
 )
-from utils import ConfigError
+from runtime.config import STATE_DTYPES, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -312,8 +313,6 @@ def held_out_reference_ids(config: Any, tokenizer: Any, num_samples: int,
                            seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(N, L) validation sequences for the reference row and, when the split has 2N, a
     disjoint (N, L) set for MAUVE; drawn by a permutation seeded with ``seed``."""
-    import data
-
     _, valid = data.get_datasets(config, tokenizer)
     if len(valid) < num_samples:
         raise ValueError(f"the validation split of data={config.data.name} has {len(valid)} "
@@ -339,8 +338,6 @@ def run_from_config(config: Any, module: Any, tokenizer: Any) -> dict[str, Any]:
     held-out validation sequences (``held_out_reference_ids``). Under the paper protocol a
     judge call is one sampling batch (the paper scores each generated batch on its own).
     """
-    from algo import STATE_DTYPES  # one home for the sampler-state dtypes
-
     ev = config.eval
     protocol = get_protocol(ev.protocol)
     temperatures = check_temperatures(ev.temperatures)

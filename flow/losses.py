@@ -27,8 +27,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
-import utils
 from flow.fused import fused_kernel, fused_kernels_on
+from runtime import config as utils
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from flow.sampling import (
     sample_flow_map,
 )
 from flow.schedule import AlphaGammaTable
-from utils import ConfigError
+from runtime.config import ConfigError
 
 log = logging.getLogger(__name__)
 

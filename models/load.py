@@ -33,10 +33,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from checkpointing import load_checkpoint_file
 from data.offline import offline_by_env, offline_reason
 from models.dit import ROTARY_BASE, TIME_FREQUENCY_DIM, DiT
-from utils import ConfigError
+from runtime.checkpointing import load_checkpoint_file
+from runtime.config import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -14,13 +14,24 @@ import logging
 import torch
 from omegaconf import DictConfig
 
-from checkpointing import compatibility
-from data.exact_denoiser import ORACLE, ExactDenoiser
+from flow.registry import algorithm
 from models.dit import DiT
-from models.load import load_backbone
-from utils import ConfigError
+from models.exact_denoiser import ORACLE, ExactDenoiser
+from models.load import check_location, load_backbone
+from runtime.checkpointing import compatibility
+from runtime.config import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+def check_teacher_locations(config: DictConfig) -> None:
+    """Each teacher path of ``algo=<name>`` (flow/registry.py) is ``oracle``, unset (loading
+    says so) or a location that exists: a file, a Hugging Face folder or a Hub repo id; checked
+    before any work, the checkpoints themselves are read when the module is built."""
+    for teacher in algorithm(config.algo.name).teachers:
+        path = config.algo.get(teacher.key)
+        if path is not None and path != ORACLE:
+            check_location(path, f"algo.{teacher.key}")
 
 
 def load_teacher(path, key: str, student_model: DictConfig, vocab_size: int,

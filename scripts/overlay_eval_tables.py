@@ -17,9 +17,9 @@ from collections.abc import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import cli  # noqa: E402 - after the repo-root path insert
 from evaluation.plots import plot_summaries  # noqa: E402 - after the repo-root path insert
 from evaluation.sample_eval import format_table  # noqa: E402
+from runtime import cli  # noqa: E402 - after the repo-root path insert
 
 logger = logging.getLogger("overlay_eval_tables")
 

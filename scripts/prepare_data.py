@@ -23,13 +23,13 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import cli  # noqa: E402
 import data  # noqa: E402
-import eval_config  # noqa: E402
 from data.tokenizers import _resolve_local, saved_tokenizer_dir  # noqa: E402
+from evaluation import checkpoint_config  # noqa: E402
+from runtime import cli  # noqa: E402
 
 log = logging.getLogger("prepare_data")
-eval_config.register_resolvers()  # configs/config.yaml's hydra.run.dir uses it
+checkpoint_config.register_resolvers()  # configs/config.yaml's hydra.run.dir uses it
 
 
 def save_tokenizer(config: DictConfig, tokenizer: object) -> None:

@@ -67,12 +67,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import cli  # noqa: E402 - after the repo-root path insert
-from data.exact_denoiser import GAP_TIME_BINS, ORACLE  # noqa: E402
 from evaluation.plots import (  # noqa: E402 - after the repo-root path insert
     plot_diagnostics,
     plot_metric_vs_steps,
 )
+from models.exact_denoiser import GAP_TIME_BINS, ORACLE  # noqa: E402
+from runtime import cli  # noqa: E402 - after the repo-root path insert
 
 logger = logging.getLogger("synthetic_table")
 

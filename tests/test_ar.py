@@ -10,10 +10,10 @@ import torch
 
 from flow.autoregressive import next_token_nll, sample_autoregressive, shift_for_next_token
 from models.dit import DiT
+from runtime.config import resolve_config
 from tests.helpers import compose_config
 from tests.test_main import run_main
 from tests.test_mdlm import TINY
-from utils import resolve_config
 
 
 def tiny_dit(causal: bool) -> DiT:
@@ -108,7 +108,7 @@ def test_sampler_with_exact_conditionals_reproduces_the_source():
 def test_first_token_bos_needs_a_bos_token():
     import algo
     import data
-    from utils import ConfigError
+    from runtime.config import ConfigError
     config = resolve_config(compose_config(["algo=ar", *TINY]))
     tokenizer = data.get_tokenizer(config)  # synthetic: no BOS
     with pytest.raises(ConfigError, match="algo.first_token=start"):

@@ -16,8 +16,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import checkpointing
-from checkpointing import (
+from runtime import checkpointing
+from runtime.checkpointing import (
     AtomicCheckpointIO,
     CheckpointWriteError,
     HostBuffers,
@@ -30,8 +30,8 @@ from checkpointing import (
     snapshot_to_cpu,
     write_run_id,
 )
+from runtime.config import ConfigError, resolve_config
 from tests.helpers import compose_config
-from utils import ConfigError, resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -220,7 +220,7 @@ def test_one_write_in_flight(tmp_path, monkeypatch):
 KILL_SCRIPT = """
 import os, signal, sys, torch
 sys.path.insert(0, {repo!r})
-from checkpointing import AtomicCheckpointIO
+from runtime.checkpointing import AtomicCheckpointIO
 io = AtomicCheckpointIO()
 path = {path!r}
 io.save_checkpoint({{"global_step": 1, "w": torch.ones(10)}}, path)
@@ -433,7 +433,7 @@ def test_reserve_callback_reserves_once_after_the_first_step_on_the_writing_rank
     """ReserveHostBuffers: nothing before an optimizer step has run, then one reservation from
     the checkpoint as it would be saved (built on every rank: a collective under FSDP), held
     only by the writing rank; CPU modules and foreground writers are left alone."""
-    from checkpointing import ReserveHostBuffers
+    from runtime.checkpointing import ReserveHostBuffers
 
     def run(device: str, background: bool, zero: bool, steps=(0, 1, 2)) -> tuple[int, list]:
         dumps, reserved = [], []

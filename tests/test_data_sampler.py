@@ -234,7 +234,7 @@ def test_slot_rule_is_the_samplers_layout(world, accumulate):
 
 
 def test_resplit_loop_rescales_by_whole_global_batches():
-    from reliability import ResplitLoop
+    from runtime.reliability import ResplitLoop
 
     def checkpoint(ready, saved_accumulate):
         counts = {"ready": ready, "started": ready, "processed": ready, "completed": ready - 1}

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import algo
-import reliability
 from data import ResumableDistributedSampler
+from runtime import reliability
+from runtime.config import resolve_config
 from tests.helpers import compose_config
 from tests.test_resume import load, run_main, run_until_signal
-from utils import resolve_config
 
 
 @pytest.fixture(autouse=True)

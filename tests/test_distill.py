@@ -9,9 +9,9 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 import algo
-from checkpointing import load_checkpoint_file
+from runtime.checkpointing import load_checkpoint_file
+from runtime.config import ConfigError, resolve_config
 from tests.helpers import compose_config, total_variation
-from utils import ConfigError, resolve_config
 
 VOCAB, LENGTH = 4, 2
 SUPPORT = torch.cartesian_prod(*[torch.arange(VOCAB)] * LENGTH)  # (V^L, L), lexicographic
@@ -165,8 +165,8 @@ def test_samples_and_fmlm_one_step_beats_flm_one_step(pipeline):
     # to data in one step (sampling error at n=3000 over 16 outcomes is ~0.02-0.03)
     assert tv["flm_distill_second", 1] < 0.6 * tv["flm", 1], tv
     assert tv["flm_distill", 1] < 0.6 * tv["flm", 1], tv
-    assert algo.FLMDistill.network_calls_per_step == 2
-    assert algo.FLMDistillSecond.network_calls_per_step == 1
+    assert algo.FLMDistill.spec.network_calls_per_step == 2
+    assert algo.FLMDistillSecond.spec.network_calls_per_step == 1
 
 
 def test_dspace_and_reference_training_paths_agree_on_average(pipeline):

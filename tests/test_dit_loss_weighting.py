@@ -12,8 +12,8 @@ import algo
 from flow.flow_map import Interval, flow_map_matching_loss
 from models.dit import DiT
 from models.load import upstream_name
+from runtime.config import resolve_config
 from tests.helpers import compose_config
-from utils import resolve_config
 
 V, L, D, HEADS, COND = 6, 4, 32, 2, 32
 

@@ -21,8 +21,8 @@ from evaluation import protocol as protocols
 from evaluation.judges import HFCausalLMJudge, make_judge, window_starts
 from evaluation.metrics import generative_perplexity
 from evaluation.sample_eval import make_decode_fn, run_sample_eval, score_set, special_token_ids
+from runtime.config import ConfigError
 from tests.test_eval_judges import WORDS, tiny_gpt2
-from utils import ConfigError
 
 EOT = "<|endoftext|>"
 MAX_LENGTH = 16  # model.length: the paper protocol truncates judge rows here

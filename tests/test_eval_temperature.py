@@ -11,6 +11,7 @@ import torch
 
 import algo
 import data
+from algo import resolve_config
 from evaluation import metrics
 from evaluation.frontier import frontier_summary, interpolate_at_entropy
 from evaluation.network_wrappers import (
@@ -20,8 +21,8 @@ from evaluation.network_wrappers import (
 )
 from evaluation.sample_eval import check_temperatures, run_sample_eval
 from flow.sampling import initial_state, sample_euler_reference
+from runtime.config import ConfigError
 from tests.helpers import compose_config
-from utils import ConfigError, resolve_config
 
 TINY = ["data=synthetic", "data.vocab_size=8", "data.valid_size=16", "model.length=6",
         "model.hidden_size=32", "model.n_heads=2", "model.n_blocks=1", "model.cond_dim=16",

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from data.exact_denoiser import (
+from data.synthetic import SyntheticSource, all_sequences
+from flow.sampling import initial_state, sample_euler
+from models.exact_denoiser import (
     ExactDenoiser,
     gap_metrics,
     gathered_logsumexp,
     inverse_index,
     observation_log_likelihood,
 )
-from data.synthetic import SyntheticSource, all_sequences
-from flow.sampling import initial_state, sample_euler
 from tests.helpers import total_variation
 
 
@@ -190,8 +190,9 @@ def synthetic_overrides(**extra) -> list[str]:
 
 def test_oracle_teacher_drives_stage1_and_fmlm_losses_and_samplers():
     import algo
+    from flow.registry import Teacher
+    from runtime.config import resolve_config
     from tests.helpers import compose_config
-    from utils import resolve_config
 
     config = resolve_config(compose_config(synthetic_overrides(
         algo="flm_distill", **{"algo.teacher_path": "oracle"})))
@@ -209,13 +210,13 @@ def test_oracle_teacher_drives_stage1_and_fmlm_losses_and_samplers():
     samples = module.generate(5, 3, torch.Generator().manual_seed(0))
     assert samples.shape == (5, 4) and int(samples.max()) < 6
     with pytest.raises(Exception, match="algo=flm_distill checkpoint"):
-        module._add_teacher("map", "algo.teacher_path", "flm_distill")
+        module._load_teacher(Teacher("map", "teacher_path", "flm_distill"))
 
 
 def test_eval_denoiser_choice_errors_name_the_key():
-    from data.exact_denoiser import check_denoiser_choice
+    from algo.oracle import check_denoiser_choice
+    from runtime.config import ConfigError
     from tests.helpers import compose_config
-    from utils import ConfigError
 
     ok = compose_config(synthetic_overrides(**{"eval.denoiser": "oracle"}))
     check_denoiser_choice(ok)

@@ -18,9 +18,10 @@ import pytest
 import torch
 
 import data
-import eval_config
+from algo import resolve_config
+from evaluation import checkpoint_config
+from runtime.config import ConfigError
 from tests.helpers import TINY_MODEL, compose_config
-from utils import ConfigError, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [*TINY_MODEL, "loader.global_batch_size=4", "trainer.enable_progress_bar=false",
@@ -104,17 +105,17 @@ def test_a_command_line_value_that_contradicts_the_checkpoint_is_refused(checkpo
         config = compose_config(["mode=generate", f"eval.checkpoint_path={checkpoints['mdlm']}",
                                  *overrides])
         with pytest.raises(ConfigError, match=overrides[0].split("=")[0]):
-            eval_config.adopt_checkpoint_config(config, overrides)
+            checkpoint_config.adopt_checkpoint_config(config, overrides)
     # the same values as the checkpoint's, and this machine's paths, are accepted
     same = ["algo=mdlm", "model.hidden_size=32", "data.cache_dir=/elsewhere"]
     config = compose_config(["mode=ppl_eval", f"eval.checkpoint_path={checkpoints['mdlm']}",
                              *same])
-    adopted = eval_config.adopt_checkpoint_config(config, same)
+    adopted = checkpoint_config.adopt_checkpoint_config(config, same)
     assert adopted.algo.name == "mdlm" and adopted.data.cache_dir == "/elsewhere"
     assert adopted.training.t_min == pytest.approx(1e-3)  # MDLM's, not FLM's 0
     # training runs are left alone
     config = compose_config([f"eval.checkpoint_path={checkpoints['mdlm']}"])
-    assert eval_config.adopt_checkpoint_config(config, []).algo.name == "flm"
+    assert checkpoint_config.adopt_checkpoint_config(config, []).algo.name == "flm"
 
 
 # ---------------------------------------------------------------- 5: one line, exit 2
@@ -208,7 +209,7 @@ def test_training_logs_steps_draws_curves_and_stays_quiet(trained):
 
 
 def test_progress_bar_shows_steps_not_epochs():
-    from monitoring import progress_bar, step_fraction_of
+    from runtime.monitoring import progress_bar, step_fraction_of
     bar = progress_bar(10)
     assert "Epoch" not in bar._get_train_description(0)
     assert step_fraction_of(120, 1000) == "120/1000"

@@ -31,7 +31,7 @@ def tiny_config(**extra):
     overrides = ["model.length=8", "model.hidden_size=64", "model.n_heads=4", "model.cond_dim=32",
                  "loader.global_batch_size=32", "lr_scheduler.num_warmup_steps=10",
                  "optim.lr=3e-3", "training.ema=0.9", "trainer.max_steps=800"] + [f"{k}={v}" for k, v in extra.items()]
-    from utils import resolve_config
+    from runtime.config import resolve_config
     return resolve_config(compose_config(overrides))
 
 

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 import algo
-import utils
 from flow import losses
 from flow.losses import (
     chunked_linear_cross_entropy,
@@ -17,6 +16,7 @@ from flow.losses import (
     resolve_fused_ce,
     weighted_loss,
 )
+from runtime.config import ConfigError, resolve_config
 from tests.helpers import compose_config
 
 VOCAB = 37
@@ -138,7 +138,7 @@ def _flm(**extra):
     overrides = ["model.length=8", "model.hidden_size=32", "model.n_heads=2",
                  "model.cond_dim=16", "model.n_blocks=1", "loader.global_batch_size=4",
                  "model.dropout=0.0"] + [f"{k}={v}" for k, v in extra.items()]
-    config = utils.resolve_config(compose_config(overrides))
+    config = resolve_config(compose_config(overrides))
     torch.manual_seed(0)
     return algo.FLM(config, vocab_size=VOCAB)
 
@@ -170,15 +170,15 @@ def test_backend_choice(monkeypatch, caplog):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_fused_ce("auto", cpu, per_token_weights=False) == "chunked"
     assert resolve_fused_ce("none", cpu, per_token_weights=False) == "none"
-    with pytest.raises(utils.ConfigError, match="training.fused_ce='bogus'"):
+    with pytest.raises(ConfigError, match="training.fused_ce='bogus'"):
         resolve_fused_ce("bogus", cpu, per_token_weights=False)
     installed = {"liger": False, "cce": False}
     monkeypatch.setattr(losses, "fused_ce_available",
                         lambda backend: installed.get(backend, True))
     # explicitly requested but not installed: a ConfigError when the module is built
-    with pytest.raises(utils.ConfigError, match="training.fused_ce=liger.*liger_kernel"):
+    with pytest.raises(ConfigError, match="training.fused_ce=liger.*liger_kernel"):
         _flm(**{"training.fused_ce": "liger"})
-    with pytest.raises(utils.ConfigError, match="training.fused_ce=cce"):
+    with pytest.raises(ConfigError, match="training.fused_ce=cce"):
         _flm(**{"training.fused_ce": "cce"})
     assert resolve_fused_ce("auto", cuda, per_token_weights=False) == "chunked"
     installed.update(liger=True, cce=True)  # installed or not, auto is our own chunked CE
@@ -188,7 +188,7 @@ def test_backend_choice(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="flow.losses"):
         assert resolve_fused_ce("liger", cuda, per_token_weights=True) == "liger"
     assert "reduction='none'" in caplog.text
-    with pytest.raises(utils.ConfigError, match="CUDA only"):
+    with pytest.raises(ConfigError, match="CUDA only"):
         resolve_fused_ce("liger", cpu, per_token_weights=False)
 
 

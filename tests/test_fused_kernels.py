@@ -141,8 +141,8 @@ def test_compile_tuning_reaches_the_cuda_compile_options(monkeypatch, caplog):
     import logging
 
     import algo
+    from runtime.config import resolve_config
     from tests.helpers import compose_config
-    from utils import resolve_config
 
     monkeypatch.setattr(parallelize, "_TUNING", {"coordinate_descent": False})
     config = resolve_config(compose_config(["model=tiny", "model.length=8",

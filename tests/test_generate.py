@@ -14,9 +14,9 @@ from flow.schedule import AlphaGammaTable
 from models import generate
 from models.dit import DiT
 from models.generate import infill_known, parse_infill, prompt_known
+from runtime.config import ConfigError
 from tests.helpers import compose_config
 from tests.test_main import TINY, run_main
-from utils import ConfigError
 
 EPS = 1e-5
 
@@ -168,7 +168,7 @@ def in_process_generate(tmp_path, monkeypatch, overrides):
     """main.generate_text with load_for_eval replaced by a fresh tiny FLM (no checkpoint)."""
     import algo
     import main
-    from utils import resolve_config
+    from runtime.config import resolve_config
     config = resolve_config(compose_config(TINY + ["mode=generate", "eval.checkpoint_path=x",
                                                    f"generate.output_path={tmp_path / 'g.json'}",
                                                    *overrides], run_dir=str(tmp_path)))

@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from models.load import load_backbone
+from runtime.config import ConfigError
 from tests.helpers import compose_config
-from utils import ConfigError
 
 V, D, HEADS, COND, BLOCKS, L = 50, 64, 4, 32, 2, 16
 MLP = ["mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"]
@@ -341,7 +341,7 @@ def test_project_checkpoint_before_parity_is_refused(tmp_path):
 
 def test_eval_loads_paper_checkpoints(tmp_path):
     import main
-    from utils import resolve_config
+    from runtime.config import resolve_config
     vocab = 2048  # the embedded corpus' tokenizer (data=embedded, the default)
     path, _, shadow = paper_checkpoint(tmp_path, double_temb=False, loss_weighting=True,
                                        algo="flm", vocab=vocab)

@@ -9,8 +9,9 @@ import pytest
 import torch
 from hydra.errors import MissingConfigException
 
+from algo import resolve_config
+from runtime.config import ConfigError
 from tests.helpers import CONFIG_DIR, TINY_MODEL, compose_config
-from utils import ConfigError, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [*TINY_MODEL, "loader.global_batch_size=8", "trainer.limit_val_batches=2",
@@ -144,7 +145,7 @@ def test_train_resume_sample_eval_ppl_eval(tmp_path):
     assert ppl.returncode == 0, ppl.stderr[-3000:]
     assert "val/loss" in ppl.stderr + ppl.stdout
 
-    # data other than the checkpoint's: one error (eval_config.py) before any loading
+    # data other than the checkpoint's: one error (checkpoint_config.py) before any loading
     other = run_main(TINY + ["mode=ppl_eval", f"eval.checkpoint_path={last}", "data=synthetic",
                              f"hydra.run.dir={tmp_path / 'otherrun'}"])
     assert other.returncode == 2

@@ -236,8 +236,8 @@ PRESETS = [f"{data}_{name}{kind}" for data in ("owt", "lm1b") for name in ("mdlm
 def test_baseline_presets_compose_and_their_scripts_select_them():
     from pathlib import Path
 
+    from runtime.config import resolve_config
     from tests.helpers import compose_config
-    from utils import resolve_config
     root = Path(__file__).resolve().parents[1]
     for preset in PRESETS:
         config = resolve_config(compose_config([f"+experiment={preset}"]))
@@ -257,8 +257,8 @@ def test_module_draws_are_keyed_by_step_and_the_times_stratified():
     times of one global batch are the stratified grid (offset + k/n) mod 1 on [t_min, 1]."""
     import algo
     import data
+    from runtime.config import resolve_config
     from tests.helpers import compose_config
-    from utils import resolve_config
     config = resolve_config(compose_config(["algo=mdlm", *TINY]))
     tokenizer = data.get_tokenizer(config)
     module = algo.MDLM(config, len(tokenizer), tokenizer)

@@ -5,7 +5,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-import monitoring
+from runtime import monitoring
 from tests.helpers import RecordingLogger
 
 

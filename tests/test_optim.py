@@ -9,12 +9,11 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-import optim
-import reliability
-from monitoring import LoggedLater
+from runtime import optim, reliability
+from runtime.config import resolve_config
+from runtime.monitoring import LoggedLater
 from tests.helpers import RecordingLogger, compose_config
 from tests.test_reliability import VOCAB, FaultyFLM, RandomTokens
-from utils import resolve_config
 
 
 def _params(seed: int, device: str = "cpu") -> list[torch.nn.Parameter]:
@@ -45,7 +44,8 @@ def _kernel_clipping_against_clip_grad_norm(size: float, device: str) -> None:
         _set_grads(ours, step, size)
         _set_grads(reference, step, size)
         before = [p.grad.clone() for p in ours[:-1]]
-        total = optim.clip_by_global_norm(fused, 1.0)
+        total, grad_scale = optim.clip_by_global_norm(fused, 1.0)
+        optim.StepHealth(grad_scale=grad_scale).hand_to(fused)
         expected = torch.nn.utils.clip_grad_norm_(reference, 1.0)
         torch.testing.assert_close(total.double().cpu(), expected, rtol=1e-6,
                                    atol=0)  # float32 norms
@@ -79,10 +79,10 @@ def test_given_norms_are_the_ones_clipped_by():
     _set_grads(params, 0, 10.0)
     optimizer = torch.optim.AdamW(params, fused=True)
     true = optim.gradient_norms([p.grad for p in params[:-1]])
-    total = optim.clip_by_global_norm(optimizer, 1.0, norms=2 * true)
+    total, grad_scale = optim.clip_by_global_norm(optimizer, 1.0, norms=2 * true)
     expected = 2 * torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params[:-1]]))
     torch.testing.assert_close(total.double(), expected, rtol=1e-6, atol=0)
-    torch.testing.assert_close(optimizer.grad_scale.double(), expected + 1e-6, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad_scale.double(), expected + 1e-6, rtol=1e-6, atol=0)
     with pytest.raises(ValueError, match=r"norms of shape \(3,\) for 2 gradients"):
         optim.clip_by_global_norm(optimizer, 1.0, norms=torch.ones(3))
     with pytest.raises(ValueError, match="max_norm=0.0: must be > 0"):
@@ -99,13 +99,15 @@ def test_without_the_fused_kernel_the_gradients_are_scaled_in_place(case):
     _set_grads(reference, 0, 10.0)
     optimizer = torch.optim.AdamW(params, fused=case == "loss scaler")
     optimizer.grad_scale = torch.tensor(5.0)  # stale
-    optim.clip_by_global_norm(optimizer, 1.0, scaler=object() if case == "loss scaler" else None)
+    _, grad_scale = optim.clip_by_global_norm(
+        optimizer, 1.0, scaler=object() if case == "loss scaler" else None)
+    optim.StepHealth(grad_scale=grad_scale).hand_to(optimizer)
     torch.nn.utils.clip_grad_norm_(reference, 1.0)
-    assert not hasattr(optimizer, "grad_scale")
+    assert grad_scale is None and not hasattr(optimizer, "grad_scale")
     for a, b in zip(params[:-1], reference[:-1]):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
     assert optim.clip_by_global_norm(torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))]),
-                                     1.0) is None  # no gradients: nothing to clip
+                                     1.0) == (None, None)  # no gradients: nothing to clip
 
 
 class GlobalNorms(pl.Callback):

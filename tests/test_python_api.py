@@ -15,8 +15,8 @@ import dataloader
 from models import generate, generate_text
 from models.generate import prompt_known
 from models.load import BackboneSettings, build_from_settings
+from runtime.config import ConfigError
 from tests.helpers import TINY_MODEL, compose_config
-from utils import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import algo
-import reliability
-from checkpointing import AtomicCheckpointIO, load_checkpoint_file
+from runtime import reliability
+from runtime.checkpointing import AtomicCheckpointIO, load_checkpoint_file
+from runtime.config import ConfigError, resolve_config
 from tests.helpers import RecordingLogger, compose_config
-from utils import ConfigError, resolve_config
 
 VOCAB, LENGTH = 16, 8
 
@@ -224,7 +224,9 @@ def test_requeue_without_slurm_only_logs(monkeypatch, caplog):
     (["strategy.name=deepspeed"], "strategy='deepspeed' is unknown"),
     (["strategy=fsdp", "algo=flm_distill_second", "algo.teacher_f_path=/x", "algo.teacher_g_path=/y"],
      "strategy=fsdp supports algo=flm, not algo=flm_distill_second"),
-    (["+algo.teacher_path=/nonexistent/teacher.ckpt"], "algo.teacher_path=/nonexistent"),
+    (["algo=flm_distill", "algo.teacher_path=/nonexistent/teacher.ckpt"],
+     "algo.teacher_path=/nonexistent"),
+    (["+algo.teacher_path=/x.ckpt"], "algo.teacher_path is set but algo=flm does not read it"),
     (["loader.global_batch_size=10", "loader.batch_size=4"], "not divisible by"),
     (["reliability.max_consecutive_nonfinite=0"], "max_consecutive_nonfinite=0"),
     (["reliability.checkpoint_signals=[SIGFOO]"], "unknown signal names \\['SIGFOO'\\]"),
@@ -242,7 +244,7 @@ def test_requeue_without_slurm_only_logs(monkeypatch, caplog):
 ])
 def test_bad_configs_fail_before_training(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        resolve_config(compose_config(overrides))
+        algo.resolve_config(compose_config(overrides))
 
 
 # --------------------------------------------------------------------------- SLURM dry runs

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpointing import (
+from runtime.checkpointing import (
     CorruptCheckpointError,
     find_resume_checkpoint,
     load_checkpoint_file,

@@ -8,8 +8,9 @@ import importlib
 import pytest
 
 import data
+from algo import resolve_config
+from runtime.config import ConfigError
 from tests.helpers import TINY_MODEL, compose_config
-from utils import ConfigError, resolve_config
 
 
 @pytest.mark.parametrize("overrides, message", [

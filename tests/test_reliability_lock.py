@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from reliability import RunLock, RunLockedError
+from runtime.reliability import RunLock, RunLockedError
 
 REPO = Path(__file__).resolve().parents[1]
 RACERS = 16

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import reliability
+from runtime import reliability
 from tests.test_resume import RUN_TIMEOUT_S, load, run_main, start_main, wait_for
 
 KEYS = ("train/loss", "train/grad_norm")

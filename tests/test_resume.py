@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpointing
-import reliability
-from checkpointing import AtomicCheckpointIO, check_compatible, find_resume_checkpoint
+from runtime import checkpointing, reliability
+from runtime.checkpointing import AtomicCheckpointIO, check_compatible, find_resume_checkpoint
 from tests.helpers import TINY_MODEL, compose_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -46,8 +46,7 @@ import pytorch_lightning as pl
 import torch
 from torch.distributed.tensor import DTensor
 
-from data.sampler import split_micro_batch_index
-from monitoring import (
+from runtime.monitoring import (
     StepBoundaryStop,
     logging_step,
     pop_landed,
@@ -55,7 +54,7 @@ from monitoring import (
     step_and_epoch,
     write_to_loggers,
 )
-from optim import gradient_norms, gradients, scales_on_device
+from runtime.optim import StepHealth, gradient_norms, gradients, scales_on_device
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +108,12 @@ class NonFiniteGuard(pl.Callback):
     advance, so the next step draws fresh noise and times):
 
     * on the device, when the optimizer is a fused AdamW and no loss scaler runs (the default
-      on CUDA, bf16 or fp32): the flag goes to the optimizer as ``found_inf`` (its fused kernel
+      on CUDA, bf16 or fp32): the flag goes to the optimizer's kernel as ``found_inf`` (which
       then leaves parameters, moments and step counts as they were) and to the EMA update as a
-      device tensor. Nothing waits for the GPU: the host reads the flag once the step has run
-      (a pinned copy and an event), a step or two later, and only then counts and logs it.
-      A host sync per step made the GPU idle while Lightning's Python ran between steps;
+      device tensor, both through the module's ``step_health`` (optim.StepHealth). Nothing
+      waits for the GPU: the host reads the flag once the step has run (a pinned copy and an
+      event), a step or two later, and only then counts and logs it (a host sync per step
+      would idle the GPU while Lightning's Python runs between steps);
     * on the host otherwise: the flag is read (one sync), and a bad step's gradients are set to
       ``None``, so the optimizer leaves parameters and state untouched.
 
@@ -122,9 +122,6 @@ class NonFiniteGuard(pl.Callback):
     """
 
     def __init__(self, max_consecutive: int, checkpoint_path: str | os.PathLike) -> None:
-        if max_consecutive < 1:
-            raise ValueError(f"reliability.max_consecutive_nonfinite={max_consecutive}; "
-                             "must be >= 1")
         self.max_consecutive = max_consecutive
         self.checkpoint_path = Path(checkpoint_path)
         self.skipped_total = 0
@@ -143,6 +140,9 @@ class NonFiniteGuard(pl.Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
+        """The step's verdict, written to ``pl_module.step_health`` (optim.StepHealth) for the
+        clipping, the optimizer's kernel and the EMA update that follow."""
+        health: StepHealth = pl_module.step_health
         params = [p for group in optimizer.param_groups for p in group["params"]]
         grads = gradients(optimizer)
         sharded = any(isinstance(g, DTensor) for g in grads)
@@ -154,19 +154,18 @@ class NonFiniteGuard(pl.Callback):
             flag = ~torch.isfinite(norms).all() | flag
         self._loss_nonfinite = False
         # the clipping that follows reuses them (a rank's shard norms are not the global ones)
-        pl_module.step_grad_norms = None if sharded else norms
+        health.grad_norms = None if sharded else norms
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if isinstance(flag, torch.Tensor) and scales_on_device(optimizer, scaler, grads):
             flag = _any_rank_on_device(trainer, flag)
-            optimizer.found_inf = flag.float()  # read by the fused kernel of this step only
-            pl_module.step_skipped = flag
+            health.found_inf = flag.float()  # read by the fused kernel of this step only
+            health.skipped = flag
             self._pending.append((trainer.global_step, *readable_later(flag)))
             self._read_flags(trainer, pl_module, wait=False)
             return
-        if hasattr(optimizer, "found_inf"):  # left by a device-side step: not this one's
-            del optimizer.found_inf
+        health.found_inf = None
         bad = _any_rank(trainer, bool(flag))  # the step's one host sync
-        pl_module.step_skipped = bad
+        health.skipped = bad
         self._count(trainer.global_step, bad)
         if bad:
             for p in params:
@@ -345,14 +344,6 @@ def requeue_slurm_job() -> bool:
     return True
 
 
-def _signal_number(name: str) -> signal.Signals:
-    try:
-        return signal.Signals[name]
-    except KeyError:
-        raise ValueError(f"unknown signal {name!r} in reliability.*_signals; use names such as "
-                         "SIGUSR1, SIGTERM") from None
-
-
 EXIT_PREEMPTED = 75  # exit status after a checkpoint signal (EX_TEMPFAIL: resume me)
 EXIT_INTERRUPTED = 130  # exit status after Ctrl-C (128 + SIGINT), checkpoint written
 
@@ -416,8 +407,8 @@ def stop_at_startup(signals: tuple[str, ...], requeue_signals: tuple[str, ...] =
     for SIGINT) through its cleanup (the run lock is released) instead of being killed (143).
     :class:`PreemptionHandler` ends the start-up at ``on_train_start``; from then on a signal
     saves a checkpoint at the next step boundary. The previous handlers are back on exit."""
-    numbers = tuple(dict.fromkeys(_signal_number(s) for s in signals))
-    requeue = tuple(_signal_number(s) for s in requeue_signals)
+    numbers = tuple(dict.fromkeys(signal.Signals[s] for s in signals))  # names checked by resolve_config
+    requeue = tuple(signal.Signals[s] for s in requeue_signals)
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -449,8 +440,8 @@ class PreemptionHandler(pl.Callback):
                  signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM"),
                  requeue_signals: tuple[str, ...] = ("SIGUSR1",)) -> None:
         self.checkpoint_path = Path(checkpoint_path)
-        self.signals = tuple(_signal_number(s) for s in signals)
-        self.requeue_signals = tuple(_signal_number(s) for s in requeue_signals)
+        self.signals = tuple(signal.Signals[s] for s in signals)  # names checked by resolve_config
+        self.requeue_signals = tuple(signal.Signals[s] for s in requeue_signals)
         self.received: signal.Signals | None = None
         self.stopped_by: str | None = None
         self._previous: dict[signal.Signals, Any] = {}
@@ -568,7 +559,7 @@ class ResplitLoop(pl.Callback):
         for scope in ("total", "current"):
             counts = progress[scope]
             ready = counts["ready"]
-            global_batches, within = split_micro_batch_index(ready, saved)
+            global_batches, within = divmod(ready, saved)  # (global batch, accumulation step)
             if within:
                 raise ValueError(f"the checkpoint was written inside an accumulation cycle "
                                  f"({ready} micro-batches, accumulation {saved}); resume it "

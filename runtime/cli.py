@@ -17,7 +17,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 
-from utils import ConfigError
+from runtime.config import ConfigError
 
 EXIT_USER_ERROR = 2  # argparse's status for a bad command line
 

@@ -120,7 +120,7 @@ class ExactDenoiser(torch.nn.Module):
         if vocab > MAX_ORACLE_VOCAB:
             raise ValueError(f"the exact denoiser keeps (B, L, V) states and a (V, V) identity "
                              f"embedding; data.vocab_size={vocab} exceeds MAX_ORACLE_VOCAB="
-                             f"{MAX_ORACLE_VOCAB} (data/exact_denoiser.py): use a smaller source")
+                             f"{MAX_ORACLE_VOCAB} (models/exact_denoiser.py): use a smaller source")
         self.vocab_size = vocab
         self.source_kind = source.source_kind
         self.input_embedding = torch.nn.Parameter(torch.eye(vocab, dtype=torch.float64),
@@ -210,7 +210,7 @@ def gap_denoiser(data_cfg: Mapping[str, Any]) -> ExactDenoiser | None:
     for its (B, L, V) states."""
     if int(data_cfg["vocab_size"]) > MAX_ORACLE_VOCAB:
         log.warning("val/gap is not logged: data.vocab_size=%s exceeds MAX_ORACLE_VOCAB=%d "
-                    "(data/exact_denoiser.py)", data_cfg["vocab_size"], MAX_ORACLE_VOCAB)
+                    "(models/exact_denoiser.py)", data_cfg["vocab_size"], MAX_ORACLE_VOCAB)
         return None
     return ExactDenoiser.from_data_config(data_cfg)
 
@@ -248,73 +248,3 @@ def gap_metrics(backbone: torch.nn.Module, oracle: ExactDenoiser, tokens: torch.
         value = gap[members].mean() if count else gap.new_zeros(())
         out[f"val/gap_bin{k}"] = (value, count)
     return out
-
-
-def gap_time_bin_centres() -> list[float]:
-    """Centre of each t bin of ``val/gap_bin<k>``."""
-    return [(k + 0.5) / GAP_TIME_BINS for k in range(GAP_TIME_BINS)]
-
-
-# --------------------------------------------------------------------------------------
-# mode=sample_eval eval.denoiser=oracle: the samplers driven by the exact denoiser
-
-DENOISERS = ("network", ORACLE)  # values of eval.denoiser
-
-
-class OracleSampler(torch.nn.Module):
-    """What ``evaluation/sample_eval.run_from_config`` samples when eval.denoiser=oracle:
-    Euler (flow/sampling.py, docs/math.md §4) with the exact denoiser as the network."""
-
-    network_calls_per_step = 1
-
-    def __init__(self, config: Any) -> None:
-        super().__init__()
-        self.config = config
-        self.denoiser = ExactDenoiser.from_data_config(config.data)
-
-    @torch.no_grad()
-    def generate(self, num_samples: int, steps: int, generator: torch.Generator | None = None,
-                 state_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Tokens (num_samples, model.length) from ``steps`` Euler steps."""
-        from flow.sampling import initial_state, sample_euler  # sampling imports flow_map
-
-        sc = self.config.sampling
-        noise = initial_state(self.denoiser, num_samples, int(self.config.model.length),
-                              generator, dtype=state_dtype)
-        return sample_euler(self.denoiser, self.denoiser.table, noise, steps,
-                            sc.denominator_eps, position_chunk=sc.position_chunk)
-
-
-def check_denoiser_choice(config: Any) -> None:
-    """eval.denoiser: one of ``DENOISERS``; oracle needs data=synthetic and no checkpoint."""
-    from utils import ConfigError  # utils imports ORACLE from here
-
-    choice = config.eval.denoiser
-    if choice not in DENOISERS:
-        raise ConfigError(f"eval.denoiser={choice!r}; use one of {DENOISERS}")
-    if choice != ORACLE:
-        return
-    if config.data.name != "synthetic":
-        raise ConfigError(f"eval.denoiser={ORACLE} needs data=synthetic (or synthetic-hmm, "
-                          f"synthetic-ladder): the exact denoiser is the source's; got "
-                          f"data={config.data.name}. Use eval.denoiser=network")
-    if config.eval.checkpoint_path:
-        raise ConfigError(f"eval.denoiser={ORACLE} samples the exact denoiser, not the "
-                          f"checkpoint eval.checkpoint_path={config.eval.checkpoint_path}: "
-                          "unset it (the data config defines the source)")
-    if int(config.data.vocab_size) > MAX_ORACLE_VOCAB:
-        raise ConfigError(f"eval.denoiser={ORACLE}: data.vocab_size={config.data.vocab_size} "
-                          f"exceeds MAX_ORACLE_VOCAB={MAX_ORACLE_VOCAB} (data/exact_denoiser.py)")
-
-
-def oracle_sampling_module(config: Any) -> tuple[OracleSampler, Any]:
-    """(sampler module on the GPU when there is one, data tokenizer) for eval.denoiser=oracle;
-    model.length from the current config."""
-    import data
-
-    check_denoiser_choice(config)
-    tokenizer = data.get_tokenizer(config)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    log.info("sample_eval with the exact denoiser of the %s source (Euler sampler)",
-             config.data.source_kind)
-    return OracleSampler(config).to(device).eval(), tokenizer

@@ -1,7 +1,8 @@
 """Lightning modules: glue between data, objective, optimiser, EMA and logging.
 
-The math lives in ``flow/`` (time table, corruption, losses, samplers) and the
-network in ``models/``; this file wires them per algorithm.
+The math lives in ``flow/`` (time table, corruption, losses, samplers), what each algorithm is
+in ``flow/registry.py`` (its network, loss, sampler, strategies, teachers, settings) and the
+networks in ``models/``; this file wires them per algorithm.
 """
 
 from __future__ import annotations
@@ -13,16 +14,9 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import utils
-from data.exact_denoiser import ORACLE, gap_denoiser, gap_metrics
 from data.sampler import global_batch_slot
 from flow import masked
-from flow.autoregressive import (
-    FIRST_TOKEN_MODES,
-    next_token_nll,
-    sample_autoregressive,
-    shift_for_next_token,
-)
+from flow.autoregressive import shift_for_next_token
 from flow.flow_map import (
     Interval,
     interval_endpoints,
@@ -31,12 +25,10 @@ from flow.fused import use_fused_kernels
 from flow.losses import (
     check_fused_ce,
     fused_mean_cross_entropy,
-    fused_token_cross_entropy,
     masked_token_mean,
     resolve_fused_ce,
     weighted_loss,
 )
-from flow.objectives import distillation_objective
 from flow.path import (
     distillation_noise,
     input_noise,
@@ -44,10 +36,12 @@ from flow.path import (
     stratified_times,
     uniform_times,
 )
-from flow.sampling import initial_joint_state, initial_state, sample_euler, sample_flow_map
+from flow.registry import Algorithm, Teacher, algorithm
 from flow.schedule import AlphaGammaTable
 from models.dit import build_backbone
 from models.ema import EMA
+from models.exact_denoiser import ORACLE, gap_denoiser, gap_metrics
+from models.generate import generate
 from models.loss_weight import LossWeighting
 from models.parallelize import (
     compile_network,
@@ -56,11 +50,11 @@ from models.parallelize import (
     use_compile_tuning,
 )
 from models.teacher import initialise_student, load_teacher, oracle_teacher
-from optim import build_adamw, clip_by_global_norm
+from runtime.config import STATE_DTYPES, ConfigError, fsdp_training
+from runtime.optim import StepHealth, build_adamw, clip_by_global_norm
 
 log = logging.getLogger(__name__)
 
-STATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _SEED_STRIDE = 1_000_003  # mixes (seed, step, slot) into one generator seed
 
 
@@ -75,12 +69,15 @@ def draw_seed(seed: int, step: int, slot: int, stream: int) -> int:
 
 
 class FlowLM(pl.LightningModule):
-    """Shared machinery: backbone, EMA, time table, optimiser, validation, sampling."""
+    """Shared machinery: backbone, EMA, time table, optimiser, validation, sampling.
 
-    network_calls_per_step = 1
-    sampler_two_times = False  # the sampled network takes (t_i, t_{i+1}) (FMLM)
+    ``spec`` (set by each subclass) is the algorithm's entry of flow/registry.py; the
+    settings it reads are checked there, here before any work."""
+
+    spec: Algorithm
 
     def __init__(self, config: DictConfig, vocab_size: int, tokenizer=None) -> None:
+        self.spec.check(config)
         super().__init__()
         self.config = config
         self.tokenizer = tokenizer
@@ -94,7 +91,9 @@ class FlowLM(pl.LightningModule):
                                if config.algo.learnable_loss_weighting
                                and self.loss_weight_times else None)
         self.ema = EMA(self.backbone, config.training.ema)
-        self.sharded = utils.fsdp_training(config)  # configure_model shards under the trainer
+        self.step_health = StepHealth()  # this optimizer step's verdict (runtime/optim.py)
+        self._teachers: dict[str, torch.nn.Module] = {}  # frozen, outside the registered children
+        self.sharded = fsdp_training(config)  # configure_model shards under the trainer
         use_fused_kernels(compile_requested(config))  # the losses' small kernels follow it
         use_compile_tuning(bool(config.training.compile_tuning))
         if compile_requested(config) and not self.sharded:
@@ -102,12 +101,36 @@ class FlowLM(pl.LightningModule):
         self._noise_generator: torch.Generator | None = None
 
     def build_network(self, config: DictConfig, vocab_size: int) -> torch.nn.Module:
-        """The trained backbone (a hook: the baselines change its vocabulary / attention)."""
-        return build_backbone(config.model, vocab_size, config.algo.double_temb)
+        """The trained backbone: one or two time embeddings and causal or full attention as
+        the registry says, over the vocabulary plus ``extra_inputs`` input entries."""
+        return build_backbone(config.model, vocab_size + self.extra_inputs(config),
+                              self.spec.two_times, causal=self.spec.causal)
+
+    def extra_inputs(self, config: DictConfig) -> int:
+        """Input entries beyond the vocabulary (the baselines' mask or start entry)."""
+        return 0
+
+    @property
+    def network_calls_per_step(self) -> int:
+        """Network calls per sampler step (sample_eval's NFE column)."""
+        return self.spec.network_calls_per_step
+
+    @property
+    def sampler_two_times(self) -> bool:
+        """Whether the sampled network takes (t_i, t_{i+1}) (FMLM)."""
+        return self.spec.sampler_two_times
+
+    def teacher(self, name: str) -> torch.nn.Module:
+        """The frozen teacher ``name`` (flow/registry.py's ``Teacher.name``), on this device."""
+        net = self._teachers[name]
+        if net.input_embedding.device != self.device:
+            net.to(self.device)
+        return net
 
     def sampling_networks(self) -> list[torch.nn.Module]:
         """The networks ``generate`` runs (compiled for sampling by main.load_for_eval)."""
-        return [self.backbone]
+        teacher = self.spec.sampling_teacher
+        return [self.teacher(teacher), self.backbone] if teacher else [self.backbone]
 
     def configure_model(self) -> None:
         """strategy=fsdp (FSDP2): shard each DiT block, then the rest of the backbone (embedding,
@@ -159,17 +182,13 @@ class FlowLM(pl.LightningModule):
         self.log("train/loss", loss, sync_dist=False, logger=False)
         return loss
 
-    # set per optimizer step by reliability.NonFiniteGuard: a bool, or a device flag when the
-    # fused AdamW skips the step on the device (no host sync)
-    step_skipped: bool | torch.Tensor = False
-    # the per-tensor gradient norms the guard read this step (optim.gradient_norms), reused by
-    # the clipping that follows; None when not read (no guard, sharded gradients)
-    step_grad_norms: torch.Tensor | None = None
-
     def optimizer_step(self, *args, **kwargs) -> None:
+        """Lightning's step (backward, reliability.NonFiniteGuard filling ``step_health``,
+        clipping, the optimizer), then the EMA; a skipped (non-finite) step leaves the EMA as
+        it was. The next step starts from a fresh ``step_health``."""
         super().optimizer_step(*args, **kwargs)
-        # once per optimizer step, after it; a skipped (non-finite) step leaves the EMA as it was
-        self.ema.update(self.backbone, skip=self.step_skipped)
+        self.ema.update(self.backbone, skip=self.step_health.skipped)
+        self.step_health = StepHealth()
 
     def on_fit_start(self) -> None:
         self.ema.to(self.device)
@@ -232,22 +251,25 @@ class FlowLM(pl.LightningModule):
         on CUDA), because with fp16 the gradients would still carry the loss scale. bf16 and
         fp32 have no loss scaler, so the gradients are clipped here (``optim.clip_by_global_norm``:
         with a fused AdamW, by the kernel's ``grad_scale``, from the norms the non-finite guard
-        read this step); with a scaler (16-mixed) Lightning's own handling applies."""
-        norms, self.step_grad_norms = self.step_grad_norms, None
-        if not gradient_clip_val:
-            return
+        read this step); with a scaler (16-mixed) Lightning's own handling applies.
+
+        The last hook before ``optimizer.step``: ``step_health`` hands the optimizer's kernel
+        this step's skip flag and clipping factor here, clipping or not."""
+        health = self.step_health
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is not None:
+        if gradient_clip_val and scaler is not None:
             super().configure_gradient_clipping(optimizer, gradient_clip_val,
                                                 gradient_clip_algorithm)
-            return
-        if gradient_clip_algorithm not in (None, "norm"):
-            raise ValueError(f"gradient_clip_algorithm={gradient_clip_algorithm!r}: only 'norm' "
-                             "is supported")
-        total = clip_by_global_norm(optimizer, float(gradient_clip_val), scaler, norms)
-        if total is not None:
-            # like train/loss: written by monitoring.LoggedLater without a host wait
-            self.log("train/grad_norm", total, sync_dist=False, logger=False)
+        elif gradient_clip_val:
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ValueError(f"gradient_clip_algorithm={gradient_clip_algorithm!r}: only "
+                                 "'norm' is supported")
+            total, health.grad_scale = clip_by_global_norm(optimizer, float(gradient_clip_val),
+                                                           scaler, health.grad_norms)
+            if total is not None:
+                # like train/loss: written by monitoring.LoggedLater without a host wait
+                self.log("train/grad_norm", total, sync_dist=False, logger=False)
+        health.hand_to(optimizer)
 
     # ---- checkpoints ------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -280,18 +302,26 @@ class FlowLM(pl.LightningModule):
 
     @torch.no_grad()
     def generate(self, num_samples: int, steps: int, generator: torch.Generator | None = None,
-                 state_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Tokens (num_samples, L) with the current backbone weights: Euler (docs/math.md §4),
-        or the FMLM sampler when the backbone is a flow map f(z, t_i, t_{i+1}) (§6)."""
+                 state_dtype: torch.dtype = torch.float32, prompt_ids=None,
+                 known_mask=None) -> torch.Tensor:
+        """Tokens (num_samples, L) with the current backbone weights, by the registry's sampler:
+        Euler (docs/math.md §4), FMLM's Euler with two times (§6), or stage 1's flow map with
+        the teacher's velocity (§5); ``prompt_ids`` / ``known_mask`` condition it (§9,
+        models/generate.py). (num_samples * B, L) for B prompt rows."""
         sc = self.config.sampling
-        noise = initial_state(self.backbone, num_samples, self.config.model.length, generator,
-                              dtype=state_dtype)
-        return sample_euler(self.backbone, self.table, noise, steps, sc.denominator_eps,
-                            two_times=self.sampler_two_times, position_chunk=sc.position_chunk)
+        teacher = self.spec.sampling_teacher
+        return generate(self.backbone, prompt_ids, known_mask, steps=steps,
+                        num_samples=num_samples, generator=generator,
+                        teacher=self.teacher(teacher) if teacher else None,
+                        two_times=self.spec.sampler_two_times, length=int(self.config.model.length),
+                        denominator_eps=sc.denominator_eps, state_dtype=state_dtype,
+                        position_chunk=sc.position_chunk)
 
 
 class FLM(FlowLM):
     """algo=flm: cross-entropy denoiser on the one-hot flow (docs/math.md §3-4)."""
+
+    spec = algorithm("flm")
 
     def __init__(self, config: DictConfig, vocab_size: int, tokenizer=None) -> None:
         check_fused_ce(config.training.fused_ce)  # before any work
@@ -327,7 +357,7 @@ class FLM(FlowLM):
             return self.backbone(noisy, t, output=lambda hidden, weight, bias: (
                 fused_mean_cross_entropy(backend, hidden, weight, bias, tokens, mask)))
         per_token = self.backbone(noisy, t, output=lambda hidden, weight, bias: (
-            fused_token_cross_entropy(backend, hidden, weight, bias, tokens)))
+            self.spec.loss(backend, hidden, weight, bias, tokens)))
         log_weight = self.loss_weighting(t) if self.loss_weighting is not None else None
         return masked_token_mean(weighted_loss(per_token, log_weight), mask)
 
@@ -364,34 +394,22 @@ class FlowMapDistillation(FlowLM):
 
     loss_weight_times = 1  # w_phi(s): the paper's weighting of stage 1 reads the start time only
 
-    def __init__(self, config: DictConfig, vocab_size: int, tokenizer=None) -> None:
-        if not config.algo.double_temb:
-            raise utils.ConfigError(f"algo={config.algo.name} needs algo.double_temb=true "
-                                    "(the student takes two times)")
-        if config.algo.add_boundary and not config.algo.boundary_prob >= 1:
-            raise utils.ConfigError(f"algo.boundary_prob={config.algo.boundary_prob} must be "
-                                    ">= 1 (the interval (0, 1) has probability 1/boundary_prob)")
-        super().__init__(config, vocab_size, tokenizer)
-        self._teachers: dict[str, torch.nn.Module] = {}
-        self.objective  # noqa: B018  (an unknown algo / input path fails here, before any work)
+    def _add_teachers(self) -> torch.nn.Module:
+        """Load the registry's teachers of this algorithm; returns the first (the FLM one)."""
+        for spec in self.spec.teachers:
+            self._teachers[spec.name] = self._load_teacher(spec)
+        return self._teachers[self.spec.teachers[0].name]
 
-    def _add_teacher(self, name: str, path_key: str, expected_algo: str) -> torch.nn.Module:
-        path = OmegaConf.select(self.config, path_key)
+    def _load_teacher(self, spec: Teacher) -> torch.nn.Module:
+        key = f"algo.{spec.key}"
+        path = OmegaConf.select(self.config, key)
         if path == ORACLE:  # the exact denoiser of data=synthetic: distillation in isolation
-            teacher = oracle_teacher(self.config.data, path_key, self.vocab_size, expected_algo)
+            teacher = oracle_teacher(self.config.data, key, self.vocab_size, spec.algo)
         else:
-            teacher = load_teacher(path, path_key, self.config.model, self.vocab_size,
-                                   expected_algo)
+            teacher = load_teacher(path, key, self.config.model, self.vocab_size, spec.algo)
         if compile_requested(self.config):
             compile_network(teacher)
-        self._teachers[name] = teacher
         return teacher
-
-    def teacher(self, name: str) -> torch.nn.Module:
-        net = self._teachers[name]
-        if net.input_embedding.device != self.device:
-            net.to(self.device)
-        return net
 
     def _restart_ema(self) -> None:
         """EMA from the student's initial (teacher-derived) weights."""
@@ -415,8 +433,8 @@ class FlowMapDistillation(FlowLM):
 
     @property
     def objective(self):
-        """The per-token loss of this stage and input path (flow/objectives.py)."""
-        return distillation_objective(self.config.algo.name, self.config.training.input_path)
+        """The per-token loss of this stage on training.input_path (flow/registry.py)."""
+        return self.spec.loss_for(self.config.training.input_path)
 
     def _noise(self, networks, tokens: torch.Tensor, step: int, batch_idx: int) -> torch.Tensor:
         """eps @ [E_1 | ...] (dspace) or eps itself (B, L, V) (reference), keyed by slot."""
@@ -429,11 +447,11 @@ class FlowMapDistillation(FlowLM):
 class FLMDistill(FlowMapDistillation):
     """algo=flm_distill: stage-1 flow map X = x + Δ·v_T + ½Δ²·g_θ (docs/math.md §5)."""
 
-    network_calls_per_step = 2  # teacher and student at every sampling step
+    spec = algorithm("flm_distill")
 
     def __init__(self, config: DictConfig, vocab_size: int, tokenizer=None) -> None:
         super().__init__(config, vocab_size, tokenizer)
-        teacher = self._add_teacher("flm", "algo.teacher_path", "flm")
+        teacher = self._add_teachers()
         # overwritten by Lightning's restore when resuming from this stage's checkpoint
         initialise_student(self.backbone, teacher, zero_output_layer=True)
         self._restart_ema()
@@ -446,24 +464,11 @@ class FLMDistill(FlowMapDistillation):
         return self.reduce(self.objective(teacher, self.backbone, tokens, interval, noise),
                            interval, mask)
 
-    def sampling_networks(self) -> list[torch.nn.Module]:
-        return [self.teacher("flm"), self.backbone]  # v from the teacher, g from the student
-
-    @torch.no_grad()
-    def generate(self, num_samples: int, steps: int, generator: torch.Generator | None = None,
-                 state_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        sc = self.config.sampling
-        teacher = self.teacher("flm")
-        noise = initial_joint_state([teacher, self.backbone], num_samples,
-                                    self.config.model.length, generator, dtype=state_dtype)
-        return sample_flow_map(teacher, self.backbone, self.table, noise, steps,
-                               sc.denominator_eps, position_chunk=sc.position_chunk)
-
 
 class FLMDistillSecond(FlowMapDistillation):
     """algo=flm_distill_second (FMLM): one network regressed on the stage-1 map (docs/math.md §6)."""
 
-    sampler_two_times = True  # FMLM: p = softmax(f(z, t_i, t_{i+1}))
+    spec = algorithm("flm_distill_second")
     loss_weight_times = 0  # the paper's stage-2 loss is unweighted (its weighting is never applied)
 
     def __init__(self, config: DictConfig, vocab_size: int, tokenizer=None) -> None:
@@ -476,8 +481,7 @@ class FLMDistillSecond(FlowMapDistillation):
             # the FMLM sampler calls the student only (docs/math.md §6): e.g. a released model
             log.info("sample_eval of a stage-2 model: no teachers loaded (sampling needs none)")
             return
-        teacher = self._add_teacher("flm", "algo.teacher_f_path", "flm")
-        self._add_teacher("map", "algo.teacher_g_path", "flm_distill")
+        teacher = self._add_teachers()
         # overwritten by Lightning's restore when resuming from this stage's checkpoint
         initialise_student(self.backbone, teacher, zero_output_layer=False)
         self._restart_ema()
@@ -491,20 +495,6 @@ class FLMDistillSecond(FlowMapDistillation):
 
 
 # ---- baselines in the same harness (backbone, data, EMA, checkpoints, sample_eval) ----------
-def _check_single_network(config: DictConfig) -> None:
-    """The baselines train one network on the data: no second time embedding, no learnt
-    loss weighting, no teachers."""
-    name = config.algo.name
-    for key in ("double_temb", "learnable_loss_weighting"):
-        if config.algo.get(key):
-            raise utils.ConfigError(f"algo.{key}={config.algo[key]} does not apply to "
-                                    f"algo={name}: set algo.{key}=false")
-    for key in utils.TEACHER_KEYS:
-        if config.algo.get(key):
-            raise utils.ConfigError(f"algo.{key} is set but algo={name} has no teacher: "
-                                    "remove the override")
-
-
 class MDLM(FlowLM):
     """algo=mdlm: masked diffusion (MDLM; math in flow/masked.py).
 
@@ -515,25 +505,15 @@ class MDLM(FlowLM):
     always, so its adaLN modulation is a learnt constant; with true it gets the time t.
     """
 
+    spec = algorithm("mdlm")
     val_loss_is_cross_entropy = True
 
     def __init__(self, config: DictConfig, vocab_size: int, tokenizer=None) -> None:
-        _check_single_network(config)
-        ac = config.algo
-        if not 0.0 <= float(ac.noise_eps) < 1.0:
-            raise utils.ConfigError(f"algo.noise_eps={ac.noise_eps} must lie in [0, 1)")
-        if not float(config.training.t_min) > 0.0:
-            raise utils.ConfigError(
-                f"training.t_min={config.training.t_min}: the MDLM loss weight 1/t is unbounded "
-                "at t=0; use training.t_min=1e-3 (MDLM's sampling_eps, the algo=mdlm default)")
-        if not 0.0 <= float(ac.sampling_t_final) < 1.0:
-            raise utils.ConfigError(f"algo.sampling_t_final={ac.sampling_t_final} must lie in "
-                                    "[0, 1) (MDLM samples down to 1e-5)")
         super().__init__(config, vocab_size, tokenizer)
         self.mask_index = vocab_size
 
-    def build_network(self, config: DictConfig, vocab_size: int) -> torch.nn.Module:
-        return build_backbone(config.model, vocab_size + 1, double_temb=False)
+    def extra_inputs(self, config: DictConfig) -> int:
+        return 1  # the mask token, entry V
 
     def time_input(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.config.algo.time_conditioning else torch.zeros_like(t)
@@ -545,14 +525,16 @@ class MDLM(FlowLM):
         slot, _ = self._slot(batch_idx)
         xt = masked.mask_tokens(tokens, t, self.mask_index, eps, self.noise_generator(step, slot))
         logits = self.backbone(lambda net: net.embed_tokens(xt), self.time_input(t))
-        per_token = masked.masked_diffusion_loss(logits, tokens, xt, t, self.mask_index, eps)
+        per_token = self.spec.loss(logits, tokens, xt, t, self.mask_index, eps)
         return masked_token_mean(per_token, mask)
 
     @torch.no_grad()
     def generate(self, num_samples: int, steps: int, generator: torch.Generator | None = None,
-                 state_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                 state_dtype: torch.dtype = torch.float32, prompt_ids=None,
+                 known_mask=None) -> torch.Tensor:
         """Tokens (num_samples, L): MDLM's ancestral sampler with ``steps`` steps from t = 1
         to algo.sampling_t_final, then noise removal (algo.noise_removal)."""
+        _unconditional(self.spec, prompt_ids)
         ac, net = self.config.algo, self.backbone
         chunk = int(self.config.sampling.position_chunk)
 
@@ -563,7 +545,7 @@ class MDLM(FlowLM):
                      for i in range(0, hidden.shape[1], chunk)]
             return torch.cat(probs, dim=1)
 
-        return masked.sample_ancestral(denoise, num_samples, int(self.config.model.length),
+        return self.spec.sampler(denoise, num_samples, int(self.config.model.length),
                                        self.mask_index, steps, float(ac.sampling_t_final),
                                        bool(ac.noise_removal), float(ac.noise_eps), generator,
                                        self.device)
@@ -581,25 +563,21 @@ class AR(FlowLM):
     cache (the whole prefix is re-read each call).
     """
 
+    spec = algorithm("ar")
     val_loss_is_cross_entropy = True
 
     def __init__(self, config: DictConfig, vocab_size: int, tokenizer=None) -> None:
-        _check_single_network(config)
         mode = config.algo.first_token
-        if mode not in FIRST_TOKEN_MODES:
-            raise utils.ConfigError(f"algo.first_token={mode!r}; expected one of "
-                                    f"{list(FIRST_TOKEN_MODES)}")
         if mode == "bos" and getattr(tokenizer, "bos_token_id", None) is None:
-            raise utils.ConfigError(
+            raise ConfigError(
                 f"algo.first_token=bos needs a tokenizer with a BOS token; data="
                 f"{config.data.name} has none: set algo.first_token=start")
         super().__init__(config, vocab_size, tokenizer)
         self.start_index = vocab_size if mode == "start" else None
         self._warned_steps = False
 
-    def build_network(self, config: DictConfig, vocab_size: int) -> torch.nn.Module:
-        extra = 1 if config.algo.first_token == "start" else 0
-        return build_backbone(config.model, vocab_size + extra, double_temb=False, causal=True)
+    def extra_inputs(self, config: DictConfig) -> int:
+        return 1 if config.algo.first_token == "start" else 0  # the start entry, V
 
     def _zero_time(self, n: int) -> torch.Tensor:
         return torch.zeros(n, device=self.device)
@@ -609,7 +587,7 @@ class AR(FlowLM):
         inputs, targets, target_mask = shift_for_next_token(
             tokens, mask, self.config.algo.first_token, self.start_index)
         logits = self.backbone(lambda net: net.embed_tokens(inputs), self._zero_time(len(tokens)))
-        return masked_token_mean(next_token_nll(logits, targets, self.vocab_size), target_mask)
+        return masked_token_mean(self.spec.loss(logits, targets, self.vocab_size), target_mask)
 
     @property
     def calls_per_sample(self) -> int:
@@ -619,7 +597,8 @@ class AR(FlowLM):
 
     @torch.no_grad()
     def generate(self, num_samples: int, steps: int, generator: torch.Generator | None = None,
-                 state_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                 state_dtype: torch.dtype = torch.float32, prompt_ids=None,
+                 known_mask=None) -> torch.Tensor:
         """Tokens (num_samples, L); with first_token=bos the first one is BOS. ``steps`` is no
         knob here: the sampler always makes ``calls_per_sample`` calls (logged when it differs,
         since sample_eval's NFE column reads steps x network_calls_per_step)."""
@@ -629,6 +608,7 @@ class AR(FlowLM):
                         "sample_eval's NFE column to be right", self.calls_per_sample, steps,
                         self.calls_per_sample)
             self._warned_steps = True
+        _unconditional(self.spec, prompt_ids)
         net = self.backbone
         first = self.start_index if self.start_index is not None else self.tokenizer.bos_token_id
         prefix = torch.full((num_samples, 1), int(first), dtype=torch.long, device=self.device)
@@ -637,17 +617,21 @@ class AR(FlowLM):
             hidden, c = net.features(net.embed_tokens(x), self._zero_time(len(x)))
             return net.head(hidden[:, -1:], c)[:, 0].to(state_dtype)
 
-        out = sample_autoregressive(next_logits, prefix, self.calls_per_sample, self.vocab_size,
+        out = self.spec.sampler(next_logits, prefix, self.calls_per_sample, self.vocab_size,
                                     generator)
         return out if self.start_index is None else out[:, 1:]
 
 
-ALGORITHMS: dict[str, type[FlowLM]] = {"flm": FLM, "flm_distill": FLMDistill,
-                                       "flm_distill_second": FLMDistillSecond,
-                                       "mdlm": MDLM, "ar": AR}
+def _unconditional(spec: Algorithm, prompt_ids) -> None:
+    if prompt_ids is not None:
+        raise ConfigError(f"algo={spec.name} samples unconditionally: prompts and infilling "
+                          "(mode=generate, docs/math.md §9) need an FLM, stage-1 or FMLM model")
+
+
+MODULES: dict[str, type[FlowLM]] = {m.spec.name: m for m in (FLM, FLMDistill, FLMDistillSecond,
+                                                             MDLM, AR)}
 
 
 def algorithm_class(name: str) -> type[FlowLM]:
-    if name not in ALGORITHMS:
-        raise ValueError(f"algo={name!r} is not supported; choose one of {sorted(ALGORITHMS)}")
-    return ALGORITHMS[name]
+    """The Lightning module of ``algo=<name>`` (ConfigError for an unknown name)."""
+    return MODULES[algorithm(name).name]

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from utils import TEACHER_KEYS, ConfigError
+from flow.registry import TEACHER_KEYS
+from runtime.config import ConfigError
 
 log = logging.getLogger(__name__)
 

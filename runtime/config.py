@@ -1,4 +1,5 @@
-"""Config resolution, logging set-up and small helpers shared by the entry points."""
+"""The run's settings checked before any work (``ConfigError`` names the key) and the
+values derived from them: devices, per-device batches, accumulation, precision, loader workers."""
 
 from __future__ import annotations
 
@@ -8,9 +9,6 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
-
-from data import synthetic
-from data.packing import MIN_BLOCK_LENGTH
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +34,14 @@ def device_count(config: DictConfig) -> int:
 
 
 PROFILERS = (None, "simple", "advanced")  # trainer.profiler
+STATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}  # sampling.state_dtype
 
 
 def resolve_config(config: DictConfig) -> DictConfig:
-    """Check the config and derive per-device batch sizes and gradient accumulation.
+    """Check the run's settings and derive per-device batch sizes and gradient accumulation.
 
-    Global batch = devices * nodes * batch_size * accumulate_grad_batches.
+    Global batch = devices * nodes * batch_size * accumulate_grad_batches. The algorithm's own
+    settings are checked by its entry in flow/registry.py (``algo.resolve_config`` runs both).
     """
     if config.mode not in MODES:
         raise ConfigError(f"mode={config.mode!r}; expected one of {MODES}")
@@ -75,19 +75,15 @@ def resolve_config(config: DictConfig) -> DictConfig:
                                   f"devices*nodes={world}")
             loader.eval_batch_size = loader.eval_global_batch_size // world
     model = config.model
-    _check_length_and_data(config)
     if model.hidden_size % model.n_heads or (model.hidden_size // model.n_heads) % 2:
         raise ConfigError(f"model.hidden_size={model.hidden_size} must be divisible by "
                           f"model.n_heads={model.n_heads} into an even head size (rotary)")
-    if config.training.input_path not in ("dspace", "reference"):
-        raise ConfigError(f"training.input_path={config.training.input_path!r}; "
-                          "expected dspace or reference")
     if not 0.0 <= config.training.t_min < config.training.t_max <= 1.0:
         raise ConfigError("need 0 <= training.t_min < training.t_max <= 1, got "
                           f"{config.training.t_min}, {config.training.t_max}")
-    if config.sampling.state_dtype not in ("float32", "float64"):
+    if config.sampling.state_dtype not in STATE_DTYPES:
         raise ConfigError(f"sampling.state_dtype={config.sampling.state_dtype!r}; "
-                          "expected float32 or float64")
+                          f"expected one of {list(STATE_DTYPES)}")
     steps = config.sampling.steps
     if not OmegaConf.is_list(steps) or not steps or any(int(s) < 1 for s in steps):
         raise ConfigError(f"sampling.steps={steps}: give a non-empty list of positive "
@@ -97,21 +93,6 @@ def resolve_config(config: DictConfig) -> DictConfig:
     with open_dict(config):
         loader.num_workers, loader.pin_memory = workers, pin
     return config
-
-
-def _check_length_and_data(config: DictConfig) -> None:
-    """model.length for the data (text blocks are [BOS] content [EOS]) and the synthetic
-    source's settings (data/synthetic.py), before any work."""
-    length = config.model.length
-    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-        raise ConfigError(f"model.length={length}: give the sequence length in tokens, >= 1")
-    if config.data.name == "synthetic":
-        problem = synthetic.settings_problem(config.data)
-        if problem is not None:
-            raise ConfigError(problem)
-    elif length < MIN_BLOCK_LENGTH:
-        raise ConfigError(f"model.length={length}: a block of text data={config.data.name} is "
-                          f"[BOS] content [EOS]; use model.length >= {MIN_BLOCK_LENGTH}")
 
 
 AUTO_WORKERS = 4  # loader.num_workers=auto on CUDA (the paper's code uses 4 with pinned memory)
@@ -198,9 +179,7 @@ def _check_values(config: DictConfig) -> None:
         raise ConfigError(f"lr_scheduler.num_warmup_steps={warmup}: must be >= 0")
 
 
-STRATEGIES = ("ddp", "fsdp")
-FSDP_ALGORITHMS = ("flm",)  # see the ConfigError below
-TEACHER_KEYS = ("teacher_path", "teacher_f_path", "teacher_g_path")
+STRATEGIES = ("ddp", "fsdp")  # which algorithm may use which: flow/registry.py
 
 
 def fsdp_training(config: DictConfig) -> bool:
@@ -213,18 +192,6 @@ def _check_distributed_and_reliability(config: DictConfig) -> None:
     name = config.strategy.name
     if name not in STRATEGIES:
         raise ConfigError(f"strategy={name!r} is unknown; use one of {list(STRATEGIES)}")
-    if name == "fsdp" and config.algo.name not in FSDP_ALGORITHMS:
-        raise ConfigError(
-            f"strategy=fsdp supports algo={'|'.join(FSDP_ALGORITHMS)}, not algo={config.algo.name}"
-            ": the distillation losses read the student's embedding outside its forward, where "
-            "FSDP holds only a shard of it; use strategy=ddp (the student and its frozen "
-            "teachers fit on one GPU for DiT small/medium)")
-    for key in TEACHER_KEYS:
-        path = config.algo.get(key)
-        from data.exact_denoiser import ORACLE  # here: data imports utils
-        if path is not None and path != ORACLE:
-            from models.load import check_location  # a file, a Hugging Face folder or repo id
-            check_location(path, f"algo.{key}")
     cb = config.get("callbacks", {})
     if ("checkpoint_every_n_steps" in cb and "checkpoint_last" in cb
             and cb.checkpoint_every_n_steps.every_n_train_steps

@@ -31,6 +31,8 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from runtime.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 TMP_SUFFIX = ".tmp"  # temporary files: .<name>.<random>.tmp next to the target
@@ -48,7 +50,7 @@ class HostBuffers:
     Allocating (and page-locking) gigabytes of host memory costs more than the copy itself,
     and it stalls the training thread wherever it runs: the first background save of a
     2.7 GB DiT-small state with the buffers allocated in the writer thread cost training
-    3.3 s on an H200 (bench/end_to_end.py, round 12), later saves about one step. So they are
+    3.3 s on an H200 (bench/end_to_end.py), later saves about one step. So they are
     allocated once, ahead of the first save (``reserve``, :class:`ReserveHostBuffers`); the
     buffers of the previous save are free again once its write is done (one write in flight).
     Buffers are matched to storages by size.
@@ -563,11 +565,10 @@ def check_resume_config(checkpoint: dict[str, Any], config: DictConfig, path: st
     """Refuse a resume whose config differs from the checkpoint's beyond what may change.
 
     Returns the changes that pass (every difference, allowed ones included). Raises
-    ``utils.ConfigError`` listing ``key: old -> new`` for the differences that are neither in
+    ``ConfigError`` listing ``key: old -> new`` for the differences that are neither in
     :data:`RESUMABLE_CHANGES` nor named in ``resume.allow_changes``, and when
     ``trainer.max_steps`` does not exceed the checkpoint's step.
     """
-    from utils import ConfigError  # utils imports nothing from here; keep the import local
     step = int(checkpoint.get("global_step", 0))
     max_steps = int(config.trainer.max_steps)
     if 0 <= max_steps <= step:
