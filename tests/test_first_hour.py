@@ -56,7 +56,8 @@ def build_checkpoint(path: Path, overrides: list[str], step: int) -> Path:
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpts")
     return {"mdlm": build_checkpoint(root / "mdlm.ckpt", ["algo=mdlm"], step=7),
-            "ar": build_checkpoint(root / "ar.ckpt", ["algo=ar"], step=5)}
+            "ar": build_checkpoint(root / "ar.ckpt", ["algo=ar"], step=5),
+            "flm": build_checkpoint(root / "flm.ckpt", ["algo=flm"], step=3)}
 
 
 @pytest.fixture(scope="module")
@@ -77,17 +78,34 @@ def trained(tmp_path_factory):
 
 def test_generate_takes_algo_data_and_run_dir_from_the_checkpoint(checkpoints, tmp_path):
     """MDLM checkpoint, nothing else given: the log and the run directory say mdlm (the
-    default algo is flm); an infill ends where its template ends; stdout is the JSON."""
-    infill = "the [MASK:3] of"
+    default algo is flm); stdout is the JSON; MDLM's own sampler ran (unconditional)."""
     proc = run(["mode=generate", f"eval.checkpoint_path={checkpoints['mdlm']}",
-                "sampling.steps=[2]", "generate.num_samples=2", "generate.format=json",
-                f"generate.infill='{infill}'"], cwd=tmp_path)
+                "sampling.steps=[2]", "generate.num_samples=2", "generate.format=json"],
+               cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mode=generate algo=mdlm" in proc.stderr
     run_dirs = list((tmp_path / "outputs").glob("*/*"))
     assert [p.relative_to(tmp_path / "outputs").as_posix() for p in run_dirs] == ["embedded/mdlm"]
     result = json.loads(proc.stdout)  # stdout holds the JSON alone
     assert result["settings"]["algo"] == "mdlm"
+    assert len(result["samples"]) == 2
+    # the seed was drawn for this run, and printed
+    assert f"generate.seed={result['settings']['seed']} (drawn" in proc.stderr
+    # an infill on MDLM (unconditional sampler) is one clear error, not FLM's sampler on its weights
+    refused = run(["mode=generate", f"eval.checkpoint_path={checkpoints['mdlm']}",
+                   "sampling.steps=[2]", "generate.infill='the [MASK:3] of'"], cwd=tmp_path)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "samples unconditionally" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_infill_ends_where_its_template_ends(checkpoints, tmp_path):
+    """FLM checkpoint: each infill sample has the template's length and its known tokens."""
+    infill = "the [MASK:3] of"
+    proc = run(["mode=generate", f"eval.checkpoint_path={checkpoints['flm']}",
+                "sampling.steps=[2]", "generate.num_samples=2", "generate.format=json",
+                f"generate.infill='{infill}'"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
     tokenizer = data.get_tokenizer(compose_config([]))
     template = [tokenizer.bos_token_id, *tokenizer("the", add_special_tokens=False)["input_ids"],
                 None, None, None, *tokenizer(" of", add_special_tokens=False)["input_ids"]]
@@ -96,8 +114,6 @@ def test_generate_takes_algo_data_and_run_dir_from_the_checkpoint(checkpoints, t
         assert len(sample["token_ids"]) == len(template)
         assert [t for t, k in zip(sample["token_ids"], template) if k is not None] == \
             [k for k in template if k is not None]
-    # the seed was drawn for this run, and printed
-    assert f"generate.seed={result['settings']['seed']} (drawn" in proc.stderr
 
 
 def test_a_command_line_value_that_contradicts_the_checkpoint_is_refused(checkpoints):
@@ -281,7 +297,7 @@ def test_generate_text_separates_samples_and_draws_a_seed_per_run(checkpoints, t
     seeds = []
     for k in range(2):
         out = tmp_path / f"g{k}.json"
-        proc = run(["mode=generate", f"eval.checkpoint_path={checkpoints['ar']}",
+        proc = run(["mode=generate", f"eval.checkpoint_path={checkpoints['flm']}",
                     "sampling.steps=[1]", "generate.num_samples=2", "generate.prompt=the",
                     f"generate.output_path={out}", f"hydra.run.dir={tmp_path / f'r{k}'}"])
         assert proc.returncode == 0, proc.stderr[-3000:]
