@@ -41,8 +41,8 @@ from checkpointing import (
     write_run_id,
 )
 from data.exact_denoiser import ORACLE, check_denoiser_choice, oracle_sampling_module
-from models.parallelize import compile_for_sampling
 from monitoring import LoggedLater, Throughput, progress_bar
+from speed.compile import compile_for_sampling
 
 log = logging.getLogger("main")
 
