@@ -93,12 +93,16 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: f
     return torch.softmax(scores, dim=-1) @ v
 
 
+def _on_cuda(q: torch.Tensor) -> bool:
+    return q.device.type == "cuda"
+
+
 def backend(q: torch.Tensor, softcap: float | None) -> str:
     """sdpa | math | flash-attn | flex for these inputs, from module constants only: it runs
     inside compiled traces, where an import attempt is a graph break."""
     if softcap is None:
         return "sdpa"
-    if q.device.type != "cuda":
+    if not _on_cuda(q):
         return "math"
     if _FLASH2 is not None and q.dtype in (torch.bfloat16, torch.float16):
         return "flash-attn"

@@ -109,9 +109,9 @@ def bf16_attention_case(seed: int = 0):
 
 def assert_matches_float64_attention(out, ins, ref_in, grad, softcap: float, causal: bool):
     """``out`` (its backward already run with ``grad``) and the gradients of ``ins`` against
-    models.dit.math_attention in float64 on ``ref_in``: a few units of bf16's 2^-8 relative
+    speed.attention.math_attention in float64 on ``ref_in``: a few units of bf16's 2^-8 relative
     rounding of the largest."""
-    from models.dit import math_attention
+    from speed.attention import math_attention  # torch._inductor-free: imported on use
 
     ref = math_attention(*ref_in, softcap, causal)
     ref.backward(grad.double())
