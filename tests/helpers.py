@@ -62,6 +62,13 @@ class ExactDenoiser(torch.nn.Module):
     def head(self, hidden, t):
         return self.logits(hidden, t)
 
+    def project(self, v):
+        return v  # v @ I
+
+    def denoised(self, hidden, t, project=True):
+        logits = self.head(hidden, t)
+        return (torch.softmax(logits, -1) if project else None), logits.argmax(-1)
+
 
 def total_variation(samples: torch.Tensor, probs: torch.Tensor, vocab: int) -> float:
     length = samples.shape[1]
