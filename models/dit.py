@@ -211,7 +211,7 @@ class DiT(nn.Module):
     the plain PyTorch math.
     """
 
-    sampling_entry_points = ("features", "denoised")  # speed.compile.compile_for_sampling
+    sampling_entry_points = ("features", "head", "denoised")  # speed.compile.compile_for_sampling
 
     def __init__(self, vocab_size: int, length: int, hidden_size: int, n_blocks: int,
                  n_heads: int, cond_dim: int, dropout: float = 0.1, mlp_ratio: int = 4,

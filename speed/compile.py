@@ -61,7 +61,7 @@ def compile_network(network: torch.nn.Module, extra_options: dict | None = None)
 
 def compile_for_sampling(network: torch.nn.Module) -> bool:
     """Compile the entry points a sampler calls instead of ``forward`` (the names in the
-    network's ``sampling_entry_points``, e.g. the DiT's ``features`` and ``denoised``), with
+    network's ``sampling_entry_points``, e.g. the DiT's ``features``, ``head``, ``denoised``), with
     static shapes; a network without such entry points (the exact denoiser) is left as it
     is. Returns whether it compiled."""
     names = getattr(network, "sampling_entry_points", ())
