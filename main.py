@@ -32,7 +32,6 @@ from models.generate import (
     prompt_known,
 )
 from models.load import backbone_from_source, config_nodes, read_source
-from models.parallelize import compile_for_sampling
 from runtime import cli, reliability
 from runtime.checkpointing import (
     LAST_NAME,
@@ -55,6 +54,7 @@ from runtime.checkpointing import (
 )
 from runtime.config import STATE_DTYPES, ConfigError, fsdp_training, save_config
 from runtime.monitoring import LoggedLater, Throughput, TrainingReport, progress_bar
+from speed.compile import compile_for_sampling
 
 log = logging.getLogger("main")
 checkpoint_config.register_resolvers()  # hydra.run.dir names the checkpoint's data and algorithm

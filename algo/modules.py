@@ -21,14 +21,7 @@ from flow.flow_map import (
     Interval,
     interval_endpoints,
 )
-from flow.fused import use_fused_kernels
-from flow.losses import (
-    check_fused_ce,
-    fused_mean_cross_entropy,
-    masked_token_mean,
-    resolve_fused_ce,
-    weighted_loss,
-)
+from flow.losses import denoiser_loss, masked_token_mean, weighted_loss
 from flow.path import (
     distillation_noise,
     input_noise,
@@ -43,15 +36,12 @@ from models.ema import EMA
 from models.exact_denoiser import ORACLE, gap_denoiser, gap_metrics
 from models.generate import generate
 from models.loss_weight import LossWeighting
-from models.parallelize import (
-    compile_network,
-    compile_requested,
-    shard_fsdp,
-    use_compile_tuning,
-)
+from models.parallelize import compile_requested, shard_fsdp
 from models.teacher import initialise_student, load_teacher, oracle_teacher
 from runtime.config import STATE_DTYPES, ConfigError, fsdp_training
 from runtime.optim import StepHealth, build_adamw, clip_by_global_norm
+from speed import SpeedOptions
+from speed.compile import compile_loss, compile_network
 
 log = logging.getLogger(__name__)
 
@@ -84,18 +74,17 @@ class FlowLM(pl.LightningModule):
         self.vocab_size = vocab_size
         self.save_hyperparameters({"config": OmegaConf.to_container(config, resolve=True),
                                    "vocab_size": vocab_size})
+        self.speed = SpeedOptions.from_settings(compile_requested(config), config.training.fused_ce)
         self.backbone = self.build_network(config, vocab_size)
         self.table = AlphaGammaTable(vocab_size)
         self.loss_weighting = (LossWeighting(config.training.loss_weight_width,
                                              num_times=self.loss_weight_times)
                                if config.algo.learnable_loss_weighting
                                and self.loss_weight_times else None)
-        self.ema = EMA(self.backbone, config.training.ema)
+        self.ema = EMA(self.backbone, config.training.ema, self.speed)
         self.step_health = StepHealth()  # this optimizer step's verdict (runtime/optim.py)
         self._teachers: dict[str, torch.nn.Module] = {}  # frozen, outside the registered children
         self.sharded = fsdp_training(config)  # configure_model shards under the trainer
-        use_fused_kernels(compile_requested(config))  # the losses' small kernels follow it
-        use_compile_tuning(bool(config.training.compile_tuning))
         if compile_requested(config) and not self.sharded:
             compile_network(self.backbone)  # under FSDP, configure_model compiles block by block
         self._noise_generator: torch.Generator | None = None
@@ -104,7 +93,7 @@ class FlowLM(pl.LightningModule):
         """The trained backbone: one or two time embeddings and causal or full attention as
         the registry says, over the vocabulary plus ``extra_inputs`` input entries."""
         return build_backbone(config.model, vocab_size + self.extra_inputs(config),
-                              self.spec.two_times, causal=self.spec.causal)
+                              self.spec.two_times, causal=self.spec.causal, speed=self.speed)
 
     def extra_inputs(self, config: DictConfig) -> int:
         """Input entries beyond the vocabulary (the baselines' mask or start entry)."""
@@ -324,18 +313,7 @@ class FLM(FlowLM):
     spec = algorithm("flm")
 
     def __init__(self, config: DictConfig, vocab_size: int, tokenizer=None) -> None:
-        check_fused_ce(config.training.fused_ce)  # before any work
         super().__init__(config, vocab_size, tokenizer)
-        self._fused_ce: str | None = None
-
-    def fused_ce_backend(self) -> str:
-        """training.fused_ce resolved on this module's device, once (logged)."""
-        if self._fused_ce is None:
-            self._fused_ce = resolve_fused_ce(self.config.training.fused_ce, self.device,
-                                              per_token_weights=self.loss_weighting is not None)
-            log.info("training.fused_ce=%s: output-layer cross-entropy through %s",
-                     self.config.training.fused_ce, self._fused_ce)
-        return self._fused_ce
 
     val_loss_is_cross_entropy = True
 
@@ -352,14 +330,8 @@ class FLM(FlowLM):
         def noisy(network):  # built inside the backbone's forward (models/dit.py: FSDP)
             return noisy_input(network, tokens, gamma, path, noise)
 
-        backend = self.fused_ce_backend()
-        if self.loss_weighting is None:  # the masked mean in one pass (gradients in forward)
-            return self.backbone(noisy, t, output=lambda hidden, weight, bias: (
-                fused_mean_cross_entropy(backend, hidden, weight, bias, tokens, mask)))
-        per_token = self.backbone(noisy, t, output=lambda hidden, weight, bias: (
-            self.spec.loss(backend, hidden, weight, bias, tokens)))
         log_weight = self.loss_weighting(t) if self.loss_weighting is not None else None
-        return masked_token_mean(weighted_loss(per_token, log_weight), mask)
+        return denoiser_loss(self.backbone, noisy, t, tokens, mask, log_weight)
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = super().validation_step(batch, batch_idx)
@@ -394,6 +366,13 @@ class FlowMapDistillation(FlowLM):
 
     loss_weight_times = 1  # w_phi(s): the paper's weighting of stage 1 reads the start time only
 
+    def __init__(self, config: DictConfig, vocab_size: int, tokenizer=None) -> None:
+        super().__init__(config, vocab_size, tokenizer)
+        # the per-token loss of this stage on training.input_path (flow/registry.py), compiled
+        # whole when compiling (under FSDP configure_model compiles the blocks one by one)
+        objective = self.spec.loss_for(config.training.input_path)
+        self.objective = objective if self.sharded else compile_loss(objective, self.speed)
+
     def _add_teachers(self) -> torch.nn.Module:
         """Load the registry's teachers of this algorithm; returns the first (the FLM one)."""
         for spec in self.spec.teachers:
@@ -413,7 +392,7 @@ class FlowMapDistillation(FlowLM):
 
     def _restart_ema(self) -> None:
         """EMA from the student's initial (teacher-derived) weights."""
-        self.ema = EMA(self.backbone, self.config.training.ema)
+        self.ema = EMA(self.backbone, self.config.training.ema, self.speed)
 
     def draw_interval(self, n: int, step: int, batch_idx: int) -> Interval:
         """(s, u, t) per sequence (docs/math.md §5): d like FLM's times, s and the boundary seeded."""
@@ -430,11 +409,6 @@ class FlowMapDistillation(FlowLM):
         log_weight = (self.loss_weighting(interval.s.float())
                       if self.loss_weighting is not None else None)
         return masked_token_mean(weighted_loss(per_token, log_weight), mask)
-
-    @property
-    def objective(self):
-        """The per-token loss of this stage on training.input_path (flow/registry.py)."""
-        return self.spec.loss_for(self.config.training.input_path)
 
     def _noise(self, networks, tokens: torch.Tensor, step: int, batch_idx: int) -> torch.Tensor:
         """eps @ [E_1 | ...] (dspace) or eps itself (B, L, V) (reference), keyed by slot."""

@@ -16,8 +16,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
-from models.dit import DiT, attention, math_attention  # noqa: E402
-from models.parallelize import compile_network  # noqa: E402
+from models.dit import DiT  # noqa: E402
+from speed.attention import attention, math_attention  # noqa: E402
+from speed.compile import compile_network  # noqa: E402
 
 
 def check(dtype: torch.dtype, causal: bool, b=4, h=12, length=1024, hd=64) -> dict:

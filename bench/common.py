@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models.dit import DiT, build_backbone  # noqa: E402
+from speed import SpeedOptions  # noqa: E402
 
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core FLOP/s of an H100 SXM (MFU denominator)
 GPT2_VOCAB = 50258
@@ -36,8 +37,11 @@ def model_config(name: str, length: int, overrides: list[str] | None = None,
 
 
 def backbone(model_cfg: DictConfig, vocab: int, double_temb: bool = False,
-             device: torch.device | str = "cpu") -> DiT:
-    return build_backbone(model_cfg, vocab, double_temb).to(device)
+             device: torch.device | str = "cpu", fused_ce: str = "auto") -> DiT:
+    """A DiT with the fused kernels on (on CUDA) and ``fused_ce`` (a training.fused_ce value),
+    compiled or not by the caller (speed.compile.compile_network)."""
+    speed = SpeedOptions.from_settings(True, fused_ce)
+    return build_backbone(model_cfg, vocab, double_temb, speed=speed).to(device)
 
 
 def forward_flops_per_token(model_cfg: DictConfig, vocab: int) -> float:

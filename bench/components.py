@@ -5,16 +5,14 @@
 
 Attention (B, H=12, L, hd=64, bf16), forward + backward: SDPA without the softcap (what
 the math would cost without it; not the paper's function), FlexAttention with the softcap
-in each of its forms (models/dit.py SOFTCAP_FORMS; the first is the model's), with the cap
-but autotuned block sizes, and without a score_mod; flash-attn-4's kernels
-(models/flash4.py) when that package is installed. Each sample times a burst of
+as the model runs it (speed/attention.py: the approx-tanh score_mod), with the cap but
+autotuned block sizes, and without a score_mod. Each sample times a burst of
 ATTENTION_BURST back-to-back calls (one sync at each end): a millisecond of GPU work per
-call is too little to time one call at a time (round 10's table read the same kernel at
-1.82 and 2.06 ms).
+call is too little to time one call at a time (the same kernel read 1.82 and 2.06 ms).
 Output layer + cross-entropy (B·L rows, D=768, V padded as models/dit.py pads it),
-forward + backward to the mean loss: the plain path (materialised float32 logits), liger,
-cut-cross-entropy, our chunked CE (recompute in backward) and our mean CE (gradients in
-the forward, flow/losses.py MeanLinearCrossEntropy). Median ms over --iters, peak memory,
+forward + backward to the mean loss: the plain path (materialised float32 logits), our
+chunked CE (recompute in backward) and our mean CE (gradients in the forward,
+speed/cross_entropy.py MeanLinearCrossEntropy, its chunks through the Triton kernel on CUDA). Median ms over --iters, peak memory,
 TFLOP/s counted as the products' FLOPs (attention 4·L·hd per query per head forward,
 x 3.5 with backward; output layer 2·D·V per row forward, x 3 with backward).
 """
@@ -33,15 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import GPT2_VOCAB, device_name, peak_gib, reset_memory, timed  # noqa: E402
 
-from flow.losses import (  # noqa: E402
-    cce_linear_cross_entropy,
+from models.dit import PAD_LOGIT, pad_vocab_rows  # noqa: E402
+from speed import attention  # noqa: E402
+from speed.attention import softcap_score_mod  # noqa: E402
+from speed.cross_entropy import (  # noqa: E402
     chunked_linear_cross_entropy,
-    chunked_linear_cross_entropy_mean,
-    denoiser_cross_entropy,
-    fused_ce_available,
-    liger_cross_entropy,
+    chunked_linear_cross_entropy_sum,
+    plain_linear_cross_entropy,
 )
-from models.dit import PAD_LOGIT, pad_vocab_rows, softcap_score_mod  # noqa: E402
 
 SOFTCAP = 50.0
 ATTENTION_BURST = 10  # calls per timed sample of the attention table
@@ -50,24 +47,13 @@ ATTENTION_BURST = 10  # calls per timed sample of the attention table
 def attention_variants(device):
     from torch.nn.attention.flex_attention import flex_attention
 
-    from models import dit, flash4
-
     tuned = torch.compile(flex_attention, dynamic=False, mode="max-autotune-no-cudagraphs")
     flex = torch.compile(flex_attention, dynamic=False)
     yield "sdpa, no softcap (reference)", lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
     yield "flex, no score_mod", lambda q, k, v: flex(q, k, v)
-    for form in dit.SOFTCAP_FORMS:
-        used = " (models/dit.py)" if form == "approx-tanh" else ""
-        yield f"flex, softcap as {form}{used}", lambda q, k, v, form=form: (
-            dit._flex_attention()(q, k, v, score_mod=softcap_score_mod(SOFTCAP, form)))
-    if flash4.supports(torch.empty(0, device=device, dtype=torch.bfloat16)):  # SM90+, installed
-        yield "flash-attn-4 (CuTe), softcap", lambda q, k, v: flash4.attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), SOFTCAP, False
-        ).transpose(1, 2)
-        yield "flash-attn-4, compiled with its layout changes", torch.compile(
-            lambda q, k, v: flash4.attention(q.transpose(1, 2), k.transpose(1, 2),
-                                             v.transpose(1, 2), SOFTCAP, False).transpose(1, 2),
-            dynamic=False)
+    attention.prepare_softcap(SOFTCAP)
+    yield "flex, softcap as approx-tanh (the model's)", lambda q, k, v: (
+        attention._flex_attention()(q, k, v, score_mod=softcap_score_mod(SOFTCAP)))
     yield "flex, softcap as approx-tanh, max-autotune", lambda q, k, v: tuned(
         q, k, v, score_mod=softcap_score_mod(SOFTCAP))
 
@@ -101,17 +87,13 @@ def _time_attention(fn, args, b: int, h: int, length: int, hd: int) -> float:
 
 
 def ce_variants(device):
+    fused = device.type == "cuda"
     yield "plain (float32 logits)", lambda h, w, b, x, m: (
-        denoiser_cross_entropy(F.linear(h, w, b), x) * m).sum() / m.sum()
-    if device.type == "cuda" and fused_ce_available("liger"):
-        yield "liger, mean", lambda h, w, b, x, m: liger_cross_entropy(h, w, b, x, m)
-    if device.type == "cuda" and fused_ce_available("cce"):
-        yield "cut-cross-entropy", lambda h, w, b, x, m: (
-            cce_linear_cross_entropy(h, w, b, x) * m).sum() / m.sum()
+        plain_linear_cross_entropy(h, w, b, x, m / m.sum()))
     yield "ours, chunked per token", lambda h, w, b, x, m: (
         chunked_linear_cross_entropy(h, w, b, x) * m).sum() / m.sum()
     yield "ours, mean (grads in forward)", lambda h, w, b, x, m: (
-        chunked_linear_cross_entropy_mean(h, w, b, x, m))
+        chunked_linear_cross_entropy_sum(h, w, b, x, m / m.sum(), fused))
 
 
 def ce_table(args) -> None:

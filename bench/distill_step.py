@@ -47,9 +47,10 @@ from flow.flow_map import (  # noqa: E402
 )
 from flow.path import joint_gaussian_projection  # noqa: E402
 from flow.schedule import AlphaGammaTable  # noqa: E402
-from models.parallelize import compile_network  # noqa: E402
 from models.teacher import initialise_student  # noqa: E402
 from runtime.optim import StepHealth, clip_by_global_norm  # noqa: E402
+from speed import SpeedOptions  # noqa: E402
+from speed.compile import compile_loss, compile_network  # noqa: E402
 
 BOUNDARY_PROB = 64
 # forward-pass equivalents per token: stage 1 = 4 no-grad forwards (teacher at s and u,
@@ -113,13 +114,15 @@ def make_stage_step(args, stage: int, compiled: bool, table: AlphaGammaTable):
     optimizer = torch.optim.AdamW(student.parameters(), lr=3e-4,
                                   fused=args.device.type == "cuda")
     tokens = torch.randint(0, args.vocab, (args.batch, args.length), device=args.device)
+    # compiled whole with its networks, as algo.FlowMapDistillation compiles its objective
+    loss_fn = compile_loss(semigroup_loss if stage == 1 else flow_map_matching_loss,
+                           SpeedOptions(fused=True, compile=compiled))
 
     def step() -> None:
         interval = draw_interval(table, args.batch, args.device)
         with gpu_bf16_autocast(args.device):
             noise = joint_gaussian_projection([n.input_embedding for n in nets],
                                               (args.batch, args.length))
-            loss_fn = semigroup_loss if stage == 1 else flow_map_matching_loss
             per_token = loss_fn(*nets, tokens, interval, noise)
         per_token.mean().backward()
         StepHealth(grad_scale=clip_by_global_norm(optimizer, 1.0)[1]).hand_to(optimizer)  # as the runs clip

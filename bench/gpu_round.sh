@@ -11,7 +11,7 @@
 #   sampling    bench/sampling_step.py
 #   distill     bench/distill_step.py
 #   e2e         bench/end_to_end.py
-#   cudatests   the tests that need CUDA (pytest travels in .whl/)
+#   cudatests   the tests marked cuda (pytest -m cuda; pytest travels in .whl/)
 #   trace       bench/trace_loop.py (where the GPU waits inside python -m main; TRACE_ARGS)
 #   vocab       bench/vocab_align.py (the V-sized products at V = 50,258 and padded)
 #   components  bench/components.py (attention and output layer + CE, each way we can run them)
@@ -22,7 +22,7 @@
 #   prep        bench/prepare_data_speed.py: OWT stand-in on 1 / 4 / 8 worker processes
 # TRAIN_ARGS, SAMPLING_ARGS, DISTILL_ARGS, E2E_ARGS: extra arguments of those benches.
 # Run directories go to /tmp/runs; only logs (at most 8 files) go to $OUT. Wheels the machine
-# lacks (hydra-core, omegaconf, antlr4, datasets, liger-kernel, cut-cross-entropy) travel in .whl/.
+# lacks (hydra-core, omegaconf, antlr4, datasets) travel in .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/flm-gpu-round}"
@@ -30,22 +30,6 @@ mkdir -p "$OUT"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-fi
-# flash-attn-4 (models/flash4.py, benchmarked in bench/components.py): its wheels in .fa4a/, the
-# CUDA 13 libraries of nvidia-cutlass-dsl as an xz tarball of the unpacked wheel split over
-# .fa4a/ and .fa4b/ (92 MB, over one call's 64 MiB). Two calls on a warm machine (< 30 s
-# apart): the first carries .fa4a and copies it to /tmp/fa4parts (a carried folder does not
-# stay in the tree for the next call), the second carries .fa4b and starts with
-# `mkdir -p .fa4a && cp /tmp/fa4parts/* .fa4a/`.
-if [ -d .fa4a ] && [ -d .fa4b ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .fa4a/*.whl \
-    && cat .fa4a/cu13.tar.xz.part* .fa4b/cu13.tar.xz.part* | xz -d | tar -x -C /tmp/site \
-    && export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages \
-    && echo "flash-attn-4 installed in /tmp/site"  # (the .pth naming dsl_packages is not read
-                                                    # from a --target folder)
-elif [ -d .fa4a ] || [ -d .fa4b ]; then
-  echo "only one half of flash-attn-4's libraries is here ($(ls -d .fa4? | xargs)): not installed"
 fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 STAGES="${STAGES:-attention train}"
@@ -75,9 +59,7 @@ for s in $STAGES; do
     sampling) stage sampling python bench/sampling_step.py ${SAMPLING_ARGS:-} ;;
     distill) stage distill python bench/distill_step.py --modes compiled ${DISTILL_ARGS:-} ;;
     e2e) stage e2e python bench/end_to_end.py ${E2E_ARGS:-} ;;
-    cudatests) stage cudatests python -m pytest -q -p no:cacheprovider -rs \
-        tests/test_checkpointing.py tests/test_flash4.py tests/test_attention_gpu.py tests/test_fused_kernels.py \
-        tests/test_optim.py -k "device_state or gpu" ;;
+    cudatests) stage cudatests python -m pytest -q -p no:cacheprovider -rs -m cuda tests/ ;;
     trace) TAIL=80 stage trace python bench/trace_loop.py ${TRACE_ARGS:-} ;;
     vocab) stage vocab python bench/vocab_align.py ;;
     components) stage components python bench/components.py ${COMPONENTS_ARGS:-} ;;

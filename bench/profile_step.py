@@ -32,11 +32,11 @@ import train_step  # noqa: E402
 from common import GPT2_VOCAB, backbone, device_name, model_config, sync  # noqa: E402
 
 from flow.schedule import AlphaGammaTable  # noqa: E402
-from models.parallelize import compile_network  # noqa: E402
+from speed.compile import compile_network  # noqa: E402
 
 CATEGORIES = [  # first match wins
     ("attention (flex / sdpa)", r"flex|attention|fmha|flash"),
-    ("cross-entropy", r"liger|cross_entropy|_ce_|cce|chunk_loss"),
+    ("cross-entropy", r"_rows_kernel|cross_entropy|_ce_|chunk_loss"),
     ("optimizer (AdamW, grad norm)", r"adam|multi_tensor|foreach|norm_kernel|clip"),
     ("matrix products", r"gemm|nvjet|cutlass|sm90|xmma|cublas|splitk|dot_kernel"),
     ("fused Triton (inductor)", r"^triton_|triton"),
@@ -56,11 +56,11 @@ def build(args):
     """The closure one step of ``args.task`` runs."""
     device = args.device
     if args.task == "train":
-        model = backbone(args.model_cfg, args.vocab, device=device)
+        model = backbone(args.model_cfg, args.vocab, device=device, fused_ce=args.fused_ce)
         if not args.eager:
             compile_network(model)
         table = AlphaGammaTable(args.vocab).to(device)
-        step, _ = train_step.make_step(model, table, "dspace", args.fused_ce, device)
+        step, _ = train_step.make_step(model, table, "dspace", device)
         tokens = torch.randint(0, args.vocab, (args.batch, args.length), device=device)
         return lambda: step(tokens, torch.rand(args.batch, device=device))
     if args.task in ("stage1", "stage2"):

@@ -44,7 +44,7 @@ from common import (  # noqa: E402
 from flow.flow_map import flow_map  # noqa: E402
 from flow.sampling import denoised_projection, initial_state, sample_euler, step_grid  # noqa: E402
 from flow.schedule import AlphaGammaTable  # noqa: E402
-from models.parallelize import compile_for_sampling  # noqa: E402
+from speed.compile import compile_for_sampling  # noqa: E402
 
 EPS = 1e-5
 STATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}

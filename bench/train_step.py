@@ -5,7 +5,7 @@
 
 Variants on the same backbone, both with the same attention (whatever
 configs/model/<model>.yaml sets, e.g. model.attn_softcap) and the same fused
-output-layer cross-entropy (training.fused_ce, flow/losses.py):
+output-layer cross-entropy (training.fused_ce, speed/cross_entropy.py):
   tokens  integer tokens through E[x]: a discrete-diffusion step, the floor an
           FLM step can approach;
   dspace  the FLM step as algo.FLM.compute_loss runs it (training.input_path=dspace);
@@ -39,17 +39,15 @@ from common import (  # noqa: E402
     timed,
 )
 
-import flow.losses  # noqa: E402
-import models.dit  # noqa: E402
-from flow.losses import fused_mean_cross_entropy, resolve_fused_ce  # noqa: E402
+from flow.losses import denoiser_loss  # noqa: E402
 from flow.path import input_noise, noisy_input  # noqa: E402
 from flow.schedule import AlphaGammaTable  # noqa: E402
-from models.parallelize import compile_network  # noqa: E402
 from runtime.optim import StepHealth, clip_by_global_norm  # noqa: E402
+from speed.compile import compile_network  # noqa: E402
 
 # how a step clips its gradients (--clips): "kernel" as the runs clip (optim.clip_by_global_norm:
 # the factor as the fused AdamW's grad_scale on CUDA), "inplace" torch's clip_grad_norm_ (its
-# norms, then a multiply over the gradients; the runs' way before round 13)
+# norms, then a multiply over the gradients)
 CLIPS = ("kernel", "inplace")
 
 
@@ -62,11 +60,10 @@ def clip_gradients(form: str, optimizer: torch.optim.Optimizer, max_norm: float 
         torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
-def make_step(model, table, variant: str, fused_ce: str, device: torch.device,
-              clip: str = "kernel"):
-    """A closure running one optimizer step on (tokens (B, L), t (B,)); returns the loss."""
+def make_step(model, table, variant: str, device: torch.device, clip: str = "kernel"):
+    """A closure running one optimizer step on (tokens (B, L), t (B,)); returns the loss, and
+    the fused CE the model runs (its ``speed.fused_ce``)."""
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device.type == "cuda")
-    backend = resolve_fused_ce(fused_ce, device, per_token_weights=False)
     amp = device.type == "cuda"
 
     def loss_fn(tokens, t):
@@ -81,8 +78,7 @@ def make_step(model, table, variant: str, fused_ce: str, device: torch.device,
             def h(net):
                 return noisy_input(net, tokens, gamma, "dspace", noise)
         mask = torch.ones_like(tokens)  # the masked mean in one pass, as algo.FLM does
-        return model(h, t, output=lambda x, weight, bias: fused_mean_cross_entropy(
-            backend, x, weight, bias, tokens, mask))
+        return denoiser_loss(model, h, t, tokens, mask)
 
     def step(tokens, t):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -93,7 +89,7 @@ def make_step(model, table, variant: str, fused_ce: str, device: torch.device,
         opt.zero_grad(set_to_none=True)
         return loss
 
-    return step, backend
+    return step, model.speed.fused_ce
 
 
 def make_module_step(model_cfg, vocab: int, fused_ce: str, compiled: bool,
@@ -126,26 +122,27 @@ def make_module_step(model_cfg, vocab: int, fused_ce: str, compiled: bool,
         module.ema.update(module.backbone)
         return loss
 
-    return step, module.fused_ce_backend()
+    return step, module.backbone.speed.fused_ce
 
 
 def measure(model_cfg, vocab: int, variant: str, batch: int, compiled: bool, fused_ce: str,
             device: torch.device, warmup: int, steps: int, peak_flops: float,
-            burst: int = 1, clip: str = "kernel") -> dict:
+            burst: int = 1, clip: str = "kernel", inductor: dict | None = None) -> dict:
     """One row: step time, tokens/s, MFU and peak memory of one (variant, B, mode)."""
     row = {"variant": variant, "batch": batch, "compiled": compiled, "oom": False}
     reset_memory(device)
     torch.manual_seed(0)
-    model = backbone(model_cfg, vocab, device=device) if variant != "module" else None
+    model = (backbone(model_cfg, vocab, device=device, fused_ce=fused_ce)
+             if variant != "module" else None)
     try:
         if variant == "module":
             step, row["ce"] = make_module_step(model_cfg, vocab, fused_ce, compiled, device,
                                                clip)
         else:
             if compiled:
-                compile_network(model)
+                compile_network(model, inductor)
             table = AlphaGammaTable(vocab).to(device)
-            step, row["ce"] = make_step(model, table, variant, fused_ce, device, clip)
+            step, row["ce"] = make_step(model, table, variant, device, clip)
         tokens = torch.randint(0, vocab, (batch, model_cfg.length), device=device)
         gen = torch.Generator(device=device).manual_seed(0)
         # the first step alone: what compiling costs a run at start-up (one timed call)
@@ -164,17 +161,8 @@ def measure(model_cfg, vocab: int, variant: str, batch: int, compiled: bool, fus
     return row
 
 
-# inductor options of the row being measured, over compile_options() (--cudagraphs)
-ROW_OPTIONS: dict = {}
-CUDAGRAPHS = {"off": {}, "on": {"triton.cudagraphs": True}}
-
-
-def override_compile_options(pairs: list[str]) -> dict:
-    """Replaces models.parallelize.compile_options (what compile_network uses) by its result
-    updated with ``KEY=VALUE`` pairs (true/false/ints parsed) and then with ROW_OPTIONS;
-    returns the pairs' overrides."""
-    import models.parallelize as parallelize
-
+def inductor_options(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` pairs (true/false/ints parsed) as inductor options."""
     extra = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -182,13 +170,6 @@ def override_compile_options(pairs: list[str]) -> dict:
             raise SystemExit(f"--inductor {pair!r}: expected KEY=VALUE")
         extra[key] = {"true": True, "false": False}.get(value.lower(),
                                                         int(value) if value.isdigit() else value)
-    base = parallelize.compile_options
-
-    def options():
-        merged = {**(base() or {}), **extra, **ROW_OPTIONS}
-        return merged or None  # inductor's defaults where nothing is set (the CPU)
-
-    parallelize.compile_options = options
     return extra
 
 
@@ -222,43 +203,18 @@ def main() -> None:
     p.add_argument("--peak-flops", type=float, default=H100_BF16_PEAK,
                    help="MFU denominator, FLOP/s (H100 SXM dense bf16)")
     p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
-                   help="an inductor option over models.parallelize.compile_options() for this "
-                        "run's compiles (repeatable), e.g. max_autotune_gemm_backends=ATEN,TRITON")
-    p.add_argument("--flex-separate", action="store_true",
-                   help="call FlexAttention compiled on its own, through a graph break at every "
-                        "block (the structure before round 9; models.dit.FLEX_SEPARATE)")
-    p.add_argument("--nested-blocks", action="store_true",
-                   help="mark DiTBlock.forward as a nested compile region "
-                        "(torch.compiler.nested_compile_region): one block compiled, reused")
-    p.add_argument("--softcap-forms", default=models.dit.SOFTCAP_FORM,
-                   help="comma-separated forms of the attention softcap's tanh, a set of rows "
-                        f"each ({', '.join(models.dit.SOFTCAP_FORMS)}; models.dit.SOFTCAP_FORM, "
-                        "default: the model's)")
-    p.add_argument("--ce-kernels", default=flow.losses.CE_KERNEL,
-                   help="comma-separated kernels of the fused CE's chunks, a set of rows each "
-                        f"({', '.join(flow.losses.CE_KERNELS)}; flow.losses.CE_KERNEL, default: "
-                        "the training's)")
-    p.add_argument("--cudagraphs", default="off",
-                   help="comma-separated off / on, a set of rows each: the compiled networks' "
-                        "forward and backward replayed as CUDA graphs (inductor's "
-                        "triton.cudagraphs; no kernel launch gaps), not what the runs do")
+                   help="an inductor option over speed.compile.compile_options() for the "
+                        "networks compiled here (repeatable), e.g. "
+                        "max_autotune_gemm_backends=ATEN,TRITON (not the module variant)")
     p.add_argument("--clips", default="kernel",
                    help="comma-separated ways to clip the gradients, a set of rows each "
                         f"({', '.join(CLIPS)}; kernel: as the runs clip)")
     args = p.parse_args()
     clips = listed(p, "--clips", args.clips, CLIPS)
-    graphs = listed(p, "--cudagraphs", args.cudagraphs, tuple(CUDAGRAPHS))
-    inductor = override_compile_options(args.inductor)
-    ce_kernels = listed(p, "--ce-kernels", args.ce_kernels, flow.losses.CE_KERNELS)
+    inductor = inductor_options(args.inductor)
     bursts = [int(b) for b in args.burst.split(",")]
     if min(bursts) < 1:
         p.error(f"--burst {args.burst}: steps per timed sample must be >= 1")
-    forms = listed(p, "--softcap-forms", args.softcap_forms, models.dit.SOFTCAP_FORMS)
-    if args.flex_separate:
-        models.dit.FLEX_SEPARATE = True
-    if args.nested_blocks:
-        models.dit.DiTBlock.forward = torch.compiler.nested_compile_region(
-            models.dit.DiTBlock.forward)
     vocab = args.vocab or (512 if args.quick else GPT2_VOCAB)
     length = args.length or (64 if args.quick else 1024)
     model_cfg = model_config(args.model or ("tiny" if args.quick else "small"), length)
@@ -266,50 +222,38 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_float32_matmul_precision("high")
     rows = []
-    settings = [(form, kernel, fused_ce, mode, batch, variant, burst, clip, graph)
-                for form in forms for kernel in ce_kernels for fused_ce in args.fused_ce.split(",")
-                for mode in args.modes.split(",") for batch in batches
-                for variant in args.variants.split(",") for burst in bursts for clip in clips
-                for graph in graphs]
-    for form, kernel, fused_ce, mode, batch, variant, burst, clip, graph in settings:
-        models.dit.SOFTCAP_FORM, flow.losses.CE_KERNEL = form, kernel
-        ROW_OPTIONS.clear()
-        ROW_OPTIONS.update(CUDAGRAPHS[graph])
+    settings = [(fused_ce, mode, batch, variant, burst, clip)
+                for fused_ce in args.fused_ce.split(",") for mode in args.modes.split(",")
+                for batch in batches for variant in args.variants.split(",")
+                for burst in bursts for clip in clips]
+    for fused_ce, mode, batch, variant, burst, clip in settings:
         rows.append(measure(model_cfg, vocab, variant, batch, mode == "compiled", fused_ce, device,
-                            args.warmup, args.steps, args.peak_flops, burst, clip))
-        rows[-1].update(fused_ce=fused_ce, softcap=form, burst=burst, kernel=kernel, clip=clip,
-                        graphs=graph)
-        print(f"# done softcap {form} CE kernel {kernel} fused_ce={fused_ce} {mode} B={batch} "
-              f"{variant} burst {burst} clip {clip} CUDA graphs {graph}", file=sys.stderr,
-              flush=True)
+                            args.warmup, args.steps, args.peak_flops, burst, clip, inductor))
+        rows[-1].update(fused_ce=fused_ce, burst=burst, clip=clip)
+        print(f"# done fused_ce={fused_ce} {mode} B={batch} {variant} burst {burst} clip {clip}",
+              file=sys.stderr, flush=True)
     print(f"\nFLM train step, {device_name(device)}, torch {torch.__version__}, V={vocab}, "
           f"L={length}, model={model_cfg.name} (D={model_cfg.hidden_size}, "
           f"blocks={model_cfg.n_blocks}, attn_softcap="
           f"{model_cfg.get('attn_softcap', None)}), bf16 autocast on GPU"
-          + (f"; inductor options {inductor}" if inductor else "")
-          + ("; FlexAttention through a graph break" if args.flex_separate else "")
-          + ("; each DiT block a nested compile region" if args.nested_blocks else ""))
-    print("softcap: the form of the attention softcap's tanh (models/dit.py SOFTCAP_FORM); "
-          "burst: steps per timed sample (1: a GPU sync after every step); CE kernel: of the "
-          "chunked CE's chunks (flow/losses.py CE_KERNEL); clip: how the gradients are clipped "
-          "(kernel: the fused AdamW's grad_scale, as the runs clip; inplace: clip_grad_norm_); "
-          "graphs: the compiled graphs replayed as CUDA graphs")
+          + (f"; inductor options {inductor}" if inductor else ""))
+    print("burst: steps per timed sample (1: a GPU sync after every step); clip: how the "
+          "gradients are clipped (kernel: the fused AdamW's grad_scale, as the runs clip; "
+          "inplace: clip_grad_norm_)")
     print(f"MFU: {FLOP_FORMULA}; F = {forward_flops_per_token(model_cfg, vocab) / 1e6:.1f} "
           f"MFLOP/token; peak {args.peak_flops / 1e12:.0f} TFLOP/s\n")
-    print("| B | mode | fused_ce | CE kernel | softcap | burst | clip | graphs | variant "
+    print("| B | mode | fused_ce | burst | clip | variant "
           "| first step s | step ms | tokens/s | MFU | peak GiB | vs tokens |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 
     def same_setting(r):
-        return (r["softcap"], r["kernel"], r["fused_ce"], r["batch"], r["compiled"], r["burst"],
-                r["clip"], r["graphs"])
+        return (r["fused_ce"], r["batch"], r["compiled"], r["burst"], r["clip"])
 
     floor = {same_setting(r): r for r in rows if r["variant"] == "tokens"}
     for r in rows:
         mode = "compiled" if r["compiled"] else "eager"
         ce = f"{r['fused_ce']} -> {r.get('ce', '?')}"
-        head = (f"| {r['batch']} | {mode} | {ce} | {r['kernel']} | {r['softcap']} | {r['burst']} "
-                f"| {r['clip']} | {r['graphs']} | {r['variant']} | ")
+        head = (f"| {r['batch']} | {mode} | {ce} | {r['burst']} | {r['clip']} | {r['variant']} | ")
         if r["oom"]:
             print(head + "out of memory | | | | | |")
             continue

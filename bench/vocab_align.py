@@ -6,8 +6,7 @@ prints one table.
 
 Every product whose one side is the vocabulary: the output layer's logits ``x @ Wᵀ`` (bf16),
 its two backward products (``g @ W``, ``gᵀ @ x``), the samplers' ``p @ E`` (float32 state:
-TF32 under ``set_float32_matmul_precision('high')``, as main.py sets it, and bf16) and the
-fused linear + cross-entropy forward and backward (liger-kernel when installed). cuBLAS
+TF32 under ``set_float32_matmul_precision('high')``, as main.py sets it, and bf16). cuBLAS
 needs 16-byte-aligned leading dimensions for its fastest kernels; 50,258 · 2 bytes is not a
 multiple of 16. Median of ``--repeats`` timed runs after warm-up, TFLOP/s, and the padded /
 unpadded speed-up measured side by side in one run. Inputs are random (never zeros).
@@ -16,7 +15,6 @@ unpadded speed-up measured side by side in one run. Inputs are random (never zer
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -49,23 +47,6 @@ def products(m: int, d: int, v: int, device: torch.device, bf16: torch.dtype):
             "grad_W g^T @ x (bf16)": (lambda: g.T @ x, flops),
             "p @ E (float32 state, TF32)": (lambda: p32 @ e32, flops),
             "p @ E (bf16)": (lambda: p16 @ e16, flops)}
-    if device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
-        from liger_kernel.transformers.fused_linear_cross_entropy import (
-            LigerFusedLinearCrossEntropyLoss,
-        )
-        loss_fn = LigerFusedLinearCrossEntropyLoss(accum_dtype=torch.float32)
-        w_leaf = w.clone().requires_grad_(True)
-        x_leaf = x.clone().requires_grad_(True)
-        bias = torch.zeros(v, device=device, dtype=bf16, requires_grad=True)
-        targets = torch.randint(0, GPT2_VOCAB if v >= GPT2_VOCAB else v, (m,), device=device,
-                                generator=gen)
-
-        def liger():
-            loss = loss_fn(w_leaf, x_leaf, targets, bias)
-            loss.backward()
-            w_leaf.grad = x_leaf.grad = bias.grad = None
-
-        rows["liger linear + CE, forward + backward"] = (liger, 3 * flops)
     return rows
 
 

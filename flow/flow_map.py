@@ -12,9 +12,11 @@ Every map here is affine in ``(x, p, g)``, so the same functions act on
 V-space states (B, L, V) and on their projections ``x @ E`` (B, L, D). Networks
 (teacher, students) see only projections; teacher and student have different
 input embeddings, so a state is carried through the concatenation
-``[E_T | E_S]`` (B, L, D_T + D_S). The losses need (B, L, V) model outputs but
-never the (B, L, V) noise; ``*_reference`` versions materialise it and are kept
-for tests and as ``training.input_path=reference``.
+``[E_T | E_S]`` (B, L, D_T + D_S). A network here has ``input_embedding`` (V, D),
+``logits(h, t, t2=None)`` (B, L, V) and ``project(v) = v @ E`` (models/dit.py). The losses
+need (B, L, V) model outputs but never the (B, L, V) noise; the ``*_reference`` versions
+materialise it (``training.input_path=reference``). Each loss is one function, compiled
+whole from outside when compiling (speed.compile.compile_loss).
 """
 
 from __future__ import annotations
@@ -22,9 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from flow.fused import fused_kernel
 from flow.path import noisy_projection, noisy_projection_reference
 from flow.schedule import AlphaGammaTable
 
@@ -130,38 +130,15 @@ def student_clean_estimate(p_s: torch.Tensor, g_st: torch.Tensor, interval: Inte
     return p_s + _per_sequence(scale, g_st) * g_st
 
 
-# ---- network calls --------------------------------------------------------------------
-def vocab_padded(*networks) -> bool:
-    """Whether every network computes its output over the padded vocabulary (a DiT,
-    models/dit.py VOCAB_ALIGN): then V-sized tensors and products stay V' wide, with aligned
-    strides (bench/vocab_align.py), and nothing of a pad reaches a result."""
-    return all(hasattr(n, "padded_embedding") for n in networks)
-
-
-def _logits(network, h: torch.Tensor, t: torch.Tensor, t2: torch.Tensor | None = None,
-            padded: bool = False, raw: bool = False) -> torch.Tensor:
-    """network(h, t[, t2]) -> logits (B, L, V) in the network's output dtype (bf16 under
-    autocast). ``padded`` (a DiT): over the padded V' instead, the pads at PAD_LOGIT (zero
-    probability after a softmax) or, with ``raw``, at 0 (for an output that enters sums
-    as it is: the stage-1 map's g)."""
-    t = t.to(torch.float32)
-    t2 = None if t2 is None else t2.float()
-    h = h.to(network.input_embedding.dtype)
-    if not padded:
-        return network(h, t, t2)
-    vocab = network.input_embedding.shape[0]
-
-    def head(features, weight, bias):
-        if raw:
-            bias = torch.cat([bias[:vocab], bias.new_zeros(bias.shape[0] - vocab)])
-        return F.linear(features, weight, bias)
-
-    return network(h, t, t2, output=head)
-
-
+# ---- helpers --------------------------------------------------------------------------
 def _wide(x: torch.Tensor) -> torch.Tensor:
     """At least float32 (a float64 computation stays float64)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def softmax_wide(logits: torch.Tensor) -> torch.Tensor:
+    """softmax over the last axis, computed in (at least) float32."""
+    return torch.softmax(_wide(logits), dim=-1)
 
 
 def _split(h: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
@@ -176,67 +153,10 @@ def product_dtype(like: torch.Tensor) -> torch.dtype:
     return torch.promote_types(like.dtype, torch.float32)
 
 
-def _joint_embedding(networks, padded: bool, dtype: torch.dtype) -> torch.Tensor:
-    """[E_1 | E_2 | ...] (V or V', ΣD) detached, in ``dtype``: with ``padded``, each E with its
-    zero pad rows (``padded_embedding``)."""
-    rows = [n.padded_embedding() if padded else n.input_embedding for n in networks]
-    return torch.cat([e.detach() for e in rows], dim=1).to(dtype)
-
-
-def _project(v: torch.Tensor, joint: torch.Tensor) -> torch.Tensor:
-    """(B, L, V or V') -> (B, L, ΣD) through ``_joint_embedding``, the product in its dtype
-    (float32 accumulation), autocast off."""
-    with torch.autocast(device_type=v.device.type, enabled=False):
-        return v.to(joint.dtype) @ joint
-
-
-# ---- the losses' elementwise algebra over (B, L, V), one fused kernel each on CUDA -------------
-def softmax_wide(logits: torch.Tensor) -> torch.Tensor:
-    """softmax over the last axis, computed in (at least) float32."""
-    return torch.softmax(_wide(logits), dim=-1)
-
-
-@fused_kernel
-def probabilities(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """softmax over the last axis computed in (at least) float32, returned in ``dtype``."""
-    return softmax_wide(logits).to(dtype)
-
-
-@fused_kernel
-def semigroup_target(logits_ps: torch.Tensor, g_su: torch.Tensor, logits_pu: torch.Tensor,
-                     g_ut: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """x̂_1 - p_T(x_s, s) (B, L, V) from the teacher's logits at (x_s, s) and (x_u, u), the map's
-    g(x_s, s, u) and g(x_u, u, t), and ``weights`` (B, 4) = ``bootstrap_weights``: what
-    ½Δ(1 - γ_s)·g(x_s, s, t) should equal."""
-    w = weights.to(_wide(g_su).dtype)[:, None, None, :]
-    p_s, p_u = softmax_wide(logits_ps), softmax_wide(logits_pu)
-    return ((w[..., 0] - 1) * p_s + w[..., 1] * p_u
-            + w[..., 2] * _wide(g_su) + w[..., 3] * _wide(g_ut))
-
-
-@fused_kernel
-def scaled_residual_square_sum(target: torch.Tensor, g: torch.Tensor,
-                               scale: torch.Tensor) -> torch.Tensor:
-    """Σ_V (target - scale·g)² (B, L); scale (B,). Differentiable in g."""
-    g = _wide(g)
-    return (target - scale.to(g.dtype)[:, None, None] * g).square().sum(-1)
-
-
-@fused_kernel
-def matching_target(logits_teacher: torch.Tensor, g: torch.Tensor, velocity_scale: torch.Tensor,
-                    half_delta_sq: torch.Tensor) -> torch.Tensor:
-    """Δ/(1 - γ_s)·p_T + ½Δ²·g (B, L, V): the stage-1 map's displacement, x_s terms dropped."""
-    g = _wide(g)
-    return (velocity_scale.to(g.dtype)[:, None, None] * softmax_wide(logits_teacher)
-            + half_delta_sq.to(g.dtype)[:, None, None] * g)
-
-
-@fused_kernel
-def softmax_residual_square_sum(target: torch.Tensor, logits: torch.Tensor,
-                                velocity_scale: torch.Tensor) -> torch.Tensor:
-    """Σ_V (target - Δ/(1 - γ_s)·softmax(logits))² (B, L). Differentiable in the logits."""
-    q = softmax_wide(logits)
-    return (target - velocity_scale.to(q.dtype)[:, None, None] * q).square().sum(-1)
+def joint_projection(networks, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``v @ [E_1 | E_2 | ...]``: (B, L, V) -> (B, L, ΣD), the products in ``dtype``."""
+    v = v.to(dtype)
+    return torch.cat([n.project(v) for n in networks], dim=-1)
 
 
 # ---- stage 1: self-consistency of the flow map (docs/math.md §5) --------------------------
@@ -244,58 +164,54 @@ def semigroup_loss(teacher, student, tokens: torch.Tensor, interval: Interval,
                    noise_projection: torch.Tensor) -> torch.Tensor:
     """Stage-1 loss per token Σ_V (x̂_1 - x̃_1)² (B, L), from D-space inputs only.
 
-    ``noise_projection``: eps @ [E_T | E_S] (B, L, D_T + D_S). Gradients reach the
-    student (through g(x_s, s, t) and x_s @ E_S); the bootstrapped target is
-    computed without gradients. The x_s terms cancel (``bootstrap_weights``). Over the
-    padded vocabulary when both networks pad (``vocab_padded``).
+    ``noise_projection``: eps @ [E_T | E_S] (B, L, D_T + D_S). The state x_s is carried as
+    ``x_s @ [E_T | E_S]``. The bootstrapped clean estimate x̂_1 (two half steps of the map,
+    ``bootstrap_weights``) is computed without gradients; the student's own estimate
+    x̃_1 = p_T(x_s, s) + ½Δ(1 - γ_s)·g(x_s, s, t) takes them. Both contain p_T(x_s, s), so
+    the residual is ``(x̂_1 - p_T(x_s, s)) - ½Δ(1 - γ_s)·g(x_s, s, t)``.
     """
     networks = [teacher, student]
     sizes = [n.input_embedding.shape[1] for n in networks]
-    padded = vocab_padded(*networks)
     h_s = noisy_projection(networks, tokens, interval.gamma_s, noise_projection)
     h_teacher, h_student = _split(h_s, sizes)
+    dtype = product_dtype(h_s)
     with torch.no_grad():
-        logits_ps = _logits(teacher, h_teacher, interval.s, padded=padded)
-        g_su = _logits(student, h_student.detach(), interval.s, interval.u, padded, raw=True)
-        dtype = product_dtype(h_s)
-        joint = _joint_embedding(networks, padded, dtype)  # once for both products
-        h_u = flow_map(h_s.detach(), _project(probabilities(logits_ps, dtype), joint),
-                       _project(g_su, joint), interval.gamma_s, interval.gamma_u)
+        p_s = softmax_wide(teacher.logits(h_teacher, interval.s))
+        g_su = _wide(student.logits(h_student.detach(), interval.s, interval.u))
+        h_u = flow_map(h_s.detach(), joint_projection(networks, p_s, dtype),
+                       joint_projection(networks, g_su, dtype),
+                       interval.gamma_s, interval.gamma_u)
         h_u_teacher, h_u_student = _split(h_u, sizes)
-        logits_pu = _logits(teacher, h_u_teacher, interval.u, padded=padded)
-        g_ut = _logits(student, h_u_student, interval.u, interval.t, padded, raw=True)
-        target = semigroup_target(logits_ps, g_su, logits_pu, g_ut,
-                                  torch.stack(bootstrap_weights(interval), dim=1))
-        del logits_ps, g_su, logits_pu, g_ut
-    g_st = _logits(student, h_student, interval.s, interval.t, padded, raw=True)
+        p_u = softmax_wide(teacher.logits(h_u_teacher, interval.u))
+        g_ut = _wide(student.logits(h_u_student, interval.u, interval.t))
+        w_ps, w_pu, w_gsu, w_gut = (_per_sequence(w, p_s) for w in bootstrap_weights(interval))
+        bootstrap_minus_p_s = (w_ps - 1) * p_s + w_pu * p_u + w_gsu * g_su + w_gut * g_ut
+    g_st = _wide(student.logits(h_student, interval.s, interval.t))
     scale = 0.5 * (interval.gamma_t - interval.gamma_s) * (1 - interval.gamma_s)
-    return scaled_residual_square_sum(target, g_st, scale)
-
-
-def _probs(network, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return softmax_wide(_logits(network, h, t))
+    return (bootstrap_minus_p_s - _per_sequence(scale, g_st) * g_st).square().sum(-1)
 
 
 def semigroup_loss_reference(teacher, student, tokens: torch.Tensor, interval: Interval,
                              noise: torch.Tensor) -> torch.Tensor:
-    """The stage-1 loss written literally in V-space with the noise eps (B, L, V) materialised."""
+    """The stage-1 loss written literally in V-space with the noise eps (B, L, V) materialised
+    (``training.input_path=reference``)."""
     vocab = noise.shape[-1]
     gs, gu, gt = interval.gamma_s, interval.gamma_u, interval.gamma_t
     x_s = noisy_projection_reference(tokens, gs, noise, vocab)
     with torch.autocast(device_type=noise.device.type, enabled=False):
         h_teacher, h_student = teacher.embed_state(x_s), student.embed_state(x_s)
     with torch.no_grad():
-        p_s = _probs(teacher, h_teacher, interval.s)
-        g_su = _wide(_logits(student, h_student.detach(), interval.s, interval.u))
+        p_s = softmax_wide(teacher.logits(h_teacher, interval.s))
+        g_su = _wide(student.logits(h_student.detach(), interval.s, interval.u))
         x_u = flow_map(x_s, p_s, g_su, gs, gu)
         with torch.autocast(device_type=noise.device.type, enabled=False):
             hu_teacher, hu_student = teacher.embed_state(x_u), student.embed_state(x_u)
-        x_t = flow_map(x_u, _probs(teacher, hu_teacher, interval.u),
-                       _wide(_logits(student, hu_student, interval.u, interval.t)), gu, gt)
+        x_t = flow_map(x_u, softmax_wide(teacher.logits(hu_teacher, interval.u)),
+                       _wide(student.logits(hu_student, interval.u, interval.t)), gu, gt)
         average_velocity = (x_t - x_s) / _per_sequence(gt - gs, x_s)
         x1_bootstrap = x_s + _per_sequence(1 - gs, x_s) * average_velocity
     x1_student = student_clean_estimate(
-        p_s, _wide(_logits(student, h_student, interval.s, interval.t)), interval)
+        p_s, _wide(student.logits(h_student, interval.s, interval.t)), interval)
     return (x1_bootstrap - x1_student).square().sum(-1)
 
 
@@ -305,35 +221,34 @@ def flow_map_matching_loss(teacher, map_model, student, tokens: torch.Tensor,
     """Stage-2 loss per token Σ_V (X_{s,t}(x_s) - X̃_{s,t}(x_s))² (B, L), D-space inputs.
 
     ``noise_projection``: eps @ [E_T | E_G | E_S] for the FLM teacher, the stage-1 map
-    g and the student. The x_s terms cancel: the difference is
-    Δ/(1 - γ_s)·(p_T - softmax f) + ½Δ²·g. Over the padded vocabulary when all three pad.
+    g and the student. The target X_{s,t}(x_s) (teacher and map, no gradients) against the
+    student's one-network map X̃_{s,t}(x_s); the x_s terms of both cancel, leaving
+    ``Δ/(1 - γ_s)·p_T + ½Δ²·g`` against ``Δ/(1 - γ_s)·softmax f``.
     """
     networks = [teacher, map_model, student]
-    sizes = [n.input_embedding.shape[1] for n in networks]
-    padded = vocab_padded(*networks)
-    h_s = noisy_projection(networks, tokens, interval.gamma_s, noise_projection)
-    h_teacher, h_map, h_student = _split(h_s, sizes)
+    h_teacher, h_map, h_student = _split(
+        noisy_projection(networks, tokens, interval.gamma_s, noise_projection),
+        [n.input_embedding.shape[1] for n in networks])
     delta = interval.gamma_t - interval.gamma_s
     velocity_scale = delta / (1 - interval.gamma_s)
     with torch.no_grad():
-        target = matching_target(_logits(teacher, h_teacher, interval.s, padded=padded),
-                                 _logits(map_model, h_map, interval.s, interval.t, padded,
-                                         raw=True),
-                                 velocity_scale, 0.5 * delta ** 2)
-    return softmax_residual_square_sum(
-        target, _logits(student, h_student, interval.s, interval.t, padded=padded),
-        velocity_scale)
+        p = softmax_wide(teacher.logits(h_teacher, interval.s))
+        g = _wide(map_model.logits(h_map, interval.s, interval.t))
+        displacement = _per_sequence(velocity_scale, p) * p + _per_sequence(0.5 * delta ** 2, g) * g
+    q = softmax_wide(student.logits(h_student, interval.s, interval.t))
+    return (displacement - _per_sequence(velocity_scale, q) * q).square().sum(-1)
 
 
 def flow_map_matching_loss_reference(teacher, map_model, student, tokens: torch.Tensor,
                                      interval: Interval, noise: torch.Tensor) -> torch.Tensor:
-    """The stage-2 loss written literally in V-space with eps (B, L, V) materialised."""
+    """The stage-2 loss written literally in V-space with eps (B, L, V) materialised
+    (``training.input_path=reference``)."""
     gs, gt = interval.gamma_s, interval.gamma_t
     x_s = noisy_projection_reference(tokens, gs, noise, noise.shape[-1])
     with torch.autocast(device_type=noise.device.type, enabled=False):
         h = [n.embed_state(x_s) for n in (teacher, map_model, student)]
     with torch.no_grad():
-        stage_one = flow_map(x_s, _probs(teacher, h[0], interval.s),
-                             _wide(_logits(map_model, h[1], interval.s, interval.t)), gs, gt)
-    q = torch.softmax(_wide(_logits(student, h[2], interval.s, interval.t)), dim=-1)
+        stage_one = flow_map(x_s, softmax_wide(teacher.logits(h[0], interval.s)),
+                             _wide(map_model.logits(h[1], interval.s, interval.t)), gs, gt)
+    q = softmax_wide(student.logits(h[2], interval.s, interval.t))
     return (stage_one - flow_map(x_s, q, None, gs, gt)).square().sum(-1)

@@ -21,7 +21,7 @@ from flow.flow_map import (
     semigroup_loss,
     semigroup_loss_reference,
 )
-from flow.losses import fused_token_cross_entropy
+from flow.losses import denoiser_loss
 from flow.masked import masked_diffusion_loss, sample_ancestral
 from flow.path import INPUT_PATHS
 from flow.sampling import sample_euler, sample_flow_map
@@ -129,7 +129,7 @@ def _check_first_token(config: DictConfig) -> None:
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     # cross-entropy denoiser on the one-hot flow (§3-4), Euler sampler (§4)
-    Algorithm("flm", two_times=False, causal=False, loss=fused_token_cross_entropy,
+    Algorithm("flm", two_times=False, causal=False, loss=denoiser_loss,
               sampler=sample_euler, strategies=("ddp", "fsdp")),
     # stage 1: X = x + Δ·v_T + ½Δ²·g_θ (§5), sampled with the teacher's velocity
     Algorithm("flm_distill", two_times=True, causal=False, loss=semigroup_loss,

@@ -21,19 +21,10 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from flow.fused import fused_kernel
+from speed.kernels import fused_lerp_towards
+from speed.options import SpeedOptions
 
 log = logging.getLogger(__name__)
-
-
-@fused_kernel
-def lerp_towards(ema: list[torch.Tensor], live: list[torch.Tensor], weight: torch.Tensor) -> None:
-    """``ema += weight·(live - ema)`` for each pair, ``weight`` a 0-d device tensor read on the
-    device (the overload taking one weight tensor reads it on the host: a sync at every step).
-    Eagerly that is one kernel launch per tensor (one weight per tensor is not the
-    multi-tensor fast path); on CUDA it runs compiled (``flow.fused.fused_kernel``, one graph
-    for every step: the warm-up's changing rate is in the weight, not a constant of it)."""
-    torch._foreach_lerp_(ema, live, [weight] * len(ema))
 
 
 def warmup_decay(decay: float, n: int) -> float:
@@ -44,10 +35,13 @@ def warmup_decay(decay: float, n: int) -> float:
 class EMA:
     """Shadow copy ``ema = d_n·ema + (1 - d_n)·param`` of trainable parameters, d_n warmed up."""
 
-    def __init__(self, module: nn.Module, decay: float) -> None:
+    def __init__(self, module: nn.Module, decay: float, speed: SpeedOptions | None = None,
+                 ) -> None:
+        """``speed``: whether the device-side-skip update runs as a compiled kernel (CUDA)."""
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"training.ema must be in [0, 1), got {decay}")
         self.decay = decay
+        self.speed = speed if speed is not None else SpeedOptions()
         self.num_updates = 0  # updates made so far
         self.shadow = {n: p.detach().clone() for n, p in module.named_parameters()
                        if p.requires_grad}
@@ -68,7 +62,7 @@ class EMA:
         self.num_updates += 1
         rate = 1.0 - warmup_decay(self.decay, self.num_updates)
         if isinstance(skip, torch.Tensor):
-            lerp_towards(ema, live, rate * (~skip).float())
+            fused_lerp_towards(ema, live, rate * (~skip).float(), self.speed)
         else:
             torch._foreach_lerp_(ema, live, rate)
 

@@ -183,6 +183,20 @@ class ExactDenoiser(torch.nn.Module):
         hidden, c = self.features(h, t, t2)
         return self.head(hidden, c)
 
+    def logits(self, h: torch.Tensor, t: torch.Tensor, t2: torch.Tensor | None = None,
+               ) -> torch.Tensor:
+        """``forward`` on a state taken to float64."""
+        return self(h.to(torch.float64), t, t2)
+
+    def project(self, v: torch.Tensor) -> torch.Tensor:
+        """v @ I = v."""
+        return v
+
+    def denoised(self, hidden: torch.Tensor, c: None, project: bool = True,
+                 ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(softmax of the posterior log-probabilities (the state's p @ I), their argmax)."""
+        return (torch.softmax(hidden, dim=-1) if project else None), hidden.argmax(dim=-1)
+
     def embed_state(self, z: torch.Tensor) -> torch.Tensor:
         """z @ I = z (float64): (B, L, V) -> (B, L, V)."""
         return z.to(torch.float64)

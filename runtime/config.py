@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from speed import FUSED_CE_CHOICES
+
 log = logging.getLogger(__name__)
 
 MODES = ("train", "ppl_eval", "sample_eval", "generate")
@@ -168,15 +170,12 @@ def _check_values(config: DictConfig) -> None:
         raise ConfigError(f"trainer.max_steps={tc.max_steps}: must be >= 0 (optimizer steps)")
     if not float(config.optim.lr) > 0:
         raise ConfigError(f"optim.lr={config.optim.lr}: the learning rate must be > 0")
-    tuning = config.training.compile_tuning
-    if not isinstance(tuning, bool):
-        raise ConfigError(f"training.compile_tuning={tuning!r}: expected true or false")
-    if tuning and not config.training.compile:
-        raise ConfigError("training.compile_tuning=true tunes compiled kernels: set "
-                          "training.compile=true too")
     warmup = config.get("lr_scheduler", {}).get("num_warmup_steps")
     if warmup is not None and int(warmup) < 0:
         raise ConfigError(f"lr_scheduler.num_warmup_steps={warmup}: must be >= 0")
+    if config.training.fused_ce not in FUSED_CE_CHOICES:
+        raise ConfigError(f"training.fused_ce={config.training.fused_ce!r}; expected one of "
+                          f"{list(FUSED_CE_CHOICES)} (speed/cross_entropy.py)")
 
 
 STRATEGIES = ("ddp", "fsdp")  # which algorithm may use which: flow/registry.py

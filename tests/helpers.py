@@ -62,6 +62,13 @@ class ExactDenoiser(torch.nn.Module):
     def head(self, hidden, t):
         return self.logits(hidden, t)
 
+    def project(self, v):
+        return v  # v @ I
+
+    def denoised(self, hidden, t, project=True):
+        logits = self.head(hidden, t)
+        return (torch.softmax(logits, -1) if project else None), logits.argmax(-1)
+
 
 def total_variation(samples: torch.Tensor, probs: torch.Tensor, vocab: int) -> float:
     length = samples.shape[1]
@@ -109,9 +116,9 @@ def bf16_attention_case(seed: int = 0):
 
 def assert_matches_float64_attention(out, ins, ref_in, grad, softcap: float, causal: bool):
     """``out`` (its backward already run with ``grad``) and the gradients of ``ins`` against
-    models.dit.math_attention in float64 on ``ref_in``: a few units of bf16's 2^-8 relative
+    speed.attention.math_attention in float64 on ``ref_in``: a few units of bf16's 2^-8 relative
     rounding of the largest."""
-    from models.dit import math_attention
+    from speed.attention import math_attention  # torch._inductor-free: imported on use
 
     ref = math_attention(*ref_in, softcap, causal)
     ref.backward(grad.double())

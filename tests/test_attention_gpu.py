@@ -1,20 +1,18 @@
 """The soft-capped attention's CUDA kernels (FlexAttention with the approx-tanh score_mod)
 against float64 math. Run where there is a GPU (bench/gpu_round.sh stage cudatests); skipped
-on the CPU, where tests/test_dit_conventions.py checks the same score_mod's forms and the
-op's CPU kernel."""
+on the CPU, where tests/test_dit_conventions.py checks the same score_mod and the op's CPU
+kernel."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from models import dit
+from speed import attention
 from tests.helpers import assert_matches_float64_attention, bf16_attention_case
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-
-@needs_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("causal", [False, True])
 def test_flex_softcap_kernels_on_the_gpu_use_the_instruction_and_match_float64(causal):
     """Forward and gradients of the model's attention on CUDA (compiled FlexAttention, the
@@ -24,10 +22,10 @@ def test_flex_softcap_kernels_on_the_gpu_use_the_instruction_and_match_float64(c
 
     ins, ref_in, grad = bf16_attention_case()
     torch._dynamo.reset()
-    dit._compiled_flex = None
+    attention._compiled_flex.clear()
 
     def run():
-        out = dit.attention(*ins, 50.0, causal)
+        out = attention.attention(*ins, 50.0, causal)
         out.backward(grad)
         return out
 

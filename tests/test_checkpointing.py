@@ -108,7 +108,7 @@ def test_host_buffers_reserved_ahead_are_the_ones_every_save_uses():
     assert allocated[3:] == [16]  # one 40 kept, the other and the 8 dropped
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the device paths need CUDA")
+@pytest.mark.cuda
 def test_reserved_buffers_take_the_first_save_without_staging(tmp_path):
     """With the buffers reserved ahead (ReserveHostBuffers at the first step's end), the first
     save copies straight into them (the buffers fit: no device staging) and no save allocates."""
@@ -128,7 +128,7 @@ def test_reserved_buffers_take_the_first_save_without_staging(tmp_path):
         assert torch.equal(loaded["state_dict"]["w"], expected)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the device paths need CUDA")
+@pytest.mark.cuda
 def test_background_write_of_device_state_is_the_state_at_each_save(tmp_path):
     """First save staged on the device (the pinned buffers allocated in the writer thread),
     later saves straight into the reused pinned buffers; work queued right after each save

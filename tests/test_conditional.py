@@ -13,18 +13,17 @@ import pytest
 import torch
 
 from data.synthetic import SyntheticSource, all_sequences
-from flow.losses import denoiser_cross_entropy
 from flow.path import input_noise, noisy_input
 from flow.sampling import (
     initial_joint_state,
     initial_state,
     sample_euler,
-    sample_euler_reference,
     sample_flow_map,
 )
 from flow.schedule import AlphaGammaTable
 from models.dit import DiT
 from tests.helpers import ExactDenoiser
+from tests.oracles import denoiser_cross_entropy, sample_euler_reference
 
 EPS = 1e-5
 VOCAB, LENGTH = 3, 4

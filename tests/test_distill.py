@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 import algo
+from flow.registry import algorithm
 from runtime.checkpointing import load_checkpoint_file
 from runtime.config import ConfigError, resolve_config
 from tests.helpers import compose_config, total_variation
@@ -183,11 +184,13 @@ def test_dspace_and_reference_training_paths_agree_on_average(pipeline):
                 "algo.teacher_f_path": configs[name].algo.get("teacher_f_path"),
                 "algo.teacher_g_path": configs[name].algo.get("teacher_g_path"),
                 "training.input_path": path}.items() if v is not None})
+            module.objective = algorithm(name).loss_for(path)  # fixed at construction
             with torch.no_grad():
                 draws = [float(module.compute_loss(batch, step=-1 - i, batch_idx=0))
                          for i in range(DRAWS)]
             losses[path] = torch.tensor(draws)
         module.config = configs[name]
+        module.objective = algorithm(name).loss_for(configs[name].training.input_path)
         diff = losses["dspace"].mean() - losses["reference"].mean()
         spread = (losses["dspace"].var() / DRAWS + losses["reference"].var() / DRAWS).sqrt()
         assert diff.abs() < 5 * spread + 1e-6, (name, losses)

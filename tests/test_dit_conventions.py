@@ -6,15 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.dit import (
-    SOFTCAP_FORMS,
-    DiT,
-    apply_rotary,
-    attention,
-    math_attention,
-    rotary_tables,
-    sinusoidal_features,
-)
+from models.dit import DiT, apply_rotary, rotary_tables, sinusoidal_features
+from speed import attention as attention_module
+from speed.attention import attention, math_attention, softcap_score_mod
 
 
 def test_time_features_are_cos_then_sin_of_raw_t():
@@ -101,9 +95,8 @@ def test_input_embedding_init_is_kaiming_uniform():
 
 def test_attention_backend_choice_traces_without_a_graph_break(monkeypatch):
     """The choice runs inside compiled networks: fullgraph fails on any graph break there
-    (trying to import flash-attn inside the trace was one, at every block)."""
-    from models import dit
-
+    (an import attempted inside the trace is one, at every block)."""
+    dit = attention_module
     q = torch.zeros(1, 1, 4, 8, dtype=torch.bfloat16)
     for on_cuda, flash2, softcap, expected in [(True, None, 50.0, "flex"),
                                                 (True, object(), 50.0, "flash-attn"),
@@ -112,17 +105,15 @@ def test_attention_backend_choice_traces_without_a_graph_break(monkeypatch):
         monkeypatch.setattr(dit, "_on_cuda", lambda q, answer=on_cuda: answer)
         monkeypatch.setattr(dit, "_FLASH2", flash2)
         torch._dynamo.reset()
-        compiled = torch.compile(lambda x, cap=softcap: (x + 1, dit._attention_backend(x, cap)),
+        compiled = torch.compile(lambda x, cap=softcap: (x + 1, dit.backend(x, cap)),
                                  fullgraph=True, backend="eager")
         assert compiled(q)[1] == expected
 
 
 def test_flex_attention_is_traced_into_a_compiled_network_graph(monkeypatch):
     """Inside a compiled trace the soft-capped attention is FlexAttention itself, in the same
-    graph (fullgraph fails on a break), and computes what the explicit form computes; the
-    separately compiled FlexAttention of FLEX_SEPARATE is a graph break."""
-    from models import dit
-
+    graph (fullgraph fails on a break), and computes what the explicit form computes."""
+    dit = attention_module
     monkeypatch.setattr(dit, "_on_cuda", lambda q: True)  # the CUDA choice, run on the CPU
     monkeypatch.setattr(dit, "_FLASH2", None)
     g = torch.Generator().manual_seed(0)
@@ -135,34 +126,23 @@ def test_flex_attention_is_traced_into_a_compiled_network_graph(monkeypatch):
         out = compiled(q, k, v) / 2
     assert (out.double() - ref).abs().max() < 1e-5
     assert (math_attention(q, k, v, None, False).double() - ref).abs().max() > 1e-3  # cap acts
-    monkeypatch.setattr(dit, "FLEX_SEPARATE", True)
-    torch._dynamo.reset()
-    separate = torch.compile(lambda q, k, v: attention(q, k, v, 5.0, False) * 2,
-                             fullgraph=True, backend="eager")
-    with pytest.raises(torch._dynamo.exc.Unsupported), torch.no_grad():
-        separate(q, k, v)
 
 
-@pytest.mark.parametrize("form", SOFTCAP_FORMS)
-def test_every_softcap_form_is_the_capped_score(form):
-    """Each form of the score_mod is softcap·tanh(s / softcap), written from the definition
-    (float64 eager: the approximate instruction is only in generated CUDA kernels)."""
-    from models.dit import softcap_score_mod
-
+def test_the_softcap_score_mod_is_the_capped_score():
+    """The score_mod is softcap·tanh(s / softcap), written from the definition (float64 eager:
+    the approximate instruction is only in generated CUDA kernels)."""
     s = torch.linspace(-400.0, 400.0, 2001, dtype=torch.float64)
-    got = softcap_score_mod(50.0, form)(s, None, None, None, None)
+    got = softcap_score_mod(50.0)(s, None, None, None, None)
     expected = 50.0 * (torch.exp(s / 25.0) - 1) / (torch.exp(s / 25.0) + 1)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    assert softcap_score_mod(50.0, form) is softcap_score_mod(50.0, form)  # compiles guard on it
-    with pytest.raises(ValueError, match="softcap form"):
-        softcap_score_mod(50.0, "fast")
+    assert softcap_score_mod(50.0) is softcap_score_mod(50.0)  # compiled graphs guard on it
 
 
 def test_approx_tanh_op_gradient_and_its_compiled_kernel_off_cuda():
     """The custom op's autograd formula (grad·(1 - y²) from its output) against numerical
     differences; compiled by inductor on the CPU (where its lowering is the exact tanh) its
     values and gradients are torch.tanh's."""
-    from models.approx_tanh import register_lowering, tanh_approx
+    from speed.approx_tanh import register_lowering, tanh_approx
 
     x = torch.randn(64, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(tanh_approx, (x,))
@@ -183,8 +163,6 @@ def test_compiled_flex_attention_with_the_models_score_mod_matches_float64():
     its inductor lowering) against the explicit float64 attention (forward: FlexAttention has no
     CPU backward; the GPU test covers it)."""
     from torch.nn.attention.flex_attention import flex_attention
-
-    from models.dit import softcap_score_mod
 
     g = torch.Generator().manual_seed(3)
     q, k, v = (4 * torch.randn(2, 3, 32, 8, generator=g) for _ in range(3))

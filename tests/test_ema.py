@@ -2,9 +2,11 @@
 
 import logging
 
+import pytest
 import torch
 
 from models.ema import EMA
+from speed import SpeedOptions, kernels
 
 
 def test_warmup_matches_a_direct_float64_loop():
@@ -77,29 +79,27 @@ def test_device_skip_flag_is_applied_without_a_host_read():
         torch.testing.assert_close(ema.shadow[name], value, rtol=1e-6, atol=1e-7)
 
 
-def test_device_skip_update_compiled_is_the_eager_update(monkeypatch):
-    """On CUDA the device-skip update runs compiled (``lerp_towards`` through
-    ``flow.fused.fused_kernel``); here the CPU takes that route, against the eager update
-    with the same flags. A changing decay (the warm-up) and the skip flag are device values
-    of the compiled function, not constants of its graph: one graph serves every step."""
+@pytest.mark.cuda
+def test_device_skip_update_compiled_is_the_eager_update():
+    """With fused kernels on, the device-skip update on CUDA runs compiled
+    (``speed.kernels.fused_lerp_towards``), against the plain update with the same flags. A
+    changing decay (the warm-up) and the skip flag are device values of the compiled
+    function, not constants of its graph: one graph serves every step."""
     import torch._dynamo.utils as dynamo_utils
 
-    from flow import fused
-
-    monkeypatch.setitem(fused._FUSED_KERNELS, "enabled", True)  # algo sets it per run
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2))
-    eager, compiled = EMA(net, 0.95), EMA(net, 0.95)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2)).cuda()
+    eager = EMA(net, 0.95)
+    compiled = EMA(net, 0.95, SpeedOptions(fused=True))
     torch._dynamo.reset()
+    kernels._compiled_lerp.clear()
     dynamo_utils.counters.clear()
     for skip in (False, True, False, False):
         with torch.no_grad():
             for p in net.parameters():
                 p.add_(torch.randn_like(p))
-        eager.update(net, skip=torch.tensor(skip))
-        monkeypatch.setitem(fused._FUSED_KERNELS, "devices", ("cuda", "cpu"))
-        compiled.update(net, skip=torch.tensor(skip))
-        monkeypatch.setitem(fused._FUSED_KERNELS, "devices", ("cuda",))
+        eager.update(net, skip=torch.tensor(skip, device="cuda"))
+        compiled.update(net, skip=torch.tensor(skip, device="cuda"))
     assert dynamo_utils.counters["stats"]["unique_graphs"] == 1
     for name, value in eager.shadow.items():
         torch.testing.assert_close(compiled.shadow[name], value, rtol=1e-6, atol=1e-7)

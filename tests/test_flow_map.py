@@ -20,12 +20,12 @@ from flow.path import joint_gaussian_projection
 from flow.sampling import (
     denoised_projection,
     sample_euler,
-    sample_euler_reference,
     sample_flow_map,
 )
 from flow.schedule import AlphaGammaTable
 from models.dit import DiT
 from models.teacher import initialise_student
+from tests.oracles import sample_euler_reference
 
 VOCAB, LENGTH, HIDDEN = 24, 6, 8
 

@@ -2,10 +2,11 @@
 
 import torch
 
-from flow.sampling import initial_state, sample_euler, sample_euler_reference
+from flow.sampling import initial_state, sample_euler
 from flow.schedule import AlphaGammaTable
 from models.dit import DiT
 from tests.helpers import ExactDenoiser, total_variation
+from tests.oracles import sample_euler_reference
 
 VOCAB, LENGTH = 4, 2
 EPS = 1e-5
@@ -76,10 +77,10 @@ def test_two_time_network_gets_next_time():
 
 
 def test_sampling_compiled_entry_points_give_the_eager_samples():
-    """models.parallelize.compile_for_sampling compiles what the samplers call (features, head):
-    the compiled network's Euler tokens and projections equal the eager network's; the exact
-    denoiser is left alone."""
-    from models.parallelize import compile_for_sampling
+    """speed.compile.compile_for_sampling compiles what the samplers call (features,
+    denoised): the compiled network's Euler tokens and projections equal the eager network's;
+    the exact denoiser is left alone."""
+    from speed.compile import compile_for_sampling
     from tests.helpers import TINY_MODEL, compose_config
 
     config = compose_config([*TINY_MODEL, "model.length=8"])
@@ -93,8 +94,8 @@ def test_sampling_compiled_entry_points_give_the_eager_samples():
     compiled.load_state_dict(eager.state_dict())
     assert compile_for_sampling(compiled)
     # the instance's entry points are replaced by the compiled functions (the class's stay)
-    assert {"features", "head"} <= set(vars(compiled)) and not {"features", "head"} & set(
-        vars(eager))
+    entry = {"features", "denoised"}
+    assert entry <= set(vars(compiled)) and not entry & set(vars(eager))
     assert not compile_for_sampling(ExactDenoiser(toy_source(), VOCAB, LENGTH))
     table = AlphaGammaTable(16)
     noise = initial_state(eager, 4, 8, torch.Generator().manual_seed(1))
@@ -103,5 +104,5 @@ def test_sampling_compiled_entry_points_give_the_eager_samples():
     t = torch.full((4,), 0.5)
     features = [net.features(noise, t) for net in (eager, compiled)]
     torch.testing.assert_close(features[1][0], features[0][0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(compiled.head(*features[0]), eager.head(*features[0]),
-                               rtol=1e-4, atol=1e-5)
+    for got, want in zip(compiled.denoised(*features[0]), eager.denoised(*features[0])):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -1,25 +1,30 @@
-"""The fused output-layer cross-entropy (flow/losses.py) against the plain logits path."""
-
-import logging
+"""The fused output-layer cross-entropy (speed/cross_entropy.py) against the plain logits path."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import algo
-from flow import losses
-from flow.losses import (
+from flow.losses import masked_token_mean, weighted_loss
+from speed import SpeedOptions
+from speed.cross_entropy import (
     chunked_linear_cross_entropy,
-    chunked_linear_cross_entropy_mean,
-    denoiser_cross_entropy,
-    masked_token_mean,
-    resolve_fused_ce,
-    weighted_loss,
+    chunked_linear_cross_entropy_sum,
+    linear_cross_entropy,
+    plain_linear_cross_entropy,
 )
 from runtime.config import ConfigError, resolve_config
 from tests.helpers import compose_config
+from tests.oracles import denoiser_cross_entropy
 
 VOCAB = 37
+
+
+def chunked_linear_cross_entropy_mean(hidden, weight, bias, tokens, mask, chunk_tokens):
+    """The masked mean through the weighted sum, with weights mask / Σ mask (as flow/losses)."""
+    m = mask.double()
+    return chunked_linear_cross_entropy_sum(hidden, weight, bias, tokens, m / m.sum(),
+                                            fused=False, chunk_tokens=chunk_tokens)
 
 
 def _problem(seed: int, batch: int = 3, length: int = 7, dim: int = 5, dtype=torch.float64):
@@ -143,22 +148,42 @@ def _flm(**extra):
     return algo.FLM(config, vocab_size=VOCAB)
 
 
+@pytest.mark.parametrize("weights", [False, True])
+def test_the_seam_gives_the_plain_value_whatever_the_backend(weights):
+    """linear_cross_entropy through chunked and none equals the float64 closed form."""
+    hidden, weight, bias, tokens, mask, _ = _problem(7)
+    w = (mask.double() / mask.sum()) if weights else None
+    logits = (hidden @ weight.T + bias).detach()
+    direct = logits.logsumexp(-1) - logits.gather(-1, tokens[..., None]).squeeze(-1)
+    expected = (direct * w).sum() if weights else direct
+    for fused_ce in ("chunked", "none"):
+        got = linear_cross_entropy(hidden, weight, bias, tokens, w,
+                                   SpeedOptions(fused_ce=fused_ce))
+        torch.testing.assert_close(got.detach(), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(plain_linear_cross_entropy(hidden, weight, bias, tokens).detach(),
+                               direct, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("weighting", ["false", "true"])
 def test_flm_loss_with_chunked_ce_equals_the_logits_path(weighting):
-    module = _flm(**{"training.fused_ce": "chunked", "algo.learnable_loss_weighting": weighting})
+    extra = {"algo.learnable_loss_weighting": weighting}
+    module = _flm(**extra, **{"training.fused_ce": "chunked"})
     with torch.no_grad():  # non-zero output layer and loss weighting (both start at zero)
         for p in module.parameters():
             p.add_(0.1 * torch.randn_like(p))
+    plain_module = _flm(**extra, **{"training.fused_ce": "none"})
+    plain_module.load_state_dict(module.state_dict())
+    assert module.backbone.speed.fused_ce == "chunked"
+    assert plain_module.backbone.speed.fused_ce == "none"
     gen = torch.Generator().manual_seed(3)
     batch = {"input_ids": torch.randint(0, VOCAB, (4, 8), generator=gen),
              "attention_mask": (torch.rand(4, 8, generator=gen) > 0.25).long()}
     params = [p for p in module.parameters() if p.requires_grad]
     fused = module.compute_loss(batch, step=3, batch_idx=0)
     fused_grads = torch.autograd.grad(fused, params)
-    assert module.fused_ce_backend() == "chunked"
-    module._fused_ce = "none"
-    plain = module.compute_loss(batch, step=3, batch_idx=0)
-    plain_grads = torch.autograd.grad(plain, params)
+    plain = plain_module.compute_loss(batch, step=3, batch_idx=0)
+    plain_grads = torch.autograd.grad(plain, [p for p in plain_module.parameters()
+                                              if p.requires_grad])
     # float32 (the D-space input is built in float32): equal up to float32 round-off
     torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
     for a, b in zip(fused_grads, plain_grads):
@@ -166,38 +191,14 @@ def test_flm_loss_with_chunked_ce_equals_the_logits_path(weighting):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_backend_choice(monkeypatch, caplog):
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_fused_ce("auto", cpu, per_token_weights=False) == "chunked"
-    assert resolve_fused_ce("none", cpu, per_token_weights=False) == "none"
-    with pytest.raises(ConfigError, match="training.fused_ce='bogus'"):
-        resolve_fused_ce("bogus", cpu, per_token_weights=False)
-    installed = {"liger": False, "cce": False}
-    monkeypatch.setattr(losses, "fused_ce_available",
-                        lambda backend: installed.get(backend, True))
-    # explicitly requested but not installed: a ConfigError when the module is built
-    with pytest.raises(ConfigError, match="training.fused_ce=liger.*liger_kernel"):
+def test_fused_ce_settings():
+    """training.fused_ce: auto is the chunked CE on every device; anything else outside
+    auto | chunked | none fails when the module is built, naming the key."""
+    assert SpeedOptions.from_settings(False, "auto").fused_ce == "chunked"
+    assert SpeedOptions.from_settings(True, "chunked") == SpeedOptions(True, True, "chunked")
+    assert SpeedOptions.from_settings(False, "none") == SpeedOptions()
+    for bad in ("bogus", "liger", "cce"):
+        with pytest.raises(ValueError, match=f"training.fused_ce='{bad}'"):
+            SpeedOptions.from_settings(False, bad)
+    with pytest.raises(ValueError, match="training.fused_ce='liger'"):
         _flm(**{"training.fused_ce": "liger"})
-    with pytest.raises(ConfigError, match="training.fused_ce=cce"):
-        _flm(**{"training.fused_ce": "cce"})
-    assert resolve_fused_ce("auto", cuda, per_token_weights=False) == "chunked"
-    installed.update(liger=True, cce=True)  # installed or not, auto is our own chunked CE
-    assert resolve_fused_ce("auto", cuda, per_token_weights=False) == "chunked"
-    assert resolve_fused_ce("auto", cpu, per_token_weights=False) == "chunked"
-    assert resolve_fused_ce("cce", cuda, per_token_weights=False) == "cce"
-    with caplog.at_level(logging.INFO, logger="flow.losses"):
-        assert resolve_fused_ce("liger", cuda, per_token_weights=True) == "liger"
-    assert "reduction='none'" in caplog.text
-    with pytest.raises(ConfigError, match="CUDA only"):
-        resolve_fused_ce("liger", cpu, per_token_weights=False)
-
-
-def test_choice_is_logged_once(caplog):
-    module = _flm()
-    batch = {"input_ids": torch.randint(0, VOCAB, (4, 8)),
-             "attention_mask": torch.ones(4, 8, dtype=torch.long)}
-    with caplog.at_level(logging.INFO, logger="algo"):
-        module.compute_loss(batch, step=0, batch_idx=0)
-        module.compute_loss(batch, step=1, batch_idx=0)
-    assert caplog.text.count("training.fused_ce=auto: output-layer cross-entropy through "
-                             "chunked") == 1

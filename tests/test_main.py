@@ -53,10 +53,6 @@ def test_bad_overrides_fail_clearly():
         resolve_config(compose_config(["sampling.steps=[0]"]))
     with pytest.raises(ConfigError, match="training.input_path"):
         resolve_config(compose_config(["training.input_path=onehot"]))
-    with pytest.raises(ConfigError, match="set training.compile=true"):
-        resolve_config(compose_config(["training.compile_tuning=true", "training.compile=false"]))
-    with pytest.raises(ConfigError, match="training.compile_tuning=1"):
-        resolve_config(compose_config(["training.compile_tuning=1", "training.compile=true"]))
     with pytest.raises(ConfigError, match="mode"):
         resolve_config(compose_config(["mode=serve"]))
     with pytest.raises(ConfigError, match="trainer.profiler='pytorch'"):

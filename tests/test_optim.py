@@ -66,7 +66,7 @@ def test_kernel_clipping_equals_clip_grad_norm_then_adamw(size):
     _kernel_clipping_against_clip_grad_norm(size, "cpu")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA fused AdamW needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("size", [10.0, 0.01])
 def test_kernel_clipping_on_the_gpu_equals_clip_grad_norm_then_adamw(size):
     """The CUDA kernel divides by grad_scale as the CPU one does (what GradScaler relies on)."""

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from flow.losses import denoiser_cross_entropy, masked_token_mean
+from flow.losses import masked_token_mean
 from flow.path import (
     gaussian_projection,
     input_noise,
@@ -15,6 +15,7 @@ from flow.path import (
     stratified_times,
 )
 from models.dit import DiT
+from tests.oracles import denoiser_cross_entropy
 
 
 def tiny_dit(vocab=16, hidden=8, length=4):

@@ -1,16 +1,16 @@
 """The fused CE's per-chunk kernel in Triton (CUDA): losses and dlogits written over the logits.
 
-``MeanLinearCrossEntropy`` (flow/losses.py) turns each chunk of logits (n, V) into per-row
-losses ``lse - logit[target]`` and ``dlogits = (softmax - onehot)·w``. Compiled by inductor
-(``chunk_loss_and_grad``) that pass took 1.2 ms per 10,672 x 50,304 bf16 chunk on an H200,
-about 2.7 TB/s over the three passes of memory it makes (bench/results/profile_h200_round10.txt:
-3.8 ms of a train step). Here one program owns one row: a first sweep keeps a running max and
+``MeanLinearCrossEntropy`` (speed/cross_entropy.py) turns each chunk of logits (n, V) into
+per-row losses ``lse - logit[target]`` and ``dlogits = (softmax - onehot)·w``. Compiled by
+inductor, that pass took 1.2 ms per 10,672 x 50,304 bf16 chunk on an H200, about 2.7 TB/s over
+the three passes of memory it makes (bench/results/profile_h200_round10.txt). Here one program
+owns one row: a first sweep keeps a running max and
 sum of exponentials (the online softmax), a second sweep re-reads the row, which at 100 KB per
 row and one row per program in flight is still in L2, and writes dlogits over the logits
 themselves. Memory sees one read and one write of the chunk, and no second (n, V) buffer.
 
 Imported only on CUDA (Triton is not installed with the CPU wheel); ``chunk_losses_and_grad``
-in flow/losses.py picks it. tests/test_fused_kernels.py compares it with float64 on a GPU.
+in speed/cross_entropy.py picks it. tests/test_fused_kernels.py compares it with float64 on a GPU.
 """
 
 from __future__ import annotations

@@ -6,8 +6,7 @@ flash-attn (2 and 3, the paper's attention kernel) caps attention logits with
 as ``1 - tanh²`` of that value. Triton's ``tanh`` is a libdevice routine of a few dozen
 instructions, evaluated for every (query, key) score in FlexAttention's forward and
 again in its backward; the same function on the instruction makes the soft-capped
-attention as cheap as the paper's kernel makes it (bench/components.py times the
-forms).
+attention as cheap as the paper's kernel makes it (bench/components.py times it).
 
 ``tanh_approx(x)`` is a custom op so that torch.compile keeps it as one node, which the
 inductor lowering registered here turns into
@@ -66,7 +65,7 @@ PTX = "tanh.approx.f32 $0, $1;"
 def register_lowering() -> None:
     """Teach inductor the op, once per process (importing this module imports no inductor:
     2 s). Call it before compiling anything that uses the op, outside any compiled trace
-    (models/dit.py does when a block is built)."""
+    (speed.attention.prepare_softcap does when a block is built)."""
     from torch._inductor.lowering import make_pointwise
     from torch._inductor.lowering import register_lowering as inductor_lowering
     from torch._inductor.virtualized import ops

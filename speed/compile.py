@@ -1,0 +1,97 @@
+"""``torch.compile`` applied from outside: networks, a sampler's entry points, whole losses.
+
+Every compile here has static shapes (kernels specialised to the training shapes; a new
+batch size, e.g. validation's, compiles one more graph) and the inductor options of
+``compile_options``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from speed.options import SpeedOptions
+
+# Compiled graphs per code object. Every DiT shares one ``forward``, and each instance
+# (teacher, stage-1 map, student) under each grad mode (teachers and the student's
+# bootstrap targets without gradients) and each batch shape (validation) is one more graph:
+# a distillation step needs more than torch's default of 8, past which the forward ran eager
+# ("hit config.recompile_limit (8) ... GLOBAL_STATE changed: grad_mode").
+RECOMPILE_LIMIT = 64
+
+
+def room_for_graphs() -> None:
+    """Raise dynamo's (process-wide) recompile limit to RECOMPILE_LIMIT, never lower it.
+    Called by the compile helpers below, which are what need the room."""
+    import torch._dynamo.config as dynamo_config  # importing dynamo costs seconds: on use only
+
+    if dynamo_config.recompile_limit < RECOMPILE_LIMIT:
+        dynamo_config.recompile_limit = RECOMPILE_LIMIT
+
+
+def compile_options(extra: dict | None = None) -> dict | None:
+    """Inductor options of every compile: on a CUDA machine, autotuned FlexAttention (the
+    soft-capped attention's block sizes and warps, forward and backward: 2.66 -> 2.26 ms per
+    layer at B = 32 on an H200, bench/components.py) with the matrix products left to cuBLAS
+    (no Triton GEMM search, so autotuning costs only the attention's candidates), and no
+    benchmarking of epilogue fusions into those kernels (with FlexAttention traced into the
+    network's graph, twelve blocks' worth of them would take minutes at start-up). None
+    (inductor's defaults) elsewhere. ``extra``: options over these (bench/train_step.py
+    --inductor)."""
+    if not torch.cuda.is_available():
+        return dict(extra) if extra else None
+    import torch._inductor.config as inductor_config  # seconds to import: on use only
+
+    options = {"max_autotune": True, "max_autotune_gemm_backends": "ATEN",
+               "benchmark_epilogue_fusion": False}
+    # the search's tables would fill the training log at every compiled shape; these keys are
+    # newer than some torch versions: set those this one has
+    quiet = {"autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+    options.update({k: v for k, v in quiet.items() if hasattr(inductor_config, k)})
+    options.update(extra or {})
+    return options
+
+
+def compile_network(network: torch.nn.Module, extra_options: dict | None = None) -> None:
+    """Compile ``network``'s forward in place, with static shapes."""
+    room_for_graphs()
+    network.compile(dynamic=False, options=compile_options(extra_options))
+
+
+def compile_for_sampling(network: torch.nn.Module) -> bool:
+    """Compile the entry points a sampler calls instead of ``forward`` (the names in the
+    network's ``sampling_entry_points``, e.g. the DiT's ``features``, ``head``, ``denoised``), with
+    static shapes; a network without such entry points (the exact denoiser) is left as it
+    is. Returns whether it compiled."""
+    names = getattr(network, "sampling_entry_points", ())
+    if not names:
+        return False
+    room_for_graphs()  # teacher and student share the same methods' code objects
+    options = compile_options()
+    for name in names:
+        setattr(network, name, torch.compile(getattr(network, name), dynamic=False,
+                                             options=options))
+    return True
+
+
+def compile_loss(fn: Callable, options: SpeedOptions) -> Callable:
+    """``fn`` (a loss: networks and tensors in, a tensor out) compiled whole with static shapes
+    when ``options.compile``, for calls whose first tensor argument is on CUDA; ``fn`` itself
+    otherwise. The networks it calls are traced into its graph with it, so the (B, L, V)
+    algebra between them fuses into few passes over memory (eagerly, each op is one)."""
+    if not options.compile:
+        return fn
+    compiled: list[Callable] = []
+
+    def run(*args, **kwargs):
+        first = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        if first.device.type != "cuda":
+            return fn(*args, **kwargs)
+        if not compiled:
+            room_for_graphs()
+            compiled.append(torch.compile(fn, dynamic=False, options=compile_options()))
+        return compiled[0](*args, **kwargs)
+
+    run.__name__, run.__doc__ = fn.__name__, fn.__doc__
+    return run
