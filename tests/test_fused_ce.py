@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import algo
 from flow.losses import masked_token_mean, weighted_loss
+from runtime.config import resolve_config
 from speed import SpeedOptions
 from speed.cross_entropy import (
     chunked_linear_cross_entropy,
@@ -13,7 +14,6 @@ from speed.cross_entropy import (
     linear_cross_entropy,
     plain_linear_cross_entropy,
 )
-from runtime.config import ConfigError, resolve_config
 from tests.helpers import compose_config
 from tests.oracles import denoiser_cross_entropy
 
