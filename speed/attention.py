@@ -131,10 +131,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float 
 
 
 def prepare_softcap(softcap: float) -> None:
-    """Make the cap's score_mod and register the approximate tanh's lowering, outside any
-    compiled trace (a cap first met inside one gets inductor's "missing lowering" error).
+    """Make the cap's score_mod (which registers the approximate tanh's lowering) outside any
+    compiled trace: a cap first met inside one gets inductor's "missing lowering" error.
     Called when a network with this cap is built."""
-    approx_tanh.register_lowering()
     softcap_score_mod(softcap)
 
 
@@ -144,6 +143,8 @@ def softcap_score_mod(softcap: float) -> Callable:
     CUDA kernels (what the paper's flash-attn kernel evaluates), with the ``1 - tanh²``
     derivative (+7.1% on the train step at B = 32 over ``2·sigmoid(2x) - 1``, one H200)."""
     if softcap not in _score_mods:
+        if not torch.compiler.is_compiling():  # inside a trace the lowering must already exist
+            approx_tanh.register_lowering()
         inverse, tanh = 1.0 / softcap, approx_tanh.tanh_approx
 
         def capped(score, b, h, q_idx, kv_idx):

@@ -15,12 +15,12 @@ from data.synthetic import SyntheticSource, all_sequences
 from evaluation import diagnostics
 from evaluation.diagnostics import HybridNetwork, StateSpaceNetwork, data_kl, trajectory_kl
 from evaluation.network_wrappers import swapped_prediction_network
-from flow.sampling import sample_euler_reference
 from models.dit import build_backbone
 from models.exact_denoiser import ExactDenoiser
 from runtime.config import ConfigError
 from tests.helpers import ExactDenoiser as EnumeratedDenoiser
 from tests.helpers import compose_config
+from tests.oracles import sample_euler_reference
 
 VOCAB, LENGTH = 3, 3
 

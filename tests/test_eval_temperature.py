@@ -20,9 +20,10 @@ from evaluation.network_wrappers import (
     swapped_prediction_network,
 )
 from evaluation.sample_eval import check_temperatures, run_sample_eval
-from flow.sampling import initial_state, sample_euler_reference
+from flow.sampling import initial_state
 from runtime.config import ConfigError
 from tests.helpers import compose_config
+from tests.oracles import sample_euler_reference
 
 TINY = ["data=synthetic", "data.vocab_size=8", "data.valid_size=16", "model.length=6",
         "model.hidden_size=32", "model.n_heads=2", "model.n_blocks=1", "model.cond_dim=16",
