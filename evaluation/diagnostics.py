@@ -1,6 +1,6 @@
 """Where FLM's sampling error comes from, on data with an exact denoiser (data=synthetic).
 
-Two tools (docs/compounding.md), both network wrappers, so no sampler is edited:
+Two tools (docs/math.md §12), both network wrappers, so no sampler is edited:
 
 * ``eval.diagnose=true``: per sampling-step count N, KL(exact || model) per tenth of the
   model time t, averaged over samples and positions: ``trajectory_kl`` on the states the

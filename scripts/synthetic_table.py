@@ -33,7 +33,7 @@ run cut short keeps what it finished.
 t on its own trajectories and on data states: ``table.json``, ``kl_vs_t.png``);
 ``--bands 0-0.2,0.2-1`` samples FLM's checkpoint with the network on each band of t and
 the exact denoiser elsewhere (eval.denoiser=hybrid), rows plus a band table of the excess
-NLL over the exact denoiser (docs/compounding.md).
+NLL over the exact denoiser (docs/math.md §12).
 
 ``--budgets B1,B2,...``: the ladder once per budget B under ``--out/budget_<B>`` (FLM, MDLM
 and AR trained for B optimizer steps, the distillations from that FLM; the exact denoiser
@@ -537,7 +537,7 @@ def write_outputs(out: Path, summaries: dict[str, dict[str, Any]], settings: dic
     if bands:
         table += ("\n\nNetwork on one band of t, exact denoiser elsewhere (eval.denoiser=hybrid"
                   "): oracle NLL/token and its excess over the exact denoiser's at the same "
-                  "steps (docs/compounding.md)\n\n" + band_table(bands))
+                  "steps (docs/math.md §12)\n\n" + band_table(bands))
     (out / "table.md").write_text(f"{header}\n\n{table}\n")
     result = {"source_entropy_per_token": source_entropy,
               "source_entropy_rate": float(first["source_entropy_rate"]),
