@@ -21,7 +21,7 @@ from flow.flow_map import (
     Interval,
     interval_endpoints,
 )
-from flow.losses import denoiser_loss, masked_token_mean, weighted_loss
+from flow.losses import masked_token_mean, weighted_loss
 from flow.path import (
     distillation_noise,
     input_noise,
@@ -304,7 +304,7 @@ class FlowLM(pl.LightningModule):
                         teacher=self.teacher(teacher) if teacher else None,
                         two_times=self.spec.sampler_two_times, length=int(self.config.model.length),
                         denominator_eps=sc.denominator_eps, state_dtype=state_dtype,
-                        position_chunk=sc.position_chunk)
+                        position_chunk=sc.position_chunk, sampler=self.spec.sampler)
 
 
 class FLM(FlowLM):
@@ -331,7 +331,7 @@ class FLM(FlowLM):
             return noisy_input(network, tokens, gamma, path, noise)
 
         log_weight = self.loss_weighting(t) if self.loss_weighting is not None else None
-        return denoiser_loss(self.backbone, noisy, t, tokens, mask, log_weight)
+        return self.spec.loss(self.backbone, noisy, t, tokens, mask, log_weight)
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = super().validation_step(batch, batch_idx)

@@ -44,7 +44,7 @@ class OracleSampler(torch.nn.Module):
                         two_times=self.spec.sampler_two_times,
                         length=int(self.config.model.length),
                         denominator_eps=sc.denominator_eps, state_dtype=state_dtype,
-                        position_chunk=sc.position_chunk)
+                        position_chunk=sc.position_chunk, sampler=self.spec.sampler)
 
 
 def check_denoiser_choice(config: Any) -> None:

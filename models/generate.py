@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -46,13 +46,17 @@ def generate(backbone, prompt_ids: Sequence[int] | torch.Tensor | None = None,
              teacher=None, two_times: bool | None = None, length: int | None = None,
              denominator_eps: float = DEFAULT_DENOMINATOR_EPS,
              state_dtype: torch.dtype = torch.float32,
-             position_chunk: int = DEFAULT_POSITION_CHUNK) -> torch.Tensor:
+             position_chunk: int = DEFAULT_POSITION_CHUNK,
+             sampler: Callable | None = None) -> torch.Tensor:
     """Sample token sequences, optionally conditioned on known tokens: -> (N, L) long.
 
     * ``backbone``: a DiT (models/dit.py), in eval mode, on the device to sample on.
       FLM: Euler (docs/math.md §4). FMLM (a flow map f(z, t_i, t_{i+1})): the same update
       with two times (§6). Stage 1 (§5): pass the stage-1 student as ``backbone`` and the
       FLM teacher as ``teacher``.
+    * ``sampler``: the algorithm's sampler (its entry in flow/registry.py; the Lightning
+      modules pass it): ``sampler(teacher, backbone, ...)`` with a teacher, else
+      ``sampler(backbone, ...)``; None: ``sample_flow_map`` with a teacher, else ``sample_euler``.
     * ``two_times``: whether ``backbone`` takes (t_i, t_{i+1}); None = ``backbone.double_temb``
       (so an FLM is sampled by Euler and an FMLM by its map). Must not be true with a teacher.
     * ``prompt_ids`` without ``known_mask``: a prefix, (P,) or (B, P) with P <= L; the rest
@@ -92,13 +96,13 @@ def generate(backbone, prompt_ids: Sequence[int] | torch.Tensor | None = None,
     if teacher is not None:
         noise = initial_joint_state([teacher, backbone], batch, length, generator,
                                     dtype=state_dtype)
-        return sample_flow_map(teacher, backbone, table, noise, steps, denominator_eps,
-                               position_chunk=position_chunk, known_tokens=known_tokens,
-                               known_mask=mask)
+        return (sampler or sample_flow_map)(teacher, backbone, table, noise, steps,
+                                            denominator_eps, position_chunk=position_chunk,
+                                            known_tokens=known_tokens, known_mask=mask)
     noise = initial_state(backbone, batch, length, generator, dtype=state_dtype)
-    return sample_euler(backbone, table, noise, steps, denominator_eps, two_times=two_times,
-                        position_chunk=position_chunk, known_tokens=known_tokens,
-                        known_mask=mask)
+    return (sampler or sample_euler)(backbone, table, noise, steps, denominator_eps,
+                                     two_times=two_times, position_chunk=position_chunk,
+                                     known_tokens=known_tokens, known_mask=mask)
 
 
 # algorithms whose backbone ``generate`` samples alone (FLM: Euler; FMLM: its two-time map)
