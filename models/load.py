@@ -24,6 +24,7 @@ model and algo config nodes an upstream checkpoint implies are built here too
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -164,7 +165,7 @@ def _download(repo_id: str, what: str) -> Path:
             f"asked ({offline}). Download it where the Hub is reachable (huggingface-cli "
             f"download {repo_id} --local-dir DIR) and pass {what}=DIR")
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # Hub repo ids only
         folder = snapshot_download(repo_id, allow_patterns=[HUB_CONFIG, *HUB_WEIGHTS])
     except Exception as err:  # offline, unknown repo, no permission, ...
         raise ConfigError(
@@ -177,13 +178,12 @@ def _download(repo_id: str, what: str) -> Path:
 
 
 def _read_hub_folder(folder: Path, what: str) -> _Source:
-    import json
     config = json.loads((folder / HUB_CONFIG).read_text())
     for name in HUB_WEIGHTS:
         file = folder / name
         if file.is_file():
             if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
+                from safetensors.torch import load_file  # installed with transformers, not by us
                 weights = load_file(str(file))
             else:
                 weights = torch.load(file, map_location="cpu", weights_only=True)
