@@ -16,12 +16,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from pytorch_lightning.plugins.environments import SLURMEnvironment
+from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
 
 import algo
 import data
 from algo.oracle import oracle_sampling_module
-from evaluation import checkpoint_config, ppl
+from evaluation import checkpoint_config, diagnostics, ppl, protocol
+from evaluation.sample_eval import check_temperatures, run_from_config
 from flow.registry import TEACHER_KEYS
 from models.ema import EMA
 from models.exact_denoiser import ORACLE
@@ -64,7 +66,6 @@ def build_strategy(config: DictConfig):
     world = config.trainer.devices * config.trainer.num_nodes
     name = config.strategy.name
     if fsdp_training(config):
-        from pytorch_lightning.strategies import ModelParallelStrategy
         # FSDP2 over every rank (no tensor parallelism); one gathered checkpoint file, written
         # by rank 0 through the trainer's AtomicCheckpointIO like the ddp ones
         return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1,
@@ -73,7 +74,6 @@ def build_strategy(config: DictConfig):
         log.info("mode=%s runs unsharded (strategy=fsdp applies to training)", config.mode)
     if world == 1:
         return "auto"
-    from pytorch_lightning.strategies import DDPStrategy
     return DDPStrategy(find_unused_parameters=config.strategy.get("find_unused_parameters",
                                                                   False))
 
@@ -341,8 +341,6 @@ def ppl_eval(config: DictConfig) -> None:
 
 
 def sample_eval(config: DictConfig) -> None:
-    from evaluation import diagnostics, protocol  # lazy: judges and plots, sample_eval only
-    from evaluation.sample_eval import check_temperatures, run_from_config
     protocol.validate(config)  # eval.protocol / sampling.autocast, before loading anything
     diagnostics.check_config(config)  # eval.denoiser (network | oracle | hybrid), eval.diagnose
     check_temperatures(config.eval.temperatures)

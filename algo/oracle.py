@@ -17,7 +17,9 @@ from runtime.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-DENOISERS = ("network", ORACLE)  # values of eval.denoiser
+HYBRID = "hybrid"  # the network on eval.hybrid_band, the exact denoiser off it (evaluation/diagnostics.py)
+# values of eval.denoiser: the trained network, the exact denoiser, or the two by time band
+DENOISERS = ("network", ORACLE, HYBRID)
 
 
 class OracleSampler(torch.nn.Module):

@@ -99,9 +99,9 @@ def make_module_step(model_cfg, vocab: int, fused_ce: str, compiled: bool,
     grad clip, the EMA update. Against ``dspace`` it prices the production loss path; against
     ``python -m main`` (bench/end_to_end.py), the loop around it."""
     import algo
-    from runtime import config as utils
+    from runtime.config import resolve_config
 
-    config = utils.resolve_config(model_config(model_cfg.name, model_cfg.length, [
+    config = resolve_config(model_config(model_cfg.name, model_cfg.length, [
         f"training.compile={str(compiled).lower()}", f"training.fused_ce={fused_ce}",
         "checkpointing.save_dir=/tmp/flm-bench", "eval.output_dir=/tmp/flm-bench/eval"],
         full=True))

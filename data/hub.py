@@ -120,7 +120,7 @@ def _load_dataset(path: str, name: str | None, split: str, revision: str | None,
     """``datasets.load_dataset`` (tests replace this with a local stand-in for the Hub).
     An unreachable Hub is a ConnectionError at once, not after the client's retries; with an
     offline variable set, datasets reads its own cache."""
-    import datasets
+    import datasets  # seconds to import; Hub data only
 
     if offline_by_env() is None and not os.path.isdir(path):
         reason = offline_reason()
@@ -152,7 +152,7 @@ def _missing_cache_error(data: DictConfig, split: str, path: Path,
 def load_raw_split(data: DictConfig, base_split: str, path: Path) -> Any:
     """The raw Hub split ``base_split`` (no slicing); a script-based id is retried once on its
     parquet revision (logged); a second failure is one error naming the override to set."""
-    import datasets
+    import datasets  # seconds to import; Hub data only
 
     revision = data.hf_revision
     try:
@@ -212,7 +212,7 @@ def tokenize_split(raw: Any, data: DictConfig, tokenizer: Any, length: int, desc
                    min_chunk: int = MIN_CHUNK_DOCUMENTS) -> Any:
     """Tokenise + pack a raw split with ``data.num_proc`` processes, logging documents/s and an
     ETA after every chunk; packing batches are the consecutive ``data.map_batch_size`` groups."""
-    import datasets
+    import datasets  # seconds to import; Hub data only
 
     if data.text_column not in raw.column_names:
         raise ValueError(f"{data.hf_path} split has columns {raw.column_names}; "
@@ -344,7 +344,7 @@ class CachedBlocks(torch.utils.data.Dataset):
 def hub_split(data: DictConfig, split: str, tokenizer: Any, length: int) -> Any:
     """Tokenised, packed split of a Hub dataset: from the (checked) cache, or built once and
     cached with its manifest."""
-    import datasets
+    import datasets  # seconds to import; Hub data only
 
     if data.streaming:
         raise ValueError("data.streaming=true is not supported: packing and exact resume need the "

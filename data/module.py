@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
+from data import synthetic
 from data.embedded import embedded_corpus_documents
 from data.hub import hub_split
 from data.packing import TokenBlockDataset, bos_per_document, tokenize_and_block, wrap_ids
@@ -48,8 +49,6 @@ def get_datasets(config: DictConfig, tokenizer: Any) -> tuple[Any, Any]:
     """(train, valid) datasets of ``{"input_ids", "attention_mask"}`` items of length model.length."""
     data, length = config.data, config.model.length
     if data.name == "synthetic":
-        from data import synthetic
-
         return synthetic.make_datasets(data, length)
     if data.name == "embedded":
         return (_embedded_split(data, data.train, tokenizer, length),
@@ -104,7 +103,7 @@ class FLMDataModule(pl.LightningDataModule):
 
     def _worker_settings(self) -> dict[str, Any]:
         """DataLoader keyword arguments from ``loader.num_workers`` / ``loader.pin_memory``
-        (as utils.resolve_config resolved them: ``auto`` is 4 workers and pinned memory on
+        (as runtime/config.py resolved them: ``auto`` is 4 workers and pinned memory on
         CUDA); workers live across epochs and validation runs."""
         loader = self.config.loader
         workers = int(loader.num_workers)

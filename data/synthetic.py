@@ -634,7 +634,7 @@ def _whole(value: Any) -> bool:
 def settings_problem(data_cfg: Mapping[str, Any]) -> str | None:
     """What is wrong with the ``data=synthetic`` settings that the source and its splits are
     built from, as one message naming the key; None when nothing is. Checked by the config
-    (``utils.resolve_config``) before any work, and again by the builders below."""
+    (data/settings.py, from ``algo.resolve_config``) before any work, and again by the builders below."""
     if data_cfg.get("wrap"):
         return ("data.wrap must be false for data=synthetic: each example is one window of the "
                 "source started from its initial distribution")

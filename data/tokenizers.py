@@ -9,6 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from data import synthetic
 from data.embedded import REPO_ROOT
 from data.offline import offline_reason
 from runtime.config import ConfigError
@@ -73,7 +74,7 @@ def _unavailable(name: str, saved: Path | None, err: Exception,
 
 def load_pretrained_tokenizer(data: DictConfig) -> Any:
     """A Hub/local tokenizer with BOS/EOS/PAD set; one clear error when it cannot be found."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # seconds to import: on use only
 
     name = str(data.tokenizer_name_or_path)
     local = _resolve_local(name)
@@ -100,10 +101,8 @@ def get_tokenizer(config: DictConfig) -> Any:
     ``<data.cache_dir>/tokenizers/``, where ``scripts/prepare_data.py`` saves it)."""
     data = config.data
     if data.name == "synthetic":
-        from data import synthetic
-
         return synthetic.make_tokenizer(data)
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # seconds to import: on use only
 
     local = _resolve_local(str(data.tokenizer_name_or_path))
     if local is not None and local.is_file():

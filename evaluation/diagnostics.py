@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from algo.oracle import check_denoiser_choice
+from algo.oracle import HYBRID, check_denoiser_choice
 from data.synthetic import SyntheticSource
 from evaluation.network_wrappers import prediction_network_slot, swapped_prediction_network
 from flow.sampling import initial_state, sample_euler, step_grid
@@ -38,7 +38,6 @@ from runtime.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
-HYBRID = "hybrid"  # eval.denoiser value: the network on eval.hybrid_band, the exact denoiser off it
 TIME_BINS = 10  # trajectory_kl / data_kl: one value per tenth of t
 DiagnoseFn = Callable[[int], dict[str, Any]]  # steps -> {"trajectory_kl": [...], "data_kl": [...]}
 
@@ -91,6 +90,17 @@ class StateSpaceNetwork(torch.nn.Module):
     def head(self, hidden: torch.Tensor, c: Any) -> torch.Tensor:
         return self.network.head(hidden, c)
 
+    def denoised(self, hidden: torch.Tensor, c: Any, project: bool = True,
+                 ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(softmax(f) @ I = softmax(f) over V, argmax f) for the sampler, f the network's
+        logits; the softmax in float32 (float64 for a float64 network), as DiT.denoised."""
+        logits = self.head(hidden, c)
+        tokens = logits.argmax(dim=-1)
+        if not project:
+            return None, tokens
+        return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)),
+                             dim=-1), tokens
+
 
 class HybridNetwork(torch.nn.Module):
     """The network on the V-space state (``StateSpaceNetwork``) for calls at lo <= t < hi,
@@ -121,6 +131,12 @@ class HybridNetwork(torch.nn.Module):
         route, inner = c
         return (self.network if route == "network" else self.exact).head(hidden, inner)
 
+    def denoised(self, hidden: torch.Tensor, c: tuple[str, Any], project: bool = True,
+                 ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        route, inner = c
+        return (self.network if route == "network" else self.exact).denoised(hidden, inner,
+                                                                             project)
+
 
 class TrajectoryKL(torch.nn.Module):
     """Drives a sampler with ``driver`` (a V-space network: ``StateSpaceNetwork`` or
@@ -145,6 +161,10 @@ class TrajectoryKL(torch.nn.Module):
 
     def head(self, hidden: torch.Tensor, c: Any) -> torch.Tensor:
         return self.driver.head(hidden, c)
+
+    def denoised(self, hidden: torch.Tensor, c: Any, project: bool = True,
+                 ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        return self.driver.denoised(hidden, c, project)
 
     def kl_per_bin(self) -> list[float | None]:
         """Mean KL per tenth of t (nats per position); None for a tenth no call fell in."""
@@ -196,8 +216,7 @@ def check_config(config: Any) -> None:
     """eval.denoiser (network | oracle | hybrid), eval.hybrid_band and eval.diagnose, before
     any work: the hybrid and the diagnostics need data=synthetic and a trained FLM."""
     ev = config.eval
-    if ev.denoiser != HYBRID:
-        check_denoiser_choice(config)
+    check_denoiser_choice(config)
     if ev.denoiser == HYBRID or ev.diagnose:
         what = "eval.denoiser=hybrid" if ev.denoiser == HYBRID else "eval.diagnose=true"
         if config.data.name != "synthetic":

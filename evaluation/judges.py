@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from data.offline import offline_reason
+from evaluation import oracle
 from runtime.config import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -355,7 +356,7 @@ def load_judge(
     call_size: int | None = None,
 ) -> HFCausalLMJudge:
     """Load a causal LM judge once, in eval mode, in ``dtype`` (a key of ``JUDGE_DTYPES``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # seconds to import: on use only
 
     if dtype not in JUDGE_DTYPES:
         raise ValueError(f"eval.judge_dtype={dtype!r}; use one of {sorted(JUDGE_DTYPES)}")
@@ -401,7 +402,5 @@ def make_judge(
             call_size=call_size,
         )
     if kind == "oracle":
-        from evaluation import oracle  # lazy: only the synthetic source needs it
-
         return oracle.build_oracle_judge(data_cfg)
     raise ValueError(f"eval.judge={kind!r}; use 'hf' (a causal LM) or 'oracle' (synthetic source)")

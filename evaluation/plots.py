@@ -21,6 +21,17 @@ def _finite(value: Any) -> bool:
     return value is not None and math.isfinite(float(value))
 
 
+def _finish(fig: Any, ax: Any, x_label: str, y_label: str, out_path: str) -> None:
+    """Label, grid and legend one axes, then write the figure to ``out_path`` and close it."""
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+
+
 def plot_title(summaries: Sequence[dict[str, Any]]) -> str:
     """The models and the judge(s) that scored them (a stand-in judge's name says so)."""
     models = ", ".join(dict.fromkeys(str(s.get("model_name", "?")) for s in summaries))
@@ -102,13 +113,7 @@ def plot_metric_vs_steps(summaries: Sequence[dict[str, Any]], y_key: str, y_labe
     if all_steps:  # explicit limits: a log axis cannot autoscale when every value is inf
         ax.set_xscale("log", base=2)
         ax.set_xlim(min(all_steps) / 1.5, max(all_steps) * 1.5)
-    ax.set_xlabel("sampling steps")
-    ax.set_ylabel(y_label)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
+    _finish(fig, ax, "sampling steps", y_label, out_path)
 
 
 def plot_frontier(summaries: Sequence[dict[str, Any]], out_path: str) -> None:
@@ -133,13 +138,7 @@ def plot_frontier(summaries: Sequence[dict[str, Any]], out_path: str) -> None:
                     markersize=12, linestyle="none", color="black",
                     label=f"{name}: reference (real data)")
     ax.set_yscale("log")
-    ax.set_xlabel("mean unigram entropy (nats)")
-    ax.set_ylabel("gen. perplexity")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
+    _finish(fig, ax, "mean unigram entropy (nats)", "gen. perplexity", out_path)
 
 
 def plot_diagnostics(summary: dict[str, Any], out_path: str) -> None:
@@ -157,10 +156,4 @@ def plot_diagnostics(summary: dict[str, Any], out_path: str) -> None:
                 ax.plot(xs, ys, marker="o", linestyle=style, color=color,
                         label=f"{steps} steps: {key}")
     ax.set_yscale("log")
-    ax.set_xlabel("model time t (bin centre)")
-    ax.set_ylabel("KL(exact || model), nats / position")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
+    _finish(fig, ax, "model time t (bin centre)", "KL(exact || model), nats / position", out_path)

@@ -61,15 +61,13 @@ def interval_endpoints(length_draw: torch.Tensor, position_draw: torch.Tensor,
 
     ``d = max(length_draw, MIN_INTERVAL)``, ``s = position_draw·(1 - d)``,
     ``t = s + d``; with ``add_boundary``, ``(s, t) = (0, 1)`` where
-    ``boundary_draw < 1 / boundary_prob``.
+    ``boundary_draw < 1 / boundary_prob`` (``boundary_prob >= 1``, checked with the config
+    by flow/registry.py).
     """
     d = length_draw.double().clamp(MIN_INTERVAL, 1.0)
     s = position_draw.double() * (1.0 - d)
     t = s + d
     if add_boundary:
-        if boundary_prob < 1:
-            raise ValueError(f"algo.boundary_prob={boundary_prob} must be >= 1 "
-                             "(the boundary interval (0, 1) is drawn with probability 1/boundary_prob)")
         boundary = boundary_draw < 1.0 / boundary_prob
         s = torch.where(boundary, torch.zeros_like(s), s)
         t = torch.where(boundary, torch.ones_like(t), t)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-INPUT_PATHS = ("dspace", "reference")
+INPUT_PATHS = ("dspace", "reference")  # training.input_path; the config check (flow/registry.py) holds it to these
 
 
 def projection_draw_width(vocab: int, dim: int) -> int:
@@ -215,10 +215,8 @@ def distillation_noise(networks, tokens: torch.Tensor, vocab_size: int, input_pa
     D-space (``dspace``), or ``eps`` itself (B, L, V) (``reference``)."""
     if input_path == "reference":
         return torch.randn(*tokens.shape, vocab_size, generator=generator, device=tokens.device)
-    if input_path == "dspace":
-        return joint_gaussian_projection([n.input_embedding for n in networks],
-                                         tuple(tokens.shape), generator)
-    raise ValueError(f"training.input_path={input_path!r}; expected one of {INPUT_PATHS}")
+    return joint_gaussian_projection([n.input_embedding for n in networks],
+                                     tuple(tokens.shape), generator)
 
 
 def input_noise(tokens: torch.Tensor, vocab: int, dim: int, input_path: str,
@@ -226,25 +224,21 @@ def input_noise(tokens: torch.Tensor, vocab: int, dim: int, input_path: str,
     """The noise of ``noisy_input``, drawn on ``tokens``' device: the standard normal of
     ``standard_draw`` (``dspace``, (B, L, width)) or eps itself (``reference``, (B, L, V)).
     Drawn outside the network (no seeded generator inside a compiled forward)."""
-    if input_path == "dspace":
-        return standard_draw(tuple(tokens.shape), vocab, dim, generator, tokens.device)
     if input_path == "reference":
         return torch.randn(*tokens.shape, vocab, generator=generator, device=tokens.device)
-    raise ValueError(f"training.input_path={input_path!r}; expected one of {INPUT_PATHS}")
+    return standard_draw(tuple(tokens.shape), vocab, dim, generator, tokens.device)
 
 
 def noisy_input(backbone, tokens: torch.Tensor, gamma: torch.Tensor, input_path: str,
                 noise: torch.Tensor) -> torch.Tensor:
     """``x_gamma @ E`` for clean tokens (B, L) at per-sequence gamma (B,) -> (B, L, D);
     ``noise`` from ``input_noise`` (same path, the backbone's V and D)."""
-    if input_path == "dspace":
-        projected = project_draw(backbone.input_embedding, noise)
-        return noisy_projection([backbone], tokens, gamma.float(), projected)
     if input_path == "reference":
         z = noisy_projection_reference(tokens, gamma.float(), noise, backbone.vocab_size)
         with torch.autocast(device_type=tokens.device.type, enabled=False):
             return backbone.embed_state(z)
-    raise ValueError(f"training.input_path={input_path!r}; expected one of {INPUT_PATHS}")
+    projected = project_draw(backbone.input_embedding, noise)
+    return noisy_projection([backbone], tokens, gamma.float(), projected)
 
 
 def stratified_times(n_local: int, slot: int, num_slots: int, offset: float | torch.Tensor,

@@ -106,7 +106,7 @@ def generate(backbone, prompt_ids: Sequence[int] | torch.Tensor | None = None,
 
 
 # algorithms whose backbone ``generate`` samples alone (FLM: Euler; FMLM: its two-time map)
-# or with ``teacher=`` (stage 1); MDLM and AR sample through their own modules (algo.py)
+# or with ``teacher=`` (stage 1); MDLM and AR sample through their own modules (algo/modules.py)
 GENERATE_ALGOS = ("flm", "flm_distill", "flm_distill_second")
 
 

@@ -24,6 +24,7 @@ model and algo config nodes an upstream checkpoint implies are built here too
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -34,19 +35,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from data.offline import offline_by_env, offline_reason
+from flow.registry import algorithm
 from models.dit import ROTARY_BASE, TIME_FREQUENCY_DIM, DiT
 from runtime.checkpointing import load_checkpoint_file
 from runtime.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-ALGOS = ("flm", "flm_distill", "flm_distill_second")
-TWO_TIME_ALGOS = ("flm_distill", "flm_distill_second")  # their network takes (s, t)
-CAUSAL_ALGOS = ("ar",)  # this project's algorithms whose backbone attends causally
 # algo.name a paper-layout checkpoint may store (the paper's names and ours) -> ours
 UPSTREAM_ALGOS = {"flm": "flm", "flm_distill": "flm_distill",
                   "flm_semigroup_distill": "flm_distill", "flm_distill_double": "flm_distill_second",
                   "flm_distill_second": "flm_distill_second"}
+# our algorithms a paper-layout backbone can run as; those whose network takes (s, t)
+PAPER_ALGOS = tuple(dict.fromkeys(UPSTREAM_ALGOS.values()))
+PAPER_TWO_TIME_ALGOS = tuple(a for a in PAPER_ALGOS if algorithm(a).two_times)
 UPSTREAM_SOFTCAP = 50.0  # the paper's DDiTBlock passes softcap=50 to flash-attn in every block
 UPSTREAM_DROPOUT = 0.1  # the paper's model.dropout default, used when a checkpoint does not say
 HUB_CONFIG = "config.json"
@@ -163,7 +165,7 @@ def _download(repo_id: str, what: str) -> Path:
             f"asked ({offline}). Download it where the Hub is reachable (huggingface-cli "
             f"download {repo_id} --local-dir DIR) and pass {what}=DIR")
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # Hub repo ids only
         folder = snapshot_download(repo_id, allow_patterns=[HUB_CONFIG, *HUB_WEIGHTS])
     except Exception as err:  # offline, unknown repo, no permission, ...
         raise ConfigError(
@@ -176,13 +178,12 @@ def _download(repo_id: str, what: str) -> Path:
 
 
 def _read_hub_folder(folder: Path, what: str) -> _Source:
-    import json
     config = json.loads((folder / HUB_CONFIG).read_text())
     for name in HUB_WEIGHTS:
         file = folder / name
         if file.is_file():
             if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
+                from safetensors.torch import load_file  # installed with transformers, not by us
                 weights = load_file(str(file))
             else:
                 weights = torch.load(file, map_location="cpu", weights_only=True)
@@ -292,7 +293,7 @@ def _project_settings(source: _Source, what: str) -> tuple[BackboneSettings, Dic
         mlp_ratio=int(model.mlp_ratio), double_temb=bool(saved.algo.double_temb),
         algo=str(saved.algo.name), dropout=float(model.dropout),
         attn_softcap=None if model.attn_softcap is None else float(model.attn_softcap),
-        causal=str(saved.algo.name) in CAUSAL_ALGOS, source="project",
+        causal=algorithm(str(saved.algo.name)).causal, source="project",
         global_step=source.checkpoint.get("global_step"), saved_config=saved,
         network_vocab=_network_vocab(source.checkpoint.get("state_dict") or {}))
     return settings, saved
@@ -309,7 +310,7 @@ def _paper_algo(name: Any, two_embeddings: bool, caller_algo: str | None,
     when the weights allow it; otherwise FLM for one embedding and None (not knowable) for
     two. Every stored name that is not taken is logged.
     """
-    allowed = TWO_TIME_ALGOS if two_embeddings else ALGOS
+    allowed = PAPER_TWO_TIME_ALGOS if two_embeddings else PAPER_ALGOS
     stored = UPSTREAM_ALGOS.get(str(name)) if name is not None else None
     if name is not None and stored is None:
         log.info("%s: the saved algo.name=%s is not a name this loader knows; the network is "
@@ -369,7 +370,7 @@ def _paper_settings(weights: dict[str, torch.Tensor], config: Any, vocab_hint: A
                  "have" if two_embeddings else "lack")
     algo = _paper_algo(_select(config, "algo.name"), two_embeddings, caller_algo, what)
     # one time embedding in a two-time algorithm: the paper's DIT feeds both times to it
-    shared = not two_embeddings and algo in TWO_TIME_ALGOS
+    shared = not two_embeddings and algo is not None and algorithm(algo).two_times
     saved_vocab = vocab_hint if vocab_hint is not None else _select(config, "vocab_size")
     if saved_vocab is not None and int(saved_vocab) != vocab:
         raise ConfigError(f"{what}={source.path}: vocab_size={saved_vocab} saved, but "
@@ -530,7 +531,7 @@ def config_nodes(path: str | Path, settings: BackboneSettings, config: DictConfi
         return settings.saved_config.model, settings.saved_config.algo
     algo = settings.algo
     if algo is None:
-        if config.algo.name not in ("flm_distill", "flm_distill_second"):
+        if config.algo.name not in PAPER_TWO_TIME_ALGOS:
             raise ConfigError(
                 f"{what}={path} is a two-time-embedding backbone whose checkpoint does not say "
                 "which distillation stage it is: pass algo=flm_distill_second (FMLM, the "

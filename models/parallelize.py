@@ -1,6 +1,6 @@
 """Sharding, applied to the networks from outside the algorithms.
 
-The Lightning modules in ``algo.py`` decide *whether* (config keys) and call these
+The Lightning modules in algo/modules.py decide *whether* (config keys) and call these
 functions; *how* a network is sharded lives here (how it is compiled: speed/compile.py):
 
 * ``shard_fsdp``: FSDP2 over a data-parallel mesh, each DiT block one unit, the rest of

@@ -27,6 +27,7 @@ from typing import Any
 import matplotlib
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the Agg backend
@@ -352,10 +353,8 @@ def progress_bar(every_n_steps: int, keys: tuple[str, ...] = ("train/loss",)) ->
     """The bar Lightning would pick (Rich when ``rich`` is installed, else tqdm), showing
     ``keys`` of the logged values, copied every ``every_n_steps`` optimizer steps without a
     device sync (``_MetricsEveryNSteps``)."""
-    from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
-
     try:
-        import rich  # noqa: F401
+        import rich  # noqa: F401  - an optional package: Lightning's Rich bar needs it
         base = RichProgressBar
     except ImportError:
         base = TQDMProgressBar

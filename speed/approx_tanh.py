@@ -66,6 +66,7 @@ def register_lowering() -> None:
     """Teach inductor the op, once per process (importing this module imports no inductor:
     2 s). Call it before compiling anything that uses the op, outside any compiled trace
     (speed.attention.prepare_softcap does when a block is built)."""
+    # inductor costs seconds to import: on use only
     from torch._inductor.lowering import make_pointwise
     from torch._inductor.lowering import register_lowering as inductor_lowering
     from torch._inductor.virtualized import ops

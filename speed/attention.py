@@ -46,7 +46,7 @@ def _flash_attn_softcap() -> Callable | None:
     ``flash_attn.cute``, without ``flash_attn_func`` or a version): that is not flash-attn 2.
     """
     try:
-        import flash_attn
+        import flash_attn  # optional (CUDA builds only): probed on first use
     except ImportError:
         return None
     version = getattr(flash_attn, "__version__", None)

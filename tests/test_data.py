@@ -201,16 +201,15 @@ def test_hub_tokenizer_offline_error_names_key(tmp_path, monkeypatch):
         D.get_tokenizer(config)
 
 
-def test_synthetic_branch_dispatches_lazily(tmp_path, monkeypatch):
-    import sys
+def test_synthetic_branch_dispatches_to_the_synthetic_module(tmp_path, monkeypatch):
     import types
 
     calls = []
     fake = types.ModuleType("synthetic")
     fake.make_tokenizer = lambda data: calls.append(("tok", data.name)) or "TOKENIZER"
     fake.make_datasets = lambda data, length: calls.append(("ds", length)) or ("TRAIN", "VALID")
-    monkeypatch.setitem(sys.modules, "data.synthetic", fake)
-    monkeypatch.setattr(D, "synthetic", fake, raising=False)
+    monkeypatch.setattr(D.tokenizers, "synthetic", fake)
+    monkeypatch.setattr(D.module, "synthetic", fake)
     config = make_config(tmp_path, name="synthetic")
     assert D.get_tokenizer(config) == "TOKENIZER"
     assert D.get_datasets(config, "TOKENIZER") == ("TRAIN", "VALID")
