@@ -367,7 +367,10 @@ DATA_MAPPINGS = {"hf_split_sizes"}
 
 
 def _config_files() -> list[Path]:
-    return sorted((REPO / "configs").rglob("*.yaml"))
+    """The project's config files, less configs/hydra/help/ (the text Hydra prints for
+    --help: Hydra's keys, read by Hydra)."""
+    return sorted(p for p in (REPO / "configs").rglob("*.yaml")
+                  if p.parent != REPO / "configs" / "hydra" / "help")
 
 
 def _sources() -> str:
