@@ -3,8 +3,8 @@
 
 A wrapper exposes the network interface the samplers call (flow/sampling.py,
 flow/masked.py through algo.MDLM, flow/autoregressive.py through algo.AR): ``features(h, t,
-t2)``, ``head(hidden, c[, padded])``, ``input_embedding``, ``embed_tokens``,
-``embed_state``, ``forward``; anything else (``padded_embedding``, ``table``, ...) is the
+t2)``, ``head(hidden, c)``, ``denoised(hidden, c, project)``, ``input_embedding``,
+``embed_tokens``, ``embed_state``, ``forward``; anything else (``project``, ``table``, ...) is the
 wrapped network's own, so ``hasattr`` checks on the wrapper see what they would see on it.
 The samplers are unchanged: a module samples with the wrapper because it sits in the
 module's slot for the duration of a ``with swapped_prediction_network(...)``.
@@ -28,8 +28,7 @@ class TemperatureNetwork(torch.nn.Module):
     the teacher's posterior (wrap the teacher: the student's g is a velocity correction, not
     a distribution); MDLM, the unmasking distribution p(x_0 | x_t); AR, the next-token
     softmax; the exact denoiser, its posterior. Argmax steps are unchanged (T > 0), and at
-    T = 1 the logits are returned as they are (same samples as the bare network). Pad
-    logits of a padded head (models/dit.py PAD_LOGIT) stay far below every real logit.
+    T = 1 the logits are returned as they are (same samples as the bare network).
     """
 
     def __init__(self, network: torch.nn.Module, temperature: float) -> None:
@@ -55,6 +54,20 @@ class TemperatureNetwork(torch.nn.Module):
         """The wrapped head's logits / T, same shape."""
         logits = self.network.head(hidden, c, **kwargs)
         return logits if self.temperature == 1.0 else logits / self.temperature
+
+    def denoised(self, hidden: torch.Tensor, c: Any, project: bool = True,
+                 ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The samplers' x1 prediction through E (models/dit.py ``denoised``) from the tempered
+        logits: ``(softmax(f / T) @ E, argmax f)``; at T = 1 the wrapped network's own."""
+        if self.temperature == 1.0:
+            return self.network.denoised(hidden, c, project)
+        logits = self.head(hidden, c)
+        tokens = logits.argmax(dim=-1)
+        if not project:
+            return None, tokens
+        p = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        with torch.autocast(device_type=p.device.type, enabled=False):
+            return self.network.project(p), tokens
 
     def forward(self, h: torch.Tensor | Callable[[Any], torch.Tensor], t: torch.Tensor,
                 t2: torch.Tensor | None = None) -> torch.Tensor:

@@ -342,31 +342,26 @@ def test_main_sample_eval_paper_protocol_end_to_end(tmp_path):
 
 def test_projection_onto_e_stays_float32_under_bf16_autocast():
     """sampling.autocast=bf16 autocasts the backbone only: softmax(logits) @ E keeps float32
-    (the paper's state update is float32). CPU autocast stands in for CUDA's."""
+    (the paper's state update is float32). CPU autocast stands in for CUDA's; V = 50 is
+    unaligned, so the DiT's padded product is what runs."""
     from flow.sampling import denoised_projection
+    from models.dit import DiT
 
-    g = torch.Generator().manual_seed(0)
-    vocab, dim, length = 50, 8, 5
-    logits = torch.randn(2, length, vocab, generator=g) * 3
-
-    class FixedLogits(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.input_embedding = torch.nn.Parameter(torch.randn(vocab, dim, generator=g))
-
-        def features(self, h, t, t2):
-            return h, None
-
-        def head(self, hidden, c):
-            return logits
-
-    net = FixedLogits()
-    h = torch.randn(2, length, dim, generator=g)
+    torch.manual_seed(0)
+    vocab, dim, length = 50, 16, 5
+    net = DiT(vocab_size=vocab, length=length, hidden_size=dim, n_blocks=1, n_heads=2,
+              cond_dim=8, dropout=0.0)
+    with torch.no_grad():  # past adaLN-zero's zero init: logits that differ per position
+        for param in net.parameters():
+            param.add_(0.5 * torch.randn_like(param))
+    h = torch.randn(2, length, dim)
     t = torch.full((2,), 0.5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         proj, tokens = denoised_projection(net, h, t, None)  # one chunk: all positions
+        logits = net.head(*net.features(h, t))
         bf16_product = torch.softmax(logits, -1) @ net.input_embedding.detach()
     expected = (torch.softmax(logits.double(), -1) @ net.input_embedding.detach().double())
+    assert logits.dtype == torch.bfloat16
     assert proj.dtype == torch.float32 and bf16_product.dtype == torch.bfloat16
     assert torch.allclose(proj.double(), expected, rtol=1e-6, atol=1e-6)
     assert not torch.allclose(bf16_product.double(), expected, rtol=1e-6, atol=1e-6)
