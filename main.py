@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -478,4 +479,5 @@ def run(config: DictConfig, command_line: list[str]) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cli.check_overrides(sys.argv[1:])
     main()

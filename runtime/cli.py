@@ -1,8 +1,9 @@
 """What every entry point (``main.py``, ``scripts/*.py``) does the same way at the command line.
 
-* A user's mistake (``ConfigError``: a value that cannot work, an unreachable resource named
-  by its config key) is one line on stderr and exit status ``EXIT_USER_ERROR``; any other
-  exception is a bug and keeps its traceback (``user_errors``).
+* A user's mistake (``USER_ERRORS``: a value that cannot work, an unreachable resource named
+  by its config key, a corrupt checkpoint, a run directory another run holds; an override
+  Hydra cannot parse, ``check_overrides``) is one line on stderr and exit status
+  ``EXIT_USER_ERROR``; any other exception is a bug and keeps its traceback (``user_errors``).
 * A normal run's log holds the run's own lines: third-party tips, hardware banners and
   deprecation warnings that say nothing about the run are filtered (``quiet_third_party``).
 * A sampling seed left unset is drawn fresh for each run and printed (``fresh_seed``).
@@ -17,9 +18,15 @@ import sys
 import warnings
 from collections.abc import Iterator
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
+
+from runtime.checkpointing import CorruptCheckpointError
 from runtime.config import ConfigError
+from runtime.reliability import RunLockedError
 
 EXIT_USER_ERROR = 2  # argparse's status for a bad command line
+USER_ERRORS = (ConfigError, CorruptCheckpointError, RunLockedError)
 
 # Messages of Lightning and PyTorch that are advice or internal deprecations, not about the run.
 # Each pattern is matched at the start of the warning's message.
@@ -47,14 +54,36 @@ def one_line(error: BaseException) -> str:
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn a ``ConfigError`` raised inside into ``error: <message>`` on stderr and exit
+    """Turn one of ``USER_ERRORS`` raised inside into ``error: <message>`` on stderr and exit
     status 2, no traceback; everything else propagates unchanged."""
     try:
         yield
-    except ConfigError as error:
+    except USER_ERRORS as error:
         logging.shutdown()  # flush the log files before the process ends
         print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USER_ERROR) from None
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Parse the command line's overrides as Hydra will, before Hydra runs: one that cannot be
+    parsed (``generate.prompt=To be, or``: an unquoted comma is a sweep) is ``error: ...`` on
+    one line and exit status 2 instead of Hydra's message and status 1. Flags (``--help``,
+    ``-m``, ...) and their values are left to Hydra."""
+    overrides = [arg for arg in argv if not arg.startswith("-") and "=" in arg]
+    hint = "quote a value holding commas or spaces, e.g. 'generate.prompt=\"To be, or\"'"
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as error:
+        message = f"{one_line(error)} ({hint})"
+    else:
+        multirun = any(arg in ("-m", "--multirun") for arg in argv)
+        sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
+        if not sweeps or multirun:
+            return
+        message = (f"{sweeps[0]!r} is a sweep (an unquoted comma or a range) outside --multirun: "
+                   f"{hint}")
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_USER_ERROR)
 
 
 def quiet_third_party() -> None:

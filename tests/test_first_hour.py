@@ -151,6 +151,25 @@ def test_unparsable_value_is_one_line_exit_2(tmp_path):
     assert "loader.global_batch_size" in line
 
 
+@pytest.mark.parametrize("override, names", [
+    ("generate.prompt=To be, or", "is a sweep"),  # an unquoted comma: Hydra's sweep syntax
+    ("model.length=(3", "Error parsing override"),  # not Hydra's override grammar
+])
+def test_override_hydra_cannot_take_is_one_line_exit_2(override, names, tmp_path):
+    """Hydra would print its own multi-line message and exit 1; the line says how to quote."""
+    line = one_line_error(run(["mode=generate", override, f"hydra.run.dir={tmp_path}"]))
+    assert names in line and "quote" in line
+    assert not (tmp_path / ".hydra").exists()  # refused before Hydra wrote anything
+
+
+def test_corrupt_checkpoint_is_one_line_exit_2(tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    line = one_line_error(run(["mode=ppl_eval", f"eval.checkpoint_path={bad}",
+                               f"hydra.run.dir={tmp_path / 'run'}"]))
+    assert str(bad) in line
+
+
 def test_contradiction_in_an_eval_mode_is_one_line_exit_2(checkpoints, tmp_path):
     line = one_line_error(run(["mode=ppl_eval", f"eval.checkpoint_path={checkpoints['ar']}",
                                "algo=mdlm", f"hydra.run.dir={tmp_path}"]))
