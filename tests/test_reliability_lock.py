@@ -102,7 +102,7 @@ def test_second_holder_refused_and_record_names_the_holder(tmp_path):
 
 def test_lock_of_a_killed_holder_is_taken_over(tmp_path, caplog):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, reliability; reliability.RunLock(sys.argv[1])"
+        [sys.executable, "-c", "import sys; from runtime import reliability; reliability.RunLock(sys.argv[1])"
          ".acquire(); print('held', flush=True); sys.stdin.read()", str(tmp_path)],
         cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
