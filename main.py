@@ -56,8 +56,14 @@ from runtime.checkpointing import (
     write_run_id,
 )
 from runtime.config import STATE_DTYPES, ConfigError, fsdp_training, save_config
-from runtime.monitoring import LoggedLater, Throughput, TrainingReport, progress_bar
-from speed.compile import compile_for_sampling
+from runtime.monitoring import (
+    LoggedLater,
+    Throughput,
+    TrainingReport,
+    process_start_time,
+    progress_bar,
+)
+from speed.compile import compile_for_sampling, use_cache_dir
 
 log = logging.getLogger("main")
 checkpoint_config.register_resolvers()  # hydra.run.dir names the checkpoint's data and algorithm
@@ -113,7 +119,7 @@ def build_callbacks(config: DictConfig) -> list[pl.Callback]:
         int(config.trainer.log_every_n_steps),
         int(config.loader.global_batch_size) * int(config.model.length),
         Path(config.checkpointing.save_dir) / CURVES_NAME,
-        title=f"{config.data.name}-{config.algo.name}"))
+        title=f"{config.data.name}-{config.algo.name}", started=process_start_time()))
     if config.trainer.enable_progress_bar:  # shows train/loss without a device sync per step
         callbacks.append(progress_bar(int(config.trainer.log_every_n_steps)))
     if "learning_rate_monitor" in cb:
@@ -468,6 +474,10 @@ def run(config: DictConfig, command_line: list[str]) -> None:
     config = checkpoint_config.adopt_checkpoint_config(config, command_line)
     config = algo.resolve_config(config)
     torch.set_float32_matmul_precision("high")
+    if config.training.compile_cache is not None and (config.training.compile
+                                                      or config.sampling.compile):
+        log.info("compiled artefacts cached in %s (training.compile_cache)",
+                 use_cache_dir(config.training.compile_cache))
     pl.seed_everything(config.seed, workers=True)
     if config.mode == "train":  # accepted once the run lock is held
         train(config, record)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -242,6 +243,18 @@ class _MetricsEveryNSteps:
         return f"{'Training':{len(self.validation_description)}}"
 
 
+def process_start_time() -> float | None:
+    """Wall-clock time (``time.time()`` scale) at which this process started, from Linux's
+    /proc (the process's start in clock ticks after boot); None elsewhere."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        started_after_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.time() - (uptime - started_after_boot)
+
+
 def step_fraction(trainer: pl.Trainer) -> str:
     """``step/max_steps`` of the trainer now."""
     return step_fraction_of(trainer.global_step, trainer.max_steps)
@@ -284,10 +297,13 @@ class TrainingReport(pl.Callback):
 
     The loss is copied without waiting (``readable_later``) and the line written once the copy
     has landed, so the host never waits for the device. Tokens per second and the ETA use the
-    wall time since training started (validation and checkpoint stalls included)."""
+    wall time since training started (validation and checkpoint stalls included).
+
+    Once, at the first optimizer step: how long the process took to get there (``started``:
+    its start, ``process_start_time()``), which is what compilation costs a run."""
 
     def __init__(self, every_n_steps: int, tokens_per_step: int, curves_path: str | Path,
-                 title: str = "training") -> None:
+                 title: str = "training", started: float | None = None) -> None:
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps={every_n_steps}: must be >= 1")
         self.every_n_steps, self.tokens_per_step = every_n_steps, int(tokens_per_step)
@@ -297,6 +313,7 @@ class TrainingReport(pl.Callback):
         self._pending: collections.deque[tuple] = collections.deque()
         self._start: tuple[float, int] = (time.perf_counter(), 0)
         self._last_step: int | None = None
+        self._started, self._first_logged = started, False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = (time.perf_counter(), trainer.global_step)
@@ -305,12 +322,28 @@ class TrainingReport(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
+        if step != self._last_step and not self._first_logged and trainer.is_global_zero:
+            self._log_first_step(step, pl_module.device)
         if step != self._last_step and step % self.every_n_steps == 0 and trainer.is_global_zero:
             copied = copy_logged(trainer.callback_metrics, ("train/loss",))
             if copied is not None:
                 self._pending.append((step, time.perf_counter(), *copied))
         self._last_step = step
         self._report(trainer, wait=False)
+
+    def _log_first_step(self, step: int, device: torch.device) -> None:
+        """Once per process: when this process's first optimizer step ended, counted from the
+        process's start (``started``, wall clock) and from the start of training; the step's
+        kernels are waited for (one sync)."""
+        self._first_logged = True
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        since_start = ("" if self._started is None
+                       else f"{time.time() - self._started:.1f} s after the process started, ")
+        log.info("first optimizer step (step %d) done %s%.1f s after training started "
+                 "(start-up, compilation and the first step's micro-batches)", step,
+                 since_start, now - self._start[0])
 
     def _report(self, trainer: pl.Trainer, wait: bool) -> None:
         t0, s0 = self._start

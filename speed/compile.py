@@ -7,7 +7,9 @@ batch size, e.g. validation's, compiles one more graph) and the inductor options
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -19,6 +21,19 @@ from speed.options import SpeedOptions
 # a distillation step needs more than torch's default of 8, past which the forward ran eager
 # ("hit config.recompile_limit (8) ... GLOBAL_STATE changed: grad_mode").
 RECOMPILE_LIMIT = 64
+
+
+def use_cache_dir(directory: str | os.PathLike) -> Path:
+    """Keep every on-disk compile cache in ``directory``: inductor's (compiled graphs,
+    kernels, autotuning results; ``TORCHINDUCTOR_CACHE_DIR``, read at each lookup) and
+    Triton's (``TRITON_CACHE_DIR`` = ``directory``/triton, unless already set: the fused CE's
+    own kernel is compiled by Triton directly). A later run with the same shapes there loads
+    what it finds instead of compiling. Process-wide environment settings."""
+    path = Path(directory).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    os.environ.setdefault("TRITON_CACHE_DIR", str(path / "triton"))
+    return path
 
 
 def room_for_graphs() -> None:
@@ -53,10 +68,23 @@ def compile_options(extra: dict | None = None) -> dict | None:
     return options
 
 
-def compile_network(network: torch.nn.Module, extra_options: dict | None = None) -> None:
-    """Compile ``network``'s forward in place, with static shapes."""
+COMPILE_SCOPES = ("whole", "blocks")  # bench/train_step.py --compile-scopes
+
+
+def compile_network(network: torch.nn.Module, extra_options: dict | None = None,
+                    scope: str = "whole") -> None:
+    """Compile ``network`` in place, with static shapes: its whole forward (``scope="whole"``),
+    or each of its repeated ``blocks`` on its own (``"blocks"``, regional compilation: the
+    blocks share one forward's code, so dynamo traces and inductor compiles it once)."""
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"compile scope {scope!r}: expected one of {COMPILE_SCOPES}")
     room_for_graphs()
-    network.compile(dynamic=False, options=compile_options(extra_options))
+    options = compile_options(extra_options)
+    if scope == "blocks":
+        for block in network.blocks:
+            block.compile(dynamic=False, options=options)
+    else:
+        network.compile(dynamic=False, options=options)
 
 
 def compile_for_sampling(network: torch.nn.Module) -> bool:

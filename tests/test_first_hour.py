@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -64,12 +65,14 @@ def checkpoints(tmp_path_factory):
 def trained(tmp_path_factory):
     """One tiny FLM training run: 4 steps, validation and last.ckpt every 2, a log line every 2."""
     run_dir = tmp_path_factory.mktemp("train") / "run"
+    launched = time.time()
     proc = run([*TINY, "trainer.max_steps=4", "trainer.val_check_interval=2",
                 "trainer.limit_val_batches=1", "trainer.log_every_n_steps=2",
                 "callbacks.checkpoint_last.every_n_train_steps=2",
                 "callbacks.checkpoint_every_n_steps.every_n_train_steps=100",
                 f"hydra.run.dir={run_dir}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir / "wall_s").write_text(f"{time.time() - launched}")  # launch to exit, this side
     return run_dir, proc.stdout + proc.stderr
 
 
@@ -241,6 +244,21 @@ def test_training_logs_steps_draws_curves_and_stays_quiet(trained):
     for noise in ("exists and is not empty", "Tip:", "GPU available", "is deprecated",
                   "weights_only"):
         assert noise not in log, noise
+
+
+def test_training_says_when_the_first_step_ended(trained):
+    """One line, at step 1: seconds since the process started (from /proc, counted by the
+    process itself) >= seconds since training started > 0, and within the wall time this
+    side measured from launch to exit."""
+    run_dir, log = trained
+    lines = [ln for ln in log.splitlines() if "first optimizer step" in ln]
+    assert len(lines) == 1, log[-3000:]
+    found = re.search(r"\(step 1\) done ([0-9.]+) s after the process started, ([0-9.]+) s "
+                      r"after training started", lines[0])
+    assert found, lines[0]
+    since_process, since_training = float(found[1]), float(found[2])
+    assert since_process >= since_training > 0
+    assert since_process <= float((run_dir / "wall_s").read_text())
 
 
 def test_progress_bar_shows_steps_not_epochs():
