@@ -97,12 +97,15 @@ def denoised_projection(network, h: torch.Tensor, t: torch.Tensor, t2: torch.Ten
     The network's ``denoised`` on one chunk of positions at a time, so that the
     (B, chunk, V) logits exist for one chunk only. ``project=False`` (the last step, where
     z = p and argmax z = argmax p = argmax f) returns ``(None, argmax f)`` without ``p @ E``.
+    With the product, the logits and p of a chunk exist together: chunks of half as many
+    positions then, so that a step's peak memory is the same with or without it (a k-step
+    sampler needs no more than a one-step one).
     """
     hidden, c = network.features(h.to(network.input_embedding.dtype), t, t2)
+    chunk = max(1, position_chunk // 2) if project else position_chunk
     proj, tokens = [], []
-    for start in range(0, hidden.shape[1], position_chunk):
-        p_proj, chunk_tokens = network.denoised(hidden[:, start:start + position_chunk], c,
-                                                project)
+    for start in range(0, hidden.shape[1], chunk):
+        p_proj, chunk_tokens = network.denoised(hidden[:, start:start + chunk], c, project)
         proj.append(p_proj)
         tokens.append(chunk_tokens)
     return (torch.cat(proj, dim=1) if project else None), torch.cat(tokens, dim=1)
