@@ -905,6 +905,8 @@ def run_budgets(out: Path, args: argparse.Namespace, preset: Preset, budgets: Se
                 write_outputs(budget_dir(out, budget), done, budget_settings(budget, done),
                               ladder, budget_gaps(out, budget, ladder), quiet=True)
 
+    for budget in budgets:  # its tables may come before any of its stages starts
+        budget_dir(out, budget).mkdir()
     start = time.perf_counter()
     seconds = run_stages(stages, out, env, jobs, on_done=tables_so_far)
     results = {}
