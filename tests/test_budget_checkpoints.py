@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,11 +38,16 @@ def assert_same(a, b, where: str = "") -> None:
         assert a == b, f"{where}: {a!r} vs {b!r}"
 
 
-def train(driver, stage, log: Path) -> None:
-    with open(log, "w") as f:
-        proc = subprocess.run(driver.main_command(stage), cwd=ROOT, env=driver.stage_env("cpu"),
-                              stdout=f, stderr=subprocess.STDOUT, timeout=300)
-    assert proc.returncode == 0, log.read_text()[-3000:]
+def train_together(driver, stages_and_logs) -> None:
+    """Run the training stages at the same time (each its own process, as in the driver)."""
+    procs = []
+    for stage, log in stages_and_logs:
+        with open(log, "w") as f:
+            procs.append((subprocess.Popen(driver.main_command(stage), cwd=ROOT,
+                                           env=driver.stage_env("cpu", len(stages_and_logs)),
+                                           stdout=f, stderr=subprocess.STDOUT), log))
+    for proc, log in procs:
+        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
 
 
 @pytest.mark.parametrize("algo", ["flm", "mdlm", "ar"])
@@ -63,9 +67,10 @@ def test_checkpoint_at_a_budget_step_is_the_run_of_that_budget(tmp_path, algo):
     short_run = next(st for st in driver.stage_commands(short_out, preset, BUDGET, 1, shared,
                                                         [model], BUDGET)
                      if st.name == f"train {algo}")
-    for stage, out in ((long_run, long_out), (short_run, short_out)):
+    for out in (long_out, short_out):
         out.mkdir()
-        train(driver, stage, out / "train.log")
+    train_together(driver, [(long_run, long_out / "train.log"),
+                            (short_run, short_out / "train.log")])
 
     at_budget = torch.load(driver.step_checkpoint(long_out, algo, BUDGET), map_location="cpu",
                            weights_only=False)
