@@ -1,6 +1,7 @@
 """Where a synthetic ladder's time went: per stage, its wall time (the driver's log), optimizer
 steps and training ms/step (train/ms_per_step, last logged value), and the rest (start-up,
-validation, sampling). Reads a ``scripts/synthetic_table.py --out`` directory.
+validation, sampling). Reads a ``scripts/synthetic_table.py --out`` directory (with
+``--budgets`` too).
 
     python bench/ladder_timing.py runs/ladder
 """
@@ -27,7 +28,8 @@ def training_rate(run: Path) -> tuple[float | None, int | None]:
 
 
 def main(out: Path) -> None:
-    table = json.loads((out / "table.json").read_text()) if (out / "table.json").exists() else {}
+    name = "table.json" if (out / "table.json").exists() else "budget_table.json"  # --budgets
+    table = json.loads((out / name).read_text()) if (out / name).exists() else {}
     seconds = table.get("settings", {}).get("stage_seconds", {})
     print("| stage | wall s | train ms/step | steps | training s | rest s |")
     print("|---|---|---|---|---|---|")

@@ -35,12 +35,21 @@ t on its own trajectories and on data states: ``table.json``, ``kl_vs_t.png``);
 the exact denoiser elsewhere (eval.denoiser=hybrid), rows plus a band table of the excess
 NLL over the exact denoiser (docs/math.md §12).
 
-``--budgets B1,B2,...``: the ladder once per budget B under ``--out/budget_<B>`` (FLM, MDLM
-and AR trained for B optimizer steps, the distillations from that FLM; the exact denoiser
-and the exact-teacher distillations, which no budget changes, only in the first), then
-``budget_table.md``, ``budget_table.json`` and ``oracle_nll_vs_budget.png`` (oracle NLL
-against optimizer steps, one line per sampling-step count, one panel per model) in
-``--out``.
+``--budgets B1,B2,...``: FLM, MDLM and AR are each trained once, to the largest budget,
+under ``--out/<run>``, keeping a checkpoint every gcd(budgets) optimizer steps
+(callbacks.checkpoint_every_n_steps, ``checkpoints/step<N>.ckpt``). The learning rate is
+constant after warm-up and nothing else in training depends on trainer.max_steps, so the
+checkpoint at step B is the run of budget B (tests/test_budget_checkpoints.py checks it).
+Per budget B, under ``--out/budget_<B>``: each of those models sampled from its step-B
+checkpoint, stage 1 and FMLM distilled from FLM's, and FLM's diagnostics and bands, each
+stage started as soon as the checkpoint it reads exists (they are written atomically),
+while the training goes on. The exact denoiser and the exact-teacher distillations, which
+no budget changes, run once (``--out/<run>``) and appear in every budget's table. Training
+costs the largest budget, not the sum. Then each budget's ladder table
+(``budget_<B>/table.md``, ``table.json`` and plots), and in ``--out``
+``budget_table.md``, ``budget_table.json`` (every stage's wall time under
+``settings.stage_seconds``) and ``oracle_nll_vs_budget.png`` (oracle NLL against optimizer
+steps, one line per sampling-step count, one panel per model).
 
 Shared settings come from ``+experiment=synthetic_ladder`` (configs/experiment/); the
 ``--size`` preset's overrides and the stage-specific keys are added on top; extra
@@ -64,6 +73,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -73,6 +84,7 @@ from evaluation.plots import (  # noqa: E402 - after the repo-root path insert
 )
 from models.exact_denoiser import GAP_TIME_BINS, ORACLE  # noqa: E402
 from runtime import cli  # noqa: E402 - after the repo-root path insert
+from runtime.checkpointing import LAST_NAME, PERIODIC_PREFIX  # noqa: E402
 
 logger = logging.getLogger("synthetic_table")
 
@@ -169,12 +181,10 @@ def band_label(band: tuple[float, float]) -> str:
     return f"FLM on [{band[0]:g}, {band[1]:g}), exact elsewhere"
 
 
-def models(preset: Preset, length: int, available: Sequence[str],
-           budget_free: bool = True, diagnose: bool = False,
+def models(preset: Preset, length: int, available: Sequence[str], diagnose: bool = False,
            bands: Sequence[tuple[float, float]] = ()) -> tuple[Model, ...]:
     """The ladder's rows for a preset; ``available``: algo.ALGORITHMS' names;
-    ``budget_free=False`` leaves out the models no optimizer budget changes
-    (``BUDGET_FREE_RUNS``); ``diagnose``: FLM's evaluation adds eval.diagnose=true;
+    ``diagnose``: FLM's evaluation adds eval.diagnose=true;
     ``bands``: one row per band, FLM's checkpoint sampled with eval.denoiser=hybrid
     (evaluation/diagnostics.py)."""
     flm_steps, distilled = preset.flm_sampling_steps, preset.distilled_sampling_steps
@@ -198,8 +208,6 @@ def models(preset: Preset, length: int, available: Sequence[str],
         rows.append(Model(band_label((lo, hi)), f"band_{lo:g}_{hi:g}", "flm", flm_steps,
                           train=None, sampled_from="flm", eval_overrides=(
                               "eval.denoiser=hybrid", f"eval.hybrid_band=[{lo},{hi}]")))
-    if not budget_free:
-        rows = [row for row in rows if row.run not in BUDGET_FREE_RUNS]
     return tuple(rows)
 
 
@@ -216,7 +224,13 @@ def quoted(path: Path) -> str:
 
 
 def checkpoint(out: Path, run: str) -> Path:
-    return out / run / "checkpoints" / "last.ckpt"
+    return out / run / "checkpoints" / LAST_NAME
+
+
+def step_checkpoint(out: Path, run: str, step: int) -> Path:
+    """The periodic checkpoint of ``out/run`` at optimizer step ``step`` (main.py names them
+    ``step<8 digits>.ckpt``; written atomically, so it is complete once it exists)."""
+    return out / run / "checkpoints" / f"{PERIODIC_PREFIX}{step:08d}.ckpt"
 
 
 def eval_dir(out: Path, run: str) -> Path:
@@ -225,12 +239,16 @@ def eval_dir(out: Path, run: str) -> Path:
 
 @dataclass(frozen=True)
 class Stage:
-    """One ``python -m main`` run of the ladder: its name ("train flm", "sample_eval flm"),
-    its overrides and the stages whose checkpoints it reads (run before it)."""
+    """One ``python -m main`` run of the ladder: its name ("train flm", "sample_eval flm",
+    "train budget_2000/stage1": the kind, then its run directory relative to ``--out``), its
+    overrides, the stages that must have finished before it starts (``needs``), and the
+    checkpoint files it reads from a stage that may still be running (``reads``: (writer
+    stage, file) pairs; it starts once each file exists)."""
 
     name: str
     overrides: list[str]
     needs: tuple[str, ...] = ()
+    reads: tuple[tuple[str, Path], ...] = ()
 
     @property
     def run(self) -> str:
@@ -243,47 +261,127 @@ TEACHER_RUNS = {"stage1": ("flm",), "fmlm": ("flm", "stage1"), "fmlm_oracle": ("
 
 def stage_commands(out: Path, preset: Preset, flm_steps: int, distill_steps: int,
                    shared: Sequence[str], ladder: Sequence[Model],
-                   baseline_steps: int | None = None) -> list[Stage]:
+                   baseline_steps: int | None = None, root: Path | None = None,
+                   trained: dict[str, tuple[str, Path]] | None = None,
+                   budget_overrides: Sequence[str] = (), evaluate: bool = True) -> list[Stage]:
     """The ladder's stages in run order (a valid sequential order: every stage after what it
-    needs); ``shared`` goes to every stage."""
+    needs); ``shared`` goes to every stage. Run directories are ``out/<run>``, stage names
+    relative to ``root`` (default ``out``). ``trained``: runs trained outside this ladder, run
+    -> (the stage writing its checkpoint, the file): no train stage, their readers wait for
+    the file. ``budget_overrides`` go to the FLM and baseline training stages;
+    ``evaluate=False`` leaves out the sample_eval stages."""
+    root = root or out
+    trained = trained or {}
+    prefix = out.relative_to(root)
     base = [EXPERIMENT, *shared]
-    flm, stage1 = quoted(checkpoint(out, "flm")), quoted(checkpoint(out, "stage1"))
-    stage1_oracle = quoted(checkpoint(out, "stage1_oracle"))
+
+    def name(kind: str, run: str) -> str:
+        return f"{kind} {(prefix / run).as_posix()}"
+
+    def ckpt(run: str) -> str:
+        return quoted(trained[run][1] if run in trained else checkpoint(out, run))
+
+    def after(runs: Sequence[str]) -> tuple[tuple[str, ...], tuple[tuple[str, Path], ...]]:
+        """(needs, reads) of a stage reading the checkpoints of ``runs``."""
+        return (tuple(name("train", run) for run in runs if run not in trained),
+                tuple(trained[run] for run in runs if run in trained))
+
     baseline_steps = baseline_steps or preset.baseline_steps or flm_steps
+    distill = [f"trainer.max_steps={distill_steps}"]
     train = {
-        "flm": [f"trainer.max_steps={flm_steps}"],
-        "stage1": [f"algo.teacher_path={flm}", f"trainer.max_steps={distill_steps}"],
-        "fmlm": [f"algo.teacher_f_path={flm}", f"algo.teacher_g_path={stage1}",
-                 f"trainer.max_steps={distill_steps}"],
-        "stage1_oracle": [f"algo.teacher_path={ORACLE}", f"trainer.max_steps={distill_steps}"],
-        "fmlm_oracle": [f"algo.teacher_f_path={ORACLE}", f"algo.teacher_g_path={stage1_oracle}",
-                        f"trainer.max_steps={distill_steps}"],
+        "flm": [f"trainer.max_steps={flm_steps}", *budget_overrides],
+        "stage1": [f"algo.teacher_path={ckpt('flm')}", *distill],
+        "fmlm": [f"algo.teacher_f_path={ckpt('flm')}", f"algo.teacher_g_path={ckpt('stage1')}",
+                 *distill],
+        "stage1_oracle": [f"algo.teacher_path={ORACLE}", *distill],
+        "fmlm_oracle": [f"algo.teacher_f_path={ORACLE}",
+                        f"algo.teacher_g_path={ckpt('stage1_oracle')}", *distill],
     }
     commands = []
     for model in ladder:
         algo = f"algo={model.algo}"  # sample_eval too: the saved algo keys merge into this group
         extra = [*model.train] if model.train else []
+        if model.train is not None and model.run not in trained:
+            stage = train.get(model.run, [f"trainer.max_steps={baseline_steps}",
+                                          *budget_overrides])
+            commands.append(Stage(name("train", model.run), [
+                *base, algo, *extra, *stage, f"hydra.run.dir={quoted(out / model.run)}"],
+                *after(TEACHER_RUNS.get(model.run, ()))))
+        if not evaluate:
+            continue
         if model.train is not None:
-            stage = train.get(model.run, [f"trainer.max_steps={baseline_steps}"])
-            needs = tuple(f"train {run}" for run in TEACHER_RUNS.get(model.run, ()))
-            commands.append(Stage(f"train {model.run}", [
-                *base, algo, *extra, *stage, f"hydra.run.dir={quoted(out / model.run)}"], needs))
-            source = [f"eval.checkpoint_path={quoted(checkpoint(out, model.run))}"]
-            evaluated_after = (f"train {model.run}",)
+            source = [f"eval.checkpoint_path={ckpt(model.run)}"]
+            evaluated_after = after((model.run,))
         elif model.sampled_from is not None:
-            source = [f"eval.checkpoint_path={quoted(checkpoint(out, model.sampled_from))}"]
-            evaluated_after = (f"train {model.sampled_from}",)
+            source = [f"eval.checkpoint_path={ckpt(model.sampled_from)}"]
+            evaluated_after = after((model.sampled_from,))
         else:
             source = [f"eval.denoiser={ORACLE}"]
-            evaluated_after = ()
+            evaluated_after = ((), ())
         steps = ",".join(str(s) for s in model.sampling_steps)
-        commands.append(Stage(f"sample_eval {model.run}", [
+        commands.append(Stage(name("sample_eval", model.run), [
             *base, algo, *extra, "mode=sample_eval", "eval.judge=oracle",
             "eval.compute_mauve=false", *source, *model.eval_overrides,
             f"sampling.steps=[{steps}]",
             f"eval.output_dir={quoted(eval_dir(out, model.run))}",
-            f"hydra.run.dir={quoted(out / model.run / 'eval_run')}"], evaluated_after))
+            f"hydra.run.dir={quoted(out / model.run / 'eval_run')}"], *evaluated_after))
     return commands
+
+
+def budget_dir(out: Path, budget: int) -> Path:
+    return out / f"budget_{budget}"
+
+
+def budget_run(budget: int, run: str) -> str:
+    """Where (relative to ``--out``) a model of budget ``budget``'s ladder is evaluated: a
+    model no budget changes once, in ``<run>``; the others in ``budget_<B>/<run>``."""
+    return run if run in BUDGET_FREE_RUNS else (budget_dir(Path(), budget) / run).as_posix()
+
+
+def trained_once(ladder: Sequence[Model]) -> tuple[Model, ...]:
+    """The models an optimizer budget applies to (FLM and the baselines): trained once, to
+    the largest budget, and evaluated from the checkpoint at each budget's step."""
+    return tuple(m for m in ladder if m.train is not None and m.run not in TEACHER_RUNS
+                 and m.run not in BUDGET_FREE_RUNS)
+
+
+def periodic_overrides(budgets: Sequence[int], last_every: int) -> list[str]:
+    """Training overrides that keep a checkpoint (``step<N>.ckpt``, save_top_k=-1) every
+    gcd(budgets) steps, so one exists at each budget's step. ``last_every``: the stage's
+    callbacks.checkpoint_last.every_n_train_steps; the two callbacks may not share a period
+    (runtime/config.py), so when they would, last.ckpt is written only at the end
+    (FinalCheckpoint): the ladder never resumes a stage."""
+    every = math.gcd(*budgets)
+    keys = [f"callbacks.checkpoint_every_n_steps.every_n_train_steps={every}",
+            "callbacks.checkpoint_every_n_steps.save_top_k=-1"]
+    if every == last_every:
+        keys.append(f"callbacks.checkpoint_last.every_n_train_steps={max(budgets) + 1}")
+    return keys
+
+
+def budget_stage_commands(out: Path, preset: Preset, budgets: Sequence[int],
+                          distill_steps: int, shared: Sequence[str], ladder: Sequence[Model],
+                          last_every: int) -> list[Stage]:
+    """The stages of ``--budgets``: FLM and the baselines trained once, to the largest budget,
+    under ``out/<run>``, keeping ``step<B>.ckpt`` at every budget B (``periodic_overrides``);
+    the models no budget changes once, under ``out/<run>``; per budget B, under
+    ``out/budget_<B>/<run>``, the sample_eval of each of those checkpoints at step B and the
+    distillations (and their evaluations) from FLM's, each started once the file it reads
+    exists. Training costs the largest budget, not the sum."""
+    longest = max(budgets)
+    once = trained_once(ladder)
+    free = [m for m in ladder if m.run in BUDGET_FREE_RUNS]
+    stages = stage_commands(out, preset, longest, distill_steps, shared, once, longest,
+                            budget_overrides=periodic_overrides(budgets, last_every),
+                            evaluate=False)
+    stages += stage_commands(out, preset, longest, distill_steps, shared, free)
+    per_budget = [m for m in ladder if m.run not in BUDGET_FREE_RUNS]
+    for budget in budgets:
+        trained = {m.run: (f"train {m.run}", step_checkpoint(out, m.run, budget))
+                   for m in once}
+        stages += stage_commands(budget_dir(out, budget), preset, budget, distill_steps,
+                                 shared, per_budget, budget, root=out, trained=trained)
+    return stages
 
 
 def _log_tail(log_path: Path, chars: int = 3000) -> str:
@@ -291,12 +389,13 @@ def _log_tail(log_path: Path, chars: int = 3000) -> str:
 
 
 def critical_order(stages: Sequence[Stage]) -> dict[str, int]:
-    """Stages that have the longest chain of stages waiting on them come first (the FLM ->
-    stage 1 -> FMLM chain), so the runs in parallel end as early as the chain allows; ties
-    keep the run order. Returns name -> rank (0 first)."""
+    """Stages that have the longest chain of stages waiting on them (``needs`` and the
+    writers of ``reads``) come first (the FLM -> stage 1 -> FMLM chain), so the runs in
+    parallel end as early as the chain allows; ties keep the run order. Returns name -> rank
+    (0 first)."""
     dependents: dict[str, list[str]] = {st.name: [] for st in stages}
     for st in stages:
-        for need in st.needs:
+        for need in (*st.needs, *(writer for writer, _ in st.reads)):
             if need not in dependents:
                 raise ValueError(f"stage '{st.name}' needs '{need}', which is not a stage")
             dependents[need].append(st.name)
@@ -324,10 +423,12 @@ def run_stages(stages: Sequence[Stage], out: Path, env: dict[str, str], jobs: in
                ) -> dict[str, float]:
     """Run every stage (``command(stage)``: ``python -m main <overrides>``, from the repo
     root, output to its log), up to ``jobs`` at a time, each once all it ``needs`` has
-    finished; ``on_done(stage, seconds so far)`` after each success. Seconds per stage. A
-    failed stage stops the others and is one SystemExit with the end of its log; so is any
-    exception here (SIGTERM through ``main``'s handler, Ctrl-C): no stage outlives the
-    driver."""
+    finished and every file it ``reads`` exists (checkpoints are written to a temporary file
+    and renamed, runtime/checkpointing.write_atomically: one that exists is complete);
+    ``on_done(stage, seconds so far)`` after each success. Seconds per stage. A failed
+    stage, or one that ends without writing a file another reads, stops the others and is
+    one SystemExit (with the end of its log); so is any exception here (SIGTERM through
+    ``main``'s handler, Ctrl-C): no stage outlives the driver."""
     rank = critical_order(stages)
     pending = sorted(stages, key=lambda st: rank[st.name])
     running: dict[str, tuple[Stage, subprocess.Popen, float, Any]] = {}
@@ -343,12 +444,21 @@ def run_stages(stages: Sequence[Stage], out: Path, env: dict[str, str], jobs: in
                 proc.kill()
             log_file.close()
 
+    def ready(st: Stage) -> bool:
+        for writer, path in st.reads:
+            if not path.is_file():
+                if writer in seconds:
+                    raise SystemExit(f"stage '{writer}' ended without writing {path}, which "
+                                     f"stage '{st.name}' reads")
+                return False
+        return all(need in seconds for need in st.needs)
+
     try:
         while pending or running:
             for st in list(pending):
                 if len(running) >= jobs:
                     break
-                if all(need in seconds for need in st.needs):
+                if ready(st):
                     log_path = stage_log(out, st)
                     log_path.parent.mkdir(parents=True, exist_ok=True)
                     logger.info("[%s] python -m main %s", st.name, " ".join(st.overrides))
@@ -358,8 +468,9 @@ def run_stages(stages: Sequence[Stage], out: Path, env: dict[str, str], jobs: in
                     running[st.name] = (st, proc, time.perf_counter(), log_file)
                     pending.remove(st)
             if not running:
-                raise SystemExit("the ladder's stages wait on each other: "
-                                 + ", ".join(f"{st.name} needs {st.needs}" for st in pending))
+                raise SystemExit("the ladder's stages wait on each other: " + ", ".join(
+                    f"{st.name} needs {st.needs} and reads {[str(p) for _, p in st.reads]}"
+                    for st in pending))
             time.sleep(poll_seconds)
             for name in [n for n, (_, proc, _, _) in running.items() if proc.poll() is not None]:
                 st, proc, start, log_file = running.pop(name)
@@ -394,13 +505,18 @@ def row_note(row: dict[str, Any]) -> str:
     return note
 
 
-def read_gap(run_dir: Path) -> dict[str, float]:
+def read_gap(run_dir: Path, max_step: int | None = None) -> dict[str, float]:
     """val/gap and val/gap_bin<k> of the last validation in a run's CSV log
-    (``<run>/csv/version_*/metrics.csv``); {} when the run never validated."""
+    (``<run>/csv/version_*/metrics.csv``); {} when the run never validated. ``max_step``:
+    the last validation of the weights at or before that optimizer step (the log's ``step``
+    of a validation after N optimizer steps is N - 1, Lightning's index of the last batch),
+    what a run of ``max_step`` steps would have logged last."""
     last: dict[str, float] = {}
     for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
         with open(path, newline="") as f:
             for record in csv.DictReader(f):
+                if max_step is not None and int(record["step"]) >= max_step:
+                    continue
                 if record.get("val/gap"):
                     last = {k: float(v) for k, v in record.items()
                             if k.startswith("val/gap") and v}
@@ -592,9 +708,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--baseline-steps", type=int, default=None,
                    help="optimizer steps of each baseline (default: the preset's, else FLM's)")
     p.add_argument("--budgets", type=_budget_list, default=None,
-                   help="comma-separated optimizer budgets, e.g. 4000,8000: the ladder once "
-                   "per budget (FLM and baselines trained that long), then the budget table "
-                   "and plot; replaces --flm-steps and --baseline-steps")
+                   help="comma-separated optimizer budgets, e.g. 4000,8000: FLM and the "
+                   "baselines trained once to the largest, evaluated (and FLM distilled) "
+                   "from the checkpoint at each budget's step, then the budget table and "
+                   "plot; replaces --flm-steps and --baseline-steps")
     p.add_argument("--diagnose", action="store_true",
                    help="FLM's evaluation with eval.diagnose=true: KL(exact || FLM) per tenth "
                    "of t on its trajectories and on data states (table.json, kl_vs_t.png)")
@@ -650,13 +767,12 @@ def _budget_list(text: str) -> list[int]:
     return budgets
 
 
-def ladder_length(shared: Sequence[str]) -> int:
-    """model.length the stages will use (experiment config + shared overrides)."""
+def ladder_config(shared: Sequence[str]) -> DictConfig:
+    """The config the stages compose (experiment config + shared overrides)."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
-        config = compose(config_name="config", overrides=[EXPERIMENT, *shared])
-    return int(config.model.length)
+        return compose(config_name="config", overrides=[EXPERIMENT, *shared])
 
 
 def _terminated(signum, frame) -> None:
@@ -679,27 +795,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         flm_steps = args.flm_steps or preset.flm_steps
         baseline_steps = args.baseline_steps or preset.baseline_steps or flm_steps
         return run_ladder(out, args, preset, flm_steps, distill_steps, baseline_steps)
-    results = {}
-    for k, budget in enumerate(args.budgets):
-        sub = out / f"budget_{budget}"
-        sub.mkdir()
-        results[budget] = run_ladder(sub, args, preset, budget, distill_steps, budget,
-                                     budget_free=k == 0)
-    return write_budget_outputs(out, results)
+    return run_budgets(out, args, preset, args.budgets, distill_steps)
+
+
+def shared_overrides(args: argparse.Namespace, preset: Preset) -> list[str]:
+    """Overrides of every stage: the device, the preset's, the user's."""
+    return [f"trainer.accelerator={DEVICE_ACCELERATORS[args.device]}",
+            *(["trainer.devices=1"] if args.device == "gpu" else []),
+            *preset.overrides, *args.overrides]
+
+
+def ladder_models(args: argparse.Namespace, preset: Preset,
+                  config: DictConfig) -> tuple[Model, ...]:
+    from algo import ALGORITHMS  # the baselines present in this checkout
+
+    return models(preset, int(config.model.length), list(ALGORITHMS), diagnose=args.diagnose,
+                  bands=args.bands)
 
 
 def run_ladder(out: Path, args: argparse.Namespace, preset: Preset, flm_steps: int,
-               distill_steps: int, baseline_steps: int, budget_free: bool = True,
-               ) -> dict[str, Any]:
-    """Train and evaluate one ladder under ``out`` and write its table (``write_outputs``);
-    ``budget_free=False``: without the models no budget changes (``BUDGET_FREE_RUNS``)."""
-    shared = [f"trainer.accelerator={DEVICE_ACCELERATORS[args.device]}",
-              *(["trainer.devices=1"] if args.device == "gpu" else []),
-              *preset.overrides, *args.overrides]
-    from algo import ALGORITHMS  # the baselines present in this checkout
-
-    ladder = models(preset, ladder_length(shared), list(ALGORITHMS), budget_free,
-                    diagnose=args.diagnose, bands=args.bands)
+               distill_steps: int, baseline_steps: int) -> dict[str, Any]:
+    """Train and evaluate one ladder under ``out`` and write its table (``write_outputs``)."""
+    shared = shared_overrides(args, preset)
+    ladder = ladder_models(args, preset, ladder_config(shared))
     jobs = args.jobs or preset.jobs
     env = stage_env(args.device, jobs)
     stages = stage_commands(out, preset, flm_steps, distill_steps, shared, ladder,
@@ -727,6 +845,80 @@ def run_ladder(out: Path, args: argparse.Namespace, preset: Preset, flm_steps: i
     return write_outputs(out, summaries, settings, ladder, read_gaps(out, ladder))
 
 
+def budget_gaps(out: Path, budget: int, ladder: Sequence[Model]) -> dict[str, dict[str, float]]:
+    """``read_gap`` of each model of budget ``budget``'s ladder; a model trained once to the
+    largest budget: its last validation at or before step ``budget``."""
+    once = {m.run for m in trained_once(ladder)}
+    gaps = {}
+    for m in ladder:
+        gap = (read_gap(out / m.run, budget) if m.run in once
+               else read_gap(out / budget_run(budget, m.run)))
+        if gap:
+            gaps[m.run] = gap
+    return gaps
+
+
+def run_budgets(out: Path, args: argparse.Namespace, preset: Preset, budgets: Sequence[int],
+                distill_steps: int) -> dict[str, Any]:
+    """``--budgets``: the stages of ``budget_stage_commands``, then each budget's ladder table
+    under ``out/budget_<B>`` (``write_outputs``, the models no budget changes in every one)
+    and the budget table and plot in ``out`` (``write_budget_outputs``)."""
+    shared = shared_overrides(args, preset)
+    config = ladder_config(shared)
+    ladder = ladder_models(args, preset, config)
+    cb = config.callbacks
+    last_every = (int(cb.checkpoint_last.every_n_train_steps) if "checkpoint_last" in cb
+                  else None)
+    jobs = args.jobs or preset.jobs
+    env = stage_env(args.device, jobs)
+    stages = budget_stage_commands(out, preset, budgets, distill_steps, shared, ladder,
+                                   last_every)
+    longest = max(budgets)
+    settings = {"size": args.size, "device": args.device, "jobs": jobs, "budgets": budgets,
+                "trained_to": longest, "checkpoint_every": math.gcd(*budgets),
+                "distill_steps": distill_steps, "shared_overrides": [EXPERIMENT, *shared]}
+
+    def budget_settings(budget: int, summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        return {**settings, "flm_steps": budget, "baseline_steps": budget,
+                "checkpoint": f"step {budget} of the run to {longest}",
+                **run_settings(summaries)}
+
+    logger.info("%d stages, up to %d at a time; FLM%s trained once to %d steps, evaluated at "
+                "%s", len(stages), jobs, "".join(f", {m.label}" for m in trained_once(ladder)
+                                                 if m.run != "flm"),
+                longest, ", ".join(map(str, budgets)))
+    evaluated: set[str] = set()
+
+    def tables_so_far(stage: Stage, seconds: dict[str, float]) -> None:
+        """After each evaluation: the table of each budget it belongs to, with the models
+        evaluated so far (a run cut short keeps what it finished)."""
+        if not stage.name.startswith("sample_eval"):
+            return
+        evaluated.add(stage.run)
+        for budget in budgets:
+            runs = {m.run: budget_run(budget, m.run) for m in ladder}
+            if stage.run not in runs.values():
+                continue
+            done = {run: read_summary(out, where) for run, where in runs.items()
+                    if where in evaluated}
+            if len(done) < len(ladder):
+                write_outputs(budget_dir(out, budget), done, budget_settings(budget, done),
+                              ladder, budget_gaps(out, budget, ladder), quiet=True)
+
+    for budget in budgets:  # its tables may come before any of its stages starts
+        budget_dir(out, budget).mkdir()
+    start = time.perf_counter()
+    seconds = run_stages(stages, out, env, jobs, on_done=tables_so_far)
+    results = {}
+    for budget in budgets:
+        summaries = {m.run: read_summary(out, budget_run(budget, m.run)) for m in ladder}
+        results[budget] = write_outputs(budget_dir(out, budget), summaries,
+                                        budget_settings(budget, summaries), ladder,
+                                        budget_gaps(out, budget, ladder))
+    settings.update(stage_seconds=seconds, total_seconds=time.perf_counter() - start)
+    return write_budget_outputs(out, results, settings)
+
+
 BUDGET_COLUMNS = (("model", "model", "{}"), ("budget", "optimizer steps", "{}"),
                   ("steps", "sampling steps", "{}"),
                   ("oracle_nll_per_token", "oracle NLL/token", "{:.3f}"),
@@ -736,20 +928,26 @@ BUDGET_COLUMNS = (("model", "model", "{}"), ("budget", "optimizer steps", "{}"),
 
 def budget_rows(results: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows of every budget's ladder table with their budget (the FLM / baseline optimizer
-    steps; None for a model no budget changes), budgets ascending; one source row."""
-    rows, source = [], None
+    steps; None for a model no budget changes, whose rows, the same in every ladder, are
+    taken once), budgets ascending; one source row."""
+    rows, source, free_done = [], None, False
     for budget in sorted(results):
         for row in results[budget]["rows"]:
             if row["steps"] is None:
                 source = source or row
                 continue
             free = row["model"] in BUDGET_FREE_LABELS
-            rows.append({**row, "budget": None if free else budget})
+            if not (free and free_done):
+                rows.append({**row, "budget": None if free else budget})
+        free_done = True
     return rows + ([{**source, "budget": None}] if source else [])
 
 
-def write_budget_outputs(out: Path, results: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """budget_table.md, budget_table.json and oracle_nll_vs_budget.png under ``out``."""
+def write_budget_outputs(out: Path, results: dict[int, dict[str, Any]],
+                         settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """budget_table.md, budget_table.json and oracle_nll_vs_budget.png under ``out``;
+    ``settings``: the run's (``stage_seconds``: every stage's wall time), each budget's
+    ladder settings under ``ladders``."""
     rows = budget_rows(results)
 
     def cell(row: dict[str, Any], key: str, fmt: str) -> str:
@@ -765,12 +963,14 @@ def write_budget_outputs(out: Path, results: dict[int, dict[str, Any]]) -> dict[
               for row in rows]
     table = "\n".join(lines)
     first = next(iter(results.values()))
-    header = (f"Oracle NLL per token against the optimizer budget of FLM, MDLM and AR (the "
-              f"distillations start from the FLM of their budget; '-': a model no budget "
-              f"changes). Source entropy {first['source_entropy_per_token']:.4f} nats/token.")
+    header = (f"Oracle NLL per token against the optimizer budget of FLM, MDLM and AR (each "
+              f"trained once to the largest budget and evaluated from its checkpoint at each "
+              f"budget's step; the distillations start from the FLM of their budget; '-': a "
+              f"model no budget changes). Source entropy "
+              f"{first['source_entropy_per_token']:.4f} nats/token.")
     (out / "budget_table.md").write_text(f"{header}\n\n{table}\n")
-    result = {"budgets": sorted(results), "rows": rows,
-              "settings": {str(b): r["settings"] for b, r in results.items()}}
+    result = {"budgets": sorted(results), "rows": rows, "settings": settings or {},
+              "ladders": {str(b): r["settings"] for b, r in results.items()}}
     (out / "budget_table.json").write_text(json.dumps(_json_safe(result), indent=2))
     plot_nll_vs_budget(rows, float(first["source_entropy_per_token"]),
                        out / "oracle_nll_vs_budget.png")
