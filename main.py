@@ -474,9 +474,8 @@ def run(config: DictConfig, command_line: list[str]) -> None:
     config = checkpoint_config.adopt_checkpoint_config(config, command_line)
     config = algo.resolve_config(config)
     torch.set_float32_matmul_precision("high")
-    if config.training.compile_cache is not None and (config.training.compile
-                                                      or config.sampling.compile):
-        log.info("compiled artefacts cached in %s (training.compile_cache)",
+    if config.training.compile_cache is not None:  # before anything is compiled
+        log.info("compile caches in %s (training.compile_cache)",
                  use_cache_dir(config.training.compile_cache))
     pl.seed_everything(config.seed, workers=True)
     if config.mode == "train":  # accepted once the run lock is held

@@ -86,8 +86,7 @@ class FlowLM(pl.LightningModule):
         self._teachers: dict[str, torch.nn.Module] = {}  # frozen, outside the registered children
         self.sharded = fsdp_training(config)  # configure_model shards under the trainer
         if compile_requested(config) and not self.sharded:
-            # under FSDP, configure_model compiles block by block
-            compile_network(self.backbone, scope=config.training.compile_scope)
+            compile_network(self.backbone)  # under FSDP, configure_model compiles block by block
         self._noise_generator: torch.Generator | None = None
 
     def build_network(self, config: DictConfig, vocab_size: int) -> torch.nn.Module:

@@ -17,9 +17,8 @@ imports, data, model, compilation, autotuning and the step's micro-batches).
 * warm: the same directory again, as a restarted (requeued) run on the same machine, or on
   any machine that sees the directory, finds it.
 
---scopes: ``training.compile_scope`` values (whole: the network's forward compiled as one
-graph; blocks: each DiT block compiled on its own, once for all blocks). With
---breakdown, dynamo's per-phase compile times of each process are printed after the table.
+Each row is printed as soon as its process ends (a run cut short keeps the rows it
+finished); with --breakdown, dynamo's per-phase compile times of the process follow it.
 """
 
 from __future__ import annotations
@@ -52,10 +51,9 @@ WITH_TIMES = ("import atexit, runpy, sys\n"
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, eager, CPU smoke run")
-    p.add_argument("--scopes", default="whole,blocks", help="training.compile_scope values")
     p.add_argument("--order", default="cold,warm",
-                   help="cache states per scope, in order (cold: a new directory; warm: the "
-                        "scope's directory again)")
+                   help="cache states, in order (cold: a new directory; warm: the last one "
+                        "again)")
     p.add_argument("--batch", type=int, default=None, help="micro-batch (32; quick: 2)")
     p.add_argument("--breakdown", action="store_true", help="dynamo's compile times per run")
     p.add_argument("extra", nargs="*", help="more Hydra overrides for main")
@@ -64,7 +62,7 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def overrides(args, run_dir: Path, cache: Path, scope: str) -> list[str]:
+def overrides(args, run_dir: Path, cache: Path) -> list[str]:
     quick = args.quick
     return ["+experiment=owt_flm", f"hydra.run.dir={run_dir}", "data=synthetic",
             f"data.vocab_size={64 if quick else GPT2_VOCAB}",
@@ -73,14 +71,14 @@ def overrides(args, run_dir: Path, cache: Path, scope: str) -> list[str]:
             f"loader.batch_size={args.batch}", "trainer.max_steps=1",
             "sampling.print_samples=0", "wandb.mode=disabled",
             f"training.compile={'false' if quick else 'true'}",
-            f"training.compile_scope={scope}", f"training.compile_cache={cache}",
+            f"training.compile_cache={cache}",
             *args.extra]
 
 
-def run_once(args, cache: Path, scope: str) -> dict:
+def run_once(args, cache: Path) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix="flm-cold-"))
     entry = ["-c", WITH_TIMES] if args.breakdown else ["-m", "main"]
-    cmd = [sys.executable, *entry, *overrides(args, run_dir, cache, scope)]
+    cmd = [sys.executable, *entry, *overrides(args, run_dir, cache)]
     print("# " + " ".join(cmd), file=sys.stderr, flush=True)
     env = {k: v for k, v in os.environ.items()
            if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
@@ -101,37 +99,31 @@ def run_once(args, cache: Path, scope: str) -> dict:
 
 def main() -> None:
     args = parse_args()
-    scopes, order = args.scopes.split(","), args.order.split(",")
+    order = args.order.split(",")
     if set(order) - {"cold", "warm"}:
         sys.exit(f"--order {args.order}: cold and/or warm")
-    caches = {scope: Path(tempfile.mkdtemp(prefix=f"flm-cache-{scope}-")) for scope in scopes}
-    rows = []
-    for scope in scopes:
-        for state in order:
-            if state == "cold":
-                caches[scope] = Path(tempfile.mkdtemp(prefix=f"flm-cache-{scope}-"))
-            rows.append({"scope": scope, "cache": state, **run_once(args, caches[scope], scope)})
-            print(f"# done {scope} {state}: {rows[-1].get('first_step_s', 'failed')} s",
-                  file=sys.stderr, flush=True)
-    import torch  # after the runs: this process's own start-up is not in any row
-
-    device = (torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU")
-    print(f"\nFirst optimizer step of python -m main +experiment=owt_flm (data=synthetic), "
-          f"{device}, torch {torch.__version__}, micro-batch {args.batch}; rows in the order "
-          f"run (the first is the machine's first process)\n")
-    print("| # | compile_scope | compile cache | first step, s after process start | "
-          "of which after training started | process wall s |")
-    print("|---|---|---|---|---|---|")
-    for k, r in enumerate(rows, 1):
+    print(f"First optimizer step of python -m main +experiment=owt_flm (data=synthetic), "
+          f"micro-batch {args.batch}, training.compile={not args.quick}; rows in the order run "
+          f"(the first is the machine's first process)\n", flush=True)
+    print("| # | compile cache | first step, s after process start | of which after training "
+          "started | process wall s |")
+    print("|---|---|---|---|---|", flush=True)
+    cache = Path(tempfile.mkdtemp(prefix="flm-cache-"))
+    for k, state in enumerate(order, 1):
+        if state == "cold" and k > 1:
+            cache = Path(tempfile.mkdtemp(prefix="flm-cache-"))
+        r = run_once(args, cache)
         if "failed" in r:
-            print(f"| {k} | {r['scope']} | {r['cache']} | failed ({r['failed']}) | | "
-                  f"{r['wall_s']:.1f} |")
+            print(f"| {k} | {state} | failed ({r['failed']}) | | {r['wall_s']:.1f} |", flush=True)
             continue
-        print(f"| {k} | {r['scope']} | {r['cache']} | {r['first_step_s']:.1f} | "
-              f"{r['training_s']:.1f} | {r['wall_s']:.1f} |")
-    for k, r in enumerate(rows, 1):
+        print(f"| {k} | {state} | {r['first_step_s']:.1f} | {r['training_s']:.1f} | "
+              f"{r['wall_s']:.1f} |", flush=True)
         if r["times"]:
-            print(f"\n## row {k} ({r['scope']}, {r['cache']})\n\n{r['times'][:4000]}")
+            print(f"\n<!-- row {k} ({state}) -->\n```\n{r['times'][:4000]}\n```\n", flush=True)
+    import torch  # after the runs: importing it first would warm the OS file cache for row 1
+
+    print(f"\n{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}, "
+          f"torch {torch.__version__}")
 
 
 if __name__ == "__main__":

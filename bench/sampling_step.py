@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import types
 from pathlib import Path
 
 import torch
@@ -45,7 +44,6 @@ from common import (  # noqa: E402
 from flow.flow_map import flow_map  # noqa: E402
 from flow.sampling import denoised_projection, initial_state, sample_euler, step_grid  # noqa: E402
 from flow.schedule import AlphaGammaTable  # noqa: E402
-from models.dit import pad_vocab_rows  # noqa: E402
 from speed.compile import compile_for_sampling  # noqa: E402
 
 EPS = 1e-5
@@ -69,9 +67,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--modes", default="eager,compiled",
                    help="eager and/or compiled (torch.compile of the backbone's features)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per row (5; quick: 1)")
-    p.add_argument("--projections", default="logits",
-                   help="precision(s) of p and p @ E in the DiT's denoised: logits (the "
-                        "logits', as models/dit.py computes it) and/or float32 (the A/B)")
     a = p.parse_args()
     a.vocab = a.vocab or (512 if a.quick else GPT2_VOCAB)
     a.length = a.length or (32 if a.quick else 1024)
@@ -85,26 +80,11 @@ def parse_args() -> argparse.Namespace:
     return a
 
 
-@torch.no_grad()
-def denoised_float32(net, hidden, c, project=True):
-    """The DiT's ``denoised`` with p and p @ E in float32 whatever the logits' precision
-    (--projections float32: what the logits' precision is compared with)."""
-    logits = net.output_layer.padded_logits(net.output_layer.features(hidden, c))
-    tokens = logits[..., :net.vocab_size].argmax(dim=-1)
-    if not project:
-        return None, tokens
-    p = torch.softmax(logits.float(), dim=-1)
-    with torch.autocast(device_type=p.device.type, enabled=False):
-        return p @ pad_vocab_rows(net.input_embedding).float(), tokens
-
-
-def make_net(args, double_temb: bool, compiled: bool, projection: str = "logits"):
+def make_net(args, double_temb: bool, compiled: bool):
     torch.manual_seed(0)
     net = backbone(args.model_cfg, args.vocab, double_temb, device=args.device).eval()
     with torch.no_grad():
         net.output_layer.linear.weight.normal_(0, 0.02)
-    if projection == "float32":
-        net.denoised = types.MethodType(denoised_float32, net)
     if compiled:  # as sample_eval / generate with sampling.compile=true
         compile_for_sampling(net)
     return net
@@ -194,42 +174,38 @@ def main() -> None:
     fmlm_rows, euler_rows = [], []
     for mode in args.modes.split(","):
         compiled = mode == "compiled"
-        for proj in args.projections.split(","):
-            fmlm = make_net(args, True, compiled, proj)
-            for batch in args.batches:
-                for steps in args.fmlm_steps:
-                    fmlm_rows.append({"mode": mode, "proj": proj, "batch": batch, "steps": steps,
-                                      **fmlm_row(args, fmlm, table, batch, steps, torch.float32)})
-                    print(f"# done {mode} {proj} FMLM B={batch} steps={steps}", file=sys.stderr,
-                          flush=True)
-            del fmlm
-            flm = make_net(args, False, compiled, proj)
-            for name in args.state_dtype.split(","):
-                for chunk in args.euler_chunks:
-                    euler_rows.append({"mode": mode, "proj": proj, "state": name, "chunk": chunk,
-                                       **euler_vs_forward(args, flm, table, STATE_DTYPES[name],
-                                                          chunk)})
-                    print(f"# done {mode} {proj} FLM Euler step, state {name}, chunk {chunk}",
-                          file=sys.stderr, flush=True)
-            del flm
+        fmlm = make_net(args, True, compiled)
+        for batch in args.batches:
+            for steps in args.fmlm_steps:
+                fmlm_rows.append({"mode": mode, "batch": batch, "steps": steps,
+                                  **fmlm_row(args, fmlm, table, batch, steps, torch.float32)})
+                print(f"# done {mode} FMLM B={batch} steps={steps}", file=sys.stderr, flush=True)
+        del fmlm
+        flm = make_net(args, False, compiled)
+        for name in args.state_dtype.split(","):
+            for chunk in args.euler_chunks:
+                euler_rows.append({"mode": mode, "state": name, "chunk": chunk,
+                                   **euler_vs_forward(args, flm, table, STATE_DTYPES[name],
+                                                      chunk)})
+                print(f"# done {mode} FLM Euler step, state {name}, chunk {chunk}",
+                      file=sys.stderr, flush=True)
+        del flm
     cfg = args.model_cfg
     f = forward_flops_per_token(cfg, args.vocab)
     floor = (f + 2 * cfg.hidden_size * args.vocab) / f
     print(f"\nSampling, {device_name(args.device)}, torch {torch.__version__}, V={args.vocab}, "
           f"L={args.length}, model={cfg.name} (attn_softcap={cfg.get('attn_softcap', None)}), "
           f"bf16 autocast on GPU, position_chunk={args.chunk}\n")
-    one_step = {(r["mode"], r["proj"], r["batch"]): r for r in fmlm_rows
-                if r["steps"] == 1 and not r["oom"]}
-    print("p @ E: the precision of p and of the product (logits: the logits' own, bf16; "
-          "float32). vs k x 1 step: this row's time over k times the 1-step row's\n")
-    print("| mode | p @ E | FMLM B | steps | ms | seq/s | peak GiB | vs k x 1 step |")
-    print("|---|---|---|---|---|---|---|---|")
+    one_step = {(r["mode"], r["batch"]): r for r in fmlm_rows if r["steps"] == 1 and not r["oom"]}
+    print("vs k x 1 step: this row's time over k times the 1-step row's (same mode and B)\n")
+    print("| mode | FMLM B | steps | ms | seq/s | peak GiB | vs k x 1 step |")
+    print("|---|---|---|---|---|---|---|")
     for r in fmlm_rows:
-        head = f"| {r['mode']} | {r['proj']} | {r['batch']} | {r['steps']} | "
+        head = f"| {r['mode']} | {r['batch']} | {r['steps']} | "
         if r["oom"]:
             print(head + "out of memory | | | |")
             continue
-        one = one_step.get((r["mode"], r["proj"], r["batch"]))
+        one = one_step.get((r["mode"], r["batch"]))
         ratio = f"{r['ms'] / (r['steps'] * one['ms']):.3f}" if one else "-"
         print(head + f"{r['ms']:.1f} | {r['seq_per_s']:,.0f} | {r['peak_gib']:.1f} | {ratio} |")
     print(f"\nFLM Euler step vs one forward pass, B={args.euler_batch}. Forward on the state: "
@@ -237,15 +213,14 @@ def main() -> None:
           "body, as the paper's sampler calls it each step (target: step <= 1.1x it). Body "
           f"forward: from a D-space state, without z @ E (FLOP floor of that ratio "
           f"(F + 2·D·V) / F = {floor:.2f})\n")
-    print("| mode | p @ E | state | chunk | Euler step ms | forward on the state ms | ratio | "
+    print("| mode | state | chunk | Euler step ms | forward on the state ms | ratio | "
           "body forward ms | ratio | step peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in euler_rows:
         if r["oom"]:
-            print(f"| {r['mode']} | {r['proj']} | {r['state']} | {r['chunk']} | out of memory "
-                  "| | | | | |")
+            print(f"| {r['mode']} | {r['state']} | {r['chunk']} | out of memory | | | | | |")
             continue
-        print(f"| {r['mode']} | {r['proj']} | {r['state']} | {r['chunk']} | {r['step_ms']:.1f} | "
+        print(f"| {r['mode']} | {r['state']} | {r['chunk']} | {r['step_ms']:.1f} | "
               f"{r['state_forward_ms']:.1f} | {r['step_ms'] / r['state_forward_ms']:.2f} | "
               f"{r['forward_ms']:.1f} | {r['step_ms'] / r['forward_ms']:.2f} | "
               f"{r['peak_gib']:.1f} |")

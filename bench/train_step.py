@@ -43,7 +43,7 @@ from flow.losses import denoiser_loss  # noqa: E402
 from flow.path import input_noise, noisy_input  # noqa: E402
 from flow.schedule import AlphaGammaTable  # noqa: E402
 from runtime.optim import StepHealth, clip_by_global_norm  # noqa: E402
-from speed.compile import COMPILE_SCOPES, compile_network  # noqa: E402
+from speed.compile import compile_network  # noqa: E402
 
 # how a step clips its gradients (--clips): "kernel" as the runs clip (optim.clip_by_global_norm:
 # the factor as the fused AdamW's grad_scale on CUDA), "inplace" torch's clip_grad_norm_ (its
@@ -127,11 +127,9 @@ def make_module_step(model_cfg, vocab: int, fused_ce: str, compiled: bool,
 
 def measure(model_cfg, vocab: int, variant: str, batch: int, compiled: bool, fused_ce: str,
             device: torch.device, warmup: int, steps: int, peak_flops: float,
-            burst: int = 1, clip: str = "kernel", inductor: dict | None = None,
-            scope: str = "whole") -> dict:
+            burst: int = 1, clip: str = "kernel", inductor: dict | None = None) -> dict:
     """One row: step time, tokens/s, MFU and peak memory of one (variant, B, mode)."""
-    row = {"variant": variant, "batch": batch, "compiled": compiled, "oom": False,
-           "scope": scope if compiled else "-"}
+    row = {"variant": variant, "batch": batch, "compiled": compiled, "oom": False}
     reset_memory(device)
     torch.manual_seed(0)
     model = (backbone(model_cfg, vocab, device=device, fused_ce=fused_ce)
@@ -142,7 +140,7 @@ def measure(model_cfg, vocab: int, variant: str, batch: int, compiled: bool, fus
                                                clip)
         else:
             if compiled:
-                compile_network(model, inductor, scope)
+                compile_network(model, inductor)
             table = AlphaGammaTable(vocab).to(device)
             step, row["ce"] = make_step(model, table, variant, device, clip)
         tokens = torch.randint(0, vocab, (batch, model_cfg.length), device=device)
@@ -208,15 +206,11 @@ def main() -> None:
                    help="an inductor option over speed.compile.compile_options() for the "
                         "networks compiled here (repeatable), e.g. "
                         "max_autotune_gemm_backends=ATEN,TRITON (not the module variant)")
-    p.add_argument("--compile-scopes", default="whole",
-                   help=f"comma-separated, of {COMPILE_SCOPES}: the whole network compiled, or "
-                        "each block on its own (regional; the first-step column is the compile)")
     p.add_argument("--clips", default="kernel",
                    help="comma-separated ways to clip the gradients, a set of rows each "
                         f"({', '.join(CLIPS)}; kernel: as the runs clip)")
     args = p.parse_args()
     clips = listed(p, "--clips", args.clips, CLIPS)
-    scopes = listed(p, "--compile-scopes", args.compile_scopes, COMPILE_SCOPES)
     inductor = inductor_options(args.inductor)
     bursts = [int(b) for b in args.burst.split(",")]
     if min(bursts) < 1:
@@ -228,19 +222,16 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_float32_matmul_precision("high")
     rows = []
-    modes = args.modes.split(",")
-    settings = [(fused_ce, mode, scope, batch, variant, burst, clip)
-                for fused_ce in args.fused_ce.split(",") for mode in modes
-                for scope in (scopes if mode == "compiled" else ["-"])
+    settings = [(fused_ce, mode, batch, variant, burst, clip)
+                for fused_ce in args.fused_ce.split(",") for mode in args.modes.split(",")
                 for batch in batches for variant in args.variants.split(",")
                 for burst in bursts for clip in clips]
-    for fused_ce, mode, scope, batch, variant, burst, clip in settings:
+    for fused_ce, mode, batch, variant, burst, clip in settings:
         rows.append(measure(model_cfg, vocab, variant, batch, mode == "compiled", fused_ce, device,
-                            args.warmup, args.steps, args.peak_flops, burst, clip, inductor,
-                            scope if mode == "compiled" else "whole"))
+                            args.warmup, args.steps, args.peak_flops, burst, clip, inductor))
         rows[-1].update(fused_ce=fused_ce, burst=burst, clip=clip)
-        print(f"# done fused_ce={fused_ce} {mode} ({scope}) B={batch} {variant} burst {burst} "
-              f"clip {clip}", file=sys.stderr, flush=True)
+        print(f"# done fused_ce={fused_ce} {mode} B={batch} {variant} burst {burst} clip {clip}",
+              file=sys.stderr, flush=True)
     print(f"\nFLM train step, {device_name(device)}, torch {torch.__version__}, V={vocab}, "
           f"L={length}, model={model_cfg.name} (D={model_cfg.hidden_size}, "
           f"blocks={model_cfg.n_blocks}, attn_softcap="
@@ -251,19 +242,18 @@ def main() -> None:
           "inplace: clip_grad_norm_)")
     print(f"MFU: {FLOP_FORMULA}; F = {forward_flops_per_token(model_cfg, vocab) / 1e6:.1f} "
           f"MFLOP/token; peak {args.peak_flops / 1e12:.0f} TFLOP/s\n")
-    print("| B | mode | scope | fused_ce | burst | clip | variant "
+    print("| B | mode | fused_ce | burst | clip | variant "
           "| first step s | step ms | tokens/s | MFU | peak GiB | vs tokens |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 
     def same_setting(r):
-        return (r["fused_ce"], r["batch"], r["compiled"], r["scope"], r["burst"], r["clip"])
+        return (r["fused_ce"], r["batch"], r["compiled"], r["burst"], r["clip"])
 
     floor = {same_setting(r): r for r in rows if r["variant"] == "tokens"}
     for r in rows:
         mode = "compiled" if r["compiled"] else "eager"
         ce = f"{r['fused_ce']} -> {r.get('ce', '?')}"
-        head = (f"| {r['batch']} | {mode} | {r['scope']} | {ce} | {r['burst']} | {r['clip']} "
-                f"| {r['variant']} | ")
+        head = (f"| {r['batch']} | {mode} | {ce} | {r['burst']} | {r['clip']} | {r['variant']} | ")
         if r["oom"]:
             print(head + "out of memory | | | | | |")
             continue

@@ -65,7 +65,7 @@ class TemperatureNetwork(torch.nn.Module):
         tokens = logits.argmax(dim=-1)
         if not project:
             return None, tokens
-        p = torch.softmax(logits, dim=-1)  # in the logits' precision, as the DiT's denoised
+        p = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
         with torch.autocast(device_type=p.device.type, enabled=False):
             return self.network.project(p), tokens
 

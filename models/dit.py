@@ -180,6 +180,11 @@ class OutputLayer(nn.Module):
         return self.padded_logits(self.features(x, c))[..., :self.linear.out_features]
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class DiT(nn.Module):
     """DiT over continuous inputs.
 
@@ -285,17 +290,13 @@ class DiT(nn.Module):
         """The x1 prediction through E for a chunk of positions: (B, L', D) ->
         (``softmax(f) @ E`` (B, L', D), ``argmax f`` (B, L')), f the logits.
 
-        ``p`` and ``p @ E`` are in the logits' precision (bf16 under bf16 autocast, else the
-        network's), computed in at least float32 (softmax and matmul accumulate in float32).
-        Under bf16 this rounds p to 8 bits, which is below the error the bf16 logits already
-        put into p (a logit f is off by up to 2^-9·|f|, i.e. p by a relative 2^-9·|f|), and
-        halves the product's cost against a float32 one. ``project=False``:
-        ``(None, argmax f)``, without the product."""
+        The softmax and ``p @ E`` run with autocast off in float32 (float64 for a float64
+        network). ``project=False``: ``(None, argmax f)``, without the product."""
         logits = self.output_layer.padded_logits(self.output_layer.features(hidden, c))
         tokens = logits[..., :self.vocab_size].argmax(dim=-1)
         if not project:
             return None, tokens
-        p = torch.softmax(logits, dim=-1)  # exactly 0 on the pads
+        p = torch.softmax(_wide(logits), dim=-1)  # exactly 0 on the pads
         with torch.autocast(device_type=p.device.type, enabled=False):
             return p @ pad_vocab_rows(self.input_embedding).to(p.dtype), tokens
 

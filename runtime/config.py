@@ -11,7 +11,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from speed import FUSED_CE_CHOICES
-from speed.compile import COMPILE_SCOPES
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +176,6 @@ def _check_values(config: DictConfig) -> None:
     if config.training.fused_ce not in FUSED_CE_CHOICES:
         raise ConfigError(f"training.fused_ce={config.training.fused_ce!r}; expected one of "
                           f"{list(FUSED_CE_CHOICES)} (speed/cross_entropy.py)")
-    if config.training.compile_scope not in COMPILE_SCOPES:
-        raise ConfigError(f"training.compile_scope={config.training.compile_scope!r}; expected "
-                          f"one of {list(COMPILE_SCOPES)} (speed/compile.py)")
 
 
 STRATEGIES = ("ddp", "fsdp")  # which algorithm may use which: flow/registry.py

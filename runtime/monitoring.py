@@ -340,8 +340,8 @@ class TrainingReport(pl.Callback):
             torch.cuda.synchronize(device)
         now = time.perf_counter()
         since_start = ("" if self._started is None
-                       else f"{time.time() - self._started:.1f} s after the process started, ")
-        log.info("first optimizer step (step %d) done %s%.1f s after training started "
+                       else f"{time.time() - self._started:.2f} s after the process started, ")
+        log.info("first optimizer step (step %d) done %s%.2f s after training started "
                  "(start-up, compilation and the first step's micro-batches)", step,
                  since_start, now - self._start[0])
 

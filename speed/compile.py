@@ -68,23 +68,10 @@ def compile_options(extra: dict | None = None) -> dict | None:
     return options
 
 
-COMPILE_SCOPES = ("whole", "blocks")  # bench/train_step.py --compile-scopes
-
-
-def compile_network(network: torch.nn.Module, extra_options: dict | None = None,
-                    scope: str = "whole") -> None:
-    """Compile ``network`` in place, with static shapes: its whole forward (``scope="whole"``),
-    or each of its repeated ``blocks`` on its own (``"blocks"``, regional compilation: the
-    blocks share one forward's code, so dynamo traces and inductor compiles it once)."""
-    if scope not in COMPILE_SCOPES:
-        raise ValueError(f"compile scope {scope!r}: expected one of {COMPILE_SCOPES}")
+def compile_network(network: torch.nn.Module, extra_options: dict | None = None) -> None:
+    """Compile ``network``'s forward in place, with static shapes."""
     room_for_graphs()
-    options = compile_options(extra_options)
-    if scope == "blocks":
-        for block in network.blocks:
-            block.compile(dynamic=False, options=options)
-    else:
-        network.compile(dynamic=False, options=options)
+    network.compile(dynamic=False, options=compile_options(extra_options))
 
 
 def compile_for_sampling(network: torch.nn.Module) -> bool:

@@ -340,12 +340,9 @@ def test_main_sample_eval_paper_protocol_end_to_end(tmp_path):
     assert summary["rows"][0]["gen_ppl"] == pytest.approx(pooled, rel=1e-5)
 
 
-def test_projection_onto_e_under_bf16_autocast_is_within_its_rounding_bound():
-    """sampling.autocast=bf16: p = softmax(f) and p @ E are in bf16 with float32 arithmetic
-    (models/dit.py ``denoised``). Against the float64 product of the same bf16 logits, each
-    entry is off by at most what rounding p, E and the result to bf16 (unit roundoff
-    u = 2^-8) can do: u·Σ_v p_v·|E_vd|·(2 + u) + u·|result|, bounded by 3.1·u·max|E|; and the
-    rounding is there (not a float32 product). CPU autocast stands in for CUDA's; V = 50 is
+def test_projection_onto_e_stays_float32_under_bf16_autocast():
+    """sampling.autocast=bf16 autocasts the backbone only: softmax(logits) @ E keeps float32
+    (the paper's state update is float32). CPU autocast stands in for CUDA's; V = 50 is
     unaligned, so the DiT's padded product is what runs."""
     from flow.sampling import denoised_projection
     from models.dit import DiT
@@ -362,11 +359,10 @@ def test_projection_onto_e_under_bf16_autocast_is_within_its_rounding_bound():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         proj, tokens = denoised_projection(net, h, t, None)  # one chunk: all positions
         logits = net.head(*net.features(h, t))
-    embedding = net.input_embedding.detach().double()
-    expected = torch.softmax(logits.double(), -1) @ embedding
-    assert logits.dtype == torch.bfloat16 and proj.dtype == torch.bfloat16
-    unit = 2.0 ** -8
-    error = (proj.double() - expected).abs()
-    assert error.max() <= 3.1 * unit * embedding.abs().max()
-    assert error.max() > 1e-6 * embedding.abs().max()  # bf16, not a float32 product
+        bf16_product = torch.softmax(logits, -1) @ net.input_embedding.detach()
+    expected = (torch.softmax(logits.double(), -1) @ net.input_embedding.detach().double())
+    assert logits.dtype == torch.bfloat16
+    assert proj.dtype == torch.float32 and bf16_product.dtype == torch.bfloat16
+    assert torch.allclose(proj.double(), expected, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(bf16_product.double(), expected, rtol=1e-6, atol=1e-6)
     assert torch.equal(tokens, logits.argmax(-1))
