@@ -4,7 +4,7 @@
     python scripts/synthetic_table.py --out /tmp/ladder --size quick  # ~3-5 min (CI)
     python scripts/synthetic_table.py --out runs/ladder --size gpu    # < 10 min, one GPU
     python scripts/synthetic_table.py --out runs/ladder -- data.source_seed=3
-    python scripts/synthetic_table.py --out runs/budgets --size gpu --budgets 4000,8000
+    python scripts/synthetic_table.py --out runs/budgets --size gpu --budgets 4000,8000  # ~20 min
 
 Every stage is a ``python -m main`` subprocess with Hydra overrides (the real CLI), in its
 own run directory under ``--out``; ``--jobs N`` runs up to N at a time, each once the
