@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from data.tokenizers import get_tokenizer
+from flow.registry import ALGORITHMS
 from flow.sampling import (
     DEFAULT_POSITION_CHUNK,
     initial_joint_state,
@@ -105,9 +106,11 @@ def generate(backbone, prompt_ids: Sequence[int] | torch.Tensor | None = None,
                                      known_tokens=known_tokens, known_mask=mask)
 
 
-# algorithms whose backbone ``generate`` samples alone (FLM: Euler; FMLM: its two-time map)
-# or with ``teacher=`` (stage 1); MDLM and AR sample through their own modules (algo/modules.py)
-GENERATE_ALGOS = ("flm", "flm_distill", "flm_distill_second")
+# algorithms whose backbone ``generate`` samples: those whose registry sampler is one of the
+# flow samplers (FLM and FMLM: Euler, alone; stage 1: the flow-map sampler, with ``teacher=``);
+# MDLM and AR sample through their own modules (algo/modules.py)
+GENERATE_ALGOS = tuple(name for name, entry in ALGORITHMS.items()
+                       if entry.sampler in (sample_euler, sample_flow_map))
 
 
 def checkpoint_tokenizer(settings):

@@ -300,7 +300,8 @@ class TrainingReport(pl.Callback):
     wall time since training started (validation and checkpoint stalls included).
 
     Once, at the first optimizer step: how long the process took to get there (``started``:
-    its start, ``process_start_time()``), which is what compilation costs a run."""
+    its start, ``process_start_time()``), which is what compilation costs a run. The curves'
+    points travel in the checkpoint (``state_dict``), so a resumed run's plot starts at step 0."""
 
     def __init__(self, every_n_steps: int, tokens_per_step: int, curves_path: str | Path,
                  title: str = "training", started: float | None = None) -> None:
@@ -330,6 +331,15 @@ class TrainingReport(pl.Callback):
                 self._pending.append((step, time.perf_counter(), *copied))
         self._last_step = step
         self._report(trainer, wait=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loss curves so far, saved in the checkpoint: a resumed run draws them whole."""
+        return {"train": [list(point) for point in self.train],
+                "val": [list(point) for point in self.val]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.train = [(int(step), float(loss)) for step, loss in state_dict.get("train", [])]
+        self.val = [(int(step), float(loss)) for step, loss in state_dict.get("val", [])]
 
     def _log_first_step(self, step: int, device: torch.device) -> None:
         """Once per process: when this process's first optimizer step ended, counted from the

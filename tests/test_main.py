@@ -117,6 +117,10 @@ def test_train_resume_sample_eval_ppl_eval(tmp_path):
     assert "Profiler Report" not in first.stderr + first.stdout
     resumed = torch.load(last, map_location="cpu", weights_only=False)
     assert resumed["global_step"] == 10
+    # the loss curves (curves.png) hold the validations of both legs: step 4's came from the
+    # first leg's checkpoint
+    curves = next(v for k, v in resumed["callbacks"].items() if k.startswith("TrainingReport"))
+    assert [step for step, _ in curves["val"]] == [4, 8]
     # the EMA kept moving from the saved one rather than restarting from the weights
     name = "blocks.0.qkv.weight"
     assert not torch.equal(resumed["ema"]["shadow"][name], ckpt["ema"]["shadow"][name])
