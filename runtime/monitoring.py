@@ -226,10 +226,13 @@ class _MetricsEveryNSteps:
         self._show_landed()
         step = trainer.global_step
         if self._shown is None or (step >= self._next_copy and not self._copies):
-            # the bar's other entries (the run's version, any prog_bar value) as Lightning
-            # gives them, with the values of ``keys`` last shown
+            # the bar's other entries (any prog_bar value) as Lightning gives them, less the
+            # logger's version number (v_num: a CSV directory's index, not the run), with the
+            # values of ``keys`` last shown
             kept = {k: v for k, v in (self._shown or {}).items() if k in self.keys}
-            self._shown = {**super().get_metrics(trainer, pl_module), **kept}
+            given = {k: v for k, v in super().get_metrics(trainer, pl_module).items()
+                     if k != "v_num"}
+            self._shown = {**given, **kept}
             copied = copy_logged(trainer.callback_metrics, self.keys)
             if copied is not None:
                 self._copies.append(copied)
