@@ -11,6 +11,8 @@
 #   sampling    bench/sampling_step.py
 #   distill     bench/distill_step.py
 #   e2e         bench/end_to_end.py
+#   coldstart   bench/cold_start.py: python -m main's first optimizer step, cold then warm
+#               compile cache, with dynamo's breakdown (first in a fresh machine's call)
 #   cudatests   the tests marked cuda (pytest -m cuda; pytest travels in .whl/)
 #   trace       bench/trace_loop.py (where the GPU waits inside python -m main; TRACE_ARGS)
 #   vocab       bench/vocab_align.py (the V-sized products at V = 50,258 and padded)
@@ -18,6 +20,8 @@
 #   profile     bench/profile_step.py for each task of PROFILE_TASKS (default: train stage1 fmlm)
 #   ladder      scripts/synthetic_table.sh --size gpu, cut at LADDER_TIMEOUT s (default 530): the
 #               table (partial when cut), its plots, the timing and FLM's metrics.csv to $OUT
+#   budgets     scripts/synthetic_table.py --size gpu --budgets ${BUDGETS:-1000,2000}, cut at
+#               LADDER_TIMEOUT s: the budget table and each budget's table to $OUT
 #   calib       the GPU ladder at LADDER_CALIB steps (timing of every stage), with prep beside it
 #   prep        bench/prepare_data_speed.py: OWT stand-in on 1 / 4 / 8 worker processes
 # TRAIN_ARGS, SAMPLING_ARGS, DISTILL_ARGS, E2E_ARGS: extra arguments of those benches.
@@ -59,6 +63,7 @@ for s in $STAGES; do
     sampling) stage sampling python bench/sampling_step.py ${SAMPLING_ARGS:-} ;;
     distill) stage distill python bench/distill_step.py --modes compiled ${DISTILL_ARGS:-} ;;
     e2e) stage e2e python bench/end_to_end.py ${E2E_ARGS:-} ;;
+    coldstart) TAIL=40 stage coldstart python bench/cold_start.py --breakdown ;;
     cudatests) stage cudatests python -m pytest -q -p no:cacheprovider -rs -m cuda tests/ ;;
     trace) TAIL=80 stage trace python bench/trace_loop.py ${TRACE_ARGS:-} ;;
     vocab) stage vocab python bench/vocab_align.py ;;
@@ -73,6 +78,12 @@ for s in $STAGES; do
       cp "$(ls "$L"/flm/csv/version_*/metrics.csv | tail -n 1)" "$OUT/ladder_flm_metrics.csv"
       python bench/ladder_timing.py "$L" > "$OUT/ladder_timing.txt" 2>&1
       cat "$OUT/ladder_timing.txt" ;;
+    budgets) B=/tmp/runs/budgets
+      stage budgets timeout "${LADDER_TIMEOUT:-530}" python scripts/synthetic_table.py --size gpu \
+        --out "$B" --budgets "${BUDGETS:-1000,2000}" ${LADDER_ARGS:-}
+      for f in "$B"/budget_table.md "$B"/budget_table.json "$B"/oracle_nll_vs_budget.png \
+          "$B"/budget_*/table.md; do
+        [ -f "$f" ] && cp "$f" "$OUT/budgets_$(basename "$(dirname "$f")")_$(basename "$f")"; done ;;
     calib) # the prep bench on cores 8-15 beside the ladder on cores 0-7
       taskset -c 8-15 python bench/prepare_data_speed.py --corpus owt --num-docs "${PREP_DOCS:-2000}" \
         --num-proc 1 4 8 --out "$OUT/prep_owt.json" > "$OUT/prep.log" 2>&1 &
