@@ -475,8 +475,12 @@ def run(config: DictConfig, command_line: list[str]) -> None:
     config = algo.resolve_config(config)
     torch.set_float32_matmul_precision("high")
     if config.training.compile_cache is not None:  # before anything is compiled
-        log.info("compile caches in %s (training.compile_cache)",
-                 use_cache_dir(config.training.compile_cache))
+        try:
+            cache = use_cache_dir(config.training.compile_cache)
+        except OSError as error:
+            raise ConfigError(f"training.compile_cache={config.training.compile_cache}: "
+                              f"not a directory this process can make or use ({error})") from None
+        log.info("compile caches in %s (training.compile_cache)", cache)
     pl.seed_everything(config.seed, workers=True)
     if config.mode == "train":  # accepted once the run lock is held
         train(config, record)

@@ -98,8 +98,8 @@ def denoised_projection(network, h: torch.Tensor, t: torch.Tensor, t2: torch.Ten
     (B, chunk, V) logits exist for one chunk only. ``project=False`` (the last step, where
     z = p and argmax z = argmax p = argmax f) returns ``(None, argmax f)`` without ``p @ E``.
     With the product, the logits and p of a chunk exist together: chunks of half as many
-    positions then, so that a step's peak memory is the same with or without it (a k-step
-    sampler needs no more than a one-step one).
+    positions then, which keeps the product steps' (B, chunk, V) tensors near the size of
+    the last step's logits.
     """
     hidden, c = network.features(h.to(network.input_embedding.dtype), t, t2)
     chunk = max(1, position_chunk // 2) if project else position_chunk

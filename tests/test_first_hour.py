@@ -154,6 +154,15 @@ def test_unparsable_value_is_one_line_exit_2(tmp_path):
     assert "loader.global_batch_size" in line
 
 
+def test_unusable_compile_cache_is_one_line_exit_2(tmp_path):
+    """A file where training.compile_cache needs a directory: one line naming the key."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    line = one_line_error(run([*TINY, f"training.compile_cache={blocker / 'cache'}",
+                               f"hydra.run.dir={tmp_path / 'run'}"]))
+    assert "training.compile_cache" in line
+
+
 @pytest.mark.parametrize("override, names", [
     ("generate.prompt=To be, or", "is a sweep"),  # an unquoted comma: Hydra's sweep syntax
     ("model.length=(3", "Error parsing override"),  # not Hydra's override grammar
