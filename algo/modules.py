@@ -410,6 +410,17 @@ class FlowMapDistillation(FlowLM):
                       if self.loss_weighting is not None else None)
         return masked_token_mean(weighted_loss(per_token, log_weight), mask)
 
+    def compute_loss(self, batch: dict, step: int, batch_idx: int) -> torch.Tensor:
+        """The stage's loss (``self.objective``, the registry's) on its networks in the
+        loss's argument order, the registry's teachers then the trained network (stage 1:
+        the FLM teacher, the map; stage 2: the FLM teacher, the stage-1 map, the FMLM
+        student), over a drawn interval."""
+        tokens, mask = batch["input_ids"], batch["attention_mask"]
+        interval = self.draw_interval(tokens.shape[0], step, batch_idx)
+        networks = [*(self.teacher(spec.name) for spec in self.spec.teachers), self.backbone]
+        noise = self._noise(networks, tokens, step, batch_idx)
+        return self.reduce(self.objective(*networks, tokens, interval, noise), interval, mask)
+
     def _noise(self, networks, tokens: torch.Tensor, step: int, batch_idx: int) -> torch.Tensor:
         """eps @ [E_1 | ...] (dspace) or eps itself (B, L, V) (reference), keyed by slot."""
         slot, _ = self._slot(batch_idx)
@@ -429,14 +440,6 @@ class FLMDistill(FlowMapDistillation):
         # overwritten by Lightning's restore when resuming from this stage's checkpoint
         initialise_student(self.backbone, teacher, zero_output_layer=True)
         self._restart_ema()
-
-    def compute_loss(self, batch: dict, step: int, batch_idx: int) -> torch.Tensor:
-        tokens, mask = batch["input_ids"], batch["attention_mask"]
-        interval = self.draw_interval(tokens.shape[0], step, batch_idx)
-        teacher = self.teacher("flm")
-        noise = self._noise([teacher, self.backbone], tokens, step, batch_idx)
-        return self.reduce(self.objective(teacher, self.backbone, tokens, interval, noise),
-                           interval, mask)
 
 
 class FLMDistillSecond(FlowMapDistillation):
@@ -459,13 +462,6 @@ class FLMDistillSecond(FlowMapDistillation):
         # overwritten by Lightning's restore when resuming from this stage's checkpoint
         initialise_student(self.backbone, teacher, zero_output_layer=False)
         self._restart_ema()
-
-    def compute_loss(self, batch: dict, step: int, batch_idx: int) -> torch.Tensor:
-        tokens, mask = batch["input_ids"], batch["attention_mask"]
-        interval = self.draw_interval(tokens.shape[0], step, batch_idx)
-        networks = [self.teacher("flm"), self.teacher("map"), self.backbone]
-        noise = self._noise(networks, tokens, step, batch_idx)
-        return self.reduce(self.objective(*networks, tokens, interval, noise), interval, mask)
 
 
 # ---- baselines in the same harness (backbone, data, EMA, checkpoints, sample_eval) ----------
