@@ -34,18 +34,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import GPT2_VOCAB, ROOT  # noqa: E402
+from settings import GPT2_VOCAB, ROOT, inductor_options  # noqa: E402
 
 FIRST_STEP = re.compile(r"first optimizer step \(step \d+\) done ([0-9.]+) s after the process "
                         r"started, ([0-9.]+) s after training started")
-# `python -m main` with dynamo's compile times printed at exit (--breakdown)
-WITH_TIMES = ("import atexit, runpy, sys\n"
-              "def times():\n"
-              "    import torch._dynamo.utils as u\n"
-              "    print('COMPILE TIMES\\n' + u.compile_times(repr='str', aggregate=True),\n"
-              "          file=sys.stderr)\n"
-              "atexit.register(times)\n"
-              "runpy.run_module('main', run_name='__main__', alter_sys=True)\n")
+STEADY = re.compile(r"after the first step: (\d+) optimizer steps in ([0-9.]+) s \(([0-9.]+) ms "
+                    r"per step")
+# `python -m main` with inductor options over speed.compile.compile_options() (--inductor) and
+# dynamo's compile times printed at exit (--breakdown)
+ENTRY = ("import atexit, runpy, sys\n"
+         "OPTIONS, BREAKDOWN = {options!r}, {breakdown!r}\n"
+         "if OPTIONS:\n"
+         "    import speed.compile as c\n"
+         "    base = c.compile_options\n"
+         "    c.compile_options = lambda extra=None: {{**(base(extra) or {{}}), **OPTIONS}}\n"
+         "def times():\n"
+         "    import torch._dynamo.utils as u\n"
+         "    print('COMPILE TIMES\\n' + u.compile_times(repr='str', aggregate=True),\n"
+         "          file=sys.stderr)\n"
+         "if BREAKDOWN:\n"
+         "    atexit.register(times)\n"
+         "runpy.run_module('main', run_name='__main__', alter_sys=True)\n")
 
 
 def parse_args() -> argparse.Namespace:
@@ -56,9 +65,18 @@ def parse_args() -> argparse.Namespace:
                         "again)")
     p.add_argument("--batch", type=int, default=None, help="micro-batch (32; quick: 2)")
     p.add_argument("--breakdown", action="store_true", help="dynamo's compile times per run")
+    p.add_argument("--steps", type=int, default=1,
+                   help="optimizer steps per run; above 1 the table adds the steps after the "
+                        "first (ms per step, python -m main's own end-of-training line)")
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="an inductor option over speed.compile.compile_options() (e.g. "
+                        "max_autotune=false)")
     p.add_argument("extra", nargs="*", help="more Hydra overrides for main")
     args = p.parse_args()
     args.batch = args.batch or (2 if args.quick else 32)
+    if args.steps < 1:
+        p.error(f"--steps {args.steps}: at least 1")
+    args.options = inductor_options(args.inductor)
     return args
 
 
@@ -68,7 +86,7 @@ def overrides(args, run_dir: Path, cache: Path) -> list[str]:
             f"data.vocab_size={64 if quick else GPT2_VOCAB}",
             *(["model=tiny", "model.length=16", "loader.global_batch_size=4",
                "trainer.precision=32", "trainer.accelerator=cpu"] if quick else []),
-            f"loader.batch_size={args.batch}", "trainer.max_steps=1",
+            f"loader.batch_size={args.batch}", f"trainer.max_steps={args.steps}",
             "sampling.print_samples=0", "wandb.mode=disabled",
             f"training.compile={'false' if quick else 'true'}",
             f"training.compile_cache={cache}",
@@ -77,9 +95,12 @@ def overrides(args, run_dir: Path, cache: Path) -> list[str]:
 
 def run_once(args, cache: Path) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix="flm-cold-"))
-    entry = ["-c", WITH_TIMES] if args.breakdown else ["-m", "main"]
+    entry = (["-c", ENTRY.format(options=args.options, breakdown=args.breakdown)]
+             if args.breakdown or args.options else ["-m", "main"])
     cmd = [sys.executable, *entry, *overrides(args, run_dir, cache)]
-    print("# " + " ".join(cmd), file=sys.stderr, flush=True)
+    shown = [sys.executable, *(["-c", f"<main with inductor options {args.options}, breakdown "
+                                   f"{args.breakdown}>"] if entry[0] == "-c" else entry)]
+    print("# " + " ".join(shown + cmd[len(shown):]), file=sys.stderr, flush=True)
     env = {k: v for k, v in os.environ.items()
            if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
     start = time.perf_counter()
@@ -93,8 +114,9 @@ def run_once(args, cache: Path) -> dict:
               f"{run_dir / 'main.log'}\n{log[-4000:]}", file=sys.stderr, flush=True)
         return {"failed": f"exit {proc.returncode}", "wall_s": wall, "times": ""}
     times = log[log.index("COMPILE TIMES"):] if "COMPILE TIMES" in log else ""
+    steady = STEADY.search(log)
     return {"first_step_s": float(found[1]), "training_s": float(found[2]), "wall_s": wall,
-            "times": times}
+            "step_ms": f"{float(steady[3]):.1f}" if steady else "", "times": times}
 
 
 def main() -> None:
@@ -104,20 +126,22 @@ def main() -> None:
         sys.exit(f"--order {args.order}: cold and/or warm")
     print(f"First optimizer step of python -m main +experiment=owt_flm (data=synthetic), "
           f"micro-batch {args.batch}, training.compile={not args.quick}; rows in the order run "
-          f"(the first is the machine's first process)\n", flush=True)
+          f"(the first is the machine's first process)"
+          + (f"; inductor options {args.options}" if args.options else "") + "\n", flush=True)
     print("| # | compile cache | first step, s after process start | of which after training "
-          "started | process wall s |")
-    print("|---|---|---|---|---|", flush=True)
+          "started | ms per step after the first | process wall s |")
+    print("|---|---|---|---|---|---|", flush=True)
     cache = Path(tempfile.mkdtemp(prefix="flm-cache-"))
     for k, state in enumerate(order, 1):
         if state == "cold" and k > 1:
             cache = Path(tempfile.mkdtemp(prefix="flm-cache-"))
         r = run_once(args, cache)
         if "failed" in r:
-            print(f"| {k} | {state} | failed ({r['failed']}) | | {r['wall_s']:.1f} |", flush=True)
+            print(f"| {k} | {state} | failed ({r['failed']}) | | | {r['wall_s']:.1f} |",
+                  flush=True)
             continue
         print(f"| {k} | {state} | {r['first_step_s']:.1f} | {r['training_s']:.1f} | "
-              f"{r['wall_s']:.1f} |", flush=True)
+              f"{r['step_ms']} | {r['wall_s']:.1f} |", flush=True)
         if r["times"]:
             print(f"\n<!-- row {k} ({state}) -->\n```\n{r['times'][:4000]}\n```\n", flush=True)
     import torch  # after the runs: importing it first would warm the OS file cache for row 1

@@ -7,20 +7,18 @@ import gc
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from settings import GPT2_VOCAB, ROOT  # noqa: F401  (re-exported to the benches)
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models.dit import DiT, build_backbone  # noqa: E402
 from speed import SpeedOptions  # noqa: E402
 
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core FLOP/s of an H100 SXM (MFU denominator)
-GPT2_VOCAB = 50258
 FLOP_FORMULA = ("forward FLOPs/token F = n_blocks·(24·D² + 4·L·D) + 2·D·V "
                 "(qkv 6D², attn-out 2D², MLP 16D², QKᵀ and AV 2·L·D each; output layer 2·D·V); "
                 "a training step counts 3·F per token (forward + backward)")

@@ -38,6 +38,7 @@ from common import (  # noqa: E402
     reset_memory,
     timed,
 )
+from settings import inductor_options  # noqa: E402
 
 from flow.losses import denoiser_loss  # noqa: E402
 from flow.path import input_noise, noisy_input  # noqa: E402
@@ -159,18 +160,6 @@ def measure(model_cfg, vocab: int, variant: str, batch: int, compiled: bool, fus
     row.update(ms=seconds * 1e3, tokens_per_s=tokens_per_s, peak_gib=peak_gib(device),
                mfu=mfu(tokens_per_s, 3 * forward_flops_per_token(model_cfg, vocab), peak_flops))
     return row
-
-
-def inductor_options(pairs: list[str]) -> dict:
-    """``KEY=VALUE`` pairs (true/false/ints parsed) as inductor options."""
-    extra = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--inductor {pair!r}: expected KEY=VALUE")
-        extra[key] = {"true": True, "false": False}.get(value.lower(),
-                                                        int(value) if value.isdigit() else value)
-    return extra
 
 
 def listed(p: argparse.ArgumentParser, flag: str, value: str, allowed: tuple[str, ...],

@@ -303,7 +303,9 @@ class TrainingReport(pl.Callback):
     wall time since training started (validation and checkpoint stalls included).
 
     Once, at the first optimizer step: how long the process took to get there (``started``:
-    its start, ``process_start_time()``), which is what compilation costs a run. The curves'
+    its start, ``process_start_time()``), which is what compilation costs a run; at the end,
+    the rate of the steps after it (compilation excluded, validation and checkpoints included:
+    what the run's remaining steps cost). The curves'
     points travel in the checkpoint (``state_dict``), so a resumed run's plot starts at step 0."""
 
     def __init__(self, every_n_steps: int, tokens_per_step: int, curves_path: str | Path,
@@ -318,6 +320,7 @@ class TrainingReport(pl.Callback):
         self._start: tuple[float, int] = (time.perf_counter(), 0)
         self._last_step: int | None = None
         self._started, self._first_logged = started, False
+        self._after_first: tuple[float, int] | None = None  # (time, step) at the first step
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = (time.perf_counter(), trainer.global_step)
@@ -352,6 +355,7 @@ class TrainingReport(pl.Callback):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         now = time.perf_counter()
+        self._after_first = (now, step)
         since_start = ("" if self._started is None
                        else f"{time.time() - self._started:.2f} s after the process started, ")
         log.info("first optimizer step (step %d) done %s%.2f s after training started "
@@ -383,8 +387,21 @@ class TrainingReport(pl.Callback):
         if not trainer.is_global_zero:
             return
         self._report(trainer, wait=True)
+        self._log_steady_rate(trainer.global_step, pl_module.device)
         self.write_curves()
         log.info("loss curves: %s", self.curves_path)
+
+    def _log_steady_rate(self, step: int, device: torch.device) -> None:
+        """Once, at the end: the optimizer steps after the first one, their wall time and
+        tokens per second (one sync, so the last step's kernels are counted)."""
+        if self._after_first is None or step <= self._after_first[1]:
+            return
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds, steps = time.perf_counter() - self._after_first[0], step - self._after_first[1]
+        log.info("after the first step: %d optimizer steps in %.2f s (%.1f ms per step, %.0f "
+                 "tokens/s)", steps, seconds, 1e3 * seconds / steps,
+                 steps * self.tokens_per_step / max(seconds, 1e-9))
 
     def write_curves(self) -> None:
         plot_training_curves(self.train, self.val, self.curves_path, self.title)

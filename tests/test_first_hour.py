@@ -267,7 +267,21 @@ def test_training_says_when_the_first_step_ended(trained):
     assert found, lines[0]
     since_process, since_training = float(found[1]), float(found[2])
     assert since_process > since_training >= 0
-    assert since_process <= float((run_dir / "wall_s").read_text())
+    wall = float((run_dir / "wall_s").read_text())
+    assert since_process <= wall
+    # at the end, once: the three steps after the first, timed after it ended (so within what
+    # was left of the wall time), their rate consistent with the tokens a step holds
+    steady = [ln for ln in log.splitlines() if "after the first step:" in ln]
+    assert len(steady) == 1, log[-3000:]
+    found = re.search(r"(\d+) optimizer steps in ([0-9.]+) s \(([0-9.]+) ms per step, "
+                      r"([0-9]+) tokens/s\)", steady[0])
+    assert found, steady[0]
+    steps, seconds, ms, rate = int(found[1]), float(found[2]), float(found[3]), int(found[4])
+    assert steps == 3 and 0 < seconds <= wall - since_process
+    assert ms == pytest.approx(1e3 * seconds / steps, abs=1e3 * 0.005 / steps + 0.05)  # rounding
+    setting = dict(arg.split("=", 1) for arg in TINY if "=" in arg)
+    tokens_per_step = int(setting["loader.global_batch_size"]) * int(setting["model.length"])
+    assert rate == pytest.approx(tokens_per_step / (ms / 1e3), rel=0.05 / ms, abs=1)
 
 
 def test_progress_bar_shows_steps_not_epochs():
