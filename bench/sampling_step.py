@@ -59,9 +59,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batches", default=None, help="FMLM batches (64,128,256; quick: 2,4)")
     p.add_argument("--fmlm-steps", default="1,2,4")
     p.add_argument("--euler-batch", type=int, default=None, help="FLM step batch (64; quick: 2)")
-    p.add_argument("--chunk", type=int, default=256, help="sampling.position_chunk (FMLM rows)")
+    p.add_argument("--chunks", default="256",
+                   help="sampling.position_chunk value(s) of the FMLM rows (a row per value)")
     p.add_argument("--euler-chunks", default=None,
-                   help="position chunks of the Euler rows (default: --chunk)")
+                   help="position chunks of the Euler rows (default: the first of --chunks)")
     p.add_argument("--state-dtype", default="float32,float64",
                    help="D-space state precision(s): float32 and/or float64")
     p.add_argument("--modes", default="eager,compiled",
@@ -74,7 +75,8 @@ def parse_args() -> argparse.Namespace:
     a.fmlm_steps = [int(s) for s in a.fmlm_steps.split(",")]
     a.euler_batch = a.euler_batch or (2 if a.quick else 64)
     a.repeats = a.repeats or (1 if a.quick else 5)
-    a.euler_chunks = [int(c) for c in (a.euler_chunks or str(a.chunk)).split(",")]
+    a.chunks = [int(c) for c in a.chunks.split(",")]
+    a.euler_chunks = [int(c) for c in (a.euler_chunks or str(a.chunks[0])).split(",")]
     a.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     a.model_cfg = model_config(a.model or ("tiny" if a.quick else "small"), a.length)
     return a
@@ -91,21 +93,21 @@ def make_net(args, double_temb: bool, compiled: bool):
 
 
 @torch.no_grad()
-def fmlm_run(args, net, table, batch: int, steps: int, state_dtype,
+def fmlm_run(args, net, table, batch: int, steps: int, state_dtype, chunk: int,
              generator: torch.Generator | None = None) -> torch.Tensor:
     """One FMLM generation as sample_eval runs it: initial state, then ``steps`` steps."""
     with gpu_bf16_autocast(args.device):
         noise = initial_state(net, batch, args.length, generator, dtype=state_dtype)
         return sample_euler(net, table, noise, steps, EPS, two_times=True,
-                            position_chunk=args.chunk)
+                            position_chunk=chunk)
 
 
 @torch.no_grad()
-def fmlm_row(args, net, table, batch: int, steps: int, state_dtype) -> dict:
+def fmlm_row(args, net, table, batch: int, steps: int, state_dtype, chunk: int) -> dict:
     reset_memory(args.device)
     gen = torch.Generator(device=args.device).manual_seed(0)
     try:
-        seconds = timed(lambda: fmlm_run(args, net, table, batch, steps, state_dtype, gen),
+        seconds = timed(lambda: fmlm_run(args, net, table, batch, steps, state_dtype, chunk, gen),
                         args.device, 1, args.repeats)
     except torch.OutOfMemoryError:
         return {"oom": True}
@@ -176,10 +178,13 @@ def main() -> None:
         compiled = mode == "compiled"
         fmlm = make_net(args, True, compiled)
         for batch in args.batches:
-            for steps in args.fmlm_steps:
-                fmlm_rows.append({"mode": mode, "batch": batch, "steps": steps,
-                                  **fmlm_row(args, fmlm, table, batch, steps, torch.float32)})
-                print(f"# done {mode} FMLM B={batch} steps={steps}", file=sys.stderr, flush=True)
+            for chunk in args.chunks:
+                for steps in args.fmlm_steps:
+                    fmlm_rows.append({"mode": mode, "batch": batch, "steps": steps, "chunk": chunk,
+                                      **fmlm_row(args, fmlm, table, batch, steps, torch.float32,
+                                                 chunk)})
+                    print(f"# done {mode} FMLM B={batch} chunk={chunk} steps={steps}",
+                          file=sys.stderr, flush=True)
         del fmlm
         flm = make_net(args, False, compiled)
         for name in args.state_dtype.split(","):
@@ -195,17 +200,20 @@ def main() -> None:
     floor = (f + 2 * cfg.hidden_size * args.vocab) / f
     print(f"\nSampling, {device_name(args.device)}, torch {torch.__version__}, V={args.vocab}, "
           f"L={args.length}, model={cfg.name} (attn_softcap={cfg.get('attn_softcap', None)}), "
-          f"bf16 autocast on GPU, position_chunk={args.chunk}\n")
-    one_step = {(r["mode"], r["batch"]): r for r in fmlm_rows if r["steps"] == 1 and not r["oom"]}
-    print("vs k x 1 step: this row's time over k times the 1-step row's (same mode and B)\n")
-    print("| mode | FMLM B | steps | ms | seq/s | peak GiB | vs k x 1 step |")
-    print("|---|---|---|---|---|---|---|")
+          f"bf16 autocast on GPU\n")
+    one_step = {(r["mode"], r["batch"], r["chunk"]): r for r in fmlm_rows
+                if r["steps"] == 1 and not r["oom"]}
+    print("position_chunk: positions per output-layer chunk of the last step (the product "
+          "steps take a quarter, flow.sampling.denoised_projection). vs k x 1 step: this row's "
+          "time over k times the 1-step row's (same mode, B and chunk)\n")
+    print("| mode | FMLM B | position_chunk | steps | ms | seq/s | peak GiB | vs k x 1 step |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in fmlm_rows:
-        head = f"| {r['mode']} | {r['batch']} | {r['steps']} | "
+        head = f"| {r['mode']} | {r['batch']} | {r['chunk']} | {r['steps']} | "
         if r["oom"]:
             print(head + "out of memory | | | |")
             continue
-        one = one_step.get((r["mode"], r["batch"]))
+        one = one_step.get((r["mode"], r["batch"], r["chunk"]))
         ratio = f"{r['ms'] / (r['steps'] * one['ms']):.3f}" if one else "-"
         print(head + f"{r['ms']:.1f} | {r['seq_per_s']:,.0f} | {r['peak_gib']:.1f} | {ratio} |")
     print(f"\nFLM Euler step vs one forward pass, B={args.euler_batch}. Forward on the state: "
