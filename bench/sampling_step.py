@@ -180,10 +180,12 @@ def main() -> None:
         for batch in args.batches:
             for chunk in args.chunks:
                 for steps in args.fmlm_steps:
-                    fmlm_rows.append({"mode": mode, "batch": batch, "steps": steps, "chunk": chunk,
-                                      **fmlm_row(args, fmlm, table, batch, steps, torch.float32,
-                                                 chunk)})
-                    print(f"# done {mode} FMLM B={batch} chunk={chunk} steps={steps}",
+                    row = fmlm_row(args, fmlm, table, batch, steps, torch.float32, chunk)
+                    fmlm_rows.append({"mode": mode, "batch": batch, "steps": steps,
+                                      "chunk": chunk, **row})
+                    print(f"# done {mode} FMLM B={batch} chunk={chunk} steps={steps}: "
+                          + ("out of memory" if row["oom"] else
+                             f"{row['ms']:.1f} ms, peak {row['peak_gib']:.2f} GiB"),
                           file=sys.stderr, flush=True)
         del fmlm
         flm = make_net(args, False, compiled)
