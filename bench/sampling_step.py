@@ -206,7 +206,7 @@ def main() -> None:
     one_step = {(r["mode"], r["batch"], r["chunk"]): r for r in fmlm_rows
                 if r["steps"] == 1 and not r["oom"]}
     print("position_chunk: positions per output-layer chunk of the last step (the product "
-          "steps take a quarter, flow.sampling.denoised_projection). vs k x 1 step: this row's "
+          "steps take half, flow.sampling.denoised_projection). vs k x 1 step: this row's "
           "time over k times the 1-step row's (same mode, B and chunk)\n")
     print("| mode | FMLM B | position_chunk | steps | ms | seq/s | peak GiB | vs k x 1 step |")
     print("|---|---|---|---|---|---|---|---|")

@@ -97,12 +97,12 @@ def denoised_projection(network, h: torch.Tensor, t: torch.Tensor, t2: torch.Ten
     The network's ``denoised`` on one chunk of positions at a time, so that the
     (B, chunk, V) logits exist for one chunk only. ``project=False`` (the last step, where
     z = p and argmax z = argmax p = argmax f) returns ``(None, argmax f)`` without ``p @ E``.
-    With the product, a chunk's bf16 logits, their float32 copy and float32 p exist
-    together (10 bytes per entry against the last step's 2): chunks of a quarter as many
-    positions then, which keeps a k-step sampler's peak memory near the one-step sampler's.
+    With the product, the logits and p of a chunk exist together: chunks of half as many
+    positions then, which keeps the product steps' (B, chunk, V) tensors near the size of
+    the last step's logits.
     """
     hidden, c = network.features(h.to(network.input_embedding.dtype), t, t2)
-    chunk = max(1, position_chunk // 4) if project else position_chunk
+    chunk = max(1, position_chunk // 2) if project else position_chunk
     proj, tokens = [], []
     for start in range(0, hidden.shape[1], chunk):
         p_proj, chunk_tokens = network.denoised(hidden[:, start:start + chunk], c, project)
