@@ -38,7 +38,7 @@ from settings import GPT2_VOCAB, ROOT, inductor_options  # noqa: E402
 
 FIRST_STEP = re.compile(r"first optimizer step \(step \d+\) done ([0-9.]+) s after the process "
                         r"started, ([0-9.]+) s after training started")
-STEADY = re.compile(r"after the first step: (\d+) optimizer steps in ([0-9.]+) s \(([0-9.]+) ms "
+STEADY = re.compile(r"after the first step: (\d+) optimizer steps? in ([0-9.]+) s \(([0-9.]+) ms "
                     r"per step")
 # `python -m main` with inductor options over speed.compile.compile_options() (--inductor) and
 # dynamo's compile times printed at exit (--breakdown)

@@ -240,6 +240,18 @@ class _MetricsEveryNSteps:
             self._show_landed()
         return {**self._shown, "step": step_fraction(trainer)}
 
+    @property
+    def total_train_batches(self) -> int | float:
+        """The bar's total, in what it counts (micro-batches): this epoch's, or those left to
+        ``max_steps``, whichever is fewer. Lightning bounds it by the optimizer steps left,
+        so with gradient accumulation the bar ran to 16,000 of "1,000"."""
+        trainer = self.trainer
+        total = trainer.num_training_batches
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            left = (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches
+            return min(total, left)
+        return total
+
     def _get_train_description(self, current_epoch: int) -> str:
         """The Rich bar's label: training runs to ``max_steps`` (the step is in the metrics),
         so no epoch count (Lightning's ``Epoch 0/-2`` when ``max_epochs`` is unset)."""
@@ -399,8 +411,8 @@ class TrainingReport(pl.Callback):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds, steps = time.perf_counter() - self._after_first[0], step - self._after_first[1]
-        log.info("after the first step: %d optimizer steps in %.2f s (%.1f ms per step, %.0f "
-                 "tokens/s)", steps, seconds, 1e3 * seconds / steps,
+        log.info("after the first step: %d optimizer step%s in %.2f s (%.1f ms per step, %.0f "
+                 "tokens/s)", steps, "" if steps == 1 else "s", seconds, 1e3 * seconds / steps,
                  steps * self.tokens_per_step / max(seconds, 1e-9))
 
     def write_curves(self) -> None:

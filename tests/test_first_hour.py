@@ -273,7 +273,7 @@ def test_training_says_when_the_first_step_ended(trained):
     # was left of the wall time), their rate consistent with the tokens a step holds
     steady = [ln for ln in log.splitlines() if "after the first step:" in ln]
     assert len(steady) == 1, log[-3000:]
-    found = re.search(r"(\d+) optimizer steps in ([0-9.]+) s \(([0-9.]+) ms per step, "
+    found = re.search(r"(\d+) optimizer steps? in ([0-9.]+) s \(([0-9.]+) ms per step, "
                       r"([0-9]+) tokens/s\)", steady[0])
     assert found, steady[0]
     steps, seconds, ms, rate = int(found[1]), float(found[2]), float(found[3]), int(found[4])
@@ -289,6 +289,25 @@ def test_progress_bar_shows_steps_not_epochs():
     bar = progress_bar(10)
     assert "Epoch" not in bar._get_train_description(0)
     assert step_fraction_of(120, 1000) == "120/1000"
+
+
+@pytest.mark.parametrize("max_steps, global_step, accumulate, epoch_batches, total", [
+    (1000, 0, 16, 50_000, 16_000),  # 16 micro-batches a step: 16,000 to go
+    (1000, 990, 16, 50_000, 160),   # resumed near the end
+    (1000, 0, 16, 100, 100),        # the epoch ends first
+    (-1, 0, 4, 100, 100),           # no max_steps: the epoch
+])
+def test_progress_bar_total_counts_micro_batches(max_steps, global_step, accumulate,
+                                                 epoch_batches, total):
+    """The bar counts micro-batches; its total must too (Lightning's counts optimizer steps)."""
+    from types import SimpleNamespace
+
+    from runtime.monitoring import progress_bar
+    bar = progress_bar(10)
+    bar._trainer = SimpleNamespace(max_steps=max_steps, global_step=global_step,
+                                   accumulate_grad_batches=accumulate, max_epochs=-1,
+                                   num_training_batches=epoch_batches)
+    assert bar.total_train_batches == total
 
 
 # ---------------------------------------------------------------- 8: sample_eval's labels
