@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from algo.oracle import HYBRID, check_denoiser_choice
 from data.synthetic import SyntheticSource
 from evaluation.network_wrappers import prediction_network_slot, swapped_prediction_network
+from flow.flow_map import softmax_wide
 from flow.sampling import initial_state, sample_euler, step_grid
 from models.exact_denoiser import ORACLE, ExactDenoiser
 from runtime.config import ConfigError
@@ -98,8 +99,7 @@ class StateSpaceNetwork(torch.nn.Module):
         tokens = logits.argmax(dim=-1)
         if not project:
             return None, tokens
-        return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)),
-                             dim=-1), tokens
+        return softmax_wide(logits), tokens
 
 
 class HybridNetwork(torch.nn.Module):

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from flow.flow_map import softmax_wide
+
 
 class TemperatureNetwork(torch.nn.Module):
     """The wrapped network with its output logits divided by ``temperature`` T: every
@@ -65,7 +67,7 @@ class TemperatureNetwork(torch.nn.Module):
         tokens = logits.argmax(dim=-1)
         if not project:
             return None, tokens
-        p = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        p = softmax_wide(logits)
         with torch.autocast(device_type=p.device.type, enabled=False):
             return self.network.project(p), tokens
 

@@ -20,6 +20,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from flow.flow_map import softmax_wide
+
 FIRST_TOKEN_MODES = ("bos", "start")
 
 
@@ -64,7 +66,7 @@ def sample_autoregressive(next_logits: NextLogitsFn, prefix: torch.Tensor, new_t
     x = prefix
     for _ in range(new_tokens):
         logits = next_logits(x)[:, :num_real]
-        probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        probs = softmax_wide(logits)
         y = torch.multinomial(probs, 1, generator=generator)
         x = torch.cat([x, y.to(x.dtype)], dim=1)
     return x

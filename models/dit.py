@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from flow.flow_map import softmax_wide
 from speed.attention import attention, prepare_softcap
 from speed.cross_entropy import linear_cross_entropy
 from speed.options import SpeedOptions
@@ -180,11 +181,6 @@ class OutputLayer(nn.Module):
         return self.padded_logits(self.features(x, c))[..., :self.linear.out_features]
 
 
-def _wide(x: torch.Tensor) -> torch.Tensor:
-    """At least float32 (float64 stays float64)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 class DiT(nn.Module):
     """DiT over continuous inputs.
 
@@ -296,7 +292,7 @@ class DiT(nn.Module):
         tokens = logits[..., :self.vocab_size].argmax(dim=-1)
         if not project:
             return None, tokens
-        p = torch.softmax(_wide(logits), dim=-1)  # exactly 0 on the pads
+        p = softmax_wide(logits)  # exactly 0 on the pads
         with torch.autocast(device_type=p.device.type, enabled=False):
             return p @ pad_vocab_rows(self.input_embedding).to(p.dtype), tokens
 
