@@ -95,12 +95,14 @@ def overrides(args, run_dir: Path, cache: Path) -> list[str]:
 
 def run_once(args, cache: Path) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix="flm-cold-"))
-    entry = (["-c", ENTRY.format(options=args.options, breakdown=args.breakdown)]
-             if args.breakdown or args.options else ["-m", "main"])
-    cmd = [sys.executable, *entry, *overrides(args, run_dir, cache)]
-    shown = [sys.executable, *(["-c", f"<main with inductor options {args.options}, breakdown "
-                                   f"{args.breakdown}>"] if entry[0] == "-c" else entry)]
-    print("# " + " ".join(shown + cmd[len(shown):]), file=sys.stderr, flush=True)
+    main_args = overrides(args, run_dir, cache)
+    if args.breakdown or args.options:
+        entry = ["-c", ENTRY.format(options=args.options, breakdown=args.breakdown)]
+        shown = ["-c", f"<main with inductor options {args.options}, breakdown {args.breakdown}>"]
+    else:
+        entry = shown = ["-m", "main"]
+    print("# " + " ".join([sys.executable, *shown, *main_args]), file=sys.stderr, flush=True)
+    cmd = [sys.executable, *entry, *main_args]
     env = {k: v for k, v in os.environ.items()
            if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
     start = time.perf_counter()
