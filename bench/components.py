@@ -12,7 +12,7 @@ call is too little to time one call at a time (the same kernel read 1.82 and 2.0
 Output layer + cross-entropy (B·L rows, D=768, V padded as models/dit.py pads it),
 forward + backward to the mean loss: the plain path (materialised float32 logits), our
 chunked CE (recompute in backward) and our mean CE (gradients in the forward,
-speed/cross_entropy.py MeanLinearCrossEntropy, its chunks through the Triton kernel on CUDA). Median ms over --iters, peak memory,
+speed/cross_entropy.py mean_linear_cross_entropy, its chunks through the Triton kernel on CUDA). Median ms over --iters, peak memory,
 TFLOP/s counted as the products' FLOPs (attention 4·L·hd per query per head forward,
 x 3.5 with backward; output layer 2·D·V per row forward, x 3 with backward).
 """

@@ -1,6 +1,6 @@
 """The fused CE's per-chunk kernel in Triton (CUDA): losses and dlogits written over the logits.
 
-``MeanLinearCrossEntropy`` (speed/cross_entropy.py) turns each chunk of logits (n, V) into
+``mean_linear_cross_entropy`` (speed/cross_entropy.py) turns each chunk of logits (n, V) into
 per-row losses ``lse - logit[target]`` and ``dlogits = (softmax - onehot)·w``. Compiled by
 inductor, that pass took 1.2 ms per 10,672 x 50,304 bf16 chunk on an H200, about 2.7 TB/s over
 the three passes of memory it makes (bench/results/profile_h200_round10.txt). Here one program

@@ -4,7 +4,7 @@
 The plain form (``plain_linear_cross_entropy``) materialises the (N, V) logits. The chunked
 form never holds more than one chunk of rows' logits:
 
-* ``MeanLinearCrossEntropy`` for a weighted sum ``Σ_n w_n·CE_n`` (the FLM loss's masked
+* ``mean_linear_cross_entropy`` (an operator) for a weighted sum ``Σ_n w_n·CE_n`` (the FLM loss's masked
   mean): gradients formed in the forward over chunks of ~10k rows, each chunk's softmax /
   gradient pass the Triton kernel of speed/ce_triton.py on CUDA (plain PyTorch elsewhere);
   1.7x faster than liger-kernel's fused CE forward + backward at B·L = 32,768, V = 50,304 on
@@ -144,64 +144,92 @@ def chunk_losses_and_grad(logits: torch.Tensor, targets: torch.Tensor, row_weigh
     return chunk_loss_and_grad(logits, targets, row_weight)
 
 
-class MeanLinearCrossEntropy(torch.autograd.Function):
-    """``Σ_n w_n·CE(h_n @ Wᵀ + b, x_n)`` over chunks of rows, gradients formed in the forward.
+# The weighted-sum CE as one operator: ``torch.compile`` keeps it whole in the compiled graph
+# (an opaque call, run eagerly inside it) instead of breaking the graph around a Python
+# autograd.Function, which made dynamo trace the network's frame twice at every start-up.
+MEAN_CE_SCHEMA = ("(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
+                  "Tensor row_weight, int chunk, ScalarType dtype, bool fused, bool need_h, "
+                  "bool need_w, bool need_b) -> (Tensor, Tensor, Tensor, Tensor)")
+
+
+@torch.library.custom_op("flm::mean_linear_cross_entropy", mutates_args=(), schema=MEAN_CE_SCHEMA)
+def mean_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
+                              bias: torch.Tensor | None, targets: torch.Tensor,
+                              row_weight: torch.Tensor, chunk: int, dtype: torch.dtype,
+                              fused: bool, need_h: bool, need_w: bool, need_b: bool,
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``Σ_n w_n·CE(h_n @ Wᵀ + b, x_n)`` over chunks of rows, and its gradients, formed in the
+    forward: (N, D), (V, D), (V,) | None, (N,), (N,) -> (total (), grad_h (N, D), grad_W (V, D),
+    grad_b (V,)), each gradient of ``total`` and empty (0,) when its ``need_*`` is off.
 
     Each chunk's logits are computed once (in ``dtype``, the autocast dtype under mixed
     precision, as the plain ``nn.Linear`` would), turned into the chunk's losses and
     ``dlogits = (softmax - onehot)·w`` (``chunk_loss_and_grad``), and multiplied straight into
-    grad_h, grad_W (accumulated in float32) and grad_b; backward only scales them by the
-    upstream scalar. Three V-sized products per row instead of the four of a recompute in
-    backward, and chunks large enough for the products to run at full speed. For a weighted
-    sum / mean (the weights ``w`` are known in the forward); per-token losses with per-token
-    upstream gradients (learnable loss weighting) go through ``ChunkedLinearCrossEntropy``.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor, row_weight: torch.Tensor, chunk: int,
-                dtype: torch.dtype, fused: bool) -> torch.Tensor:
+    grad_h, grad_W (accumulated in float32) and grad_b; the backward (``_mean_ce_backward``)
+    only scales them by the upstream scalar. Three V-sized products per row instead of the four
+    of a recompute in backward, and chunks large enough for the products to run at full speed.
+    For a weighted sum / mean (the weights ``w`` are known in the forward); per-token losses
+    with per-token upstream gradients (learnable loss weighting) go through
+    ``ChunkedLinearCrossEntropy``."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    grad_h = torch.empty_like(hidden) if need_h else hidden.new_empty(0)
+    grad_w = torch.zeros(weight.shape if need_w else (0,), dtype=acc, device=weight.device)
+    grad_b = torch.zeros(weight.shape[0] if need_b else 0, dtype=acc, device=weight.device)
+    total = torch.zeros((), dtype=acc, device=hidden.device)
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
         w = weight.to(dtype)
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = bias is not None and ctx.needs_input_grad[2]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
-        total = torch.zeros((), dtype=acc, device=hidden.device)
+        b = None if bias is None else bias.to(dtype)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
             h = hidden[rows].to(dtype)
-            logits = F.linear(h, w, None if bias is None else bias.to(dtype))
-            losses, d = chunk_losses_and_grad(logits, targets[rows], row_weight[rows],
-                                             fused)
+            logits = F.linear(h, w, b)
+            losses, d = chunk_losses_and_grad(logits, targets[rows], row_weight[rows], fused)
             total += (losses.to(acc) * row_weight[rows].to(acc)).sum()
             del logits
-            if grad_h is not None:
+            if need_h:
                 grad_h[rows] = (d @ w).to(hidden.dtype)
-            if grad_w is not None and grad_b is not None:
+            if need_w and need_b:
                 # grad_b = Σ_rows d rides on grad_W's product as a column of ones beside h:
                 # one pass over d instead of a second one for the column sums
                 both = (d.T @ with_ones_column(h)).to(acc)
                 grad_w += both[:, :h.shape[1]]
                 grad_b += both[:, h.shape[1]]
-            elif grad_w is not None:
+            elif need_w:
                 grad_w += (d.T @ h).to(acc)
-            elif grad_b is not None:
+            elif need_b:
                 grad_b += d.sum(0, dtype=acc)
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
-        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
-        return total
+    return total, grad_h, grad_w, grad_b
 
-    @staticmethod
-    def backward(ctx, grad_total: torch.Tensor):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        weight_dtype, bias_dtype = ctx.dtypes
-        scale = grad_total
-        out_h = None if grad_h is None else grad_h * scale.to(grad_h.dtype)
-        out_w = None if grad_w is None else (grad_w * scale.to(grad_w.dtype)).to(weight_dtype)
-        out_b = None if grad_b is None else (grad_b * scale.to(grad_b.dtype)).to(bias_dtype)
-        return out_h, out_w, out_b, None, None, None, None, None
+
+@mean_linear_cross_entropy.register_fake
+def _mean_ce_shapes(hidden, weight, bias, targets, row_weight, chunk, dtype, fused, need_h,
+                    need_w, need_b):
+    """The outputs' shapes and dtypes, for tracing."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return (hidden.new_empty((), dtype=acc),
+            torch.empty_like(hidden) if need_h else hidden.new_empty(0),
+            weight.new_empty(weight.shape if need_w else (0,), dtype=acc),
+            weight.new_empty(weight.shape[0] if need_b else 0, dtype=acc))
+
+
+def _mean_ce_save(ctx, inputs, output) -> None:
+    hidden, weight, bias, *_ = inputs
+    _, grad_h, grad_w, grad_b = output
+    ctx.mark_non_differentiable(grad_h, grad_w, grad_b)
+    ctx.save_for_backward(grad_h, grad_w, grad_b)
+    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    ctx.needs = inputs[-3:]
+
+
+def _mean_ce_backward(ctx, grad_total, *_):
+    """The forward's gradients times the upstream scalar, in the inputs' dtypes."""
+    grads = []
+    for grad, need, dtype in zip(ctx.saved_tensors, ctx.needs, ctx.dtypes):
+        grads.append((grad * grad_total.to(grad.dtype)).to(dtype) if need else None)
+    return (*grads, None, None, None, None, None, None, None, None)
+
+
+mean_linear_cross_entropy.register_autograd(_mean_ce_backward, setup_context=_mean_ce_save)
 
 
 ONES_PAD = 8  # columns appended to h (a one, then zeros): 16-byte aligned rows in bf16
@@ -215,24 +243,23 @@ def with_ones_column(h: torch.Tensor) -> torch.Tensor:
     return torch.cat([h, extra], dim=1)
 
 
-MEAN_CHUNK_ELEMENTS = 2**29  # logits per chunk of MeanLinearCrossEntropy (1 GiB in bf16)
+MEAN_CHUNK_ELEMENTS = 2**29  # logits per chunk of mean_linear_cross_entropy (1 GiB in bf16)
 
 
-@torch.compiler.disable
 def chunked_linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor,
                                      bias: torch.Tensor | None, tokens: torch.Tensor,
                                      weights: torch.Tensor, fused: bool,
                                      chunk_tokens: int | None = None) -> torch.Tensor:
     """``Σ weights·CE(hidden @ weightᵀ + bias, tokens)`` as one float32 scalar (float64 for
-    float64 inputs), through ``MeanLinearCrossEntropy``: (B, L, D), (V, D), (V,), (B, L),
-    (B, L) -> (). ``fused``: the chunks' pass through the Triton kernel (CUDA). Outside
-    torch.compile: a compiled network calls it through a graph break."""
+    float64 inputs), through ``mean_linear_cross_entropy``: (B, L, D), (V, D), (V,), (B, L),
+    (B, L) -> (). ``fused``: the chunks' pass through the Triton kernel (CUDA)."""
     chunk = chunk_tokens or max(1, MEAN_CHUNK_ELEMENTS // weight.shape[0])
-    dtype = matmul_dtype(hidden, weight)
-    with torch.autocast(device_type=hidden.device.type, enabled=False):
-        return MeanLinearCrossEntropy.apply(hidden.flatten(0, 1), weight, bias,
-                                            tokens.flatten(), weights.flatten(), chunk, dtype,
-                                            fused)
+    grad = torch.is_grad_enabled()
+    total, *_ = mean_linear_cross_entropy(
+        hidden.flatten(0, 1), weight, bias, tokens.flatten(), weights.flatten(), chunk,
+        matmul_dtype(hidden, weight), fused, grad and hidden.requires_grad,
+        grad and weight.requires_grad, grad and bias is not None and bias.requires_grad)
+    return total
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,

@@ -63,7 +63,7 @@ def test_chunked_ce_equals_plain_ce_values_and_gradients_float64(chunk):
 @pytest.mark.parametrize("chunk", [1, 4, 64])  # one row, ragged chunks, one chunk
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_mean_ce_with_gradients_in_forward_equals_plain_float64(chunk, with_bias):
-    """MeanLinearCrossEntropy (gradients formed in the forward, then scaled by the upstream
+    """mean_linear_cross_entropy (gradients formed in the forward, then scaled by the upstream
     scalar) against autograd through the materialised logits: value and every gradient."""
     hidden, weight, bias, tokens, mask, _ = _problem(4)
     bias = bias if with_bias else None

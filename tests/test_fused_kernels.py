@@ -92,7 +92,7 @@ def test_triton_ce_rows_kernel_matches_float64_gpu(dtype, vocab):
 
 @pytest.mark.cuda
 def test_mean_ce_triton_and_plain_chunk_passes_agree_gpu():
-    """MeanLinearCrossEntropy under bf16 autocast through the Triton chunk pass (fused) and the
+    """mean_linear_cross_entropy under bf16 autocast through the Triton chunk pass (fused) and the
     plain one: the same loss and gradients to bf16 rounding."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     n, hidden_dim, vocab = 2048, 64, 4_224
