@@ -12,6 +12,7 @@ from speed.cross_entropy import (
     chunked_linear_cross_entropy,
     chunked_linear_cross_entropy_sum,
     linear_cross_entropy,
+    mean_linear_cross_entropy,
     plain_linear_cross_entropy,
 )
 from tests.helpers import compose_config
@@ -202,3 +203,19 @@ def test_fused_ce_settings():
             SpeedOptions.from_settings(False, bad)
     with pytest.raises(ValueError, match="training.fused_ce='liger'"):
         _flm(**{"training.fused_ce": "liger"})
+
+
+@pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, True),
+                                   (False, False, True)])
+def test_mean_ce_operator_registration_passes_torch_opcheck(needs):
+    """flm::mean_linear_cross_entropy as torch.compile sees it: its schema, its fake (tracing)
+    outputs against the real ones, and its autograd formula (torch.library.opcheck), for each
+    set of gradients asked for."""
+    hidden, weight, bias, tokens, mask, _ = _problem(7, dtype=torch.float32)
+    weights = (mask / mask.sum()).float().flatten()
+    need_h, need_w, need_b = needs
+    args = (hidden.flatten(0, 1), weight, bias, tokens.flatten(), weights, 5, torch.float32,
+            False, need_h, need_w, need_b)
+    torch.library.opcheck(mean_linear_cross_entropy, args)
+    total, grad_h, grad_w, grad_b = mean_linear_cross_entropy(*args)
+    assert [g.numel() > 0 for g in (grad_h, grad_w, grad_b)] == list(needs)
