@@ -97,12 +97,21 @@ def _on_cuda(q: torch.Tensor) -> bool:
     return q.device.type == "cuda"
 
 
+# Shortest sequence FlexAttention takes here. Compiled FlexAttention returned wrong outputs at
+# L = 8 in some processes (max |error| 0.91 against math_attention on the CPU, torch 2.13, with
+# and without a score_mod; on an H100 a loss through it compiled whole disagreed with the same
+# loss through it compiled alone), and was right at every length from 16 in every run
+# (bench/RESULTS.md). Shorter sequences (the AR sampler's first prefixes, tiny tests) take the
+# plain computation, whose (B, H, L, L) scores are small there.
+FLEX_MIN_LENGTH = 16
+
+
 def backend(q: torch.Tensor, softcap: float | None) -> str:
     """sdpa | math | flash-attn | flex for these inputs, from module constants only: it runs
     inside compiled traces, where an import attempt is a graph break."""
     if softcap is None:
         return "sdpa"
-    if not _on_cuda(q):
+    if not _on_cuda(q) or q.shape[-2] < FLEX_MIN_LENGTH:
         return "math"
     if _FLASH2 is not None and q.dtype in (torch.bfloat16, torch.float16):
         return "flash-attn"

@@ -97,17 +97,36 @@ def test_attention_backend_choice_traces_without_a_graph_break(monkeypatch):
     """The choice runs inside compiled networks: fullgraph fails on any graph break there
     (an import attempted inside the trace is one, at every block)."""
     dit = attention_module
-    q = torch.zeros(1, 1, 4, 8, dtype=torch.bfloat16)
-    for on_cuda, flash2, softcap, expected in [(True, None, 50.0, "flex"),
-                                                (True, object(), 50.0, "flash-attn"),
-                                                (False, None, 50.0, "math"),
-                                                (True, None, None, "sdpa")]:
+    length = dit.FLEX_MIN_LENGTH
+    for on_cuda, flash2, softcap, length, expected in [
+            (True, None, 50.0, length, "flex"), (True, object(), 50.0, length, "flash-attn"),
+            (False, None, 50.0, length, "math"), (True, None, None, length, "sdpa"),
+            (True, None, 50.0, length - 1, "math")]:  # too short for FlexAttention
+        q = torch.zeros(1, 1, length, 8, dtype=torch.bfloat16)
         monkeypatch.setattr(dit, "_on_cuda", lambda q, answer=on_cuda: answer)
         monkeypatch.setattr(dit, "_FLASH2", flash2)
         torch._dynamo.reset()
         compiled = torch.compile(lambda x, cap=softcap: (x + 1, dit.backend(x, cap)),
                                  fullgraph=True, backend="eager")
         assert compiled(q)[1] == expected
+
+
+@pytest.mark.parametrize("length", [8, 16])
+def test_attention_through_compiled_flex_is_right_at_short_lengths(monkeypatch, length):
+    """The CUDA choice run on the CPU, FlexAttention compiled by inductor (forward: it has no CPU
+    backward): the seam's output equals the float64 plain attention at a length below
+    FLEX_MIN_LENGTH (where compiled FlexAttention itself was off by up to 0.9) and at it."""
+    dit = attention_module
+    monkeypatch.setattr(dit, "_on_cuda", lambda q: True)
+    monkeypatch.setattr(dit, "_FLASH2", None)
+    monkeypatch.setattr(dit, "_compiled_flex", [])
+    g = torch.Generator().manual_seed(length)
+    q, k, v = (3 * torch.randn(2, 2, length, 16, generator=g) for _ in range(3))
+    ref = math_attention(q.double(), k.double(), v.double(), 50.0, False)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = attention(q, k, v, 50.0, False)
+    assert (out.double() - ref).abs().max() < 1e-5
 
 
 def test_flex_attention_is_traced_into_a_compiled_network_graph(monkeypatch):

@@ -32,9 +32,9 @@ def test_compile_loss_is_the_function_itself_with_compile_off():
 
 
 def _tiny(vocab: int, double_temb: bool, seed: int, device: str = "cpu") -> DiT:
-    """head size 16: the smallest FlexAttention takes on CUDA"""
+    """head size 16 and length 16: the smallest FlexAttention takes (speed.attention)"""
     torch.manual_seed(seed)
-    net = DiT(vocab_size=vocab, length=8, hidden_size=32, n_blocks=1, n_heads=2, cond_dim=8,
+    net = DiT(vocab_size=vocab, length=16, hidden_size=32, n_blocks=1, n_heads=2, cond_dim=8,
               dropout=0.0, double_temb=double_temb).to(device)
     with torch.no_grad():
         for p in net.parameters():
@@ -126,10 +126,10 @@ def test_distillation_losses_compiled_whole_give_the_eager_values_gpu(stage):
     student = networks[-1]
     loss = semigroup_loss if stage == 1 else flow_map_matching_loss
     gen = torch.Generator(device="cuda").manual_seed(2)
-    tokens = torch.randint(0, vocab, (2, 8), device="cuda", generator=gen)
+    tokens = torch.randint(0, vocab, (2, 16), device="cuda", generator=gen)
     s = torch.rand(2, device="cuda", generator=gen, dtype=torch.float64) * 0.5
     interval = Interval.from_endpoints(AlphaGammaTable(vocab), s, s + 0.4)
-    noise = joint_gaussian_projection([n.input_embedding for n in networks], (2, 8), gen)
+    noise = joint_gaussian_projection([n.input_embedding for n in networks], (2, 16), gen)
     eager = loss(*networks, tokens, interval, noise).sum()
     (eager_grad,) = torch.autograd.grad(eager, student.output_layer.linear.weight)
     torch._dynamo.reset()
