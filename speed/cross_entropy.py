@@ -4,11 +4,11 @@
 The plain form (``plain_linear_cross_entropy``) materialises the (N, V) logits. The chunked
 form never holds more than one chunk of rows' logits:
 
-* ``mean_linear_cross_entropy`` (an operator) for a weighted sum ``Σ_n w_n·CE_n`` (the FLM loss's masked
-  mean): gradients formed in the forward over chunks of ~10k rows, each chunk's softmax /
-  gradient pass the Triton kernel of speed/ce_triton.py on CUDA (plain PyTorch elsewhere);
-  1.7x faster than liger-kernel's fused CE forward + backward at B·L = 32,768, V = 50,304 on
-  an H200 (bench/components.py);
+* ``mean_linear_cross_entropy`` (an operator) for a weighted sum ``Σ_n w_n·CE_n`` (the FLM
+  loss's masked mean): gradients formed in the forward over chunks of ~10k rows, each chunk's
+  softmax / gradient pass the Triton kernel of speed/ce_triton.py on CUDA (plain PyTorch
+  elsewhere); 1.7x faster than liger-kernel's fused CE forward + backward at B·L = 32,768,
+  V = 50,304 on an H200 (bench/components.py);
 * ``ChunkedLinearCrossEntropy`` for per-token losses (learnable loss weighting), logits
   recomputed in backward.
 """

@@ -97,11 +97,11 @@ def test_attention_backend_choice_traces_without_a_graph_break(monkeypatch):
     """The choice runs inside compiled networks: fullgraph fails on any graph break there
     (an import attempted inside the trace is one, at every block)."""
     dit = attention_module
-    length = dit.FLEX_MIN_LENGTH
+    shortest = dit.FLEX_MIN_LENGTH
     for on_cuda, flash2, softcap, length, expected in [
-            (True, None, 50.0, length, "flex"), (True, object(), 50.0, length, "flash-attn"),
-            (False, None, 50.0, length, "math"), (True, None, None, length, "sdpa"),
-            (True, None, 50.0, length - 1, "math")]:  # too short for FlexAttention
+            (True, None, 50.0, shortest, "flex"), (True, object(), 50.0, shortest, "flash-attn"),
+            (False, None, 50.0, shortest, "math"), (True, None, None, shortest, "sdpa"),
+            (True, None, 50.0, shortest - 1, "math")]:  # too short for FlexAttention
         q = torch.zeros(1, 1, length, 8, dtype=torch.bfloat16)
         monkeypatch.setattr(dit, "_on_cuda", lambda q, answer=on_cuda: answer)
         monkeypatch.setattr(dit, "_FLASH2", flash2)
