@@ -152,6 +152,19 @@ MEAN_CE_SCHEMA = ("(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, 
                   "bool need_w, bool need_b) -> (Tensor, Tensor, Tensor, Tensor)")
 
 
+def _mean_ce_outputs(hidden: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype,
+                     need_h: bool, need_w: bool, need_b: bool,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``mean_linear_cross_entropy``'s outputs before its chunks fill them: the total and the
+    accumulated grad_W, grad_b zeroed in float32 (float64 for float64 products), grad_h (written
+    chunk by chunk) like ``hidden``; a gradient not asked for is empty (0,)."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return (torch.zeros((), dtype=acc, device=hidden.device),
+            torch.empty_like(hidden) if need_h else hidden.new_empty(0),
+            torch.zeros(weight.shape if need_w else (0,), dtype=acc, device=weight.device),
+            torch.zeros(weight.shape[0] if need_b else 0, dtype=acc, device=weight.device))
+
+
 @torch.library.custom_op("flm::mean_linear_cross_entropy", mutates_args=(), schema=MEAN_CE_SCHEMA)
 def mean_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
                               bias: torch.Tensor | None, targets: torch.Tensor,
@@ -171,11 +184,9 @@ def mean_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
     For a weighted sum / mean (the weights ``w`` are known in the forward); per-token losses
     with per-token upstream gradients (learnable loss weighting) go through
     ``ChunkedLinearCrossEntropy``."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    grad_h = torch.empty_like(hidden) if need_h else hidden.new_empty(0)
-    grad_w = torch.zeros(weight.shape if need_w else (0,), dtype=acc, device=weight.device)
-    grad_b = torch.zeros(weight.shape[0] if need_b else 0, dtype=acc, device=weight.device)
-    total = torch.zeros((), dtype=acc, device=hidden.device)
+    total, grad_h, grad_w, grad_b = _mean_ce_outputs(hidden, weight, dtype, need_h, need_w,
+                                                     need_b)
+    acc = total.dtype
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
@@ -204,12 +215,8 @@ def mean_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
 @mean_linear_cross_entropy.register_fake
 def _mean_ce_shapes(hidden, weight, bias, targets, row_weight, chunk, dtype, fused, need_h,
                     need_w, need_b):
-    """The outputs' shapes and dtypes, for tracing."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    return (hidden.new_empty((), dtype=acc),
-            torch.empty_like(hidden) if need_h else hidden.new_empty(0),
-            weight.new_empty(weight.shape if need_w else (0,), dtype=acc),
-            weight.new_empty(weight.shape[0] if need_b else 0, dtype=acc))
+    """The outputs' shapes and dtypes, for tracing: the operator's own allocation."""
+    return _mean_ce_outputs(hidden, weight, dtype, need_h, need_w, need_b)
 
 
 def _mean_ce_save(ctx, inputs, output) -> None:
