@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from speed import approx_tanh
+from speed import approx_tanh, flex_blocks
 from speed.compile import compile_options
 
 log = logging.getLogger(__name__)
@@ -134,9 +134,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float 
         out = _FLASH2(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
                       softcap=softcap)  # flash-attn takes and returns (B, L, H, hd)
         return out.transpose(1, 2)
-    _log_backend(f"flex_attention softcap={softcap} ({q.dtype})")
+    if not torch.compiler.is_compiling():  # the description is a string built in Python
+        _log_backend(f"flex_attention softcap={softcap} ({q.dtype}), "
+                     f"{flex_blocks.describe(q.shape[-1], q.dtype)}")
     mask = _causal_block_mask(q.shape[-2], q.device) if causal else None
-    return _flex_attention()(q, k, v, score_mod=softcap_score_mod(softcap), block_mask=mask)
+    return _flex_attention()(q, k, v, score_mod=softcap_score_mod(softcap), block_mask=mask,
+                             kernel_options=flex_blocks.kernel_options(q.shape[-1], q.dtype))
 
 
 def prepare_softcap(softcap: float) -> None:

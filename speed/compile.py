@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from speed import flex_blocks
 from speed.options import SpeedOptions
 
 # Compiled graphs per code object. Every DiT shares one ``forward``, and each instance
@@ -46,20 +47,21 @@ def room_for_graphs() -> None:
 
 
 def compile_options(extra: dict | None = None) -> dict | None:
-    """Inductor options of every compile: on a CUDA machine, autotuned FlexAttention (the
-    soft-capped attention's block sizes and warps, forward and backward: 2.66 -> 2.26 ms per
-    layer at B = 32 on an H200, bench/components.py) with the matrix products left to cuBLAS
-    (no Triton GEMM search, so autotuning costs only the attention's candidates), and no
-    benchmarking of epilogue fusions into those kernels (with FlexAttention traced into the
-    network's graph, twelve blocks' worth of them would take minutes at start-up). None
+    """Inductor options of every compile: on a CUDA machine, FlexAttention's block sizes
+    either measured for this GPU (``speed.flex_blocks``: then nothing autotunes) or autotuned
+    (the soft-capped attention's block sizes and warps, forward and backward: 2.66 -> 2.26 ms
+    per layer at B = 32 on an H200, bench/components.py), with the matrix products left to
+    cuBLAS (no Triton GEMM search, so autotuning costs only the attention's candidates), and
+    no benchmarking of epilogue fusions into those kernels (with FlexAttention traced into
+    the network's graph, twelve blocks' worth of them would take minutes at start-up). None
     (inductor's defaults) elsewhere. ``extra``: options over these (bench/train_step.py
     --inductor)."""
     if not torch.cuda.is_available():
         return dict(extra) if extra else None
     import torch._inductor.config as inductor_config  # seconds to import: on use only
 
-    options = {"max_autotune": True, "max_autotune_gemm_backends": "ATEN",
-               "benchmark_epilogue_fusion": False}
+    options = {"max_autotune": not flex_blocks.measured_here(),
+               "max_autotune_gemm_backends": "ATEN", "benchmark_epilogue_fusion": False}
     # the search's tables would fill the training log at every compiled shape; these keys are
     # newer than some torch versions: set those this one has
     quiet = {"autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}

@@ -5,9 +5,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
 
 from models.dit import DiT, apply_rotary, rotary_tables, sinusoidal_features
 from speed import attention as attention_module
+from speed import flex_blocks
 from speed.attention import attention, math_attention, softcap_score_mod
 
 
@@ -127,6 +129,33 @@ def test_attention_through_compiled_flex_is_right_at_short_lengths(monkeypatch, 
     with torch.no_grad():
         out = attention(q, k, v, 50.0, False)
     assert (out.double() - ref).abs().max() < 1e-5
+
+
+def test_flex_attention_gets_the_block_sizes_measured_for_the_gpu(monkeypatch):
+    """The seam's FlexAttention call carries ``speed.flex_blocks``' kernel_options for its
+    head size and dtype (the CUDA choice on the CPU, FlexAttention eager), and still computes
+    the capped attention."""
+    dit = attention_module
+    measured = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4}
+    monkeypatch.setattr(dit, "_on_cuda", lambda q: True)
+    monkeypatch.setattr(dit, "_FLASH2", None)
+    monkeypatch.setattr(flex_blocks, "_capability", [(9, 0)])
+    monkeypatch.setattr(flex_blocks, "MEASURED", {((9, 0), 8, torch.float32): measured})
+    seen = []
+
+    def recording_flex(*args, **kwargs):
+        seen.append(kwargs["kernel_options"])
+        return flex_attention(*args, **{**kwargs, "kernel_options": None})
+
+    monkeypatch.setattr(dit, "_flex_attention", lambda: recording_flex)
+    g = torch.Generator().manual_seed(0)
+    for head_size, expected in [(8, measured), (16, None)]:
+        q, k, v = (3 * torch.randn(2, 3, 16, head_size, generator=g) for _ in range(3))
+        with torch.no_grad():
+            out = attention(q, k, v, 5.0, False)
+        assert seen[-1] == expected
+        ref = math_attention(q.double(), k.double(), v.double(), 5.0, False)
+        assert (out.double() - ref).abs().max() < 1e-5
 
 
 def test_flex_attention_is_traced_into_a_compiled_network_graph(monkeypatch):

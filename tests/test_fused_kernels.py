@@ -8,7 +8,7 @@ from flow.flow_map import Interval, flow_map_matching_loss, semigroup_loss
 from flow.path import joint_gaussian_projection
 from flow.schedule import AlphaGammaTable
 from models.dit import DiT
-from speed import SpeedOptions
+from speed import SpeedOptions, flex_blocks
 from speed.compile import compile_loss, compile_options
 from speed.cross_entropy import chunk_loss_and_grad, chunked_linear_cross_entropy_sum
 
@@ -53,6 +53,22 @@ def test_cuda_compile_options_are_options_this_torch_knows(monkeypatch):
     assert options["max_autotune"] is True and options["max_autotune_gemm_backends"] == "ATEN"
     assert extra == {**options, "max_autotune_gemm_backends": "ATEN,TRITON"}
     assert_torch_accepts(options)
+
+
+def test_compile_options_autotune_only_where_no_block_sizes_are_measured(monkeypatch):
+    """A GPU with measured FlexAttention block sizes compiles without autotuning and its
+    attention gets them; a GPU without, or another head size / dtype, gets none."""
+    options = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 32, "bwd_BLOCK_M1": 32}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(flex_blocks, "MEASURED", {((8, 6), 64, torch.bfloat16): options})
+    for here, autotunes in [((8, 6), False), ((9, 0), True)]:
+        monkeypatch.setattr(flex_blocks, "_capability", [here])
+        assert compile_options()["max_autotune"] is autotunes
+        assert flex_blocks.kernel_options(64, torch.bfloat16) == (None if autotunes else options)
+        assert flex_blocks.kernel_options(32, torch.bfloat16) is None
+        assert flex_blocks.kernel_options(64, torch.float32) is None
+    monkeypatch.setattr(flex_blocks, "_capability", [None])  # no CUDA device
+    assert not flex_blocks.measured_here()
 
 
 def assert_torch_accepts(options: dict) -> None:
