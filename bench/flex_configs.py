@@ -29,6 +29,7 @@ from pathlib import Path
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="flex-configs-")
 
 import torch  # noqa: E402
+import torch._inductor.config as inductor_config  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -72,8 +73,9 @@ def winners(log: str) -> dict:
 
 def run(variant: str, q, k, v, grad, score_mod, mask, kernel_options=None):
     torch._dynamo.reset()
-    options = {"max_autotune": variant == "autotuned", "max_autotune_gemm_backends": "ATEN",
-               "autotune_num_choices_displayed": 1}
+    options = {"max_autotune": variant == "autotuned", "max_autotune_gemm_backends": "ATEN"}
+    if hasattr(inductor_config, "autotune_num_choices_displayed"):  # newer torch only
+        options["autotune_num_choices_displayed"] = 1  # the winner's line (the default: 10)
     compiled = torch.compile(flex_attention, dynamic=False, options=options)
     ins = [x.detach().requires_grad_() for x in (q, k, v)]
 
