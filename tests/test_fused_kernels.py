@@ -47,6 +47,7 @@ def test_cuda_compile_options_are_options_this_torch_knows(monkeypatch):
     assert compile_options() is None
     assert compile_options({"max_autotune": False}) == {"max_autotune": False}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(flex_blocks, "_capability", [(1, 0)])  # a GPU nothing was measured on
     options = compile_options()
     extra = compile_options({"max_autotune_gemm_backends": "ATEN,TRITON"})
     monkeypatch.undo()  # compile for this CPU machine, with the options a CUDA one gets
