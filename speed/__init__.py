@@ -6,6 +6,7 @@
   outside, with the inductor options every compile shares;
 * ``speed.attention``: the soft-capped attention's backends (flash-attn 2 when installed,
   FlexAttention with an approximate-tanh score_mod, the plain math on other devices);
+* ``speed.flex_blocks``: FlexAttention's block sizes measured per GPU (no autotuning there);
 * ``speed.cross_entropy``: the fused linear + cross-entropy over chunks of rows (its Triton
   chunk kernel in ``speed.ce_triton``), behind one function;
 * ``speed.kernels``: small elementwise kernels compiled on CUDA (the EMA's lerp).

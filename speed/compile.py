@@ -47,20 +47,22 @@ def room_for_graphs() -> None:
 
 
 def compile_options(extra: dict | None = None) -> dict | None:
-    """Inductor options of every compile: on a CUDA machine, FlexAttention's block sizes
-    either measured for this GPU (``speed.flex_blocks``: then nothing autotunes) or autotuned
-    (the soft-capped attention's block sizes and warps, forward and backward: 2.66 -> 2.26 ms
-    per layer at B = 32 on an H200, bench/components.py), with the matrix products left to
-    cuBLAS (no Triton GEMM search, so autotuning costs only the attention's candidates), and
-    no benchmarking of epilogue fusions into those kernels (with FlexAttention traced into
-    the network's graph, twelve blocks' worth of them would take minutes at start-up). None
-    (inductor's defaults) elsewhere. ``extra``: options over these (bench/train_step.py
-    --inductor)."""
+    """Inductor options of every compile. On a CUDA machine: FlexAttention's block sizes
+    measured for this GPU (``speed.flex_blocks``; then no template is autotuned) or else
+    autotuned (the soft-capped attention's block sizes and warps, forward and backward:
+    2.66 -> 2.26 ms per layer at B = 32 on an H200, bench/components.py); the fused pointwise
+    and reduction kernels' launch configurations benchmarked at their first call
+    (``max_autotune_pointwise``, which ``max_autotune`` implies; without it the train step is
+    slower, bench/RESULTS.md); the matrix products left to cuBLAS (no Triton
+    GEMM search); and no benchmarking of epilogue fusions into those kernels (with
+    FlexAttention traced into the network's graph, twelve blocks' worth of them would take
+    minutes at start-up). None (inductor's defaults) elsewhere. ``extra``: options over these
+    (bench/train_step.py --inductor)."""
     if not torch.cuda.is_available():
         return dict(extra) if extra else None
     import torch._inductor.config as inductor_config  # seconds to import: on use only
 
-    options = {"max_autotune": not flex_blocks.measured_here(),
+    options = {"max_autotune": not flex_blocks.measured_here(), "max_autotune_pointwise": True,
                "max_autotune_gemm_backends": "ATEN", "benchmark_epilogue_fusion": False}
     # the search's tables would fill the training log at every compiled shape; these keys are
     # newer than some torch versions: set those this one has

@@ -3,11 +3,12 @@
 Inductor's autotuning (``max_autotune``) picks the soft-capped attention's forward and
 backward block sizes (and warps, pipeline stages) by compiling and timing each candidate when
 a network compiles: most of a cold start's minute of autotuning, paid again by every new
-machine. ``MEASURED`` holds the winners of that search for the shapes the presets run,
-found with ``bench/flex_configs.py`` (bench/RESULTS.md); on a GPU listed there every compile
-skips autotuning (``speed.compile.compile_options``) and FlexAttention gets those sizes as
-its ``kernel_options``; other head sizes and dtypes on that GPU get inductor's default sizes.
-A GPU not listed autotunes, as before.
+machine. ``MEASURED`` holds the winners of that search for the presets' attention (head size
+64, bf16 autocast), found with ``bench/flex_configs.py``; on a GPU listed there no compile
+autotunes its templates (``speed.compile.compile_options``) and FlexAttention gets those
+sizes as its ``kernel_options``; other head sizes and dtypes on that GPU get inductor's
+default sizes (the run's log says which). A GPU not listed autotunes. What this saves at
+start-up, and that the step stays as fast: bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -15,9 +16,17 @@ from __future__ import annotations
 import torch
 
 # (CUDA compute capability, head size, dtype) -> FlexAttention kernel_options, ``fwd_*`` for
-# the forward kernel, ``bwd_*`` for the backward's; measured with bench/flex_configs.py at
-# B = 32, H = 12, L = 1,024 and 128, softcap 50 (results/flex_configs_*.txt)
-MEASURED: dict[tuple[tuple[int, int], int, torch.dtype], dict[str, int]] = {}
+# the forward kernel, ``bwd_*`` for the backward's. (9, 0): inductor's autotuning winners on
+# an H100 at B = 32, H = 12, L = 1,024, softcap 50 (at L = 128: the same but for 4 backward
+# stages); fixed, they time as autotuned (bench/flex_configs.py, bench/RESULTS.md). The H200
+# shares the architecture; it was not measured.
+MEASURED: dict[tuple[tuple[int, int], int, torch.dtype], dict[str, int]] = {
+    ((9, 0), 64, torch.bfloat16): {
+        "fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3,
+        "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
+        "bwd_num_warps": 4, "bwd_num_stages": 3,
+    },
+}
 
 _capability: list[tuple[int, int] | None] = []
 

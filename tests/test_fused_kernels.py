@@ -65,6 +65,7 @@ def test_compile_options_autotune_only_where_no_block_sizes_are_measured(monkeyp
     for here, autotunes in [((8, 6), False), ((9, 0), True)]:
         monkeypatch.setattr(flex_blocks, "_capability", [here])
         assert compile_options()["max_autotune"] is autotunes
+        assert compile_options()["max_autotune_pointwise"] is True  # launch configs still tuned
         assert flex_blocks.kernel_options(64, torch.bfloat16) == (None if autotunes else options)
         assert flex_blocks.kernel_options(32, torch.bfloat16) is None
         assert flex_blocks.kernel_options(64, torch.float32) is None
