@@ -5,7 +5,9 @@ attention at the presets' shapes, and what a forward + backward costs with those
     python bench/flex_configs.py --lengths 1024 --causal
 
 For each shape, three compiles of ``flex_attention`` with the run's score_mod
-(``speed.attention.softcap_score_mod``), each in a fresh inductor cache:
+(``speed.attention.softcap_score_mod``), in a new inductor cache made for this process (the
+second and third may reuse kernels that the first's autotuning compiled: their compile
+times are lower bounds; ``bench/cold_start.py`` times what a run pays):
 
 * autotuned: ``max_autotune`` (inductor benchmarks its candidate block sizes at compile time);
 * fixed: the autotuned winners passed as ``kernel_options`` (``fwd_*``/``bwd_*``), no autotuning;
