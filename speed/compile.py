@@ -7,6 +7,7 @@ batch size, e.g. validation's, compiles one more graph) and the inductor options
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,9 @@ import torch
 
 from speed import flex_blocks
 from speed.options import SpeedOptions
+
+log = logging.getLogger(__name__)
+_logged: set[str] = set()
 
 # Compiled graphs per code object. Every DiT shares one ``forward``, and each instance
 # (teacher, stage-1 map, student) under each grad mode (teachers and the student's
@@ -62,6 +66,9 @@ def compile_options(extra: dict | None = None) -> dict | None:
         return dict(extra) if extra else None
     import torch._inductor.config as inductor_config  # seconds to import: on use only
 
+    if "blocks" not in _logged:  # once per process
+        _logged.add("blocks")
+        log.info(flex_blocks.summary())
     options = {"max_autotune": not flex_blocks.measured_here(), "max_autotune_pointwise": True,
                "max_autotune_gemm_backends": "ATEN", "benchmark_epilogue_fusion": False}
     # the search's tables would fill the training log at every compiled shape; these keys are

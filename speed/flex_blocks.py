@@ -59,3 +59,14 @@ def describe(head_size: int, dtype: torch.dtype) -> str:
     if measured_here():
         return f"inductor's default block sizes (none measured for head size {head_size}, {dtype})"
     return "block sizes autotuned by inductor"
+
+
+def summary() -> str:
+    """This GPU's source of FlexAttention block sizes, for the run's log."""
+    here = capability()
+    shapes = [f"head size {key[1]}, {key[2]}" for key in MEASURED if key[0] == here]
+    if shapes:
+        return (f"FlexAttention block sizes measured for compute capability {here} "
+                f"({'; '.join(shapes)}; other shapes: inductor's defaults), no autotuning")
+    return (f"FlexAttention block sizes autotuned by inductor at each compile (none measured "
+            f"for compute capability {here}: bench/flex_configs.py)")

@@ -1,6 +1,8 @@
 """speed/'s compiled and hand-written forms give the plain results; the compile options of CUDA
 machines are options this torch knows."""
 
+import logging
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from flow.path import joint_gaussian_projection
 from flow.schedule import AlphaGammaTable
 from models.dit import DiT
 from speed import SpeedOptions, flex_blocks
+from speed import compile as speed_compile
 from speed.compile import compile_loss, compile_options
 from speed.cross_entropy import chunk_loss_and_grad, chunked_linear_cross_entropy_sum
 
@@ -71,6 +74,23 @@ def test_compile_options_autotune_only_where_no_block_sizes_are_measured(monkeyp
         assert flex_blocks.kernel_options(64, torch.float32) is None
     monkeypatch.setattr(flex_blocks, "_capability", [None])  # no CUDA device
     assert not flex_blocks.measured_here()
+
+
+def test_compile_options_log_where_the_block_sizes_come_from(monkeypatch, caplog):
+    """The first compile options of a process log this GPU's source of FlexAttention block
+    sizes (the attention seam itself runs inside compiled traces, where it cannot log)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(flex_blocks, "MEASURED", {((8, 6), 64, torch.bfloat16): {}})
+    for here, expected in [((8, 6), "measured for compute capability (8, 6) (head size 64"),
+                           ((9, 0), "autotuned by inductor")]:
+        monkeypatch.setattr(flex_blocks, "_capability", [here])
+        monkeypatch.setattr(speed_compile, "_logged", set())
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="speed.compile"):
+            compile_options()
+            compile_options()
+        lines = [r.getMessage() for r in caplog.records if "block sizes" in r.getMessage()]
+        assert len(lines) == 1 and expected in lines[0], lines
 
 
 def assert_torch_accepts(options: dict) -> None:
