@@ -7,6 +7,7 @@ batch size, e.g. validation's, compiles one more graph) and the inductor options
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -18,7 +19,6 @@ from speed import flex_blocks
 from speed.options import SpeedOptions
 
 log = logging.getLogger(__name__)
-_logged: set[str] = set()
 
 # Compiled graphs per code object. Every DiT shares one ``forward``, and each instance
 # (teacher, stage-1 map, student) under each grad mode (teachers and the student's
@@ -50,6 +50,13 @@ def room_for_graphs() -> None:
         dynamo_config.recompile_limit = RECOMPILE_LIMIT
 
 
+@functools.cache
+def _log_block_source() -> None:
+    """Log, once per process, where this GPU's FlexAttention block sizes come from (the
+    attention seam runs inside compiled traces, where it cannot log)."""
+    log.info(flex_blocks.summary())
+
+
 def compile_options(extra: dict | None = None) -> dict | None:
     """Inductor options of every compile. On a CUDA machine: FlexAttention's block sizes
     measured for this GPU (``speed.flex_blocks``; then no template is autotuned) or else
@@ -66,9 +73,7 @@ def compile_options(extra: dict | None = None) -> dict | None:
         return dict(extra) if extra else None
     import torch._inductor.config as inductor_config  # seconds to import: on use only
 
-    if "blocks" not in _logged:  # once per process
-        _logged.add("blocks")
-        log.info(flex_blocks.summary())
+    _log_block_source()
     options = {"max_autotune": not flex_blocks.measured_here(), "max_autotune_pointwise": True,
                "max_autotune_gemm_backends": "ATEN", "benchmark_epilogue_fusion": False}
     # the search's tables would fill the training log at every compiled shape; these keys are

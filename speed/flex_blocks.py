@@ -52,13 +52,12 @@ def kernel_options(head_size: int, dtype: torch.dtype) -> dict[str, int] | None:
 
 
 def describe(head_size: int, dtype: torch.dtype) -> str:
-    """What sets FlexAttention's block sizes for these inputs, for the run's log."""
+    """What sets FlexAttention's block sizes for these inputs, for the run's log (whether
+    inductor's own are autotuned or its defaults is this GPU's ``summary``)."""
     found = kernel_options(head_size, dtype)
     if found is not None:
         return f"block sizes measured for this GPU ({found})"
-    if measured_here():
-        return f"inductor's default block sizes (none measured for head size {head_size}, {dtype})"
-    return "block sizes autotuned by inductor"
+    return f"inductor's block sizes (none measured for head size {head_size}, {dtype})"
 
 
 def summary() -> str:

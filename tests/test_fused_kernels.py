@@ -84,7 +84,7 @@ def test_compile_options_log_where_the_block_sizes_come_from(monkeypatch, caplog
     for here, expected in [((8, 6), "measured for compute capability (8, 6) (head size 64"),
                            ((9, 0), "autotuned by inductor")]:
         monkeypatch.setattr(flex_blocks, "_capability", [here])
-        monkeypatch.setattr(speed_compile, "_logged", set())
+        speed_compile._log_block_source.cache_clear()
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="speed.compile"):
             compile_options()
